@@ -1,0 +1,123 @@
+"""Deterministic DDIM inversion of a content latent, at exactly the sampler's timesteps.
+
+`invert` climbs the schedule from the clean latent z_0 to z_T with the base UNet and returns the
+whole trajectory, indexed like the sampler: trajectory[i] is the latent at sampling step i
+(timestep timesteps[i]) and trajectory[N] is z_0. The reference row of the stylization batch and
+the mask fusion read from it. `substeps` > 1 inserts finer steps between the sampler's timesteps
+(the paper inverts with 1000 steps: 20 sub-steps for a 50-step sampler); only the sampler's
+timesteps are kept.
+
+`InversionCache` stores trajectories as safetensors keyed by everything that changes them, so a
+second style on the same content skips the inversion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from diffstyler.sampling import DDIMSchedule, ddim_step
+
+# callback(step, timestep, latent) after each inversion move; `step` counts UNet evaluations.
+InversionCallback = Callable[[int, int, torch.Tensor], None]
+
+
+def inversion_timesteps(schedule: DDIMSchedule, substeps: int = 1) -> list[tuple[int, int, bool]]:
+    """The (from, to, keep) moves of the climb; -1 stands for the clean end of the schedule.
+
+    `keep` marks moves that land on one of the sampler's timesteps.
+    """
+    if substeps < 1:
+        raise ValueError(f"inversion substeps must be >= 1, got {substeps}")
+    levels = [-1] + schedule.timesteps.flip(0).tolist()
+    moves = []
+    for low, high in zip(levels[:-1], levels[1:]):
+        inner = torch.linspace(low, high, substeps + 1)[1:].round().long().tolist()
+        stops = [t for t in dict.fromkeys(inner) if t > low]
+        current = low
+        for stop in stops:
+            moves.append((current, stop, stop == high))
+            current = stop
+    return moves
+
+
+@torch.no_grad()
+def invert(
+    unet: torch.nn.Module,
+    latent: torch.Tensor,
+    embedding: torch.Tensor,
+    schedule: DDIMSchedule,
+    substeps: int = 1,
+    callback: Optional[InversionCallback] = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Trajectory [N + 1, C, h, w] of the DDIM inversion of `latent` [1, C, h, w].
+
+    The noise at each move is predicted at the current latent and the *target* timestep (the
+    convention of null-text inversion), with the UNet as given: disable LoRA adapters before.
+    """
+    moves = inversion_timesteps(schedule, substeps)
+    kept = [latent]
+    x = latent
+    for index, (low, high, keep) in enumerate(tqdm(moves, desc="DDIM inversion", disable=not progress)):
+        model_output = unet(x, high, encoder_hidden_states=embedding).sample
+        x = ddim_step(x, model_output, schedule.alpha_at(low), schedule.alpha_at(high), schedule.prediction_type)
+        if keep:
+            kept.append(x)
+        if callback is not None:
+            callback(index, high, x)
+    return torch.cat(kept[::-1])
+
+
+# --- cache ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class InversionKey:
+    """Everything an inversion depends on."""
+
+    image_sha256: str
+    model: str
+    height: int
+    width: int
+    steps: int
+    substeps: int
+    prompt: str
+    dtype: str
+
+    def digest(self) -> str:
+        text = json.dumps(self.__dict__, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+class InversionCache:
+    """Trajectories on disk as `<digest>.safetensors`, written atomically."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+
+    def path(self, key: InversionKey) -> Path:
+        return self.folder / f"{key.digest()}.safetensors"
+
+    def load(self, key: InversionKey) -> Optional[torch.Tensor]:
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        return load_file(str(path))["trajectory"]
+
+    def save(self, key: InversionKey, trajectory: torch.Tensor) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.path(key)
+        metadata = {k: str(v) for k, v in key.__dict__.items()}
+        with tempfile.NamedTemporaryFile(dir=self.folder, suffix=".tmp", delete=False) as tmp:
+            save_file({"trajectory": trajectory.detach().cpu().contiguous()}, tmp.name, metadata=metadata)
+        os.replace(tmp.name, path)
+        return path

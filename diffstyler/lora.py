@@ -1,0 +1,150 @@
+"""Style LoRAs as named PEFT adapters on ONE UNet, stored in the standard diffusers format.
+
+- `StyleLoRAConfig`: the paper's defaults (rank 16 on the attention's Q/K/V projections).
+- `add_style_adapter`: a fresh trainable adapter for `fit`.
+- `save_lora` / `load_style_adapter`: `pytorch_lora_weights.safetensors` that
+  `StableDiffusionPipeline.load_lora_weights` reads, and community LoRAs read by diffusers' own
+  converters (kohya, A1111, ...).
+- `route_adapters`: per-row adapter choice inside one batch (PEFT's mixed-adapter forward), so that
+  the reference row runs the base model while the style rows run their own LoRA, in one UNet call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+from peft.utils import get_peft_model_state_dict
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+BASE_ROW = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+@dataclass
+class StyleLoRAConfig:
+    """LoRA hyper-parameters; defaults from the paper (section IV)."""
+
+    rank: int = 16
+    alpha: Optional[float] = None  # None: alpha = rank, i.e. scaling 1
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v"])
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if not self.target_modules:
+            raise ValueError("LoRA target_modules must name at least one module, e.g. ['to_q', 'to_k', 'to_v']")
+
+    def to_peft(self) -> LoraConfig:
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha if self.alpha is not None else self.rank,
+            target_modules=list(self.target_modules),
+            lora_dropout=self.dropout,
+            init_lora_weights="gaussian",
+        )
+
+
+def add_style_adapter(unet: UNet2DConditionModel, config: StyleLoRAConfig, name: str = "style") -> list[torch.nn.Parameter]:
+    """Freeze the UNet, add a trainable float32 adapter, and return its parameters."""
+    unet.requires_grad_(False)
+    unet.add_adapter(config.to_peft(), adapter_name=name)
+    params = [p for n, p in unet.named_parameters() if f".{name}." in n and "lora_" in n]
+    for p in params:
+        # Mixed precision trains fp32 master weights; the frozen base may be half precision.
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return params
+
+
+def adapter_state_dict(unet: UNet2DConditionModel, name: str) -> dict[str, torch.Tensor]:
+    """The adapter's weights with diffusers' key names (`unet.`-less, `lora.down/up` style)."""
+    peft_state = get_peft_model_state_dict(unet, adapter_name=name)
+    return convert_state_dict_to_diffusers(peft_state)
+
+
+def save_lora(unet: UNet2DConditionModel, name: str, output_dir: str | os.PathLike) -> Path:
+    """Write `<output_dir>/pytorch_lora_weights.safetensors` atomically, with the adapter metadata.
+
+    Without the metadata (`unet_lora_adapter_metadata`) a reload guesses alpha = rank and gets
+    the scaling wrong, so it is always written.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    layers = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter_state_dict(unet, name).items()}
+    metadata = unet.peft_config[name].to_dict()
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".lora-") as staging:
+        StableDiffusionPipeline.save_lora_weights(
+            staging,
+            unet_lora_layers=layers,
+            safe_serialization=True,
+            unet_lora_adapter_metadata=metadata,
+        )
+        target = output_dir / LORA_WEIGHTS_NAME
+        os.replace(Path(staging) / LORA_WEIGHTS_NAME, target)
+    return target
+
+
+def resolve_lora_file(path: str | os.PathLike) -> Path:
+    """A LoRA named by its file, or by a folder holding `pytorch_lora_weights.safetensors`."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / LORA_WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file not found: {path} (give a .safetensors file or a folder with {LORA_WEIGHTS_NAME})")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"LoRA file {path} is not a .safetensors file; pickled LoRAs are not loaded for safety")
+    return path
+
+
+def load_style_adapter(pipe: StableDiffusionPipeline, path: str | os.PathLike, name: str) -> None:
+    """Load a LoRA file as the named adapter `name` on the pipeline's UNet (no copy of the UNet).
+
+    Goes through `load_lora_weights`, so diffusers' converters accept community formats too.
+    """
+    file = resolve_lora_file(path)
+    try:
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise ValueError(f"Could not load LoRA {file}: {error}") from error
+    if name not in getattr(pipe.unet, "peft_config", {}):
+        raise ValueError(f"LoRA {file} holds no UNet layers that this model has")
+
+
+def set_adapter_scales(unet: UNet2DConditionModel, scales: dict[str, float]) -> None:
+    """Activate exactly these adapters with these LoRA scales (0 = base model)."""
+    unet.set_adapters(list(scales), list(scales.values()))
+
+
+def lora_layers(module: torch.nn.Module) -> Iterator[LoraLayer]:
+    return (m for m in module.modules() if isinstance(m, LoraLayer))
+
+
+@contextlib.contextmanager
+def route_adapters(unet: UNet2DConditionModel, row_adapters: Sequence[str]) -> Iterator[None]:
+    """Within the block, batch row i of every UNet call uses adapter `row_adapters[i]`.
+
+    `BASE_ROW` means no adapter. diffusers does not forward PEFT's `adapter_names` argument, so a
+    forward pre-hook adds it to every LoRA layer's call; the hooks are removed on exit.
+    """
+    names = list(row_adapters)
+
+    def add_adapter_names(module, args, kwargs):
+        return args, {**kwargs, "adapter_names": names}
+
+    handles = [layer.register_forward_pre_hook(add_adapter_names, with_kwargs=True) for layer in lora_layers(unet)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+

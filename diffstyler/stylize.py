@@ -1,0 +1,211 @@
+"""The stylization loop: DDIM denoising with the LoRA-integrated UNet guided by the content pass.
+
+At step i the UNet runs ONE batch:
+    [reference row: base model, inversion latent z_t, inversion prompt]
+    + for each style k: [uncond row, cond row]: adapter k, the style's latent, negative / style prompt
+with per-row adapter routing (`lora.route_adapters`) and the reference row's decoder features and
+attention injected into every style row (`injection.Injector`). Once no injection window is open
+the reference row is dropped from the batch.
+
+Masks (paper section III-D): style k denoises its own latent, which outside its mask M_k is set
+back to the content's inversion trajectory after every step (eq. 6). The fused latent takes each
+style's latent inside its mask and the trajectory outside all masks (eq. 7); where masks overlap
+the later style wins. Without masks every style produces its own full image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from diffstyler.injection import InjectionConfig, Injector, ReferenceMode
+from diffstyler.lora import BASE_ROW, route_adapters
+from diffstyler.sampling import DDIMSchedule, classifier_free_guidance, ddim_step
+
+DEFAULT_NEGATIVE_PROMPT = "ugly, blurry, black, low res, unrealistic"
+
+
+@dataclass
+class SamplingConfig:
+    """Denoising and inversion settings; defaults from the paper and its public code.
+
+    inversion_substeps: UNet evaluations per sampler step during inversion (20 with 50 steps is
+      the paper's 1000-step inversion; 1 inverts at exactly the sampler's timesteps).
+    reference: "batch" runs reference and style rows in one UNet call; "separate" runs the
+      reference alone first (lower peak memory, more calls, same result).
+    """
+
+    steps: int = 50
+    guidance_scale: float = 10.5
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    inversion_prompt: str = ""
+    inversion_substeps: int = 1
+    reference: Literal["batch", "separate"] = "batch"
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"sampling.steps must be >= 1, got {self.steps}")
+        if self.inversion_substeps < 1:
+            raise ValueError(f"sampling.inversion_substeps must be >= 1, got {self.inversion_substeps}")
+        if self.reference not in ("batch", "separate"):
+            raise ValueError(f"sampling.reference must be 'batch' or 'separate', got {self.reference!r}")
+
+    @property
+    def uses_uncond(self) -> bool:
+        return self.guidance_scale != 1.0
+
+
+@dataclass
+class StyleRows:
+    """What one style contributes to the batch: its adapter, prompt embeddings and latent mask."""
+
+    adapter: str
+    cond: torch.Tensor  # [1, 77, dim]
+    uncond: torch.Tensor  # [1, 77, dim]
+    mask: Optional[torch.Tensor] = None  # [1, 1, h, w], 1 inside the style's region
+
+
+@dataclass
+class StepState:
+    """Passed to the per-step callback after step `step` moved every style latent."""
+
+    step: int
+    timestep: int
+    reference_output: Optional[torch.Tensor]  # base UNet output on z_t, None once dropped
+    style_outputs: list[torch.Tensor]  # per style: guided UNet output
+    latents: list[torch.Tensor]  # per style: latent after the step (and mask fusion)
+
+
+StepCallback = Callable[[StepState], None]
+
+
+@dataclass
+class BatchLayout:
+    """Row bookkeeping for one UNet call."""
+
+    latents: list[torch.Tensor] = field(default_factory=list)
+    embeddings: list[torch.Tensor] = field(default_factory=list)
+    adapters: list[str] = field(default_factory=list)
+
+    def add(self, latent: torch.Tensor, embedding: torch.Tensor, adapter: str) -> None:
+        self.latents.append(latent)
+        self.embeddings.append(embedding)
+        self.adapters.append(adapter)
+
+    def __len__(self) -> int:
+        return len(self.adapters)
+
+
+def _style_layout(styles: list[StyleRows], latents: list[torch.Tensor], with_uncond: bool) -> BatchLayout:
+    layout = BatchLayout()
+    for style, latent in zip(styles, latents):
+        if with_uncond:
+            layout.add(latent, style.uncond, style.adapter)
+        layout.add(latent, style.cond, style.adapter)
+    return layout
+
+
+def _run_unet(unet, layout: BatchLayout, timestep: torch.Tensor) -> torch.Tensor:
+    with route_adapters(unet, layout.adapters):
+        return unet(
+            torch.cat(layout.latents),
+            timestep,
+            encoder_hidden_states=torch.cat(layout.embeddings),
+        ).sample
+
+
+def _guided_outputs(outputs: torch.Tensor, num_styles: int, with_uncond: bool, guidance_scale: float) -> list[torch.Tensor]:
+    if not with_uncond:
+        return list(outputs.split(1))
+    pairs = outputs.view(num_styles, 2, *outputs.shape[1:])
+    return [classifier_free_guidance(p[0:1], p[1:2], guidance_scale) for p in pairs]
+
+
+def fuse_with_content(latent: torch.Tensor, content: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Eq. 6: the style latent inside the mask, the content's trajectory outside."""
+    if mask is None:
+        return latent
+    return torch.where(mask.bool(), latent, content)
+
+
+def exclusive_masks(masks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Overlap rule: a later mask wins, so every point belongs to at most one style."""
+    taken = torch.zeros_like(masks[-1], dtype=torch.bool)
+    exclusive = []
+    for mask in reversed(masks):
+        own = mask.bool() & ~taken
+        exclusive.append(own)
+        taken |= own
+    return exclusive[::-1]
+
+
+def fuse_styles(latents: list[torch.Tensor], masks: list[torch.Tensor], content: torch.Tensor) -> torch.Tensor:
+    """Eq. 7 in latent space: each style inside its (exclusive) mask, the content elsewhere."""
+    fused = content.clone()
+    for latent, mask in zip(latents, exclusive_masks(masks)):
+        fused = torch.where(mask, latent, fused)
+    return fused
+
+
+@torch.no_grad()
+def denoise_with_injection(
+    unet: torch.nn.Module,
+    trajectory: torch.Tensor,
+    reference_embedding: torch.Tensor,
+    styles: list[StyleRows],
+    schedule: DDIMSchedule,
+    injection: InjectionConfig,
+    sampling: SamplingConfig,
+    callback: Optional[StepCallback] = None,
+    progress: bool = True,
+) -> list[torch.Tensor]:
+    """Denoise every style from z_T = trajectory[0]; returns each style's final latent [1, C, h, w].
+
+    The UNet's adapters must be set (`lora.set_adapter_scales`) to those named by `styles`.
+    """
+    if not styles:
+        raise ValueError("at least one style is needed")
+    with_uncond = sampling.uses_uncond
+    latents = [trajectory[0:1].clone() for _ in styles]
+    injector = Injector(unet, injection)
+    with injector.installed():
+        for i in tqdm(range(schedule.num_steps), desc="Stylizing", disable=not progress):
+            t = schedule.timesteps[i]
+            timestep = t.to(trajectory.device)
+            style_layout = _style_layout(styles, latents, with_uncond)
+            reference_output = None
+            if injection.needs_reference(i):
+                reference = BatchLayout([trajectory[i : i + 1]], [reference_embedding], [BASE_ROW])
+                if sampling.reference == "batch":
+                    injector.set_step(i, t, ReferenceMode.BATCH_ROW)
+                    both = BatchLayout(
+                        reference.latents + style_layout.latents,
+                        reference.embeddings + style_layout.embeddings,
+                        reference.adapters + style_layout.adapters,
+                    )
+                    outputs = _run_unet(unet, both, timestep)
+                    reference_output, style_outputs = outputs[:1], outputs[1:]
+                else:
+                    injector.set_step(i, t, ReferenceMode.RECORD)
+                    reference_output = _run_unet(unet, reference, timestep)
+                    injector.set_step(i, t, ReferenceMode.REPLAY)
+                    style_outputs = _run_unet(unet, style_layout, timestep)
+            else:
+                injector.set_step(i, t, ReferenceMode.BATCH_ROW)
+                style_outputs = _run_unet(unet, style_layout, timestep)
+            guided = _guided_outputs(style_outputs, len(styles), with_uncond, sampling.guidance_scale)
+            content_next = trajectory[i + 1 : i + 2]
+            latents = [
+                fuse_with_content(
+                    ddim_step(x, out, schedule.alphas[i], schedule.alphas[i + 1], schedule.prediction_type),
+                    content_next,
+                    style.mask,
+                )
+                for x, out, style in zip(latents, guided, styles)
+            ]
+            if callback is not None:
+                callback(StepState(i, int(t), reference_output, guided, latents))
+    return latents

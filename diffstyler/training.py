@@ -1,0 +1,313 @@
+"""Style LoRA training (paper section III-C, eq. 3) as a LightningModule.
+
+The base model (VAE, text encoder, UNet) is frozen; only a PEFT LoRA on the UNet's attention
+projections learns the style:
+
+    L = E_{z0, eps, t} || eps - eps_theta(z_t, t, c) ||²      (or the v-target for v-prediction)
+
+with z0 the VAE latent of a style image, c the prompt's text embedding and t uniform in
+[0, num_train_timesteps).
+
+Reproducibility: the noise, timesteps and augmentation of step k come from a generator seeded with
+(seed, k, rank), never from the global RNG. A run resumed from a checkpoint therefore computes
+exactly the same next-step loss as the uninterrupted run, and the preview callback cannot shift
+the training randomness.
+
+Checkpoints hold only the trainable LoRA weights (plus optimizer and loop state): the frozen base
+is reloaded from `model` on resume, so a checkpoint is a small fraction of the UNet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from lightning.pytorch import LightningModule
+
+from diffstyler.lora import LORA_WEIGHTS_NAME, StyleLoRAConfig, add_style_adapter, save_lora
+from diffstyler.models import ModelSpec, encode_images, encode_prompts, load_pipeline
+
+METADATA_NAME = "diffstyler_lora.json"
+CROP_FRACTION = 0.75  # side of a random crop (data.crop), as a fraction of the latent's side
+
+
+class StyleLoRAModule(LightningModule):
+    """Learns a style LoRA from the style image(s) of a `StyleDataModule`.
+
+    Args:
+        model: base model to load (hub id, local folder, single file, or `tiny`).
+        lora: LoRA rank / alpha / target modules / dropout (paper: rank 16 on to_q, to_k, to_v).
+        learning_rate: AdamW learning rate, constant (paper: 2e-4).
+        weight_decay: AdamW weight decay.
+        adam_betas: AdamW betas.
+        adam_epsilon: AdamW epsilon.
+        gradient_checkpointing: recompute UNet activations in backward to save GPU memory.
+        output_dir: where the LoRA and its metadata are exported when fit ends.
+        adapter_name: name of the PEFT adapter inside the UNet.
+        seed: seeds each step's noise, timesteps and augmentation. None: the seed given to
+            `seed_everything` (the CLI's `seed_everything`, default 0).
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec = ModelSpec(),
+        lora: StyleLoRAConfig = StyleLoRAConfig(),
+        learning_rate: float = 2e-4,
+        weight_decay: float = 1e-2,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        adam_epsilon: float = 1e-8,
+        gradient_checkpointing: bool = False,
+        output_dir: str = "outputs/lora",
+        adapter_name: str = "style",
+        seed: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        if seed is not None and seed < 0:
+            raise ValueError(f"model.seed must be >= 0, got {seed}")
+        self.model_spec = model
+        self.lora_config = lora
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.adam_betas = tuple(adam_betas)
+        self.adam_epsilon = adam_epsilon
+        self.gradient_checkpointing = gradient_checkpointing
+        self.output_dir = output_dir
+        self.adapter_name = adapter_name
+        self.seed = seed
+        # Checkpoints hold only the LoRA; the frozen base comes from `model` again.
+        self.strict_loading = False
+        # Filled by configure_model(): loading is deferred so that the data is validated first
+        # and every DDP process builds its own copy.
+        self.pipe = None
+        self.unet = self.vae = self.text_encoder = None
+        self.noise_scheduler: Optional[DDPMScheduler] = None
+        # Encoded once and reused for every step (not saved: recomputed identically on resume).
+        self.latent_cache: dict[int, torch.Tensor] = {}
+        self.prompt_cache: dict[str, torch.Tensor] = {}
+
+    # --- model ----------------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        if self.pipe is not None:
+            return
+        # Lightning opens a device context around this hook; load on the CPU as diffusers expects,
+        # the strategy moves the module to its device right after.
+        with torch.device("cpu"):
+            pipe = load_pipeline(self.model_spec)
+        pipe.vae.requires_grad_(False)
+        pipe.text_encoder.requires_grad_(False)
+        add_style_adapter(pipe.unet, self.lora_config, self.adapter_name)
+        if self.gradient_checkpointing:
+            pipe.unet.enable_gradient_checkpointing()
+        pipe.unet.train()  # pretrained models load in eval mode; LoRA dropout needs train mode
+        self.pipe = pipe
+        self.unet = pipe.unet
+        self.vae = pipe.vae
+        self.text_encoder = pipe.text_encoder
+        # The paper trains with the DDPM forward process; same schedule as the model's DDIM.
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    def on_fit_start(self) -> None:
+        frozen_half = self.model_spec.torch_dtype != torch.float32
+        if frozen_half and "mixed" not in str(self.trainer.precision):
+            raise ValueError(
+                f"model.dtype {self.model_spec.dtype} needs a mixed-precision trainer "
+                f"(trainer.precision 16-mixed or bf16-mixed), got {self.trainer.precision!r}: "
+                "the float32 LoRA and half-precision base layers only mix under autocast"
+            )
+
+    def trainable_parameter_names(self) -> set[str]:
+        return {name for name, parameter in self.named_parameters() if parameter.requires_grad}
+
+    # --- loss (eq. 3) ---------------------------------------------------------------------------
+
+    def denoising_loss(
+        self, latents: torch.Tensor, prompt_embeds: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """MSE between the UNet's prediction on noised latents and its target (epsilon or v)."""
+        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        base_dtype = self.model_spec.torch_dtype
+        prediction = self.unet(
+            noisy_latents.to(base_dtype), timesteps, encoder_hidden_states=prompt_embeds.to(base_dtype)
+        ).sample
+        target = self._prediction_target(latents, noise, timesteps)
+        return F.mse_loss(prediction.float(), target.float())
+
+    def _prediction_target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        prediction_type = self.noise_scheduler.config.prediction_type
+        if prediction_type == "epsilon":
+            return noise
+        if prediction_type == "v_prediction":
+            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        raise ValueError(f"unsupported prediction type {prediction_type!r} (expected epsilon or v_prediction)")
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        generator = self.step_generator()
+        latents = self.augment_latents(self.style_latents(batch), batch, generator)
+        prompt_embeds = self.prompt_embeddings(batch["prompt"])
+        num_timesteps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, num_timesteps, (len(latents),), generator=generator)
+        noise = torch.randn(latents.shape, generator=generator)
+        loss = self.denoising_loss(latents, prompt_embeds, noise.to(latents), timesteps.to(self.device))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(latents))
+        return loss
+
+    def step_generator(self) -> torch.Generator:
+        """A CPU generator for this step, seeded from (seed, global step, rank)."""
+        seeds = np.random.SeedSequence([self.training_seed, self.global_step, self.global_rank])
+        return torch.Generator().manual_seed(int(seeds.generate_state(1, dtype=np.uint64)[0]))
+
+    @property
+    def training_seed(self) -> int:
+        if self.seed is not None:
+            return self.seed
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    # --- cached inputs --------------------------------------------------------------------------
+
+    def style_latents(self, batch: dict) -> torch.Tensor:
+        """Latents [B, 4, h, w] of the batch's images, VAE-encoded on first use only."""
+        latents = []
+        for index, pixels in zip(batch["index"].tolist(), batch["pixel_values"]):
+            if index not in self.latent_cache:
+                self.latent_cache[index] = self._encode_image(pixels)
+            latents.append(self.latent_cache[index])
+        return torch.stack(latents)
+
+    def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        # Full precision and eval mode: the cached latent must not depend on the step or precision
+        # under which it was first needed. The posterior mean (the paper's script draws a new
+        # posterior sample each step) is what makes a single cached latent possible.
+        with torch.autocast(self.device.type, enabled=False), eval_mode(self.vae):
+            return encode_images(self.pipe, pixels.unsqueeze(0))[0].float()
+
+    def prompt_embeddings(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings [B, 77, dim], computed once per distinct prompt."""
+        for prompt in set(prompts) - self.prompt_cache.keys():
+            with torch.autocast(self.device.type, enabled=False), eval_mode(self.text_encoder):
+                self.prompt_cache[prompt] = encode_prompts(self.pipe, [prompt])[0]
+        return torch.stack([self.prompt_cache[prompt] for prompt in prompts])
+
+    def augment_latents(self, latents: torch.Tensor, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        """Optional random crops and left-right flips of the cached latents (data.crop / data.flip).
+
+        Augmenting latents instead of pixels keeps the single VAE pass; a flip or crop of an
+        SD latent decodes to (very nearly) the flipped or cropped image.
+        """
+        augmented = []
+        for latent, crop, flip in zip(latents, batch["crop"].tolist(), batch["flip"].tolist()):
+            if crop:
+                latent = _random_crop(latent, CROP_FRACTION, generator)
+            if flip and torch.rand((), generator=generator) < 0.5:
+                latent = latent.flip(-1)
+            augmented.append(latent)
+        return torch.stack(augmented)
+
+    # --- optimisation and checkpoints -----------------------------------------------------------
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        lora_parameters = [parameter for parameter in self.parameters() if parameter.requires_grad]
+        return torch.optim.AdamW(
+            lora_parameters,
+            lr=self.learning_rate,
+            betas=self.adam_betas,
+            weight_decay=self.weight_decay,
+            eps=self.adam_epsilon,
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = self.trainable_parameter_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # strict_loading is off (the base is not in the checkpoint), so check the LoRA part here.
+        missing = sorted(self.trainable_parameter_names() - checkpoint["state_dict"].keys())
+        if missing:
+            raise ValueError(
+                f"the checkpoint lacks {len(missing)} LoRA weights of this model (e.g. {missing[0]}); "
+                "was it trained with the same model.lora settings and model.adapter_name?"
+            )
+
+    # --- export ---------------------------------------------------------------------------------
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero:
+            self.export(self.output_dir)
+
+    def export(self, output_dir: str | os.PathLike) -> Path:
+        """Write `pytorch_lora_weights.safetensors` (diffusers format) and `diffstyler_lora.json`."""
+        output_dir = Path(output_dir)
+        save_lora(self.unet, self.adapter_name, output_dir)
+        write_json_atomically(output_dir / METADATA_NAME, self.export_metadata())
+        return output_dir
+
+    def export_metadata(self) -> dict[str, Any]:
+        lora = self.lora_config
+        return {
+            "weights": LORA_WEIGHTS_NAME,
+            "base_model": {
+                "name": self.model_spec.name,
+                "revision": self.model_spec.revision,
+                "variant": self.model_spec.variant,
+            },
+            "adapter_name": self.adapter_name,
+            "rank": lora.rank,
+            "alpha": lora.alpha if lora.alpha is not None else lora.rank,
+            "target_modules": list(lora.target_modules),
+            "dropout": lora.dropout,
+            "prediction_type": self.noise_scheduler.config.prediction_type,
+            "learning_rate": self.learning_rate,
+            "steps": self.global_step,
+            "seed": self.training_seed,
+            **self._style_metadata(),
+        }
+
+    def _style_metadata(self) -> dict[str, Any]:
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if hasattr(datamodule, "style_metadata"):
+            return datamodule.style_metadata()
+        # Trained from plain dataloaders: only the prompts are known.
+        return {"prompt": sorted(self.prompt_cache), "style_images": []}
+
+
+def _random_crop(latent: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    height, width = latent.shape[-2:]
+    crop_height, crop_width = max(1, round(height * fraction)), max(1, round(width * fraction))
+    top = int(torch.randint(0, height - crop_height + 1, (), generator=generator))
+    left = int(torch.randint(0, width - crop_width + 1, (), generator=generator))
+    return latent[..., top : top + crop_height, left : left + crop_width]
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Run a frozen module in eval mode without changing the mode Lightning expects."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def write_json_atomically(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    """Write JSON to a temporary file next to `path`, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A plain open() (not mkstemp) so the file gets the usual permissions; the pid keeps
+    # concurrent writers apart.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "w") as file:
+            json.dump(data, file, indent=2)
+            file.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Creates .venv and installs diffstyler with the versions in constraints.txt.
+# torch 2.14.1 + torchvision 0.29.1: torchvision must match torch exactly (ultralytics imports it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet -c constraints.txt torch==2.14.1 torchvision==0.29.1
+.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+.venv/bin/python -c "import diffstyler, torch, torchvision, ultralytics; print('diffstyler ready: torch', torch.__version__)"

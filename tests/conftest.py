@@ -1,0 +1,55 @@
+"""Shared fixtures. Tests run offline: HF_HUB_OFFLINE is forced before any Hugging Face import."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # read by huggingface_hub at import time, so set it first
+os.environ["YOLO_OFFLINE"] = "1"  # ultralytics: no DNS look-ups at import
+
+from pathlib import Path  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from diffusers import StableDiffusionPipeline  # noqa: E402
+
+from diffstyler.models import ModelSpec, load_pipeline  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe() -> Callable[[], StableDiffusionPipeline]:
+    """A factory: every call returns a fresh `tiny` pipeline (same seed, hence same weights)."""
+
+    def make_tiny_pipeline() -> StableDiffusionPipeline:
+        return load_pipeline(ModelSpec("tiny"))
+
+    return make_tiny_pipeline
+
+
+@pytest.fixture(scope="session")
+def style_image() -> Path:
+    """The project's 64x64 smoke style image (made by scripts/make_smoke_data.py)."""
+    return REPO_ROOT / "data" / "style_stripes.png"
+
+
+@pytest.fixture(scope="session")
+def unet_probe() -> Callable[[torch.nn.Module], torch.Tensor]:
+    """A function giving a UNet's output on fixed inputs (batch 2, 8x8 latents, tiny text width 32)."""
+
+    @torch.no_grad()
+    def probe(unet: torch.nn.Module) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(1234)
+        latents = torch.randn(2, 4, 8, 8, generator=generator)
+        text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
+        timesteps = torch.tensor([10, 700])
+        return unet(latents, timesteps, encoder_hidden_states=text).sample
+
+    return probe

@@ -1,0 +1,79 @@
+import torch
+
+from diffstyler.inversion import InversionCache, InversionKey, invert, inversion_timesteps
+from diffstyler.models import ModelSpec, encode_images, encode_prompts, load_pipeline
+from diffstyler.sampling import ddim_schedule, ddim_step
+
+
+def _sample(unet, latent, embedding, schedule):
+    for i in range(schedule.num_steps):
+        output = unet(latent, schedule.timesteps[i], encoder_hidden_states=embedding).sample
+        latent = ddim_step(latent, output, schedule.alphas[i], schedule.alphas[i + 1])
+    return latent
+
+
+@torch.no_grad()
+def test_inversion_reconstructs_better_than_fresh_noise():
+    pipe = load_pipeline(ModelSpec(name="tiny"))
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.rand(1, 3, 64, 48, generator=generator) * 2 - 1
+    z0 = encode_images(pipe, pixels)
+    embedding = encode_prompts(pipe, [""])
+    schedule = ddim_schedule(pipe.scheduler, 10)
+
+    trajectory = invert(pipe.unet, z0, embedding, schedule, progress=False)
+    from_inversion = _sample(pipe.unet, trajectory[:1], embedding, schedule)
+    from_noise = _sample(pipe.unet, torch.randn(z0.shape, generator=generator), embedding, schedule)
+
+    inversion_error = (from_inversion - z0).pow(2).mean().item()
+    noise_error = (from_noise - z0).pow(2).mean().item()
+    assert trajectory.shape == (11, 4, 8, 6)
+    assert torch.equal(trajectory[-1:], z0)
+    assert inversion_error < 0.1 * noise_error, (inversion_error, noise_error)
+
+
+def test_inversion_visits_only_the_sampler_timesteps():
+    pipe = load_pipeline(ModelSpec(name="tiny"))
+    schedule = ddim_schedule(pipe.scheduler, 50)
+    moves = inversion_timesteps(schedule, substeps=1)
+    assert len(moves) == 50
+    assert [high for _, high, keep in moves] == schedule.timesteps.flip(0).tolist()
+    assert all(keep for _, _, keep in moves)
+    assert moves[0][0] == -1  # starts at the clean end
+
+
+def test_inversion_substeps_add_moves_between_sampler_timesteps():
+    pipe = load_pipeline(ModelSpec(name="tiny"))
+    schedule = ddim_schedule(pipe.scheduler, 50)
+    moves = inversion_timesteps(schedule, substeps=20)
+    kept = [high for _, high, keep in moves if keep]
+    assert kept == schedule.timesteps.flip(0).tolist()
+    highs = [high for _, high, _ in moves]
+    assert highs == sorted(set(highs))  # strictly climbing
+    # every integer timestep from 0 to 981 once: the paper's 1000-step inversion, up to t = 981
+    assert highs == list(range(0, 982))
+
+
+@torch.no_grad()
+def test_callback_sees_every_move():
+    pipe = load_pipeline(ModelSpec(name="tiny"))
+    schedule = ddim_schedule(pipe.scheduler, 5)
+    seen = []
+    latent = torch.zeros(1, 4, 8, 8)
+    invert(pipe.unet, latent, encode_prompts(pipe, [""]), schedule, substeps=2,
+           callback=lambda i, t, x: seen.append((i, t)), progress=False)
+    assert [i for i, _ in seen] == list(range(10))
+    assert seen[-1][1] == int(schedule.timesteps[0])
+
+
+def test_cache_round_trip_and_key(tmp_path):
+    cache = InversionCache(tmp_path)
+    key = InversionKey("abc", "tiny@", 64, 48, 10, 1, "", "torch.float32")
+    assert cache.load(key) is None
+    trajectory = torch.randn(11, 4, 8, 6)
+    path = cache.save(key, trajectory)
+    assert path.is_file() and not list(tmp_path.glob("*.tmp"))
+    assert torch.equal(cache.load(key), trajectory)
+    other = InversionKey("abc", "tiny@", 64, 48, 10, 1, "a prompt", "torch.float32")
+    assert cache.path(other) != cache.path(key)
+    assert cache.load(other) is None

@@ -1,0 +1,150 @@
+"""StylizePredictor and its DataModule on the tiny model: files in, PNGs with settings out."""
+
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lightning import Trainer
+from PIL import Image
+
+import diffstyler.predictor as predictor_module
+from diffstyler.data.jobs import StyleEntry, StylizeDataModule, job_seed
+from diffstyler.injection import InjectionConfig
+from diffstyler.masks import MaskSpec
+from diffstyler.models import ModelSpec
+from diffstyler.outputs import read_parameters, read_settings
+from diffstyler.predictor import OutputConfig, StylizePredictor
+from diffstyler.stylize import SamplingConfig
+from tests.helpers import write_random_lora
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTENT = ROOT / "data" / "content_shapes.png"  # 64 x 48, not square
+MASK = ROOT / "data" / "content_shapes_mask.png"
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("loras")
+    return [write_random_lora(folder / name, seed) for name, seed in (("first", 1), ("second", 2))]
+
+
+def _predictor(tmp_path, **output) -> StylizePredictor:
+    predictor = StylizePredictor(
+        model=ModelSpec(name="tiny"),
+        injection=InjectionConfig(feature_steps=4, attention_steps=3),
+        sampling=SamplingConfig(steps=6),
+        output=OutputConfig(folder=str(tmp_path / "out"), **output),
+        inversion_cache=str(tmp_path / "cache"),
+        progress=False,
+    )
+    predictor.configure_model()
+    return predictor
+
+
+def _job(styles, seed=7, content=CONTENT):
+    return StylizeDataModule(content=[str(content)], styles=styles, seed=seed, resolution=64).jobs()[0]
+
+
+def test_same_seed_gives_identical_output_and_the_metadata_parses_back(tmp_path, loras):
+    predictor = _predictor(tmp_path, overwrite=True)
+    job = _job([StyleEntry(lora=str(loras[0]))])
+    first = predictor.stylize_job(job)["outputs"][0]
+    pixels = np.array(Image.open(first))
+    second = predictor.stylize_job(job)["outputs"][0]
+    assert np.array_equal(np.array(Image.open(second)), pixels)
+
+    assert Image.open(first).size == (64, 48)  # the content's aspect
+    settings = read_settings(first)
+    assert settings["Seed"] == job_seed(7, 0) == job["seed"]
+    assert settings["Steps"] == 6 and settings["Sampler"] == "DDIM"
+    assert settings["Injection"] == asdict(predictor.injection)
+    assert settings["Sampling"] == asdict(predictor.sampling)
+    assert settings["prompt"] == "painting of sss"  # taken from the LoRA's diffstyler_lora.json
+    assert settings["Styles"][0]["lora"] == str(loras[0])
+    assert len(settings["Styles"][0]["lora_sha256"]) == 64
+    parameters = read_parameters(first)
+    assert parameters["Seed"] == str(job["seed"]) and parameters["CFG scale"] == "10.5"
+    assert parameters["Negative prompt"] == predictor.sampling.negative_prompt
+    assert (tmp_path / "out" / "content_shapes_grid.png").is_file()
+
+
+def test_outputs_are_written_once_and_inversion_is_cached(tmp_path, loras, monkeypatch):
+    calls = []
+    real_invert = predictor_module.invert
+    monkeypatch.setattr(predictor_module, "invert", lambda *a, **k: calls.append(1) or real_invert(*a, **k))
+    predictor = _predictor(tmp_path)
+    job = _job([StyleEntry(lora=str(loras[0]))])
+    result = predictor.stylize_job(job)
+    path = Path(result["outputs"][0])
+    stamp = path.stat().st_mtime_ns
+    again = predictor.stylize_job(job)
+    assert again["skipped"] and path.stat().st_mtime_ns == stamp
+
+    other_style = _job([StyleEntry(lora=str(loras[1]), prompt="another style")])
+    other_style["output_name"] = "second"
+    predictor.stylize_job(other_style)
+    assert len(calls) == 1  # the second style on the same content reused the inversion
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+
+
+def test_several_styles_without_masks_give_one_image_each_from_one_unet(tmp_path, loras):
+    predictor = _predictor(tmp_path)
+    unet = predictor.pipe.unet
+    result = predictor.stylize_job(_job([StyleEntry(lora=str(loras[0])), StyleEntry(lora=str(loras[1]))]))
+    names = sorted(Path(p).name for p in result["outputs"])
+    assert names == ["content_shapes_first.png", "content_shapes_second.png"]
+    assert predictor.pipe.unet is unet and set(unet.peft_config) == {"style0", "style1"}
+    images = [np.array(Image.open(p)) for p in result["outputs"]]
+    assert not np.array_equal(images[0], images[1])
+
+
+def test_masked_style_keeps_the_content_outside_the_feathered_mask(tmp_path, loras):
+    predictor = _predictor(tmp_path)
+    entry = StyleEntry(lora=str(loras[0]), mask=MaskSpec(file=str(MASK), feather=2))
+    result = predictor.stylize_job(_job([entry]))
+    output = np.array(Image.open(result["outputs"][0]))
+    content = np.array(Image.open(CONTENT).convert("RGB"))
+    saved_mask = np.array(Image.open(tmp_path / "out" / "content_shapes_mask0_first.png"))
+    outside = saved_mask == 0
+    assert outside.any() and (~outside).any()
+    assert np.array_equal(output[outside], content[outside])
+    assert not np.array_equal(output[~outside], content[~outside])
+
+
+def test_box_prompt_with_a_missing_fastsam_file_names_the_file(tmp_path, loras):
+    predictor = _predictor(tmp_path)
+    predictor.segmenter_config.weights = str(tmp_path / "FastSAM-s.pt")
+    entry = StyleEntry(lora=str(loras[0]), mask=MaskSpec(box=[0, 0, 10, 10]))
+    with pytest.raises(FileNotFoundError, match="FastSAM-s.pt"):
+        predictor.stylize_job(_job([entry]))
+
+
+def test_bad_inputs_fail_when_the_data_is_built(tmp_path, loras):
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        StylizeDataModule(content=[str(tmp_path / "missing.png")], styles=[StyleEntry(lora=str(loras[0]))])
+    with pytest.raises(FileNotFoundError, match="nolora"):
+        StylizeDataModule(content=[str(CONTENT)], styles=[StyleEntry(lora=str(tmp_path / "nolora"))])
+    not_an_image = tmp_path / "mask.png"
+    not_an_image.write_text("hello")
+    with pytest.raises(ValueError, match="either every style entry has a mask"):
+        StylizeDataModule(content=[str(CONTENT)], styles=[
+            StyleEntry(lora=str(loras[0]), mask=MaskSpec(file=str(not_an_image))), StyleEntry(lora=str(loras[1]))])
+
+
+def test_lightning_predict_loop_writes_every_job_and_restores_the_unet(tmp_path, loras):
+    second_content = tmp_path / "second.png"
+    Image.open(CONTENT).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(second_content)
+    data = StylizeDataModule(content=[str(CONTENT), str(second_content)], styles=[StyleEntry(lora=str(loras[0]))], resolution=64)
+    predictor = _predictor(tmp_path)
+    unet = predictor.pipe.unet
+    processors = dict(unet.attn_processors)
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    results = trainer.predict(predictor, datamodule=data)
+    jobs = [job for batch in results for job in batch]
+    assert sorted(job["id"] for job in jobs) == [0, 1]
+    assert all(Path(job["outputs"][0]).is_file() for job in jobs)
+    assert unet.attn_processors == processors
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in unet.modules())
+    assert read_settings(tmp_path / "out" / "second.png")["Seed"] == job_seed(0, 1)
