@@ -10,4 +10,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet -c constraints.txt torch==2.14.1 torchvision==0.29.1
 .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]"
-.venv/bin/python -c "import diffstyler, torch, torchvision, ultralytics; print('diffstyler ready: torch', torch.__version__)"
+.venv/bin/python -c "import importlib.util, diffstyler, torch, torchvision; assert importlib.util.find_spec('ultralytics'); print('diffstyler ready: torch', torch.__version__, 'torchvision', torchvision.__version__)"

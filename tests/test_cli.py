@@ -66,3 +66,70 @@ def test_printed_config_is_stable_and_runs(tmp_path, repo_root, capsys, monkeypa
     main(["fit", "--config", str(config_file)])
     assert_exported(tmp_path / "lora")
     assert json.loads((tmp_path / "lora" / METADATA_NAME).read_text())["rank"] == 8
+
+
+# --- predict ----------------------------------------------------------------------------------
+
+def predict_output_args(tmp_path: Path) -> list[str]:
+    return [
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
+        "--model.output.folder", str(tmp_path / "out"),
+        "--model.inversion_cache", str(tmp_path / "cache"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def smoke_lora(tmp_path_factory) -> Path:
+    from tests.helpers import write_random_lora
+
+    return write_random_lora(tmp_path_factory.mktemp("smoke_lora"), seed=5).parent
+
+
+def test_predict_smoke_config_end_to_end(tmp_path, repo_root, smoke_lora):
+    command = [str(Path(sys.executable).parent / "diffstyler"), "predict", "--config", "configs/smoke/stylize.yaml",
+               "--data.styles", json.dumps([{"lora": str(smoke_lora)}]), *predict_output_args(tmp_path)]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1"}
+    result = subprocess.run(command, cwd=repo_root, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    from diffstyler.outputs import read_settings
+
+    output = tmp_path / "out" / "content_shapes.png"
+    assert read_settings(output)["Steps"] == 10  # sampling.steps of the smoke config
+    assert (tmp_path / "out" / "content_shapes_grid.png").is_file()
+    assert (tmp_path / "logs" / "predict" / "version_0" / "config.yaml").is_file()
+
+
+def test_localized_smoke_config_with_a_mask_file_and_a_box(tmp_path, repo_root, smoke_lora, monkeypatch):
+    monkeypatch.chdir(repo_root)
+    monkeypatch.setattr(sys, "argv", ["diffstyler"])
+    styles = [
+        {"lora": str(smoke_lora), "name": "masked", "mask": {"file": "data/content_shapes_mask.png", "feather": 2}},
+        {"lora": str(smoke_lora), "name": "boxed", "scale": 0.5, "mask": {"box": [0, 0, 32, 24]}},
+    ]
+    main(["predict", "--config", "configs/smoke/localized.yaml", "--data.styles", json.dumps(styles),
+          *predict_output_args(tmp_path)])
+    written = sorted(path.name for path in (tmp_path / "out").iterdir())
+    assert written == ["content_shapes.png", "content_shapes_grid.png",
+                       "content_shapes_mask0_masked.png", "content_shapes_mask1_boxed.png"]
+
+
+def test_predict_bad_content_image_is_one_clear_error(tmp_path, repo_root, smoke_lora, monkeypatch):
+    monkeypatch.chdir(repo_root)
+    monkeypatch.setattr(sys, "argv", ["diffstyler"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--config", "configs/smoke/stylize.yaml", "--data.content", json.dumps([str(tmp_path / "nope.jpg")]),
+              "--data.styles", json.dumps([{"lora": str(smoke_lora)}]), *predict_output_args(tmp_path)])
+    assert "nope.jpg" in str(exit_info.value.code)
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_printed_config_is_stable(tmp_path, repo_root, capsys, monkeypatch, smoke_lora):
+    monkeypatch.chdir(repo_root)
+    monkeypatch.setattr(sys, "argv", ["diffstyler"])
+    printed = print_config(["predict", "--config", "configs/smoke/stylize.yaml", "--model.injection.feature_steps", "3",
+                            "--data.styles", json.dumps([{"lora": str(smoke_lora)}]), *predict_output_args(tmp_path)], capsys)
+    assert "feature_steps: 3" in printed
+    config_file = tmp_path / "printed.yaml"
+    config_file.write_text(printed)
+    assert print_config(["predict", "--config", str(config_file)], capsys) == printed

@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from diffstyler.models import decode_latents, encode_prompts
+from diffstyler.sampling import classifier_free_guidance, ddim_schedule, ddim_step
 from diffstyler.training import eval_mode
 
 
@@ -49,18 +50,15 @@ def sample_text_to_image(
     unet = pipe.unet
     device, dtype = unet.device, unet.dtype
     text = torch.cat([encode_prompts(pipe, negatives), encode_prompts(pipe, prompts)]).to(device, dtype)
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(steps, device=device)
+    schedule = ddim_schedule(DDIMScheduler.from_config(pipe.scheduler.config), steps)
 
     shape = (len(prompts), unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     latents = torch.randn(shape, generator=generator, device=generator.device).to(device, torch.float32)
-    latents = latents * scheduler.init_noise_sigma
-    for timestep in scheduler.timesteps:
-        model_input = scheduler.scale_model_input(torch.cat([latents, latents]), timestep)
-        prediction = unet(model_input.to(dtype), timestep, encoder_hidden_states=text).sample.float()
-        noise_uncond, noise_text = prediction.chunk(2)
-        noise = noise_uncond + guidance_scale * (noise_text - noise_uncond)
-        latents = scheduler.step(noise, timestep, latents).prev_sample
+    for i, timestep in enumerate(schedule.timesteps):
+        prediction = unet(torch.cat([latents, latents]).to(dtype), timestep.to(device), encoder_hidden_states=text).sample
+        noise_uncond, noise_text = prediction.float().chunk(2)
+        guided = classifier_free_guidance(noise_uncond, noise_text, guidance_scale)
+        latents = ddim_step(latents, guided, schedule.alphas[i], schedule.alphas[i + 1], schedule.prediction_type)
     return decode_latents(pipe, latents)
 
 
