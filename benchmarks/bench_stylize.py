@@ -32,8 +32,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(device: str, fn, repeats: int = 2) -> float:
-    fn()  # warm-up
+def timed(device: str, fn, repeats: int = 2, warm_up: bool = True) -> float:
+    if warm_up:
+        fn()
     _sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
@@ -73,9 +74,10 @@ def main() -> None:
     prompts = encode_prompts(pipe, ["", "painting of sss", "ugly"]).to(dtype)
 
     unet.disable_adapters()
-    t_inv_1 = timed(args.device, lambda: invert(unet, latent, prompts[:1], schedule, 1, progress=False), repeats=1)
+    t_inv_1 = timed(args.device, lambda: invert(unet, latent, prompts[:1], schedule, 1, progress=False), repeats=3)
     substeps = max(1, 1000 // args.steps)
-    t_inv_full = timed(args.device, lambda: invert(unet, latent, prompts[:1], schedule, substeps, progress=False), repeats=1)
+    t_inv_full = timed(args.device, lambda: invert(unet, latent, prompts[:1], schedule, substeps, progress=False),
+                       repeats=1, warm_up=False)
     trajectory = invert(unet, latent, prompts[:1], schedule, 1, progress=False)
     unet.enable_adapters()
 

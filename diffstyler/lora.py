@@ -22,6 +22,7 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
+from safetensors import safe_open
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 
@@ -103,6 +104,12 @@ def resolve_lora_file(path: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"LoRA file not found: {path} (give a .safetensors file or a folder with {LORA_WEIGHTS_NAME})")
     if path.suffix != ".safetensors":
         raise ValueError(f"LoRA file {path} is not a .safetensors file; pickled LoRAs are not loaded for safety")
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            if not list(file.keys()):
+                raise ValueError("it holds no tensors")
+    except Exception as error:  # safetensors raises its own error type for a broken header
+        raise ValueError(f"LoRA file {path} is not a readable safetensors file: {error}") from error
     return path
 
 

@@ -117,12 +117,12 @@ class StylizePredictor(LightningModule):
         torch.manual_seed(job["seed"])
 
         content = resize_to_multiple_of_8(load_image(job["content"]), job["resolution"])
-        trajectory = self._trajectory(content, job["content"], job["resolution"])
+        schedule = ddim_schedule(self.pipe.scheduler, self.sampling.steps)
+        reference_embedding = encode_prompts(self.pipe, [self.sampling.inversion_prompt])
+        trajectory = self._trajectory(content, job["content"], schedule, reference_embedding)
         masks = [self._mask(entry, content, job["output_name"], k) for k, entry in enumerate(styles)]
         rows = self._style_rows(styles, masks, trajectory.shape[-2:])
 
-        schedule = ddim_schedule(self.pipe.scheduler, self.sampling.steps)
-        reference_embedding = encode_prompts(self.pipe, [self.sampling.inversion_prompt])
         with torch.no_grad():
             latents = denoise_with_injection(
                 self.pipe.unet, trajectory, reference_embedding, rows, schedule,
@@ -139,7 +139,8 @@ class StylizePredictor(LightningModule):
             return {"result": folder / f"{name}.png"}
         return {s.name: folder / f"{name}_{s.name}.png" for s in styles}
 
-    def _trajectory(self, content: Image.Image, path: str, resolution: int) -> torch.Tensor:
+    def _trajectory(self, content: Image.Image, path: str, schedule, embedding: torch.Tensor) -> torch.Tensor:
+        """The content's inversion trajectory (the inversion prompt's `embedding`), cached on disk."""
         unet = self.pipe.unet
         key = InversionKey(
             image_sha256=sha256_file(path),
@@ -156,8 +157,6 @@ class StylizePredictor(LightningModule):
             return cached.to(unet.device, unet.dtype)
         pixels = to_tensor(content).unsqueeze(0)
         latent = encode_images(self.pipe, pixels).to(unet.dtype)
-        embedding = encode_prompts(self.pipe, [self.sampling.inversion_prompt])
-        schedule = ddim_schedule(self.pipe.scheduler, self.sampling.steps)
         with base_model(unet):
             trajectory = invert(unet, latent, embedding, schedule, self.sampling.inversion_substeps, progress=self.progress)
         if self.cache:

@@ -148,3 +148,14 @@ def test_lightning_predict_loop_writes_every_job_and_restores_the_unet(tmp_path,
     assert unet.attn_processors == processors
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in unet.modules())
     assert read_settings(tmp_path / "out" / "second.png")["Seed"] == job_seed(0, 1)
+
+
+def test_a_broken_lora_file_is_named_before_any_model_is_loaded(tmp_path):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(ValueError, match="broken.safetensors"):
+        StylizeDataModule(content=[str(CONTENT)], styles=[StyleEntry(lora=str(broken), prompt="p")])
+    pickled = tmp_path / "style.ckpt"
+    pickled.write_bytes(b"whatever")
+    with pytest.raises(ValueError, match="pickled LoRAs are not loaded"):
+        StylizeDataModule(content=[str(CONTENT)], styles=[StyleEntry(lora=str(pickled), prompt="p")])
