@@ -82,3 +82,31 @@ def test_routed_batch_equals_separate_forwards(tiny_pipe):
         assert (mixed[row] - expected).abs().max() < 1e-5, f"row {row}"
     # The routing hooks are gone after the block: a plain call works on any batch size again.
     assert after_routing.shape == (1, 4, 8, 8)
+
+
+def test_a_kohya_format_community_lora_loads_as_a_named_adapter(tmp_path, tiny_pipe, unet_probe):
+    """Community LoRAs (kohya/A1111 key names, per-module alpha) go through diffusers' converters."""
+    from safetensors.torch import save_file
+
+    from diffstyler.lora import load_style_adapter, set_adapter_scales
+
+    rank, alpha = 4, 2.0
+    generator = torch.Generator().manual_seed(7)
+    reference = tiny_pipe()
+    tensors = {}
+    with torch.no_grad():
+        for name, module in reference.unet.named_modules():
+            if name.endswith(("attn1.to_q", "attn2.to_v")):
+                down = torch.randn(rank, module.in_features, generator=generator) * 0.1
+                up = torch.randn(module.out_features, rank, generator=generator) * 0.1
+                key = "lora_unet_" + name.replace(".", "_")
+                tensors.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                                f"{key}.alpha": torch.tensor(alpha)})
+                module.weight += (alpha / rank) * up @ down  # what the LoRA means, merged by hand
+    file = tmp_path / "community_style.safetensors"
+    save_file(tensors, str(file))
+
+    pipe = tiny_pipe()
+    load_style_adapter(pipe, file, "community")
+    set_adapter_scales(pipe.unet, {"community": 1.0})
+    assert (unet_probe(pipe.unet) - unet_probe(reference.unet)).abs().max().item() < 1e-5
