@@ -58,13 +58,18 @@ class ModelSpec:
 
 
 def load_pipeline(spec: ModelSpec) -> StableDiffusionPipeline:
-    """Load the pipeline named by `spec`, with a DDIM scheduler built from the model's own config."""
-    if spec.name == TINY_MODEL:
-        pipe = build_tiny_pipeline()
-        if spec.torch_dtype != torch.float32:
-            pipe.to(dtype=spec.torch_dtype)
-    else:
-        pipe = _load_real_pipeline(spec)
+    """Load the pipeline named by `spec`, with a DDIM scheduler built from the model's own config.
+
+    Always on the CPU, whatever default device is set: Lightning opens its device context around
+    `configure_model`, where this is called, and moves the modules to the device right after.
+    """
+    with torch.device("cpu"):
+        if spec.name == TINY_MODEL:
+            pipe = build_tiny_pipeline()
+            if spec.torch_dtype != torch.float32:
+                pipe.to(dtype=spec.torch_dtype)
+        else:
+            pipe = _load_real_pipeline(spec)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe

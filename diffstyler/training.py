@@ -97,10 +97,7 @@ class StyleLoRAModule(LightningModule):
     def configure_model(self) -> None:
         if self.pipe is not None:
             return
-        # Lightning opens a device context around this hook; load on the CPU as diffusers expects,
-        # the strategy moves the module to its device right after.
-        with torch.device("cpu"):
-            pipe = load_pipeline(self.model_spec)
+        pipe = load_pipeline(self.model_spec)
         pipe.vae.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
         add_style_adapter(pipe.unet, self.lora_config, self.adapter_name)

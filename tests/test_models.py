@@ -98,3 +98,15 @@ def test_unloadable_model_fails_fast_offline_listing_the_options(name, tmp_path,
 def test_model_spec_rejects_unknown_dtype():
     with pytest.raises(ValueError, match="float16"):
         ModelSpec("tiny", dtype="float8")
+
+
+def test_half_precision_vae_overflow_is_decoded_again_in_float32(tiny_pipe):
+    from diffstyler.models import decode_latents
+
+    pipe = tiny_pipe()
+    pipe.vae.to(torch.float16)
+    huge = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0)) * 3e4  # overflows fp16
+    with pytest.warns(UserWarning, match="non-finite values in half precision"):
+        pixels = decode_latents(pipe, huge)
+    assert pixels.dtype == torch.float32 and torch.isfinite(pixels).all()
+    assert pipe.vae.dtype == torch.float16  # the VAE goes back to the precision it had
