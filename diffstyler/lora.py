@@ -20,11 +20,14 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.loaders.lora_base import set_adapters_for_text_encoder
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from safetensors import safe_open
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
+
+from diffstyler.models import encode_prompts
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 BASE_ROW = "__base__"  # PEFT's name for "no adapter" in a mixed batch
@@ -132,13 +135,32 @@ def set_adapter_scales(unet: UNet2DConditionModel, scales: dict[str, float]) -> 
     unet.set_adapters(list(scales), list(scales.values()))
 
 
+def set_text_encoder_scales(text_encoder: torch.nn.Module, scales: dict[str, float]) -> None:
+    """The same scales for the text-encoder parts of those LoRAs that have one (community LoRAs)."""
+    loaded = set(getattr(text_encoder, "peft_config", None) or {})
+    present = {name: scale for name, scale in scales.items() if name in loaded}
+    if present:
+        set_adapters_for_text_encoder(list(present), text_encoder, list(present.values()))
+
+
+def encode_prompts_per_adapter(pipe: StableDiffusionPipeline, prompts: list[str], adapters: list[str]) -> torch.Tensor:
+    """Text embeddings where prompt i goes through the text-encoder LoRA of `adapters[i]`.
+
+    Only community LoRAs carry text-encoder layers; `BASE_ROW` (and any adapter without such
+    layers) gives the base text encoder, so the reference and inversion prompts stay the base
+    model's whatever LoRAs are loaded.
+    """
+    with route_adapters(pipe.text_encoder, adapters):
+        return encode_prompts(pipe, prompts)
+
+
 def lora_layers(module: torch.nn.Module) -> Iterator[LoraLayer]:
     return (m for m in module.modules() if isinstance(m, LoraLayer))
 
 
 @contextlib.contextmanager
-def route_adapters(unet: UNet2DConditionModel, row_adapters: Sequence[str]) -> Iterator[None]:
-    """Within the block, batch row i of every UNet call uses adapter `row_adapters[i]`.
+def route_adapters(model: torch.nn.Module, row_adapters: Sequence[str]) -> Iterator[None]:
+    """Within the block, batch row i of every call of `model` uses adapter `row_adapters[i]`.
 
     `BASE_ROW` means no adapter. diffusers does not forward PEFT's `adapter_names` argument, so a
     forward pre-hook adds it to every LoRA layer's call; the hooks are removed on exit.
@@ -148,7 +170,7 @@ def route_adapters(unet: UNet2DConditionModel, row_adapters: Sequence[str]) -> I
     def add_adapter_names(module, args, kwargs):
         return args, {**kwargs, "adapter_names": names}
 
-    handles = [layer.register_forward_pre_hook(add_adapter_names, with_kwargs=True) for layer in lora_layers(unet)]
+    handles = [layer.register_forward_pre_hook(add_adapter_names, with_kwargs=True) for layer in lora_layers(model)]
     try:
         yield
     finally:

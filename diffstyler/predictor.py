@@ -22,9 +22,15 @@ from diffstyler.data.jobs import StyleEntry
 from diffstyler.images import load_image, resize_to_multiple_of_8, sha256_file, to_tensor
 from diffstyler.injection import InjectionConfig
 from diffstyler.inversion import InversionCache, InversionKey, invert
-from diffstyler.lora import load_style_adapter, set_adapter_scales
+from diffstyler.lora import (
+    BASE_ROW,
+    encode_prompts_per_adapter,
+    load_style_adapter,
+    set_adapter_scales,
+    set_text_encoder_scales,
+)
 from diffstyler.masks import FastSAMSegmenter, SegmenterConfig, mask_to_latent, resolve_mask, save_mask_png
-from diffstyler.models import ModelSpec, decode_latents, encode_images, encode_prompts, load_pipeline
+from diffstyler.models import ModelSpec, decode_latents, encode_images, load_pipeline
 from diffstyler.outputs import image_grid, pil_to_unit, save_result, to_pil
 from diffstyler.sampling import ddim_schedule
 from diffstyler.stylize import SamplingConfig, StyleRows, denoise_with_injection, fuse_styles
@@ -118,10 +124,9 @@ class StylizePredictor(LightningModule):
 
         content = resize_to_multiple_of_8(load_image(job["content"]), job["resolution"])
         schedule = ddim_schedule(self.pipe.scheduler, self.sampling.steps)
-        reference_embedding = encode_prompts(self.pipe, [self.sampling.inversion_prompt])
-        trajectory = self._trajectory(content, job["content"], schedule, reference_embedding)
         masks = [self._mask(entry, content, job["output_name"], k) for k, entry in enumerate(styles)]
-        rows = self._style_rows(styles, masks, trajectory.shape[-2:])
+        reference_embedding, rows = self._style_rows(styles, masks, content)
+        trajectory = self._trajectory(content, job["content"], schedule, reference_embedding)
 
         with torch.no_grad():
             latents = denoise_with_injection(
@@ -184,18 +189,31 @@ class StylizePredictor(LightningModule):
             self._adapters[key] = name
         return self._adapters[key]
 
-    def _style_rows(self, styles: list[StyleEntry], masks: list, latent_hw) -> list[StyleRows]:
+    def _style_rows(self, styles: list[StyleEntry], masks: list, content: Image.Image) -> tuple[torch.Tensor, list[StyleRows]]:
+        """The reference (inversion) prompt's embedding and each style's adapter, prompts and latent mask.
+
+        All prompts are encoded in one text-encoder batch: the reference with the base model,
+        style k's prompt and negative prompt with style k's text-encoder LoRA where it has one.
+        """
         names = [self.adapter_for(entry) for entry in styles]
-        set_adapter_scales(self.pipe.unet, {n: float(e.scale) for n, e in zip(names, styles)})
+        scales = {name: float(entry.scale) for name, entry in zip(names, styles)}
+        set_adapter_scales(self.pipe.unet, scales)
+        set_text_encoder_scales(self.pipe.text_encoder, scales)
+        prompts, adapters = [self.sampling.inversion_prompt], [BASE_ROW]
+        for name, entry in zip(names, styles):
+            prompts += [entry.prompt, self.sampling.negative_prompt]
+            adapters += [name, name]
+        embeddings = encode_prompts_per_adapter(self.pipe, prompts, adapters)
         device, dtype = self.pipe.unet.device, self.pipe.unet.dtype
-        prompts = encode_prompts(self.pipe, [e.prompt for e in styles] + [self.sampling.negative_prompt])
+        latent_hw = (content.height // self.pipe.vae_scale_factor, content.width // self.pipe.vae_scale_factor)
         rows = []
         for k, (name, mask) in enumerate(zip(names, masks)):
             latent_mask = None
             if mask is not None:
-                latent_mask = mask_to_latent(mask, tuple(latent_hw))[None, None].to(device, dtype)
-            rows.append(StyleRows(name, prompts[k : k + 1], prompts[-1:], latent_mask))
-        return rows
+                latent_mask = mask_to_latent(mask, latent_hw)[None, None].to(device, dtype)
+            cond, uncond = embeddings[1 + 2 * k : 2 + 2 * k], embeddings[2 + 2 * k : 3 + 2 * k]
+            rows.append(StyleRows(name, cond, uncond, latent_mask))
+        return embeddings[:1], rows
 
     def _decode(self, latents, rows, trajectory, content, masks) -> list[Image.Image]:
         if masks[0] is None:

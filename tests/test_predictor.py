@@ -159,3 +159,42 @@ def test_a_broken_lora_file_is_named_before_any_model_is_loaded(tmp_path):
     pickled.write_bytes(b"whatever")
     with pytest.raises(ValueError, match="pickled LoRAs are not loaded"):
         StylizeDataModule(content=[str(CONTENT)], styles=[StyleEntry(lora=str(pickled), prompt="p")])
+
+
+def test_a_lora_with_text_encoder_layers_leaves_the_reference_prompt_alone(tmp_path):
+    """Text-encoder LoRA layers (community LoRAs have them) apply to their own style's prompts only."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from diffstyler.lora import adapter_state_dict
+    from diffstyler.models import encode_prompts, load_pipeline
+    from tests.helpers import randomize_adapter, tiny_pipe_with_adapter
+
+    source = tiny_pipe_with_adapter("style", seed=4)
+    config = LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "fc1"], init_lora_weights="gaussian")
+    # PEFT directly: transformers' own add_adapter asks for a newer PEFT than the pinned one
+    inject_adapter_in_model(config, source.text_encoder, adapter_name="style")
+    randomize_adapter(source.text_encoder, "style", seed=5, std=0.5)
+    text_encoder_layers = {
+        name.replace(".style.", "."): parameter.detach()
+        for name, parameter in source.text_encoder.named_parameters() if ".style." in name
+    }
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path / "lora",
+        unet_lora_layers=adapter_state_dict(source.unet, "style"),
+        text_encoder_lora_layers=convert_state_dict_to_diffusers(text_encoder_layers),
+        unet_lora_adapter_metadata=source.unet.peft_config["style"].to_dict(),
+        text_encoder_lora_adapter_metadata=config.to_dict(),
+    )
+
+    predictor = _predictor(tmp_path)
+    entry = StyleEntry(lora=str(tmp_path / "lora"), prompt="painting of sss").resolved()
+    base = load_pipeline(ModelSpec(name="tiny"))
+    negative = predictor.sampling.negative_prompt
+    for _ in range(2):  # the second job runs with the adapters already loaded
+        reference, rows = predictor._style_rows([entry], [None], Image.new("RGB", (64, 48)))
+        assert torch.equal(reference, encode_prompts(base, [predictor.sampling.inversion_prompt]))
+        assert (rows[0].cond - encode_prompts(source, ["painting of sss"])).abs().max().item() < 1e-5
+        assert (rows[0].uncond - encode_prompts(source, [negative])).abs().max().item() < 1e-5
+        assert (rows[0].cond - encode_prompts(base, ["painting of sss"])).abs().max().item() > 1e-3
