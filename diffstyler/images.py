@@ -23,8 +23,8 @@ class ImageLoadError(ValueError):
     """A file exists but is not an image that Pillow can read."""
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """The image at `path` as an RGB PIL image, upright per its EXIF orientation.
+def open_image_file(path: str | os.PathLike) -> Image.Image:
+    """The decoded image at `path` as stored (mode and orientation untouched).
 
     Raises FileNotFoundError for a missing file and ImageLoadError for anything Pillow cannot
     decode; both messages name the file.
@@ -35,12 +35,17 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()  # decode now: truncated files fail here, not later in a worker
-            upright = ImageOps.exif_transpose(image)
-            return upright.convert("RGB")
+            return image
     # ImportError: once ultralytics is imported (FastSAM masks) it patches Image.open to try the
     # optional pi-heif plugin on unreadable files, which fails with ImportError when absent.
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, ImportError) as error:
         raise ImageLoadError(f"not a readable image: {path} ({error})") from error
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """The image at `path` as an RGB PIL image, upright per its EXIF orientation (errors as
+    `open_image_file`)."""
+    return ImageOps.exif_transpose(open_image_file(path)).convert("RGB")
 
 
 def resize_to_multiple_of_8(image: Image.Image, resolution: int) -> Image.Image:

@@ -26,7 +26,9 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from diffstyler.images import ImageLoadError, open_image_file
 
 
 FASTSAM_WEIGHTS_URL = "https://github.com/ultralytics/assets/releases/download/v8.4.0/"
@@ -158,16 +160,10 @@ def load_mask_file(path, size: tuple[int, int]) -> torch.Tensor:
     pixels. A file of another size is resized with nearest neighbour so no grey values appear.
     Lossy formats (JPEG) put faint noise near edges that counts as region: prefer PNG.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise MaskError(f"mask file '{path}' does not exist or is not a file")
     try:
-        with Image.open(path) as image:
-            image.load()
-            region = _nonzero_region(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ImportError) as err:  # ImportError: see images.load_image
-        # PIL raises SyntaxError for some truncated/garbled headers.
-        raise MaskError(f"mask file '{path}' is not a readable image: {err}") from err
+        region = _nonzero_region(open_image_file(path))
+    except (FileNotFoundError, ImageLoadError) as err:
+        raise MaskError(f"mask file '{path}': {err}") from err
 
     width, height = size
     if region.shape != (height, width):
