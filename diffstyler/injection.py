@@ -39,6 +39,9 @@ class InjectionConfig:
     Steps count from the start of denoising: `feature_steps` 30 means steps 0-29 of 50.
     qk_mix "replace" gives the style rows the reference's Q and K; "timestep_rate" blends them with
     rate min(1, 2t/1000) as the paper's public code does.
+    feature_site "output" injects the resnet's output (the paper's text); "residual" injects its
+    residual branch (conv2, before the skip connection is added), as the paper's public code and
+    Plug-and-Play do, so the style rows keep their own skip path.
     """
 
     features: bool = True
@@ -49,6 +52,7 @@ class InjectionConfig:
     feature_steps: int = 30
     attention_steps: int = 25
     qk_mix: Literal["replace", "timestep_rate"] = "replace"
+    feature_site: Literal["output", "residual"] = "output"
 
     def __post_init__(self) -> None:
         for layer in self.feature_layers:
@@ -64,6 +68,8 @@ class InjectionConfig:
             raise ValueError("injection.feature_steps and injection.attention_steps must be >= 0")
         if self.qk_mix not in ("replace", "timestep_rate"):
             raise ValueError(f"injection.qk_mix must be 'replace' or 'timestep_rate', got {self.qk_mix!r}")
+        if self.feature_site not in ("output", "residual"):
+            raise ValueError(f"injection.feature_site must be 'output' or 'residual', got {self.feature_site!r}")
 
     def features_on(self, step: int) -> bool:
         return self.features and bool(self.feature_layers) and step < self.feature_steps
@@ -122,7 +128,8 @@ class Injector:
         config = self.config
         if config.features:
             for layer in config.feature_layers:
-                yield f"feature.{layer}", "feature", decoder_resnet(self.unet, layer)
+                resnet = decoder_resnet(self.unet, layer)
+                yield f"feature.{layer}", "feature", resnet if config.feature_site == "output" else resnet.conv2
         kinds = [k for k, on in (("self", config.self_attention), ("cross", config.cross_attention)) if on]
         for kind in kinds:
             for layer in config.attention_layers:

@@ -18,6 +18,7 @@ from tests.helpers import tiny_pipe_with_adapter
 STEPS = 8
 EVERYWHERE = dict(feature_layers=list(range(12)), attention_layers=ATTENTION_DECODER_LAYERS, feature_steps=STEPS, attention_steps=STEPS)
 NOTHING = dict(features=False, self_attention=False, cross_attention=False)
+NOTHING_BUT_FEATURES = dict(self_attention=False, cross_attention=False)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,7 @@ def test_each_switch_changes_the_output(setup, switch):
 def test_paper_code_mode_is_a_config_value(setup):
     paper = _run(setup, InjectionConfig())
     paper_code = _run(setup, InjectionConfig(feature_layers=[4], attention_layers=list(range(4, 12)),
-                                             cross_attention=False, qk_mix="timestep_rate"))
+                                             cross_attention=False, qk_mix="timestep_rate", feature_site="residual"))
     assert torch.isfinite(paper_code).all()
     assert (paper - paper_code).abs().max().item() > 1e-3
 
@@ -147,3 +148,14 @@ def test_hooks_are_removed_when_the_loop_fails(setup):
             assert len(decoder_resnet(unet, 4)._forward_hooks) == 1
             raise RuntimeError("boom")
     assert len(decoder_resnet(unet, 4)._forward_hooks) == 0
+
+
+def test_residual_site_injects_the_resnet_branch_before_the_skip_connection(setup):
+    unet = setup[0].unet
+    injector = Injector(unet, InjectionConfig(feature_layers=[4], feature_site="residual", **NOTHING_BUT_FEATURES))
+    with injector.installed():
+        assert len(decoder_resnet(unet, 4).conv2._forward_hooks) == 1
+        assert len(decoder_resnet(unet, 4)._forward_hooks) == 0
+    output_site = _run(setup, InjectionConfig(feature_layers=[4], **NOTHING_BUT_FEATURES))
+    residual_site = _run(setup, InjectionConfig(feature_layers=[4], feature_site="residual", **NOTHING_BUT_FEATURES))
+    assert (output_site - residual_site).abs().max().item() > 1e-3

@@ -198,3 +198,13 @@ def test_a_lora_with_text_encoder_layers_leaves_the_reference_prompt_alone(tmp_p
         assert (rows[0].cond - encode_prompts(source, ["painting of sss"])).abs().max().item() < 1e-5
         assert (rows[0].uncond - encode_prompts(source, [negative])).abs().max().item() < 1e-5
         assert (rows[0].cond - encode_prompts(base, ["painting of sss"])).abs().max().item() > 1e-3
+
+
+def test_contents_with_the_same_file_name_get_distinct_outputs(tmp_path, loras):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for folder in ("a", "b"):
+        Image.open(CONTENT).save(tmp_path / folder / "photo.png")
+    data = StylizeDataModule(content=[str(tmp_path / "a" / "photo.png"), str(tmp_path / "b" / "photo.png"), str(CONTENT)],
+                             styles=[StyleEntry(lora=str(loras[0]))])
+    assert [job["output_name"] for job in data.jobs()] == ["photo-0", "photo-1", "content_shapes"]

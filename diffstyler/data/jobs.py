@@ -92,6 +92,12 @@ def check_styles(styles: list[StyleEntry]) -> list[StyleEntry]:
     return [entry.resolved() for entry in styles]
 
 
+def output_names(paths: list[str]) -> list[str]:
+    """File stems as output names; a stem that occurs twice gets the job id appended every time."""
+    stems = [Path(path).stem for path in paths]
+    return [stem if stems.count(stem) == 1 else f"{stem}-{index}" for index, stem in enumerate(stems)]
+
+
 class JobDataset(Dataset):
     def __init__(self, jobs: list[dict[str, Any]]):
         self.jobs = jobs
@@ -142,10 +148,10 @@ class StylizeDataModule(LightningDataModule):
                 "content": path,
                 "styles": [entry.to_dict() for entry in self.styles],
                 "seed": job_seed(self.seed, index),
-                "output_name": Path(path).stem,
+                "output_name": name,
                 "resolution": self.resolution,
             }
-            for index, path in enumerate(self.content)
+            for index, (path, name) in enumerate(zip(self.content, output_names(self.content)))
         ]
 
     def predict_dataloader(self) -> DataLoader:
