@@ -118,9 +118,6 @@ class Injector:
         if mode is ReferenceMode.RECORD:
             self.recorded = {}
 
-    def needs_reference(self, step: int) -> bool:
-        return self.config.needs_reference(step)
-
     # -- hooks ---------------------------------------------------------------------------------
 
     def _sites(self) -> Iterator[tuple[str, str, torch.nn.Module]]:

@@ -95,8 +95,8 @@ class BatchLayout:
         self.embeddings.append(embedding)
         self.adapters.append(adapter)
 
-    def __len__(self) -> int:
-        return len(self.adapters)
+    def __add__(self, other: "BatchLayout") -> "BatchLayout":
+        return BatchLayout(self.latents + other.latents, self.embeddings + other.embeddings, self.adapters + other.adapters)
 
 
 def _style_layout(styles: list[StyleRows], latents: list[torch.Tensor], with_uncond: bool) -> BatchLayout:
@@ -122,6 +122,25 @@ def _guided_outputs(outputs: torch.Tensor, num_styles: int, with_uncond: bool, g
         return list(outputs.split(1))
     pairs = outputs.view(num_styles, 2, *outputs.shape[1:])
     return [classifier_free_guidance(p[0:1], p[1:2], guidance_scale) for p in pairs]
+
+
+def _unet_outputs(
+    unet, injector: Injector, reference_mode: str, step: int, t: torch.Tensor,
+    reference: Optional[BatchLayout], styles: BatchLayout,
+) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """The UNet outputs of the reference row (None when it is not run) and of the style rows."""
+    timestep = t.to(styles.latents[0].device)
+    if reference is None:
+        injector.set_step(step, t, ReferenceMode.BATCH_ROW)
+        return None, _run_unet(unet, styles, timestep)
+    if reference_mode == "batch":
+        injector.set_step(step, t, ReferenceMode.BATCH_ROW)
+        outputs = _run_unet(unet, reference + styles, timestep)
+        return outputs[:1], outputs[1:]
+    injector.set_step(step, t, ReferenceMode.RECORD)
+    reference_output = _run_unet(unet, reference, timestep)
+    injector.set_step(step, t, ReferenceMode.REPLAY)
+    return reference_output, _run_unet(unet, styles, timestep)
 
 
 def fuse_with_content(latent: torch.Tensor, content: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -174,28 +193,11 @@ def denoise_with_injection(
     with injector.installed():
         for i in tqdm(range(schedule.num_steps), desc="Stylizing", disable=not progress):
             t = schedule.timesteps[i]
-            timestep = t.to(trajectory.device)
             style_layout = _style_layout(styles, latents, with_uncond)
-            reference_output = None
+            reference = None
             if injection.needs_reference(i):
                 reference = BatchLayout([trajectory[i : i + 1]], [reference_embedding], [BASE_ROW])
-                if sampling.reference == "batch":
-                    injector.set_step(i, t, ReferenceMode.BATCH_ROW)
-                    both = BatchLayout(
-                        reference.latents + style_layout.latents,
-                        reference.embeddings + style_layout.embeddings,
-                        reference.adapters + style_layout.adapters,
-                    )
-                    outputs = _run_unet(unet, both, timestep)
-                    reference_output, style_outputs = outputs[:1], outputs[1:]
-                else:
-                    injector.set_step(i, t, ReferenceMode.RECORD)
-                    reference_output = _run_unet(unet, reference, timestep)
-                    injector.set_step(i, t, ReferenceMode.REPLAY)
-                    style_outputs = _run_unet(unet, style_layout, timestep)
-            else:
-                injector.set_step(i, t, ReferenceMode.BATCH_ROW)
-                style_outputs = _run_unet(unet, style_layout, timestep)
+            reference_output, style_outputs = _unet_outputs(unet, injector, sampling.reference, i, t, reference, style_layout)
             guided = _guided_outputs(style_outputs, len(styles), with_uncond, sampling.guidance_scale)
             content_next = trajectory[i + 1 : i + 2]
             latents = [
