@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from lightning import LightningModule
 from PIL import Image
+from torchmetrics.functional.image import structural_similarity_index_measure
 
 from diffstyler.data.jobs import StyleEntry
 from diffstyler.images import load_image, resize_to_multiple_of_8, sha256_file, to_tensor
@@ -245,7 +246,8 @@ class StylizePredictor(LightningModule):
     def _write(self, job, styles, images, paths, content, masks, settings) -> list[Path]:
         prompt = " | ".join(e.prompt for e in styles)
         written = [
-            save_result(image, path, prompt, self.sampling.negative_prompt, settings)
+            save_result(image, path, prompt, self.sampling.negative_prompt,
+                        {**settings, "Content SSIM": round(content_ssim(content, image), 4)})
             for image, path in zip(images, paths.values())
         ]
         if self.output.grid:
@@ -255,6 +257,11 @@ class StylizePredictor(LightningModule):
             save_result(grid, Path(self.output.folder) / f"{job['output_name']}_grid.png", prompt,
                         self.sampling.negative_prompt, settings)
         return written
+
+
+def content_ssim(content: Image.Image, result: Image.Image) -> float:
+    """Structural similarity of the result to the content (1 = same structure), via torchmetrics."""
+    return float(structural_similarity_index_measure(pil_to_unit(result)[None], pil_to_unit(content)[None], data_range=1.0))
 
 
 def composite_in_pixels(content: Image.Image, result: Image.Image, masks: list[torch.Tensor]) -> Image.Image:

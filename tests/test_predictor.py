@@ -15,7 +15,8 @@ from diffstyler.injection import InjectionConfig
 from diffstyler.masks import MaskSpec
 from diffstyler.models import ModelSpec
 from diffstyler.outputs import read_parameters, read_settings
-from diffstyler.predictor import OutputConfig, StylizePredictor
+from diffstyler.images import load_image, resize_to_multiple_of_8
+from diffstyler.predictor import OutputConfig, StylizePredictor, content_ssim
 from diffstyler.stylize import SamplingConfig
 from tests.helpers import write_random_lora
 
@@ -68,6 +69,10 @@ def test_same_seed_gives_identical_output_and_the_metadata_parses_back(tmp_path,
     assert parameters["Seed"] == str(job["seed"]) and parameters["CFG scale"] == "10.5"
     assert parameters["Negative prompt"] == predictor.sampling.negative_prompt
     assert (tmp_path / "out" / "content_shapes_grid.png").is_file()
+    content = resize_to_multiple_of_8(load_image(CONTENT), 64)
+    assert settings["Content SSIM"] == round(content_ssim(content, Image.open(first).convert("RGB")), 4)
+    assert content_ssim(content, content) == pytest.approx(1.0, abs=1e-4)
+    assert settings["Content SSIM"] < 0.99
 
 
 def test_outputs_are_written_once_and_inversion_is_cached(tmp_path, loras, monkeypatch):
