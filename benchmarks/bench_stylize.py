@@ -22,13 +22,12 @@ import argparse
 import time
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import StableDiffusionPipeline
 
 from diffstyler.injection import InjectionConfig
 from diffstyler.inversion import invert
 from diffstyler.lora import StyleLoRAConfig, add_style_adapter, set_adapter_scales
-from diffstyler.models import ModelSpec, build_tiny_pipeline, build_tiny_tokenizer, encode_prompts, load_pipeline
+from diffstyler.models import ModelSpec, RandomModelSizes, build_random_pipeline, encode_prompts, load_pipeline
 from diffstyler.sampling import ddim_schedule
 from diffstyler.stylize import SamplingConfig, StyleRows, denoise_with_injection
 
@@ -57,43 +56,10 @@ def peak_memory(device: str, fn) -> float:
     return torch.cuda.max_memory_allocated() / 2**20
 
 
-def build_sd21_random_pipeline() -> StableDiffusionPipeline:
-    """SD 2.1-base's component sizes with random weights (and the tiny tokenizer)."""
-    tokenizer = build_tiny_tokenizer()
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        attention_head_dim=(5, 10, 20, 20),
-        cross_attention_dim=1024,
-        use_linear_projection=True,
-    )
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-        num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu",
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
-    scheduler = DDIMScheduler.from_config(build_tiny_pipeline().scheduler.config)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-
-
 def load_benchmark_pipeline(name: str, dtype: str) -> StableDiffusionPipeline:
     if name != "sd21-random":
         return load_pipeline(ModelSpec(name=name, dtype=dtype))
-    torch.manual_seed(0)
-    pipe = build_sd21_random_pipeline()
+    pipe = build_random_pipeline(RandomModelSizes(), seed=0)  # SD 2.1-base's sizes
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(dtype=ModelSpec(dtype=dtype).torch_dtype)
 

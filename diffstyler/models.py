@@ -105,50 +105,87 @@ def _model_help(name: str, error: Exception) -> str:
 
 # --- the tiny stand-in --------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class RandomModelSizes:
+    """Widths and depths of a randomly initialised pipeline with SD 2.1-base's topology.
+
+    The defaults are SD 2.1-base's own (866 M-parameter UNet, OpenCLIP-H-sized text encoder);
+    `TINY_SIZES` is the `tiny` model.
+    """
+
+    unet_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    unet_head_dims: tuple[int, ...] = (5, 10, 20, 20)
+    sample_size: int = 64
+    text_width: int = 1024
+    text_layers: int = 23
+    text_heads: int = 16
+    text_ffn: int = 4096
+    text_activation: str = "gelu"
+    vae_channels: tuple[int, ...] = (128, 256, 512, 512)
+    vae_layers: int = 2
+    vae_sample_size: int = 512
+    norm_groups: int = 32
+
+
+TINY_SIZES = RandomModelSizes(
+    unet_channels=(32, 32, 64, 64), unet_head_dims=(2, 2, 4, 4), sample_size=8,
+    text_width=32, text_layers=2, text_heads=2, text_ffn=64, text_activation="quick_gelu",
+    vae_channels=(8, 16, 32, 32), vae_layers=1, vae_sample_size=64, norm_groups=8,
+)
+
+
 def build_tiny_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline:
-    """A randomly initialised pipeline with SD 2.1-base topology (see tests and NOTES).
+    """The `tiny` model: SD 2.1-base's topology at `TINY_SIZES`, seeded (same seed, same weights)."""
+    return build_random_pipeline(TINY_SIZES, seed)
+
+
+def build_random_pipeline(sizes: RandomModelSizes, seed: int) -> StableDiffusionPipeline:
+    """A randomly initialised pipeline with SD 2.1-base's topology (see tests and NOTES).
 
     4 down / 4 up blocks, 2 layers per block, cross-attention where SD has it, linear projections,
-    epsilon prediction and SD 2.1-base's DDIM schedule. Same seed, same weights.
+    epsilon prediction and SD 2.1-base's DDIM schedule; the tokenizer is the tiny one. The global
+    random state is left as it was.
     """
+    tokenizer = build_tiny_tokenizer()
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
-            sample_size=8,
+            sample_size=sizes.sample_size,
             in_channels=4,
             out_channels=4,
             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            block_out_channels=(32, 32, 64, 64),
+            block_out_channels=sizes.unet_channels,
             layers_per_block=2,
-            attention_head_dim=(2, 2, 4, 4),
-            cross_attention_dim=32,
+            attention_head_dim=sizes.unet_head_dims,
+            cross_attention_dim=sizes.text_width,
             use_linear_projection=True,
-            norm_num_groups=8,
+            norm_num_groups=sizes.norm_groups,
         )
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
             down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 32, 32),
+            block_out_channels=sizes.vae_channels,
             latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=8,
-            sample_size=64,
+            layers_per_block=sizes.vae_layers,
+            norm_num_groups=sizes.norm_groups,
+            sample_size=sizes.vae_sample_size,
         )
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
-                vocab_size=_tiny_vocab_size(),
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
+                vocab_size=len(tokenizer),
+                hidden_size=sizes.text_width,
+                intermediate_size=sizes.text_ffn,
+                num_hidden_layers=sizes.text_layers,
+                num_attention_heads=sizes.text_heads,
+                hidden_act=sizes.text_activation,
                 max_position_embeddings=77,
-                bos_token_id=0,
-                eos_token_id=1,
-                pad_token_id=1,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
             )
         )
     finally:
@@ -166,7 +203,7 @@ def build_tiny_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline:
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=build_tiny_tokenizer(),
+        tokenizer=tokenizer,
         unet=unet,
         scheduler=scheduler,
         safety_checker=None,
@@ -183,10 +220,6 @@ def _tiny_vocab() -> dict[str, int]:
     characters = list(bytes_to_unicode().values())
     tokens += characters + [c + "</w>" for c in characters]
     return {token: index for index, token in enumerate(tokens)}
-
-
-def _tiny_vocab_size() -> int:
-    return len(_tiny_vocab())
 
 
 def build_tiny_tokenizer() -> CLIPTokenizer:
