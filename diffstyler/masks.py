@@ -192,9 +192,10 @@ def _prepare_offline_ultralytics() -> None:
     """Must run before ultralytics is imported: it reads these variables at import time.
 
     Without them ultralytics probes DNS on import, may pip-install packages, and writes its
-    settings to ~/.config. setdefault keeps whatever the user chose explicitly.
+    settings to ~/.config. Its settings go to the temporary folder instead: nothing is written
+    into the user's home. setdefault keeps whatever the user chose explicitly.
     """
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffstyler"
+    cache = Path(tempfile.gettempdir()) / "diffstyler"
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_AUTOINSTALL", "0")
     os.environ.setdefault("YOLO_CONFIG_DIR", str(cache / "ultralytics"))

@@ -332,10 +332,12 @@ def test_random_weights_load_as_fastsam_segment_model(seg_weights):
     assert FastSAM(str(seg_weights)).task == "segment"
 
 
-def test_offline_switches_use_the_user_cache(monkeypatch, tmp_path):
+def test_offline_switches_keep_ultralytics_out_of_the_home_folder(monkeypatch, tmp_path):
+    import tempfile
+
     for key in ("YOLO_OFFLINE", "YOLO_AUTOINSTALL", "YOLO_CONFIG_DIR", "MPLCONFIGDIR"):
         monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setenv("MPLCONFIGDIR", "/somewhere/else")  # an explicit choice is kept
     masks._prepare_offline_ultralytics()
     assert os.environ["YOLO_OFFLINE"] == "1"
