@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -263,8 +264,6 @@ def decode_latents(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> torc
     scaled = latents / vae.config.scaling_factor
     pixels = vae.decode(scaled.to(vae.dtype)).sample
     if not torch.isfinite(pixels).all() and vae.dtype != torch.float32:
-        import warnings
-
         warnings.warn("VAE decode gave non-finite values in half precision; decoding again in float32")
         vae_dtype = vae.dtype
         vae.to(torch.float32)
