@@ -1,0 +1,39 @@
+"""The one exception type for what the user can fix.
+
+A `UserError` says what failed, where (a file or a config key) and why. The `diffstyler` command
+prints it as one line,
+
+    diffstyler <subcommand>: error: <what> (<where>): <why>
+
+and shows the traceback only with `--debug` (or DIFFSTYLER_DEBUG=1). Raise it (or a subclass)
+for every error caused by the user's input or environment; anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+class UserError(ValueError):
+    """An error in the user's input or environment: `what` failed at `where` (file or key) because `why`.
+
+    A ValueError, so that code which already catches ValueError for bad values keeps working.
+    """
+
+    def __init__(self, what: str, where: Optional[str] = None, why: str = ""):
+        self.what, self.where, self.why = what, where, why
+        super().__init__(self.line())
+
+    def line(self) -> str:
+        place = f" ({self.where})" if self.where else ""
+        reason = f": {self.why}" if self.why else ""
+        return f"{self.what}{place}{reason}"
+
+    def __str__(self) -> str:
+        return self.line()
+
+
+def config_error(key: str, why: str) -> UserError:
+    """A bad config value, named by its key (e.g. `model.injection.feature_steps`)."""
+    return UserError("invalid config value", key, why)
