@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from diffstyler.images import ImageLoadError, open_image_file
+from diffstyler.outputs import atomic_save
 
 
 FASTSAM_WEIGHTS_URL = "https://github.com/ultralytics/assets/releases/download/v8.4.0/"
@@ -504,21 +504,8 @@ def mask_to_latent(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tens
     return (pooled > 0).float()
 
 
-def save_mask_png(mask: torch.Tensor, path) -> None:
-    """Write `mask` ([H, W], values in [0, 1]) as an 8-bit greyscale PNG (0..255).
-
-    The file appears atomically: a crash or a reader never sees a half-written PNG.
-    """
-    path = Path(path)
+def save_mask_png(mask: torch.Tensor, path, text_chunks: Optional[dict[str, str]] = None) -> None:
+    """Write `mask` ([H, W], values in [0, 1]) as an 8-bit greyscale PNG (0..255), atomically, with
+    optional PNG text chunks (`outputs.atomic_save`)."""
     pixels = (mask.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory so os.replace is a rename on one filesystem; opened with "xb" (not mkstemp)
-    # so the final file gets the usual umask permissions instead of mkstemp's 0600.
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temp, "xb") as handle:
-            Image.fromarray(pixels).save(handle, format="PNG")
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    atomic_save(Image.fromarray(pixels), path, text_chunks)

@@ -1,23 +1,30 @@
-"""Writing results: PNGs that carry their settings, image grids, atomic writes.
+"""Writing results: PNGs that carry their settings, image grids, atomic writes inside a folder.
 
 Every PNG holds two text chunks:
 - `parameters`: the A1111-style text most image tools show ("prompt", "Negative prompt: ...",
-  then "Key: value, Key: value"); values holding commas, quotes or colons are JSON-quoted;
+  then "Key: value, Key: value"); values holding commas, quotes or colons are JSON-quoted, and so
+  are prompts holding a line break (or starting with a quote), so the text always parses back;
 - `diffstyler`: the same settings as JSON, for exact round trips (`read_settings`).
+
+Every file is written by `atomic_write` (temporary name, then rename) at a path checked by
+`path_inside`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
-import tempfile
+import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 from PIL import Image, PngImagePlugin
 from torchvision.utils import make_grid
+
+from diffstyler.errors import UserError
 
 PARAMETERS_KEY = "parameters"
 SETTINGS_KEY = "diffstyler"
@@ -44,35 +51,109 @@ def _quote(value: Any) -> str:
     return text
 
 
+def _prompt_line(prompt: str) -> str:
+    """The prompt as one line: verbatim (as A1111 writes it) unless it holds a line break or starts
+    with a quote; then JSON-quoted, so that the three-line layout always parses back."""
+    if "\n" in prompt or "\r" in prompt or prompt.startswith('"'):
+        return json.dumps(prompt, ensure_ascii=False)
+    return prompt
+
+
+def _prompt_from_line(line: str) -> str:
+    return json.loads(line) if line.startswith('"') else line
+
+
 def format_parameters(prompt: str, negative_prompt: str, settings: dict[str, Any]) -> str:
     fields = ", ".join(f"{key}: {_quote(value)}" for key, value in settings.items())
-    return f"{prompt}\nNegative prompt: {negative_prompt}\n{fields}"
+    return f"{_prompt_line(prompt)}\nNegative prompt: {_prompt_line(negative_prompt)}\n{fields}"
 
 
 _FIELD = re.compile(r'\s*([^:,]+):\s*("(?:\\.|[^"\\])*"|[^,]*)(?:,|$)')
 
 
 def parse_parameters(text: str) -> dict[str, str]:
-    """The A1111 text back into {"prompt", "Negative prompt", key: value-as-text}."""
+    """The A1111 text back into {"prompt", "Negative prompt", key: value-as-text}.
+
+    Exactly three lines, because `format_parameters` writes each prompt on one line.
+    """
     prompt, negative_line, fields = text.split("\n", 2)
-    parsed = {"prompt": prompt, "Negative prompt": negative_line.removeprefix("Negative prompt: ")}
+    parsed = {
+        "prompt": _prompt_from_line(prompt),
+        "Negative prompt": _prompt_from_line(negative_line.removeprefix("Negative prompt: ")),
+    }
     for match in _FIELD.finditer(fields):
         key, value = match.group(1).strip(), match.group(2).strip()
         parsed[key] = json.loads(value) if value.startswith('"') else value
     return parsed
 
 
-def atomic_save(image: Image.Image, path: str | os.PathLike, text_chunks: dict[str, str] | None = None) -> Path:
-    """Save a PNG under a temporary name in the same folder, then rename it into place."""
+def path_inside(folder: str | os.PathLike, name: str | os.PathLike, key: str) -> Path:
+    """`folder / name`, resolved, refused unless it lies strictly inside `folder`.
+
+    Every output goes through here before it is written, so that no name (a style name, a content
+    file stem, a job edited by hand) can place a file elsewhere. `key` is the config key of `folder`.
+    """
+    root = Path(folder).resolve()
+    target = (root / name).resolve()
+    if target == root or not target.is_relative_to(root):
+        raise UserError(f"refusing to write {str(name)!r}", key, f"it lies outside the output folder {root}")
+    return target
+
+
+TEMPORARY_PREFIX = ".dstmp-"
+
+
+def temporary_path(path: Path) -> Path:
+    """A fresh temporary name next to `path`: a fixed prefix, a short hash of the target's name (so
+    `temporary_files` finds it again) and a random part; 44 bytes whatever the target's length."""
+    target = hashlib.sha256(path.name.encode()).hexdigest()[:16]
+    return path.with_name(f"{TEMPORARY_PREFIX}{target}-{secrets.token_hex(8)}.tmp")
+
+
+def temporary_files(path: str | os.PathLike) -> list[Path]:
+    """Temporary files left next to `path` by interrupted writes of it.
+
+    Also the names older versions used: `.<stem>-<8 chars>.png` (atomic_save) and
+    `.<name>.<pid>.<32 hex>.tmp` (save_mask_png).
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    target = hashlib.sha256(path.name.encode()).hexdigest()[:16]
+    patterns = [
+        re.compile(re.escape(f"{TEMPORARY_PREFIX}{target}-") + r"[0-9a-f]{16}\.tmp"),
+        re.compile(re.escape(f".{path.stem}-") + r"[a-z0-9_]{8}\.png"),
+        re.compile(re.escape(f".{path.name}.") + r"\d+\.[0-9a-f]{32}\.tmp"),
+    ]
+    return [p for p in path.parent.iterdir() if any(pattern.fullmatch(p.name) for pattern in patterns)]
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Write a file through `write(handle)` under a temporary name in the same folder, then rename it
+    into place: a reader or a crash never sees a half-written file, and a failed write leaves none.
+
+    The temporary file is opened with "xb" (not mkstemp / NamedTemporaryFile, which create 0600
+    files), so the result gets the usual umask permissions (0644 under umask 022).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = temporary_path(path)
+    try:
+        with open(temporary, "xb") as handle:
+            write(handle)
+        os.replace(temporary, path)  # same folder, so a rename on one filesystem
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_save(image: Image.Image, path: str | os.PathLike, text_chunks: dict[str, str] | None = None) -> Path:
+    """Save a PNG with `text_chunks` (iTXt) atomically (`atomic_write`)."""
     info = PngImagePlugin.PngInfo()
     for key, value in (text_chunks or {}).items():
         info.add_itxt(key, value)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.stem}-", suffix=".png", delete=False) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp.name, path)
-    return path
+    return atomic_write(path, lambda handle: image.save(handle, format="PNG", pnginfo=info))
 
 
 def save_result(image: Image.Image, path: str | os.PathLike, prompt: str, negative_prompt: str, settings: dict[str, Any]) -> Path:

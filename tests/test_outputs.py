@@ -1,12 +1,19 @@
+import os
+import stat
+
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
+from diffstyler.errors import UserError
+from diffstyler.masks import save_mask_png
 from diffstyler.outputs import (
     atomic_save,
     format_parameters,
     image_grid,
     parse_parameters,
+    path_inside,
     pil_to_unit,
     read_parameters,
     read_settings,
@@ -62,3 +69,73 @@ def test_grid_scales_tiles_to_one_height():
     grid = image_grid([Image.new("RGB", (64, 48)), Image.new("RGB", (32, 32))], height=48)
     assert grid.height == 48 + 4
     assert grid.width == 2 * 64 + 3 * 2
+
+
+AWKWARD_PROMPTS = [
+    "two\nlines",
+    "a prompt\nNegative prompt: not the negative one",
+    "Negative prompt: at the start",
+    '"quoted", with commas, and: colons',
+    'ends with a quote"',
+    "windows\r\nline end",
+    "a literal backslash-n \\n and \\( brackets \\)",
+    "",
+    "  spaces around  ",
+]
+
+
+@pytest.mark.parametrize("prompt", AWKWARD_PROMPTS)
+def test_parameters_round_trip_for_any_prompt_and_negative_prompt(prompt):
+    """Mistake caught: splitting the text at its first two newlines (a multi-line prompt breaks it)."""
+    settings = {"Steps": 6, "Seed": 1}
+    for text in (format_parameters(prompt, "ugly, blurry", settings), format_parameters("p", prompt, settings)):
+        parsed = parse_parameters(text)
+        assert parsed["Steps"] == "6" and parsed["Seed"] == "1"
+    assert parse_parameters(format_parameters(prompt, "n", settings))["prompt"] == prompt
+    assert parse_parameters(format_parameters("p", prompt, settings))["Negative prompt"] == prompt
+
+
+def test_a_one_line_prompt_is_written_as_is_for_other_tools():
+    text = format_parameters("painting of sss, \\(detail\\)", "ugly", {"Steps": 6})
+    assert text == "painting of sss, \\(detail\\)\nNegative prompt: ugly\nSteps: 6"
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """Mistake caught: NamedTemporaryFile / mkstemp temporaries (0600) renamed into place."""
+    old_umask = os.umask(0o022)
+    try:
+        png = atomic_save(Image.new("RGB", (4, 4)), tmp_path / "result.png")
+        mask = tmp_path / "mask.png"
+        save_mask_png(torch.ones(4, 4), mask)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(png.stat().st_mode) == 0o644
+    assert stat.S_IMODE(mask.stat().st_mode) == 0o644
+
+
+def test_a_255_byte_file_name_fits_its_temporary_name(tmp_path):
+    """Mistake caught: temporary names built from the target's stem (over the 255-byte name limit)."""
+    stem = "c" * 245  # + "_grid.png" is 254 bytes, a legal name
+    png = atomic_save(Image.new("RGB", (4, 4)), tmp_path / f"{stem}_grid.png")
+    mask = tmp_path / f"{stem}_m0.png"
+    save_mask_png(torch.ones(4, 4), mask)
+    assert png.is_file() and mask.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([png.name, mask.name])
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path):
+    class Broken:
+        def save(self, *args, **kwargs):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save(Broken(), tmp_path / "out.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["../x.png", "a/../../x.png", "/etc/x.png", "..", "."])
+def test_a_target_outside_the_output_folder_is_refused(tmp_path, name):
+    folder = tmp_path / "out"
+    with pytest.raises(UserError, match="outside the output folder"):
+        path_inside(folder, name, "model.output.folder")
+    assert path_inside(folder, "x.png", "model.output.folder") == (folder / "x.png").resolve()
