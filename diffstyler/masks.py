@@ -15,9 +15,12 @@ pixel mask onto that grid so that the style region always covers the whole pixel
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import re
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -27,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from diffstyler.errors import UserError
 from diffstyler.images import ImageLoadError, open_image_file
 from diffstyler.outputs import atomic_save
 
@@ -377,10 +381,66 @@ def _load_fastsam(weights: str):
     _prepare_offline_ultralytics()
     from ultralytics import FastSAM
 
-    model = FastSAM(str(path))
+    with _weights_only_checkpoint_loading():
+        model = FastSAM(str(path))
     if model.task != "segment":
         raise ValueError(f"'{weights}' is a '{model.task}' model; FastSAM needs a segmentation model")
     return model
+
+
+_CHECKPOINT_LOADER_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _weights_only_checkpoint_loading():
+    """Make ultralytics load `.pt` checkpoints with `torch.load(weights_only=True)`.
+
+    A `.pt` file is a pickle, and ultralytics fully unpickles it by default: a crafted weights file
+    runs any code it likes. ultralytics has a restricted mode of its own (`torch_safe_load(...,
+    safe_only=True)`: weights-only loading that allows exactly the globals a checkpoint names
+    when they are ultralytics / torch.nn model classes, plus a few data types), but only as a
+    per-call argument or a process-wide environment flag read at import. Its `load_checkpoint`
+    (what `FastSAM(path)` calls) looks `torch_safe_load` up in its module, so for the duration of
+    the load that name answers with the restricted mode. The model it returns is what the
+    predictor later uses: the file is unpickled once, weights-only.
+    """
+    from ultralytics.nn import tasks
+
+    # Restricted loading needs torch's checkpoint global scan; without it ultralytics would
+    # silently fall back to a full unpickle.
+    if not getattr(getattr(tasks, "_SafeLoad", None), "SUPPORTED", False):
+        raise RuntimeError("this torch / ultralytics cannot load FastSAM weights weights-only; refusing to unpickle them")
+    unrestricted = tasks.torch_safe_load
+
+    def weights_only(weight, safe_only=None):
+        try:
+            return unrestricted(weight, safe_only=True)
+        # TypeError: ultralytics' answer to a global outside its allow-list, a TorchScript archive
+        # or a damaged file; ModuleNotFoundError: a module the checkpoint names is missing (in
+        # restricted mode ultralytics does not install it).
+        except (TypeError, ModuleNotFoundError) as error:
+            raise UserError(
+                "refused to load FastSAM weights",
+                str(weight),
+                f"{_refusal_reason(error)}; only ultralytics checkpoints made of known model classes are "
+                "loaded (weights-only: no pickled code runs). Use the official FastSAM-s.pt or FastSAM-x.pt",
+            ) from error
+
+    with _CHECKPOINT_LOADER_LOCK:  # the patched name is process-wide
+        tasks.torch_safe_load = weights_only
+        try:
+            yield
+        finally:
+            tasks.torch_safe_load = unrestricted
+
+
+def _refusal_reason(error: BaseException) -> str:
+    # torch names the first global outside the allow-list; ultralytics' own message around it
+    # only recommends its detection models.
+    match = re.search(r"Unsupported global: GLOBAL (\S+)", str(error.__cause__ or ""))
+    if match:
+        return f"it names {match.group(1)}, which is not an allowed model class"
+    return " ".join(str(error).replace("ERROR ❌️", "").split())
 
 
 def _load_clip(name: str):

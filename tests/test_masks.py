@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 
 from diffstyler import masks
+from diffstyler.errors import UserError
 from diffstyler.masks import (
     FastSAMSegmenter,
     MaskError,
@@ -407,6 +409,66 @@ def test_missing_weights_file_names_it(tmp_path, image):
         segmenter.box(image, [0, 0, 10, 10])
     assert str(missing) in str(info.value)
     assert "ultralytics/assets/releases" in str(info.value)
+
+
+class TouchOnUnpickle:
+    """A stand-in for a malicious checkpoint object: unpickling it creates `marker` (a harmless side
+    effect that proves code ran; a real attack would run a shell command the same way)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def write_code_running_checkpoint(path: Path, marker: Path) -> Path:
+    torch.save({"model": TouchOnUnpickle(marker), "train_args": {}}, path)
+    return path
+
+
+def test_the_crafted_checkpoint_runs_code_when_fully_unpickled(tmp_path):
+    # Guards the next test: its payload must be live, or "no marker" would prove nothing.
+    marker = tmp_path / "ran"
+    torch.load(write_code_running_checkpoint(tmp_path / "evil.pt", marker), weights_only=False)
+    assert marker.exists()
+
+
+def test_fastsam_weights_that_run_code_are_refused_without_running_it(tmp_path, ultralytics_env, image):
+    marker = tmp_path / "code-ran"
+    weights = write_code_running_checkpoint(tmp_path / "FastSAM-s.pt", marker)
+    with pytest.raises(Exception) as info:
+        FastSAMSegmenter(SegmenterConfig(weights=str(weights), device="cpu")).box(image, [0, 0, 10, 10])
+    assert not marker.exists(), "unpickling the weights ran code"
+    assert isinstance(info.value, UserError), repr(info.value)
+    message = str(info.value)
+    assert str(weights) in message and "\n" not in message
+
+
+@pytest.fixture
+def torch_load_flags(monkeypatch) -> list:
+    """The `weights_only` argument of every torch.load call made while the test runs."""
+    real_load = torch.load
+    flags = []
+
+    def recording_load(*args, **kwargs):
+        flags.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    return flags
+
+
+def test_fastsam_weights_are_only_ever_loaded_weights_only(seg_weights, image, torch_load_flags):
+    # Loading and predicting (the predictor sets itself up from the loaded model) must never
+    # unpickle the file again with full pickle.
+    FastSAMSegmenter(tiny_config(seg_weights)).box(image, [10, 8, 35, 30])
+    assert torch_load_flags == [True]
+
+
+def test_reserved_tiny_fastsam_loads_through_the_safe_path(ultralytics_env, torch_load_flags):
+    assert masks._load_fastsam(masks.TINY_FASTSAM).task == "segment"
+    assert torch_load_flags == [True]
 
 
 def test_detection_weights_are_refused(tmp_path, ultralytics_env, image):
