@@ -10,42 +10,103 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from diffstyler.errors import UserError
+
 LATENT_FACTOR = 8  # VAE downsampling factor of Stable Diffusion
 
+# Greyscale modes with more than 8 bits: 16-bit integers (all byte orders), 32-bit integers and
+# floats. Pillow's conversion to 8-bit clips them at 255 instead of scaling.
+HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+SIXTEEN_BIT_MAX = 65535
 
-class ImageLoadError(ValueError):
-    """A file exists but is not an image that Pillow can read."""
+MAX_PIXELS_VARIABLE = "DIFFSTYLER_MAX_IMAGE_PIXELS"
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own default guard (about 9459 x 9459)
+
+
+class ImageLoadError(UserError):
+    """A file exists but is not an image that can be read (or is too large to read safely)."""
+
+
+def max_image_pixels() -> int:
+    """The largest image, in pixels, that is decoded: DIFFSTYLER_MAX_IMAGE_PIXELS, else Pillow's default.
+
+    Read at every load, so the variable can be set at any time before an image is read.
+    """
+    value = os.environ.get(MAX_PIXELS_VARIABLE, "").strip()
+    if not value:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    if not value.isdigit() or int(value) <= 0:
+        raise UserError(
+            "invalid environment variable", MAX_PIXELS_VARIABLE, f"must be a positive whole number of pixels, got {value!r}"
+        )
+    return int(value)
 
 
 def open_image_file(path: str | os.PathLike) -> Image.Image:
     """The decoded image at `path` as stored (mode and orientation untouched).
 
     Raises FileNotFoundError for a missing file and ImageLoadError for anything Pillow cannot
-    decode; both messages name the file.
+    decode and for images of more than `max_image_pixels()` pixels; all messages name the file.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
+    limit = max_image_pixels()
     try:
-        with Image.open(path) as image:
-            image.load()  # decode now: truncated files fail here, not later in a worker
-            return image
+        # Pillow's decompression-bomb guard is the process-wide Image.MAX_IMAGE_PIXELS; between the
+        # limit and twice it Pillow only warns, so the warning is made an error too.
+        Image.MAX_IMAGE_PIXELS = limit
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()  # decode now: truncated files fail here, not later in a worker
+                return image
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageLoadError(
+            "image too large",
+            str(path),
+            f"more than {limit} pixels, refused as a possible decompression bomb; if you trust the file, "
+            f"set the environment variable {MAX_PIXELS_VARIABLE} to a larger number of pixels",
+        ) from error
     # ImportError: once ultralytics is imported (FastSAM masks) it patches Image.open to try the
     # optional pi-heif plugin on unreadable files, which fails with ImportError when absent.
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, ImportError) as error:
-        raise ImageLoadError(f"not a readable image: {path} ({error})") from error
+        raise ImageLoadError("not a readable image", str(path), " ".join(str(error).split())) from error
+
+
+def open_upright_image(path: str | os.PathLike) -> Image.Image:
+    """`open_image_file`, turned upright per the file's EXIF orientation (mode untouched).
+
+    Content, style and mask images all go through here, so a mask drawn on a photo lines up
+    with the photo however the camera stored it.
+    """
+    return ImageOps.exif_transpose(open_image_file(path))
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """The image at `path` as an RGB PIL image, upright per its EXIF orientation (errors as
-    `open_image_file`)."""
-    return ImageOps.exif_transpose(open_image_file(path)).convert("RGB")
+    """The image at `path` as an 8-bit RGB PIL image, upright per its EXIF orientation (errors as
+    `open_image_file`). High-bit greyscale is scaled to 8 bits (see `to_8_bit_rgb`)."""
+    return to_8_bit_rgb(open_upright_image(path))
+
+
+def to_8_bit_rgb(image: Image.Image) -> Image.Image:
+    """RGB with 8 bits per channel. Greyscale of more than 8 bits (HIGH_BIT_MODES) is scaled from
+    the 16-bit range, value * 255 / 65535 rounded (65535 -> 255, 32768 -> 128), not clipped;
+    a float image whose values all lie in [0, 1] is scaled from that range instead."""
+    if image.mode not in HIGH_BIT_MODES:
+        return image.convert("RGB")
+    values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+    in_unit_range = image.mode == "F" and values.min() >= 0 and values.max() <= 1
+    full_scale = 1.0 if in_unit_range else SIXTEEN_BIT_MAX
+    grey = np.clip(np.floor(values * (255 / full_scale) + 0.5), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")
 
 
 def resize_to_multiple_of_8(image: Image.Image, resolution: int) -> Image.Image:

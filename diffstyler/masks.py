@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from diffstyler.errors import UserError
-from diffstyler.images import ImageLoadError, open_image_file
+from diffstyler.images import HIGH_BIT_MODES, ImageLoadError, open_upright_image
 from diffstyler.outputs import atomic_save
 
 
@@ -165,7 +165,8 @@ def load_mask_file(path, size: tuple[int, int]) -> torch.Tensor:
     Lossy formats (JPEG) put faint noise near edges that counts as region: prefer PNG.
     """
     try:
-        region = _nonzero_region(open_image_file(path))
+        # Upright like the content (load_image), so the mask lines up with the photo it was drawn on.
+        region = _nonzero_region(open_upright_image(path))
     except (FileNotFoundError, ImageLoadError) as err:
         raise MaskError(f"mask file '{path}': {err}") from err
 
@@ -177,7 +178,7 @@ def load_mask_file(path, size: tuple[int, int]) -> torch.Tensor:
 
 
 def _nonzero_region(image: Image.Image) -> np.ndarray:
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+    if image.mode in HIGH_BIT_MODES:
         # 16-bit and float greyscale would be clipped by a conversion to 8-bit RGB.
         return np.asarray(image) != 0
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
