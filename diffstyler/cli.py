@@ -9,20 +9,33 @@ Each subcommand has its own LightningModule and DataModule, listed in `MODES`; `
 pair from the subcommand before building the parser. The resolved config of a run is saved as
 `config.yaml` next to its TensorBoard logs.
 
-Order of work (LightningCLI in lightning 2.6): parse → seed → instantiate data and model →
-Trainer → `trainer.fit`. The data module reads its images when instantiated, and the model loads
-its weights only in `configure_model` inside `fit`, so a bad input path fails before any load.
+Order of work (LightningCLI in lightning 2.6): parse → check → seed → instantiate data and model →
+Trainer → `trainer.fit`. The checks (`check_inputs`: every config dataclass built once so a bad
+value is reported with its key, the `fit --ckpt_path` checkpoint read weights-only) and the data
+module (which reads its images) run before the model loads its weights in `configure_model`, so
+a bad input fails in seconds.
+
+Errors in the user's input or environment (`USER_ERRORS`) are printed as one line,
+`diffstyler <subcommand>: error: <what> (<file or key>): <why>`, with exit status 2 (as argparse
+uses for a bad command line); `--debug` or DIFFSTYLER_DEBUG=1 shows the traceback instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import re
 import sys
+import typing
 from typing import Any, Optional
 
+from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
+from diffstyler.checks import check_checkpoint_file
 from diffstyler.data import StyleDataModule, StylizeDataModule
+from diffstyler.errors import UserError, config_error
 from diffstyler.images import ImageLoadError
 from diffstyler.masks import MaskError
 from diffstyler.models import ModelLoadError
@@ -37,8 +50,15 @@ MODES: dict[str, tuple[type[LightningModule], type[LightningDataModule]]] = {
 DEFAULT_MODE = "fit"
 LOG_DIR = "outputs/logs"
 DESCRIPTION = "DiffStyler: learn style LoRAs on Stable Diffusion 2.1-base and stylize image regions with them."
-# Errors about the user's inputs: shown as one message instead of a traceback.
-INPUT_ERRORS = (FileNotFoundError, ImageLoadError, ModelLoadError, MaskError)
+# Errors about the user's inputs: shown as one line instead of a traceback. ImageLoadError,
+# MaskError and ModelLoadError predate UserError; ArgumentError is jsonargparse's (exit_on_error off).
+USER_ERRORS = (UserError, FileNotFoundError, ImageLoadError, MaskError, ModelLoadError, ArgumentError)
+USER_ERROR_STATUS = 2
+DEBUG_FLAG = "--debug"
+DEBUG_VARIABLE = "DIFFSTYLER_DEBUG"
+# Lightning's own names for a checkpoint it finds itself (`--ckpt_path last`); no file to check.
+SPECIAL_CHECKPOINTS = ("last", "hpc", "registry")
+MODEL_HINT = "set model.model.name to a hub id, a local diffusers folder, a .safetensors/.ckpt file or 'tiny'"
 
 
 class DiffStylerCLI(LightningCLI):
@@ -58,8 +78,16 @@ class DiffStylerCLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
-        kwargs.setdefault("parser_kwargs", {"description": DESCRIPTION})
+        # exit_on_error off: jsonargparse raises ArgumentError, which `main` prints as one line.
+        kwargs.setdefault("parser_kwargs", {"description": DESCRIPTION, "exit_on_error": False})
         super().__init__(model_class, datamodule_class, args=args, **kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        # Runs before LightningCLI reads the checkpoint's hyper-parameters and instantiates anything.
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand is not None:
+            check_inputs(self.config[subcommand], *MODES[subcommand])
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -81,14 +109,117 @@ def find_subcommand(args: list[str]) -> str:
     return next((arg for arg in args if arg in MODES), DEFAULT_MODE)
 
 
+# --- checks before anything is instantiated ---------------------------------------------------
+
+def check_inputs(config: Namespace, model_class: type, datamodule_class: type) -> None:
+    """Everything about the subcommand's config that needs no model (raises UserError)."""
+    for group, component in (("model", model_class), ("data", datamodule_class)):
+        check_dataclass_values(config.get(group), component, group)
+    checkpoint = config.get("ckpt_path")
+    if checkpoint and checkpoint not in SPECIAL_CHECKPOINTS:
+        check_checkpoint_file(checkpoint, "ckpt_path")
+        # Lightning would load it with torch's default; weights only, whatever --weights_only says.
+        config.weights_only = True
+
+
+def check_dataclass_values(values: Optional[Namespace], component: type, group: str) -> None:
+    """Build every dataclass argument of `component` from `values` once, naming the key that fails.
+
+    jsonargparse builds them too, but its message for a dataclass inside Optional or a list (e.g.
+    `data.styles[0].mask`) is a multi-line union report that does not say which key failed.
+    """
+    if values is None:
+        return
+    hints = typing.get_type_hints(component.__init__)
+    for name, hint in hints.items():
+        if name != "return" and name in values:
+            build_value(values[name], hint, f"{group}.{name}")
+
+
+def build_value(value: Any, hint: Any, key: str) -> Any:
+    """`value` (as parsed) built into `hint`'s dataclasses, nested through Optional, Union and lists."""
+    if value is None:
+        return None
+    if dataclasses.is_dataclass(hint) and isinstance(value, (Namespace, dict)):
+        return build_dataclass(value, hint, key)
+    origin, arguments = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (list, tuple) and arguments and isinstance(value, (list, tuple)):
+        return [build_value(item, arguments[0], f"{key}[{index}]") for index, item in enumerate(value)]
+    if origin is typing.Union:
+        dataclass_options = [option for option in arguments if dataclasses.is_dataclass(option)]
+        if len(dataclass_options) == 1:
+            return build_value(value, dataclass_options[0], key)
+    return value
+
+
+def build_dataclass(value: Namespace | dict, cls: type, key: str) -> Any:
+    items = dict(value.items(branches=True, nested=False)) if isinstance(value, Namespace) else dict(value)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    arguments = {name: build_value(item, hints.get(name), f"{key}.{name}") for name, item in items.items() if name in fields}
+    try:
+        return cls(**arguments)
+    except UserError:
+        raise
+    except (ValueError, TypeError) as error:
+        raise config_error(key, one_line(str(error))) from error
+
+
+# --- reporting --------------------------------------------------------------------------------
+
+def one_line(text: str) -> str:
+    """The first non-empty line: the rest of a multi-line message is detail for --debug."""
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def user_error_line(error: BaseException) -> str:
+    """What `main` prints after `diffstyler <subcommand>: error: `."""
+    if isinstance(error, UserError):
+        return one_line(error.line())
+    if isinstance(error, ArgumentError):
+        return argument_error_line(str(error))
+    if isinstance(error, ModelLoadError):
+        return f"{one_line(str(error))} ({MODEL_HINT}; --debug for the full message)"
+    return one_line(str(error))
+
+
+def argument_error_line(message: str) -> str:
+    """jsonargparse's 'Parser key "a.b":\n  reason' as `invalid config value (a.b): reason`."""
+    found = re.match(r'\s*Parser key "([^"]+)":\s*(.*)', message, re.DOTALL)
+    if found is None:
+        return one_line(message)
+    reasons = [line.strip(" -") for line in found.group(2).splitlines() if line.strip(" -")]
+    return config_error(found.group(1), "; ".join(reasons)).line()
+
+
+def split_debug_flag(args: list[str]) -> tuple[bool, list[str]]:
+    """(debug?, args without --debug): the flag is ours, LightningCLI must not see it."""
+    debug = DEBUG_FLAG in args or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+    return debug, [arg for arg in args if arg != DEBUG_FLAG]
+
+
 def main(args: Optional[list[str]] = None) -> None:
-    """Entry point of the `diffstyler` console script (returns None: its value becomes the exit code)."""
-    subcommand = find_subcommand(sys.argv[1:] if args is None else list(args))
+    """Entry point of the `diffstyler` console script (returns None: its value becomes the exit code).
+
+    A user error ends the process with one line on stderr and status 2; with --debug it is raised.
+    """
+    if args is None:
+        # LightningCLI reads sys.argv itself, and DDP relaunches sys.argv for the other ranks.
+        debug, sys.argv[1:] = split_debug_flag(sys.argv[1:])
+    else:
+        debug, args = split_debug_flag(list(args))
+    if debug:
+        os.environ[DEBUG_VARIABLE] = "1"  # for the ranks that DDP starts
+    subcommand = find_subcommand(sys.argv[1:] if args is None else args)
     model_class, datamodule_class = MODES[subcommand]
     try:
         DiffStylerCLI(model_class, datamodule_class, subcommand=subcommand, args=args)
-    except INPUT_ERRORS as error:
-        sys.exit(f"diffstyler {subcommand}: error: {error}")
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        print(f"diffstyler {subcommand}: error: {user_error_line(error)}", file=sys.stderr)
+        sys.exit(USER_ERROR_STATUS)
 
 
 if __name__ == "__main__":
