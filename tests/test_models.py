@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import time
+from pathlib import Path
 
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline
 
+from diffstyler.errors import UserError
 from diffstyler.models import DEFAULT_MODEL, ModelLoadError, ModelSpec, build_tiny_pipeline, load_pipeline
 
 
@@ -110,3 +114,151 @@ def test_half_precision_vae_overflow_is_decoded_again_in_float32(tiny_pipe):
         pixels = decode_latents(pipe, huge)
     assert pixels.dtype == torch.float32 and torch.isfinite(pixels).all()
     assert pipe.vae.dtype == torch.float16  # the VAE goes back to the precision it had
+
+
+# --------------------------------------------------------------------------------------------
+# Single-file checkpoints: configs from `model.model.config`, prediction type
+# --------------------------------------------------------------------------------------------
+
+
+def original_unet_key(key: str) -> str:
+    """A diffusers UNet key in the original Stable Diffusion (LDM) layout, for SD's block layout
+    (2 layers per block, so 3 LDM slots per down block)."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    top_level = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]
+    if key in top_level:
+        return top_level[key]
+    rules = [
+        (r"down_blocks\.(\d+)\.resnets\.(\d+)\.", lambda i, j: f"input_blocks.{3 * i + j + 1}.0.", True),
+        (r"down_blocks\.(\d+)\.attentions\.(\d+)\.", lambda i, j: f"input_blocks.{3 * i + j + 1}.1.", False),
+        (r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.", lambda i: f"input_blocks.{3 * (i + 1)}.0.op.", False),
+        (r"up_blocks\.(\d+)\.resnets\.(\d+)\.", lambda i, j: f"output_blocks.{3 * i + j}.0.", True),
+        (r"up_blocks\.(\d+)\.attentions\.(\d+)\.", lambda i, j: f"output_blocks.{3 * i + j}.1.", False),
+        # up_blocks.0 has no attention, so its upsampler sits one slot earlier.
+        (r"up_blocks\.(\d+)\.upsamplers\.0\.", lambda i: f"output_blocks.{3 * i + 2}.{1 if i == 0 else 2}.", False),
+        (r"mid_block\.resnets\.(\d+)\.", lambda j: f"middle_block.{2 * j}.", True),
+        (r"mid_block\.attentions\.0\.", lambda: "middle_block.1.", False),
+    ]
+    for pattern, place, is_resnet in rules:
+        match = re.match(pattern, key)
+        if match:
+            rest = key[match.end():]
+            if is_resnet:
+                rest = _original_resnet_part(rest)
+            return place(*(int(group) for group in match.groups())) + rest
+    raise AssertionError(f"no LDM name for UNet key {key}")
+
+
+def _original_resnet_part(name: str) -> str:
+    renames = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+               "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+    first, _, rest = name.partition(".")
+    return f"{renames[first]}.{rest}"
+
+
+def original_vae_key(key: str, n_blocks: int) -> str:
+    """A diffusers VAE key in the LDM layout (decoder blocks are numbered the other way round)."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    top_level = DIFFUSERS_TO_LDM_MAPPING["vae"]
+    if key in top_level:
+        return top_level[key]
+    rules = [
+        (r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", lambda i, j: f"encoder.down.{i}.block.{j}."),
+        (r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", lambda i: f"encoder.down.{i}.downsample."),
+        (r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.", lambda i, j: f"decoder.up.{n_blocks - 1 - i}.block.{j}."),
+        (r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda i: f"decoder.up.{n_blocks - 1 - i}.upsample."),
+        (r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.", lambda part, j: f"{part}.mid.block_{int(j) + 1}."),
+        (r"(encoder|decoder)\.mid_block\.attentions\.0\.", lambda part: f"{part}.mid.attn_1."),
+    ]
+    for pattern, place in rules:
+        match = re.match(pattern, key)
+        if match:
+            groups = [int(g) if g.isdigit() else g for g in match.groups()]
+            rest = key[match.end():].replace("conv_shortcut", "nin_shortcut")
+            attention = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+            for diffusers_name, ldm_name in attention.items():
+                if rest.startswith(diffusers_name + "."):
+                    rest = ldm_name + rest[len(diffusers_name):]
+            return place(*groups) + rest
+    raise AssertionError(f"no LDM name for VAE key {key}")
+
+
+def write_original_layout_checkpoint(pipe, path: Path) -> Path:
+    """Save `pipe`'s UNet, VAE and text encoder as ONE original-layout `.safetensors` file, the
+    format community checkpoints come in (diffusers can read it but has no writer)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for key, value in pipe.unet.state_dict().items():
+        tensors["model.diffusion_model." + original_unet_key(key)] = value
+    n_blocks = len(pipe.vae.config.down_block_types)
+    for key, value in pipe.vae.state_dict().items():
+        ldm_key = original_vae_key(key, n_blocks)
+        if re.search(r"mid\.attn_1\.(q|k|v|proj_out)\.weight$", ldm_key):
+            value = value[:, :, None, None]  # LDM's VAE attention uses 1x1 convolutions
+        tensors["first_stage_model." + ldm_key] = value
+    for key, value in pipe.text_encoder.state_dict().items():
+        # The CLIP (SD 1.x-style) text-encoder layout: the transformers names under one prefix.
+        tensors["cond_stage_model.transformer.text_model." + key.removeprefix("text_model.")] = value
+    save_file({key: value.contiguous().clone() for key, value in tensors.items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_folder_and_single_file(tmp_path_factory):
+    """The tiny model as a diffusers folder (its configs) and as one original-layout file (its weights)."""
+    base = tmp_path_factory.mktemp("single_file")
+    pipe = build_tiny_pipeline()
+    pipe.save_pretrained(str(base / "tiny_folder"))
+    return base / "tiny_folder", write_original_layout_checkpoint(pipe, base / "tiny.safetensors")
+
+
+def test_single_file_loads_offline_with_the_configs_of_the_named_folder(tiny_folder_and_single_file, no_network, unet_probe):
+    folder, single_file = tiny_folder_and_single_file
+    from_file = load_pipeline(ModelSpec(name=str(single_file), config=str(folder)))
+    from_folder = load_pipeline(ModelSpec(name=str(folder)))
+    for component in ("unet", "vae", "text_encoder"):
+        weights, expected = getattr(from_file, component).state_dict(), getattr(from_folder, component).state_dict()
+        assert weights.keys() == expected.keys(), component
+        for name, weight in weights.items():
+            assert torch.equal(weight, expected[name].to(weight.dtype).reshape(weight.shape)), f"{component}.{name}"
+    assert (unet_probe(from_file.unet) - unet_probe(from_folder.unet)).abs().max() < 1e-6
+    assert from_file.scheduler.config.prediction_type == "epsilon"
+    assert no_network == []
+
+
+def test_single_file_without_config_uses_the_sd21_base_configs(tmp_path, monkeypatch):
+    # Without `config`, diffusers would guess from the weights and take SD 2's 768-px v-prediction
+    # configs for any SD 2.x file: the wrong prediction type for SD 2.1-base.
+    calls = []
+
+    def record(path, **kwargs):
+        calls.append(kwargs)
+        raise OSError("stop after recording the call")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", record)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    checkpoint = tmp_path / "sd21-base-finetune.safetensors"
+    checkpoint.write_bytes(b"")
+    with pytest.raises(ModelLoadError):
+        load_pipeline(ModelSpec(name=str(checkpoint)))
+    (kwargs,) = calls
+    assert kwargs["config"] == DEFAULT_MODEL
+    assert kwargs["local_files_only"] is True
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
+def test_prediction_type_overrides_the_schedulers(prediction_type):
+    pipe = load_pipeline(ModelSpec("tiny", prediction_type=prediction_type))
+    assert pipe.scheduler.config.prediction_type == prediction_type
+
+
+def test_prediction_type_none_keeps_the_models_own():
+    assert load_pipeline(ModelSpec("tiny")).scheduler.config.prediction_type == "epsilon"
+
+
+def test_unknown_prediction_type_names_the_key():
+    with pytest.raises(UserError, match=r"model\.model\.prediction_type.*v_prediction"):
+        ModelSpec("tiny", prediction_type="velocity")
