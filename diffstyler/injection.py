@@ -5,17 +5,28 @@ first three (up_blocks[0]) without attention. The paper injects features in laye
 self- and cross-attention in all decoder layers.
 
 Everything is done with forward hooks, installed for a run and removed afterwards:
-- feature injection: a hook on the layer's resnet replaces the style rows' output with the
-  reference row's;
-- attention injection: hooks on the attention's `to_q` and `to_k` give the style rows the
+- feature injection: a hook on the layer's resnet (site "output") or on its last convolution
+  (site "residual": the residual branch before the skip connection is added, as Plug-and-Play
+  and the paper's code do) replaces the style rows' activations with their reference row's;
+- attention injection: hooks on the attention's `to_q` and `to_k` give the style rows their
   reference row's queries and keys. softmax(Q K^T) is then the reference's attention
   probabilities while V stays the style row's own, which is the paper's attention injection
   without materialising the probability matrices (scaled-dot-product attention stays usable).
 
-Where the reference comes from:
-- `ReferenceMode.BATCH_ROW`: row 0 of the same UNet call (one forward for reference and styles);
-- `ReferenceMode.RECORD` / `REPLAY`: a separate base-model forward records row 0, a later
-  forward injects the recording into every row (same result, two calls; used to check the one).
+Which reference row feeds which style row is a list, `sources` (style row j receives reference
+row sources[j]): one base-model reference row for every style (`reference_model: base`, the
+paper's text), or one reference row per style run through that style's LoRA
+(`reference_model: style`, the paper's public code).
+
+Where the reference rows come from:
+- `ReferenceMode.BATCH_ROW`: the first rows of the same UNet call (one forward for all);
+- `ReferenceMode.RECORD` / `REPLAY`: a separate forward records the reference rows, a later
+  forward injects the recording into the style rows (same result, two calls).
+
+Dominated settings: replacing a resnet's whole *output* erases everything the style rows computed
+before it in the decoder (the decoder is a chain: apart from the encoder's skip connections, a
+decoder module's only input is the hidden state of the module before it). `ineffective_sites`
+derives, from that execution order, which configured sites then have no effect at all.
 """
 
 from __future__ import annotations
@@ -23,13 +34,19 @@ from __future__ import annotations
 import contextlib
 import enum
 from dataclasses import dataclass, field
-from typing import Iterator, Literal, Optional
+from typing import Iterator, Literal, Optional, Sequence
 
 import torch
 from diffusers import UNet2DConditionModel
 
+from diffstyler.errors import config_error
+
 NUM_DECODER_LAYERS = 12
+LAYERS_PER_UP_BLOCK = 3
 ATTENTION_DECODER_LAYERS = list(range(3, 12))  # up_blocks[0] has no attention in SD
+
+FeatureSite = Literal["output", "residual"]
+ReferenceModel = Literal["base", "style"]
 
 
 @dataclass
@@ -38,10 +55,15 @@ class InjectionConfig:
 
     Steps count from the start of denoising: `feature_steps` 30 means steps 0-29 of 50.
     qk_mix "replace" gives the style rows the reference's Q and K; "timestep_rate" blends them with
-    rate min(1, 2t/1000) as the paper's public code does.
-    feature_site "output" injects the resnet's output (the paper's text); "residual" injects its
-    residual branch (conv2, before the skip connection is added), as the paper's public code and
-    Plug-and-Play do, so the style rows keep their own skip path.
+      rate min(1, 2t/1000) as the paper's public code does.
+    feature_site "residual" (default) injects the resnet's residual branch (its conv2 output,
+      before the skip connection is added), as Plug-and-Play, which the paper follows for its
+      layers 4-11, and the paper's code do: the style rows keep their own skip path, so every
+      injected layer counts. "output" replaces the resnet's whole output; then a later layer's
+      injection erases every earlier one (`ineffective_sites` names them).
+    reference_model "base" runs the reference row with the base model (the paper's text: features
+      "from the original model"); "style" gives each style its own reference row run through its
+      own LoRA, as the paper's public code does.
     """
 
     features: bool = True
@@ -52,24 +74,28 @@ class InjectionConfig:
     feature_steps: int = 30
     attention_steps: int = 25
     qk_mix: Literal["replace", "timestep_rate"] = "replace"
-    feature_site: Literal["output", "residual"] = "output"
+    feature_site: FeatureSite = "residual"
+    reference_model: ReferenceModel = "base"
 
     def __post_init__(self) -> None:
         for layer in self.feature_layers:
             if not 0 <= layer < NUM_DECODER_LAYERS:
-                raise ValueError(f"injection.feature_layers: decoder layer {layer} does not exist (0-11)")
+                raise config_error("model.injection.feature_layers", f"decoder layer {layer} does not exist (0-11)")
         for layer in self.attention_layers:
             if layer not in ATTENTION_DECODER_LAYERS:
-                raise ValueError(
-                    f"injection.attention_layers: decoder layer {layer} has no attention "
-                    f"(layers with attention: {ATTENTION_DECODER_LAYERS[0]}-{ATTENTION_DECODER_LAYERS[-1]})"
+                raise config_error(
+                    "model.injection.attention_layers",
+                    f"decoder layer {layer} has no attention "
+                    f"(layers with attention: {ATTENTION_DECODER_LAYERS[0]}-{ATTENTION_DECODER_LAYERS[-1]})",
                 )
-        if self.feature_steps < 0 or self.attention_steps < 0:
-            raise ValueError("injection.feature_steps and injection.attention_steps must be >= 0")
-        if self.qk_mix not in ("replace", "timestep_rate"):
-            raise ValueError(f"injection.qk_mix must be 'replace' or 'timestep_rate', got {self.qk_mix!r}")
-        if self.feature_site not in ("output", "residual"):
-            raise ValueError(f"injection.feature_site must be 'output' or 'residual', got {self.feature_site!r}")
+        for key in ("feature_steps", "attention_steps"):
+            if getattr(self, key) < 0:
+                raise config_error(f"model.injection.{key}", f"must be >= 0, got {getattr(self, key)}")
+        choices = {"qk_mix": ("replace", "timestep_rate"), "feature_site": ("output", "residual"),
+                   "reference_model": ("base", "style")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise config_error(f"model.injection.{key}", f"must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
 
     def features_on(self, step: int) -> bool:
         return self.features and bool(self.feature_layers) and step < self.feature_steps
@@ -80,6 +106,59 @@ class InjectionConfig:
 
     def needs_reference(self, step: int) -> bool:
         return self.features_on(step) or self.attention_on(step)
+
+
+# --- which configured sites can have an effect ------------------------------------------------
+
+def decoder_execution_order(num_layers: int = NUM_DECODER_LAYERS) -> list[tuple[int, str]]:
+    """(layer, "resnet" | "attention") in the order the decoder runs them.
+
+    Inside an up block, diffusers runs resnet j, then attention j, then resnet j + 1 (and the
+    upsampler last); up blocks run in order. The test suite checks this order against the hooks
+    of a real forward pass.
+    """
+    order = []
+    for layer in range(num_layers):
+        order.append((layer, "resnet"))
+        if layer in ATTENTION_DECODER_LAYERS:
+            order.append((layer, "attention"))
+    return order
+
+
+def ineffective_sites(config: InjectionConfig) -> dict[str, list[int]]:
+    """Configured injection layers that cannot change the result, by kind ("features", "attention").
+
+    Rule: while an output-site feature injection at decoder layer L is active, the style rows'
+    hidden state after resnet L is the reference's, whatever they computed before. Every site that
+    runs before resnet L in the decoder is then irrelevant during L's window. A site is listed
+    when that holds for its whole window: features share one window, so every feature layer
+    before the last one is listed; an attention layer before it is listed when its window ends no
+    later than the feature window.
+    """
+    if not (config.features and config.feature_site == "output" and config.feature_layers and config.feature_steps > 0):
+        return {}
+    order = decoder_execution_order()
+    last_output = order.index((max(config.feature_layers), "resnet"))
+    before = {site for site in order[:last_output]}
+    dominated = {"features": sorted(l for l in config.feature_layers if (l, "resnet") in before)}
+    attention_on = (config.self_attention or config.cross_attention) and config.attention_steps > 0
+    if attention_on and config.attention_steps <= config.feature_steps:
+        dominated["attention"] = sorted(l for l in config.attention_layers if (l, "attention") in before)
+    return {kind: layers for kind, layers in dominated.items() if layers}
+
+
+def describe_ineffective_sites(config: InjectionConfig) -> Optional[str]:
+    """A one-paragraph warning naming the layers that have no effect, or None."""
+    dominated = ineffective_sites(config)
+    if not dominated:
+        return None
+    kinds = {"features": "feature", "attention": "attention"}
+    named = " and ".join(f"{kinds[kind]} layers {layers}" for kind, layers in dominated.items())
+    return (
+        f"injection: with feature_site 'output', decoder layer {max(config.feature_layers)}'s injected "
+        f"output replaces everything the style rows computed before it, so {named} have no effect "
+        "(use feature_site 'residual', or drop those layers)"
+    )
 
 
 def decoder_resnet(unet: UNet2DConditionModel, layer: int) -> torch.nn.Module:
@@ -103,7 +182,11 @@ class ReferenceMode(enum.Enum):
 
 
 class Injector:
-    """Holds the per-step state the hooks read; install it with `installed()`."""
+    """Holds the per-step state the hooks read; install it with `installed()`.
+
+    `set_step` names the step, its timestep, where the reference rows are (`mode`) and, for each
+    style row of the call, which reference row it receives (`sources`).
+    """
 
     def __init__(self, unet: UNet2DConditionModel, config: InjectionConfig):
         self.unet = unet
@@ -111,12 +194,19 @@ class Injector:
         self.step = 0
         self.timestep = 0
         self.mode = ReferenceMode.BATCH_ROW
+        self.sources: list[int] = []
         self.recorded: dict[str, torch.Tensor] = {}
 
-    def set_step(self, step: int, timestep: int, mode: ReferenceMode = ReferenceMode.BATCH_ROW) -> None:
-        self.step, self.timestep, self.mode = step, int(timestep), mode
+    def set_step(
+        self, step: int, timestep: int, mode: ReferenceMode = ReferenceMode.BATCH_ROW, sources: Sequence[int] = (),
+    ) -> None:
+        self.step, self.timestep, self.mode, self.sources = step, int(timestep), mode, list(sources)
         if mode is ReferenceMode.RECORD:
             self.recorded = {}
+
+    @property
+    def num_references(self) -> int:
+        return max(self.sources) + 1 if self.sources else 0
 
     # -- hooks ---------------------------------------------------------------------------------
 
@@ -147,7 +237,7 @@ class Injector:
     def _hook(self, key: str, kind: str):
         def hook(module, args, output):
             active = self.config.features_on(self.step) if kind == "feature" else self.config.attention_on(self.step)
-            if not active:
+            if not active or not self.sources:
                 return None
             rate = 1.0 if kind == "feature" else self._qk_rate()
             return self._inject(key, output, rate)
@@ -161,17 +251,18 @@ class Injector:
 
     def _inject(self, key: str, output: torch.Tensor, rate: float) -> Optional[torch.Tensor]:
         if self.mode is ReferenceMode.RECORD:
-            self.recorded[key] = output[:1].detach().clone()
+            self.recorded[key] = output.detach().clone()
             return None
         if self.mode is ReferenceMode.BATCH_ROW:
-            reference, first_style_row = output[:1], 1
+            references, first_style_row = output[: self.num_references], self.num_references
         else:
-            reference, first_style_row = self.recorded[key], 0
+            references, first_style_row = self.recorded[key], 0
         # A row of a tensor cannot be written from a view of the same tensor: copy first.
         injected = output.clone()
         style = injected[first_style_row:]
+        source = references[torch.tensor(self.sources, device=output.device)]
         if rate >= 1.0:
-            style.copy_(reference.expand_as(style))
+            style.copy_(source)
         else:
-            style.mul_(1.0 - rate).add_(rate * reference)
+            style.lerp_(source, rate)
         return injected

@@ -1,11 +1,16 @@
 """The stylization loop: DDIM denoising with the LoRA-integrated UNet guided by the content pass.
 
 At step i the UNet runs ONE batch:
-    [reference row: base model, inversion latent z_t, inversion prompt]
+    [reference rows: inversion latent z_t = trajectory[i], inversion prompt]
     + for each style k: [uncond row, cond row]: adapter k, the style's latent, negative / style prompt
-with per-row adapter routing (`lora.route_adapters`) and the reference row's decoder features and
-attention injected into every style row (`injection.Injector`). Once no injection window is open
-the reference row is dropped from the batch.
+with per-row adapter routing (`lora.route_adapters`) and the reference rows' decoder features and
+attention injected into the style rows (`injection.Injector`). With `reference_model: base` one
+reference row runs the base model and feeds every style row; with `reference_model: style` style
+k has its own reference row run through adapter k (the paper's public code). Once no injection
+window is open the reference rows are dropped from the batch.
+
+Every step's outputs are checked for NaN and inf: a half-precision UNet call that overflows is
+run again in float32; what is still not finite fails the job, naming the style.
 
 Masks (paper section III-D): style k denoises its own latent, which outside its mask M_k is set
 back to the content's inversion trajectory after every step (eq. 6). The fused latent takes each
@@ -15,12 +20,14 @@ the later style wins. Without masks every style produces its own full image.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Optional
+from typing import Callable, Iterator, Literal, Optional
 
 import torch
 from tqdm.auto import tqdm
 
+from diffstyler.errors import UserError
 from diffstyler.injection import InjectionConfig, Injector, ReferenceMode
 from diffstyler.lora import BASE_ROW, route_adapters
 from diffstyler.sampling import DDIMSchedule, classifier_free_guidance, ddim_step
@@ -60,12 +67,20 @@ class SamplingConfig:
 
 @dataclass
 class StyleRows:
-    """What one style contributes to the batch: its adapter, prompt embeddings and latent mask."""
+    """What one style contributes to the batch: its adapter, prompt embeddings and latent mask.
+
+    `name` identifies the style in error messages (default: the adapter's name).
+    """
 
     adapter: str
     cond: torch.Tensor  # [1, 77, dim]
     uncond: torch.Tensor  # [1, 77, dim]
     mask: Optional[torch.Tensor] = None  # [1, 1, h, w], 1 inside the style's region
+    name: Optional[str] = None
+
+    @property
+    def label(self) -> str:
+        return self.name or self.adapter
 
 
 @dataclass
@@ -74,7 +89,7 @@ class StepState:
 
     step: int
     timestep: int
-    reference_output: Optional[torch.Tensor]  # base UNet output on z_t, None once dropped
+    reference_output: Optional[torch.Tensor]  # reference rows' UNet output on z_t, None once dropped
     style_outputs: list[torch.Tensor]  # per style: guided UNet output
     latents: list[torch.Tensor]  # per style: latent after the step (and mask fusion)
 
@@ -124,23 +139,82 @@ def _guided_outputs(outputs: torch.Tensor, num_styles: int, with_uncond: bool, g
     return [classifier_free_guidance(p[0:1], p[1:2], guidance_scale) for p in pairs]
 
 
+def _reference_layout(
+    styles: list[StyleRows], latent: torch.Tensor, embedding: torch.Tensor, reference_model: str, with_uncond: bool,
+) -> tuple[BatchLayout, list[int]]:
+    """The reference rows (all on z_t with the inversion prompt) and, per style row, its reference."""
+    rows_per_style = 2 if with_uncond else 1
+    if reference_model == "base":
+        return BatchLayout([latent], [embedding], [BASE_ROW]), [0] * (rows_per_style * len(styles))
+    layout = BatchLayout()
+    for style in styles:
+        layout.add(latent, embedding, style.adapter)
+    sources = [k for k in range(len(styles)) for _ in range(rows_per_style)]
+    return layout, sources
+
+
 def _unet_outputs(
     unet, injector: Injector, reference_mode: str, step: int, t: torch.Tensor,
-    reference: Optional[BatchLayout], styles: BatchLayout,
+    reference: Optional[tuple[BatchLayout, list[int]]], styles: BatchLayout,
 ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
-    """The UNet outputs of the reference row (None when it is not run) and of the style rows."""
+    """The UNet outputs of the reference rows (None when they are not run) and of the style rows."""
     timestep = t.to(styles.latents[0].device)
     if reference is None:
         injector.set_step(step, t, ReferenceMode.BATCH_ROW)
         return None, _run_unet(unet, styles, timestep)
+    layout, sources = reference
     if reference_mode == "batch":
-        injector.set_step(step, t, ReferenceMode.BATCH_ROW)
-        outputs = _run_unet(unet, reference + styles, timestep)
-        return outputs[:1], outputs[1:]
-    injector.set_step(step, t, ReferenceMode.RECORD)
-    reference_output = _run_unet(unet, reference, timestep)
-    injector.set_step(step, t, ReferenceMode.REPLAY)
+        injector.set_step(step, t, ReferenceMode.BATCH_ROW, sources)
+        outputs = _run_unet(unet, layout + styles, timestep)
+        return outputs[: len(layout.latents)], outputs[len(layout.latents) :]
+    injector.set_step(step, t, ReferenceMode.RECORD, sources)
+    reference_output = _run_unet(unet, layout, timestep)
+    injector.set_step(step, t, ReferenceMode.REPLAY, sources)
     return reference_output, _run_unet(unet, styles, timestep)
+
+
+def _finite_unet_outputs(unet, injector: Injector, reference_mode: str, step: int, t: torch.Tensor, reference, styles):
+    """`_unet_outputs`, run again in float32 when a half-precision call gives NaN or inf."""
+    outputs = _unet_outputs(unet, injector, reference_mode, step, t, reference, styles)
+    if _all_finite(outputs) or unet.dtype == torch.float32:
+        return outputs
+    with float32_model(unet):
+        as_float = [_as_float(reference[0]) if reference else None, _as_float(styles)]
+        reference_float = (as_float[0], reference[1]) if reference else None
+        outputs = _unet_outputs(unet, injector, reference_mode, step, t, reference_float, as_float[1])
+    return tuple(None if o is None else o.to(styles.latents[0].dtype) for o in outputs)
+
+
+def _all_finite(outputs) -> bool:
+    return all(o is None or bool(torch.isfinite(o).all()) for o in outputs)
+
+
+def _as_float(layout: BatchLayout) -> BatchLayout:
+    return BatchLayout([x.float() for x in layout.latents], [e.float() for e in layout.embeddings], list(layout.adapters))
+
+
+@contextlib.contextmanager
+def float32_model(model: torch.nn.Module) -> Iterator[None]:
+    """The model in float32 inside the block; every parameter and buffer gets its own dtype back."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    dtypes = [t.dtype for t in tensors]
+    for tensor in tensors:
+        tensor.data = tensor.data.float()
+    try:
+        yield
+    finally:
+        for tensor, dtype in zip(tensors, dtypes):
+            tensor.data = tensor.data.to(dtype)
+
+
+def check_finite(values: torch.Tensor, style: str, step: Optional[int] = None, what: str = "latent") -> None:
+    """Fail the job, naming the style, when its values hold NaN or inf (so no black image is written)."""
+    if not torch.isfinite(values).all():
+        where = f"style {style!r}" + (f", denoising step {step}" if step is not None else "")
+        raise UserError(
+            f"stylization gave non-finite values (NaN or inf) in the {what}", where,
+            "the LoRA may be broken (NaN or huge weights) or its scale too large",
+        )
 
 
 def fuse_with_content(latent: torch.Tensor, content: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -196,8 +270,12 @@ def denoise_with_injection(
             style_layout = _style_layout(styles, latents, with_uncond)
             reference = None
             if injection.needs_reference(i):
-                reference = BatchLayout([trajectory[i : i + 1]], [reference_embedding], [BASE_ROW])
-            reference_output, style_outputs = _unet_outputs(unet, injector, sampling.reference, i, t, reference, style_layout)
+                reference = _reference_layout(
+                    styles, trajectory[i : i + 1], reference_embedding, injection.reference_model, with_uncond
+                )
+            reference_output, style_outputs = _finite_unet_outputs(
+                unet, injector, sampling.reference, i, t, reference, style_layout
+            )
             guided = _guided_outputs(style_outputs, len(styles), with_uncond, sampling.guidance_scale)
             content_next = trajectory[i + 1 : i + 2]
             latents = [
@@ -208,6 +286,8 @@ def denoise_with_injection(
                 )
                 for x, out, style in zip(latents, guided, styles)
             ]
+            for latent, style in zip(latents, styles):
+                check_finite(latent, style.label, i)
             if callback is not None:
                 callback(StepState(i, int(t), reference_output, guided, latents))
     return latents
