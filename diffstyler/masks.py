@@ -403,7 +403,9 @@ def _weights_only_checkpoint_loading():
     per-call argument or a process-wide environment flag read at import. Its `load_checkpoint`
     (what `FastSAM(path)` calls) looks `torch_safe_load` up in its module, so for the duration of
     the load that name answers with the restricted mode. The model it returns is what the
-    predictor later uses: the file is unpickled once, weights-only.
+    predictor later uses: the file is unpickled once, weights-only. (ultralytics registers the
+    allowed classes with torch for the rest of the process: model classes and a getattr limited to
+    their methods, nothing that runs arbitrary code.)
     """
     from ultralytics.nn import tasks
 
