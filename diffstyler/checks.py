@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from diffstyler.errors import UserError, config_error
+from diffstyler.errors import MissingFileError, UserError, config_error, first_line
 
 LATENT_FACTOR = 8  # the VAE downsamples by 8 (same constant as diffstyler.images)
 
@@ -49,7 +49,7 @@ def check_checkpoint_file(path: str | os.PathLike, key: str = "ckpt_path") -> di
     """
     where = f"{key}={path}"
     if not Path(path).is_file():
-        raise UserError("checkpoint not found", where, "not a file")
+        raise MissingFileError("checkpoint not found", where, "not a file")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -59,12 +59,8 @@ def check_checkpoint_file(path: str | os.PathLike, key: str = "ckpt_path") -> di
             raise UserError("checkpoint refused", where, f"it needs code to load ({refused.group(1)}); only weights are loaded") from error
         raise UserError("not a checkpoint", where, "torch cannot unpickle it") from error
     except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise UserError("not a checkpoint", where, f"torch cannot read it ({_first_line(error)})") from error
+        raise UserError("not a checkpoint", where, f"torch cannot read it ({first_line(error)})") from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise UserError("not a checkpoint", where, "it has no state_dict (is it a Lightning checkpoint from `diffstyler fit`?)")
     return checkpoint
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

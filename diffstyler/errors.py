@@ -34,6 +34,20 @@ class UserError(ValueError):
         return self.line()
 
 
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the user named does not exist. Also a FileNotFoundError, so that code which
+    catches FileNotFoundError keeps working."""
+
+
 def config_error(key: str, why: str) -> UserError:
     """A bad config value, named by its key (e.g. `model.injection.feature_steps`)."""
     return UserError("invalid config value", key, why)
+
+
+def first_line(text: object) -> str:
+    """The first non-empty line of a message (of an exception: its type's name if it is empty);
+    the rest of a multi-line message is detail for --debug."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    if lines:
+        return lines[0]
+    return type(text).__name__ if isinstance(text, BaseException) else ""

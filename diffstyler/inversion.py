@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -25,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from diffstyler.errors import first_line
 from diffstyler.sampling import DDIMSchedule, ddim_step
 
 # callback(step, timestep, latent) after each inversion move; `step` counts UNet evaluations.
@@ -99,7 +101,12 @@ class InversionKey:
 
 
 class InversionCache:
-    """Trajectories on disk as `<digest>.safetensors`, written atomically."""
+    """Trajectories on disk as `<digest>.safetensors`, written atomically.
+
+    The cache only saves time: a file that cannot be read (truncated, not safetensors, another
+    shape) is reported with a warning naming it and recomputed, and a folder that cannot be written
+    is reported and skipped; neither stops the run.
+    """
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
@@ -107,17 +114,41 @@ class InversionCache:
     def path(self, key: InversionKey) -> Path:
         return self.folder / f"{key.digest()}.safetensors"
 
-    def load(self, key: InversionKey) -> Optional[torch.Tensor]:
+    def load(self, key: InversionKey, shape: Optional[tuple[int, ...]] = None) -> Optional[torch.Tensor]:
+        """The cached trajectory, or None when there is none or it is unusable (then it is recomputed).
+
+        `shape`: the trajectory's expected shape, when known; a file of another shape is unusable.
+        """
         path = self.path(key)
         if not path.is_file():
             return None
-        return load_file(str(path))["trajectory"]
+        try:
+            trajectory = load_file(str(path))["trajectory"]
+        except Exception as error:  # safetensors has its own error types for a broken file
+            warn_cache_ignored(path, first_line(error))
+            return None
+        if shape is not None and tuple(trajectory.shape) != tuple(shape):
+            warn_cache_ignored(path, f"it holds shape {tuple(trajectory.shape)}, expected {tuple(shape)}")
+            return None
+        return trajectory
 
-    def save(self, key: InversionKey, trajectory: torch.Tensor) -> Path:
-        self.folder.mkdir(parents=True, exist_ok=True)
+    def save(self, key: InversionKey, trajectory: torch.Tensor) -> Optional[Path]:
         path = self.path(key)
         metadata = {k: str(v) for k, v in key.__dict__.items()}
-        with tempfile.NamedTemporaryFile(dir=self.folder, suffix=".tmp", delete=False) as tmp:
-            save_file({"trajectory": trajectory.detach().cpu().contiguous()}, tmp.name, metadata=metadata)
-        os.replace(tmp.name, path)
+        temporary = None
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.folder, suffix=".tmp", delete=False) as tmp:
+                temporary = Path(tmp.name)
+                save_file({"trajectory": trajectory.detach().cpu().contiguous()}, tmp.name, metadata=metadata)
+            os.replace(temporary, path)
+        except OSError as error:
+            if temporary is not None:
+                temporary.unlink(missing_ok=True)
+            warnings.warn(f"inversion cache not written ({self.folder}): {first_line(error)}; the run goes on without it")
+            return None
         return path
+
+
+def warn_cache_ignored(path: Path, why: str) -> None:
+    warnings.warn(f"inversion cache file ignored ({path}): {why}; recomputing the inversion")

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -27,10 +28,15 @@ from safetensors import safe_open
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 
+from diffstyler.errors import MissingFileError, UserError, config_error, first_line
 from diffstyler.models import encode_prompts
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 BASE_ROW = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+# Key fragments of LoRA weights in the formats diffusers reads (diffusers/PEFT, kohya/A1111, ...).
+LORA_KEY_MARKERS = ("lora_down", "lora_up", "lora.down", "lora.up", "lora_A", "lora_B", "lora_unet_", "lora_te")
+# Width of the text embeddings that cross-attention reads, by model family.
+MODEL_FAMILY_BY_CROSS_ATTENTION_WIDTH = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
 
 
 @dataclass
@@ -44,9 +50,9 @@ class StyleLoRAConfig:
 
     def __post_init__(self) -> None:
         if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+            raise config_error("model.lora.rank", f"must be >= 1, got {self.rank}")
         if not self.target_modules:
-            raise ValueError("LoRA target_modules must name at least one module, e.g. ['to_q', 'to_k', 'to_v']")
+            raise config_error("model.lora.target_modules", "must name at least one module, e.g. ['to_q', 'to_k', 'to_v']")
 
     def to_peft(self) -> LoraConfig:
         return LoraConfig(
@@ -99,21 +105,59 @@ def save_lora(unet: UNet2DConditionModel, name: str, output_dir: str | os.PathLi
 
 
 def resolve_lora_file(path: str | os.PathLike) -> Path:
-    """A LoRA named by its file, or by a folder holding `pytorch_lora_weights.safetensors`."""
+    """A LoRA named by its file, or by a folder holding `pytorch_lora_weights.safetensors`.
+
+    Reads the file's header (no weights), so a wrong or broken file fails before any model loads.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / LORA_WEIGHTS_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"LoRA file not found: {path} (give a .safetensors file or a folder with {LORA_WEIGHTS_NAME})")
+        raise MissingFileError("LoRA file not found", str(path), f"give a .safetensors file or a folder with {LORA_WEIGHTS_NAME}")
     if path.suffix != ".safetensors":
-        raise ValueError(f"LoRA file {path} is not a .safetensors file; pickled LoRAs are not loaded for safety")
+        raise UserError("LoRA file refused", str(path), "not a .safetensors file; pickled LoRAs are not loaded for safety")
+    keys = lora_file_keys(path)
+    if not any(marker in key for key in keys for marker in LORA_KEY_MARKERS):
+        raise UserError("not a LoRA", str(path), f"none of its {len(keys)} tensors has a LoRA name (e.g. '...lora.down.weight')")
+    return path
+
+
+def lora_file_keys(path: Path) -> list[str]:
     try:
         with safe_open(str(path), framework="pt") as file:
-            if not list(file.keys()):
-                raise ValueError("it holds no tensors")
-    except Exception as error:  # safetensors raises its own error type for a broken header
-        raise ValueError(f"LoRA file {path} is not a readable safetensors file: {error}") from error
-    return path
+            keys = list(file.keys())
+    except Exception as error:  # safetensors raises its own error types for a broken header
+        raise UserError("LoRA file unreadable", str(path), f"not a valid safetensors file ({first_line(error)})") from error
+    if not keys:
+        raise UserError("LoRA file unreadable", str(path), "it holds no tensors")
+    return keys
+
+
+def lora_cross_attention_width(path: Path) -> Optional[int]:
+    """The text-embedding width the LoRA was trained for: the input width of a cross-attention
+    `to_k` down-projection (diffusers, PEFT or kohya names); None when the file has none."""
+    with safe_open(str(path), framework="pt") as file:
+        for key in file.keys():
+            cross_attention_key = "attn2.to_k" in key or "attn2_to_k" in key
+            if cross_attention_key and any(part in key for part in ("lora.down", "lora_down", "lora_A")):
+                return int(file.get_slice(key).get_shape()[-1])
+    return None
+
+
+def model_family(cross_attention_width: Optional[int]) -> str:
+    return MODEL_FAMILY_BY_CROSS_ATTENTION_WIDTH.get(cross_attention_width, f"a model with {cross_attention_width}-wide text embeddings")
+
+
+def check_lora_fits(unet: UNet2DConditionModel, file: Path) -> None:
+    """A LoRA made for another model family (SD 1.x on SD 2.x, ...) says so, instead of a shape error."""
+    width = lora_cross_attention_width(file)
+    model_width = unet.config.cross_attention_dim
+    if width is not None and width != model_width:
+        raise UserError(
+            "LoRA does not fit the model", str(file),
+            f"it seems made for {model_family(width)} (cross-attention width {width}), "
+            f"the model is {model_family(model_width)} (width {model_width})",
+        )
 
 
 def load_style_adapter(pipe: StableDiffusionPipeline, path: str | os.PathLike, name: str) -> None:
@@ -122,12 +166,25 @@ def load_style_adapter(pipe: StableDiffusionPipeline, path: str | os.PathLike, n
     Goes through `load_lora_weights`, so diffusers' converters accept community formats too.
     """
     file = resolve_lora_file(path)
+    check_lora_fits(pipe.unet, file)
     try:
         pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
     except (ValueError, KeyError, RuntimeError) as error:
-        raise ValueError(f"Could not load LoRA {file}: {error}") from error
+        raise UserError("LoRA does not fit the model", str(file), first_line(error)) from error
     if name not in getattr(pipe.unet, "peft_config", {}):
-        raise ValueError(f"LoRA {file} holds no UNet layers that this model has")
+        raise UserError("LoRA does not fit the model", str(file), "it holds no UNet layers that this model has")
+
+
+def read_recorded_prompt(info: Path) -> str:
+    """The style prompt recorded in a LoRA's `diffstyler_lora.json` (written by `diffstyler fit`)."""
+    try:
+        recorded = json.loads(info.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError("LoRA info file unreadable", str(info), f"not JSON ({first_line(error)}); fix it or give the style a prompt") from error
+    prompt = recorded.get("prompt") if isinstance(recorded, dict) else None
+    if not isinstance(prompt, str):
+        raise UserError("LoRA info file has no prompt", str(info), "give the style entry a prompt (data.styles[k].prompt)")
+    return prompt
 
 
 def set_adapter_scales(unet: UNet2DConditionModel, scales: dict[str, float]) -> None:

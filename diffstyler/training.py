@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from lightning.pytorch import LightningModule
 
+from diffstyler.checks import check_writable_folder
+from diffstyler.errors import UserError, config_error
 from diffstyler.lora import LORA_WEIGHTS_NAME, StyleLoRAConfig, add_style_adapter, save_lora
 from diffstyler.models import ModelSpec, encode_images, encode_prompts, load_pipeline
 
@@ -70,7 +72,9 @@ class StyleLoRAModule(LightningModule):
     ) -> None:
         super().__init__()
         if seed is not None and seed < 0:
-            raise ValueError(f"model.seed must be >= 0, got {seed}")
+            raise config_error("model.seed", f"must be >= 0, got {seed}")
+        # Now, not at the export after all the training.
+        check_writable_folder(output_dir, "model.output_dir")
         self.model_spec = model
         self.lora_config = lora
         self.learning_rate = learning_rate
@@ -111,13 +115,15 @@ class StyleLoRAModule(LightningModule):
         # The paper trains with the DDPM forward process; same schedule as the model's DDIM.
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
-    def on_fit_start(self) -> None:
+    def setup(self, stage: str) -> None:
+        # Lightning calls setup before configure_model: the check needs no model, so it comes first.
         frozen_half = self.model_spec.torch_dtype != torch.float32
         if frozen_half and "mixed" not in str(self.trainer.precision):
-            raise ValueError(
-                f"model.dtype {self.model_spec.dtype} needs a mixed-precision trainer "
-                f"(trainer.precision 16-mixed or bf16-mixed), got {self.trainer.precision!r}: "
-                "the float32 LoRA and half-precision base layers only mix under autocast"
+            raise config_error(
+                "model.model.dtype",
+                f"{self.model_spec.dtype} needs a mixed-precision trainer (trainer.precision 16-mixed or "
+                f"bf16-mixed), got {self.trainer.precision!r}: the float32 LoRA and half-precision base "
+                "layers only mix under autocast",
             )
 
     def trainable_parameter_names(self) -> set[str]:
@@ -227,9 +233,10 @@ class StyleLoRAModule(LightningModule):
         # strict_loading is off (the base is not in the checkpoint), so check the LoRA part here.
         missing = sorted(self.trainable_parameter_names() - checkpoint["state_dict"].keys())
         if missing:
-            raise ValueError(
-                f"the checkpoint lacks {len(missing)} LoRA weights of this model (e.g. {missing[0]}); "
-                "was it trained with the same model.lora settings and model.adapter_name?"
+            raise UserError(
+                "checkpoint does not fit the model", "ckpt_path",
+                f"it lacks {len(missing)} LoRA weights of this model (e.g. {missing[0]}); "
+                "was it trained with the same model.lora settings and model.adapter_name?",
             )
 
     # --- export ---------------------------------------------------------------------------------

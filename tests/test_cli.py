@@ -114,13 +114,14 @@ def test_localized_smoke_config_with_a_mask_file_and_a_box(tmp_path, repo_root, 
                        "content_shapes_mask0_masked.png", "content_shapes_mask1_boxed.png"]
 
 
-def test_predict_bad_content_image_is_one_clear_error(tmp_path, repo_root, smoke_lora, monkeypatch):
+def test_predict_bad_content_image_is_one_clear_error(tmp_path, repo_root, smoke_lora, monkeypatch, capsys):
     monkeypatch.chdir(repo_root)
     monkeypatch.setattr(sys, "argv", ["diffstyler"])
     with pytest.raises(SystemExit) as exit_info:
         main(["predict", "--config", "configs/smoke/stylize.yaml", "--data.content", json.dumps([str(tmp_path / "nope.jpg")]),
               "--data.styles", json.dumps([{"lora": str(smoke_lora)}]), *predict_output_args(tmp_path)])
-    assert "nope.jpg" in str(exit_info.value.code)
+    assert exit_info.value.code == 2
+    assert "nope.jpg" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -18,6 +18,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from diffstyler.checks import check_resolution
+from diffstyler.errors import config_error
 from diffstyler.images import load_image, resize_to_multiple_of_8, sha256_file, to_tensor
 
 # The paper's own training command uses "painting of <sss>, girl": a rare token marks the style.
@@ -95,9 +97,10 @@ class StyleDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         if not images:
-            raise ValueError("data.images must name at least one style image")
+            raise config_error("data.images", "must name at least one style image")
         if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+            raise config_error("data.batch_size", f"must be >= 1, got {batch_size}")
+        check_resolution(resolution, "data.resolution")
         self.images = [str(path) for path in images]
         self.prompt = prompt
         self.resolution = resolution
@@ -117,9 +120,10 @@ class StyleDataModule(LightningDataModule):
             listing = ", ".join(
                 f"{path}: {p.shape[2]}x{p.shape[1]}" for path, p in zip(self.images, self.pixel_values)
             )
-            raise ValueError(
-                f"data.batch_size {self.batch_size} needs style images of one size after resizing, got {listing}; "
-                "use batch_size 1 or images of the same aspect ratio"
+            raise config_error(
+                "data.batch_size",
+                f"{self.batch_size} needs style images of one size after resizing, got {listing}; "
+                "use batch_size 1 or images of the same aspect ratio",
             )
 
     def train_dataloader(self) -> DataLoader:
