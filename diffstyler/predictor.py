@@ -20,6 +20,7 @@ from PIL import Image
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from diffstyler.data.jobs import StyleEntry
+from diffstyler.checks import check_writable_folder
 from diffstyler.images import load_image, resize_to_multiple_of_8, sha256_file, to_tensor
 from diffstyler.injection import InjectionConfig
 from diffstyler.inversion import InversionCache, InversionKey, invert
@@ -95,6 +96,7 @@ class StylizePredictor(LightningModule):
         self.sampling = sampling
         self.segmenter_config = segmenter
         self.output = output
+        check_writable_folder(output.folder, "model.output.folder")  # now, not after the first job's work
         self.cache = InversionCache(inversion_cache) if inversion_cache else None
         self.progress = progress
         self.pipe = None
@@ -158,7 +160,8 @@ class StylizePredictor(LightningModule):
             prompt=self.sampling.inversion_prompt,
             dtype=str(unet.dtype),
         )
-        cached = self.cache.load(key) if self.cache else None
+        latent_shape = (schedule.num_steps + 1, unet.config.in_channels, content.height // self.pipe.vae_scale_factor, content.width // self.pipe.vae_scale_factor)
+        cached = self.cache.load(key, latent_shape) if self.cache else None  # None also for a broken file: recomputed
         if cached is not None:
             return cached.to(unet.device, unet.dtype)
         pixels = to_tensor(content).unsqueeze(0)

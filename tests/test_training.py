@@ -308,7 +308,7 @@ def test_bad_style_image_is_named_by_the_data_module(kind, error, tmp_path, styl
 
 
 @pytest.mark.parametrize("kind", ["missing", "text"])
-def test_bad_style_image_fails_the_cli_before_any_model_is_loaded(kind, tmp_path, style_image, repo_root, monkeypatch):
+def test_bad_style_image_fails_the_cli_before_any_model_is_loaded(kind, tmp_path, style_image, repo_root, monkeypatch, capsys):
     loads = []
     monkeypatch.setattr(diffstyler.training, "load_pipeline", lambda spec: loads.append(spec))
     monkeypatch.setattr(sys, "argv", ["diffstyler"])
@@ -317,6 +317,6 @@ def test_bad_style_image_fails_the_cli_before_any_model_is_loaded(kind, tmp_path
             "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), "--model.output_dir", str(tmp_path / "lora")]
     with pytest.raises(SystemExit) as exit_info:
         main(args)
-    assert str(bad) in str(exit_info.value.code)
+    assert exit_info.value.code == 2 and str(bad) in capsys.readouterr().err
     assert loads == []
     assert not (tmp_path / "logs").exists()

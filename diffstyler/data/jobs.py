@@ -18,9 +18,11 @@ from typing import Any, Optional
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from diffstyler.images import load_image
-from diffstyler.lora import resolve_lora_file
-from diffstyler.masks import MaskSpec
+from diffstyler.checks import check_resolution
+from diffstyler.errors import UserError, config_error
+from diffstyler.images import LATENT_FACTOR, load_image
+from diffstyler.lora import read_recorded_prompt, resolve_lora_file
+from diffstyler.masks import MaskSpec, load_mask_file
 
 LORA_INFO_NAME = "diffstyler_lora.json"
 
@@ -64,11 +66,8 @@ class StyleEntry:
 def _recorded_prompt(lora_file: Path) -> str:
     info = lora_file.parent / LORA_INFO_NAME
     if not info.is_file():
-        raise ValueError(f"style entry for {lora_file} has no prompt and there is no {info} to take it from")
-    prompt = json.loads(info.read_text()).get("prompt")
-    if not isinstance(prompt, str):
-        raise ValueError(f"{info} records no prompt; give the style entry a prompt")
-    return prompt
+        raise UserError("style has no prompt", str(lora_file), f"give the style entry a prompt: there is no {info} to take it from")
+    return read_recorded_prompt(info)
 
 
 def job_seed(base_seed: int, job_id: int) -> int:
@@ -79,14 +78,13 @@ def job_seed(base_seed: int, job_id: int) -> int:
 
 def check_styles(styles: list[StyleEntry]) -> list[StyleEntry]:
     if not styles:
-        raise ValueError("give at least one style entry (data.styles)")
+        raise config_error("data.styles", "give at least one style entry")
     masked = [s.mask is not None for s in styles]
     if any(masked) and not all(masked):
-        raise ValueError("either every style entry has a mask (localized transfer) or none has (one image per style)")
+        raise config_error("data.styles", "either every style entry has a mask (localized transfer) or none has (one image per style)")
     for entry in styles:
         if entry.mask is not None and entry.mask.file is not None:
-            if not Path(entry.mask.file).is_file():
-                raise FileNotFoundError(f"mask file not found: {entry.mask.file}")
+            load_mask_file(entry.mask.file, (LATENT_FACTOR, LATENT_FACTOR))  # read now: a bad file fails before any model loads
         if entry.image is not None:
             load_image(entry.image)
     return [entry.resolved() for entry in styles]
@@ -131,7 +129,8 @@ class StylizeDataModule(LightningDataModule):
     ):
         super().__init__()
         if not content:
-            raise ValueError("give at least one content image (data.content)")
+            raise config_error("data.content", "give at least one content image")
+        check_resolution(resolution, "data.resolution")
         for path in content:
             load_image(path)  # fails early, naming the file
         self.styles = check_styles(list(styles))
