@@ -35,7 +35,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 
 from diffstyler.checks import check_checkpoint_file
 from diffstyler.data import StyleDataModule, StylizeDataModule
-from diffstyler.errors import UserError, config_error
+from diffstyler.errors import UserError, config_error, first_line
 from diffstyler.images import ImageLoadError
 from diffstyler.masks import MaskError
 from diffstyler.models import ModelLoadError
@@ -162,33 +162,27 @@ def build_dataclass(value: Namespace | dict, cls: type, key: str) -> Any:
     except UserError:
         raise
     except (ValueError, TypeError) as error:
-        raise config_error(key, one_line(str(error))) from error
+        raise config_error(key, first_line(error)) from error
 
 
 # --- reporting --------------------------------------------------------------------------------
 
-def one_line(text: str) -> str:
-    """The first non-empty line: the rest of a multi-line message is detail for --debug."""
-    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
-    return lines[0] if lines else ""
-
-
 def user_error_line(error: BaseException) -> str:
     """What `main` prints after `diffstyler <subcommand>: error: `."""
     if isinstance(error, UserError):
-        return one_line(error.line())
+        return first_line(error.line())
     if isinstance(error, ArgumentError):
         return argument_error_line(str(error))
     if isinstance(error, ModelLoadError):
-        return f"{one_line(str(error))} ({MODEL_HINT}; --debug for the full message)"
-    return one_line(str(error))
+        return f"{first_line(error)} ({MODEL_HINT}; --debug for the full message)"
+    return first_line(error)
 
 
 def argument_error_line(message: str) -> str:
     """jsonargparse's 'Parser key "a.b":\n  reason' as `invalid config value (a.b): reason`."""
     found = re.match(r'\s*Parser key "([^"]+)":\s*(.*)', message, re.DOTALL)
     if found is None:
-        return one_line(message)
+        return first_line(message)
     reasons = [line.strip(" -") for line in found.group(2).splitlines() if line.strip(" -")]
     return config_error(found.group(1), "; ".join(reasons)).line()
 
