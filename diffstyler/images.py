@@ -44,7 +44,9 @@ def max_image_pixels() -> int:
         return DEFAULT_MAX_IMAGE_PIXELS
     if not value.isdigit() or int(value) <= 0:
         raise UserError(
-            "invalid environment variable", MAX_PIXELS_VARIABLE, f"must be a positive whole number of pixels, got {value!r}"
+            "invalid environment variable",
+            MAX_PIXELS_VARIABLE,
+            f"must be a positive whole number of pixels, got {value!r}",
         )
     return int(value)
 

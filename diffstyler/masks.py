@@ -412,7 +412,9 @@ def _weights_only_checkpoint_loading():
     # Restricted loading needs torch's checkpoint global scan; without it ultralytics would
     # silently fall back to a full unpickle.
     if not getattr(getattr(tasks, "_SafeLoad", None), "SUPPORTED", False):
-        raise RuntimeError("this torch / ultralytics cannot load FastSAM weights weights-only; refusing to unpickle them")
+        raise RuntimeError(
+            "this torch / ultralytics cannot load FastSAM weights weights-only; refusing to unpickle them"
+        )
     unrestricted = tasks.torch_safe_load
 
     def weights_only(weight, safe_only=None):

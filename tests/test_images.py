@@ -77,8 +77,9 @@ def test_mask_file_gets_the_same_exif_orientation_as_the_content(tmp_path):
     # clockwise) it is 4 x 6 with the mark in the top-right corner.
     stored = np.zeros((4, 6), np.uint8)
     stored[0, 0] = 255
-    content = save_with_orientation(Image.fromarray(stored).convert("RGB"), tmp_path / "photo.png", ROTATE_90_CLOCKWISE_TO_VIEW)
-    mask_file = save_with_orientation(Image.fromarray(stored), tmp_path / "mask.png", ROTATE_90_CLOCKWISE_TO_VIEW)
+    turn = ROTATE_90_CLOCKWISE_TO_VIEW
+    content = save_with_orientation(Image.fromarray(stored).convert("RGB"), tmp_path / "photo.png", turn)
+    mask_file = save_with_orientation(Image.fromarray(stored), tmp_path / "mask.png", turn)
 
     upright = load_image(content)
     assert upright.size == (4, 6)

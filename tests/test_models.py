@@ -215,7 +215,9 @@ def tiny_folder_and_single_file(tmp_path_factory):
     return base / "tiny_folder", write_original_layout_checkpoint(pipe, base / "tiny.safetensors")
 
 
-def test_single_file_loads_offline_with_the_configs_of_the_named_folder(tiny_folder_and_single_file, no_network, unet_probe):
+def test_single_file_loads_offline_with_the_configs_of_the_named_folder(
+    tiny_folder_and_single_file, no_network, unet_probe
+):
     folder, single_file = tiny_folder_and_single_file
     from_file = load_pipeline(ModelSpec(name=str(single_file), config=str(folder)))
     from_folder = load_pipeline(ModelSpec(name=str(folder)))
