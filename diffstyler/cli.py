@@ -23,15 +23,20 @@ uses for a bad command line); `--debug` or DIFFSTYLER_DEBUG=1 shows the tracebac
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import sys
+import tempfile
 import typing
-from typing import Any, Optional
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn, Optional
 
 from jsonargparse import ArgumentError, Namespace
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from diffstyler.checks import check_checkpoint_file
 from diffstyler.data import StyleDataModule, StylizeDataModule
@@ -81,6 +86,11 @@ class DiffStylerCLI(LightningCLI):
         # exit_on_error off: jsonargparse raises ArgumentError, which `main` prints as one line.
         kwargs.setdefault("parser_kwargs", {"description": DESCRIPTION, "exit_on_error": False})
         super().__init__(model_class, datamodule_class, args=args, **kwargs)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(ReportFirstFailure(self.subcommand))
+        return trainer
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         # Runs before LightningCLI reads the checkpoint's hyper-parameters and instantiates anything.
@@ -193,6 +203,88 @@ def split_debug_flag(args: list[str]) -> tuple[bool, list[str]]:
     return debug, [arg for arg in args if arg != DEBUG_FLAG]
 
 
+# --- several processes (DDP) ---------------------------------------------------------------------
+#
+# When a job fails on one rank, the other ranks only see a broken connection (gloo: "Connection
+# closed by peer"), and rank 0, whose output the user reads last, would end with that traceback.
+# So each rank reports its own failure to a folder shared by the ranks of the run, in
+# `on_exception` (before Lightning tears anything down, hence before the others' connections
+# break), and a rank whose error is not a user error but follows another rank's report shows
+# that report instead: rank 0 prints its line last and exits with its status; the others exit quietly.
+
+@dataclass
+class DistributedRun:
+    rank: int  # this process's global rank
+    reports: Path  # the folder shared by the ranks of this run
+
+
+# Set in the trainer's setup of a multi-process run. Kept here because Lightning's teardown removes
+# WORLD_SIZE from the environment before `main` sees the error.
+current_run: Optional[DistributedRun] = None
+
+
+def failure_reports_folder(rank: int) -> Path:
+    """One folder per run, named by the launcher's (rank 0's) pid and the run's port."""
+    launcher_pid = os.getpid() if rank == 0 else os.getppid()
+    run = f"{launcher_pid}-{os.environ.get('MASTER_PORT', '')}"
+    return Path(tempfile.gettempdir()) / "diffstyler" / "failures" / run
+
+
+def report_failure(run: DistributedRun, line: str, status: int) -> None:
+    run.reports.mkdir(parents=True, exist_ok=True)
+    temporary = run.reports / f".rank{run.rank}.tmp"
+    temporary.write_text(json.dumps({"rank": run.rank, "line": line, "status": status}))
+    os.replace(temporary, run.reports / f"rank{run.rank}.json")  # readers never see half a report
+
+
+def failure_of_another_rank(run: DistributedRun) -> Optional[dict[str, Any]]:
+    """The earliest failure reported by another rank of this run, if any."""
+    reports = sorted(run.reports.glob("rank*.json"), key=lambda path: path.stat().st_mtime_ns) if run.reports.is_dir() else []
+    for path in reports:
+        report = json.loads(path.read_text())
+        if report["rank"] != run.rank:
+            return report
+    return None
+
+
+def failure_line(subcommand: str, error: BaseException, rank: Optional[int]) -> tuple[str, int]:
+    """The line and exit status for `error`; user errors are one line, others point at their traceback."""
+    place = f"[rank {rank}] " if rank is not None else ""
+    if isinstance(error, USER_ERRORS):
+        return f"diffstyler {subcommand}: error: {place}{user_error_line(error)}", USER_ERROR_STATUS
+    return f"diffstyler {subcommand}: error: {place}{type(error).__name__}: {first_line(error)} (traceback above)", 1
+
+
+class ReportFirstFailure(Callback):
+    """Reports this rank's failure for the other ranks (see above), unless another rank failed first."""
+
+    def __init__(self, subcommand: str) -> None:
+        self.subcommand = subcommand
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        global current_run
+        if trainer.world_size > 1:
+            current_run = DistributedRun(trainer.global_rank, failure_reports_folder(trainer.global_rank))
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if current_run is not None and failure_of_another_rank(current_run) is None:
+            report_failure(current_run, *failure_line(self.subcommand, exception, current_run.rank))
+
+
+def exit_for(subcommand: str, error: BaseException) -> None:
+    """Print the one line for a user error and exit; in a multi-process run, show the first failing
+    rank's error in place of a broken connection. Returns (the caller re-raises) for anything else."""
+    rank = current_run.rank if current_run is not None else None
+    earlier = failure_of_another_rank(current_run) if current_run is not None else None
+    if earlier is not None and not isinstance(error, USER_ERRORS):
+        if rank == 0:
+            print(earlier["line"], file=sys.stderr)
+        sys.exit(earlier["status"])
+    if isinstance(error, USER_ERRORS):
+        print(failure_line(subcommand, error, rank)[0], file=sys.stderr)
+        sys.exit(USER_ERROR_STATUS)
+
+
 def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the `diffstyler` console script (returns None: its value becomes the exit code).
 
@@ -209,11 +301,10 @@ def main(args: Optional[list[str]] = None) -> None:
     model_class, datamodule_class = MODES[subcommand]
     try:
         DiffStylerCLI(model_class, datamodule_class, subcommand=subcommand, args=args)
-    except USER_ERRORS as error:
-        if debug:
-            raise
-        print(f"diffstyler {subcommand}: error: {user_error_line(error)}", file=sys.stderr)
-        sys.exit(USER_ERROR_STATUS)
+    except Exception as error:  # not BaseException: Ctrl-C and sys.exit keep their meaning
+        if not debug:
+            exit_for(subcommand, error)
+        raise
 
 
 if __name__ == "__main__":
