@@ -28,6 +28,9 @@ from diffstyler.errors import UserError
 
 PARAMETERS_KEY = "parameters"
 SETTINGS_KEY = "diffstyler"
+# sha256 of everything that changes the pixels (`results.settings_hash`): decides whether a rerun
+# may keep the file.
+SETTINGS_HASH_KEY = "diffstyler_settings_sha256"
 
 
 def to_pil(pixels: torch.Tensor) -> Image.Image:
@@ -156,11 +159,20 @@ def atomic_save(image: Image.Image, path: str | os.PathLike, text_chunks: dict[s
     return atomic_write(path, lambda handle: image.save(handle, format="PNG", pnginfo=info))
 
 
-def save_result(image: Image.Image, path: str | os.PathLike, prompt: str, negative_prompt: str, settings: dict[str, Any]) -> Path:
+def save_result(
+    image: Image.Image,
+    path: str | os.PathLike,
+    prompt: str,
+    negative_prompt: str,
+    settings: dict[str, Any],
+    settings_hash: str | None = None,
+) -> Path:
     chunks = {
         PARAMETERS_KEY: format_parameters(prompt, negative_prompt, settings),
         SETTINGS_KEY: json.dumps({"prompt": prompt, "negative_prompt": negative_prompt, **settings}),
     }
+    if settings_hash is not None:
+        chunks[SETTINGS_HASH_KEY] = settings_hash
     return atomic_save(image, path, chunks)
 
 

@@ -3,7 +3,8 @@
 Per job (see `data.jobs`): load the content, DDIM-invert it with the base model (cached), load each
 style's LoRA as a named adapter of the ONE UNet, resolve masks, denoise with cross-LoRA injection
 (`stylize.denoise_with_injection`), decode, composite, and write PNGs with their settings.
-Outputs are written once: a job whose outputs all exist is skipped unless `overwrite` is set.
+Outputs are written once: a job whose outputs are all finished and made with the current settings
+(`results.job_is_done`) is skipped unless `overwrite` is set.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 from lightning import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from torchmetrics.functional.image import structural_similarity_index_measure
 
@@ -33,7 +35,8 @@ from diffstyler.lora import (
 )
 from diffstyler.masks import FastSAMSegmenter, SegmenterConfig, mask_to_latent, resolve_mask, save_mask_png
 from diffstyler.models import ModelSpec, decode_latents, encode_images, load_pipeline
-from diffstyler.outputs import image_grid, pil_to_unit, save_result, to_pil
+from diffstyler.outputs import SETTINGS_HASH_KEY, image_grid, path_inside, pil_to_unit, save_result, to_pil
+from diffstyler.results import job_is_done, settings_hash
 from diffstyler.sampling import ddim_schedule
 from diffstyler.stylize import SamplingConfig, StyleRows, denoise_with_injection, fuse_styles
 
@@ -45,7 +48,8 @@ class OutputConfig:
     grid: also write `<name>_grid.png` (content | style images | results | masks).
     composite: with masks, paste the result into the content with the feathered full-resolution
       mask, so pixels outside the masks are the content's, bit for bit.
-    overwrite: redo jobs whose outputs exist (default: skip them, so a rerun resumes).
+    overwrite: redo every job (default: skip jobs whose outputs are finished and carry the current
+      settings hash, so a rerun resumes; see `diffstyler.results`).
     """
 
     folder: str = "outputs/stylized"
@@ -102,6 +106,7 @@ class StylizePredictor(LightningModule):
         self.pipe = None
         self._adapters: dict[tuple[str, float], str] = {}
         self._segmenter: Optional[FastSAMSegmenter] = None
+        self._skipped_jobs = 0  # jobs found already done in this predict run, for `on_predict_end`
 
     def configure_model(self) -> None:
         if self.pipe is not None:
@@ -116,18 +121,30 @@ class StylizePredictor(LightningModule):
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int = 0) -> list[dict[str, Any]]:
         return [self.stylize_job(job) for job in batch]
 
+    def on_predict_start(self) -> None:
+        self._skipped_jobs = 0
+
+    def on_predict_end(self) -> None:
+        """Say once (rank zero) how many jobs were already done, summed over all processes."""
+        count = torch.tensor(self._skipped_jobs, device=self.device)
+        skipped = int(self.trainer.strategy.reduce(count, reduce_op="sum"))
+        if skipped:
+            rank_zero_info(f"{skipped} job{'' if skipped == 1 else 's'} already done, skipped")
+
     # -- one job ------------------------------------------------------------------------------
 
     def stylize_job(self, job: dict[str, Any]) -> dict[str, Any]:
         styles = [StyleEntry.from_dict(s) for s in job["styles"]]
-        paths = self._output_paths(job["output_name"], styles)
-        if not self.output.overwrite and all(p.is_file() for p in paths.values()):
-            return {"id": job["id"], "skipped": True, "outputs": [str(p) for p in paths.values()]}
+        paths = self._output_paths(job)
+        job_hash = self._settings_hash(job, styles)
+        if not self.output.overwrite and job_is_done(every_path(paths), job_hash):
+            self._skipped_jobs += 1
+            return {"id": job["id"], "skipped": True, "outputs": [str(p) for p in paths["results"]]}
         torch.manual_seed(job["seed"])
 
         content = resize_to_multiple_of_8(load_image(job["content"]), job["resolution"])
         schedule = ddim_schedule(self.pipe.scheduler, self.sampling.steps)
-        masks = [self._mask(entry, content, job["output_name"], k) for k, entry in enumerate(styles)]
+        masks = [self._mask(entry, content, path, job_hash) for entry, path in zip(styles, paths["masks"])]
         reference_embedding, rows = self._style_rows(styles, masks, content)
         trajectory = self._trajectory(content, job["content"], schedule, reference_embedding)
 
@@ -138,14 +155,21 @@ class StylizePredictor(LightningModule):
             )
         images = self._decode(latents, rows, trajectory, content, masks)
         settings = self._settings(job, styles, content)
-        written = self._write(job, styles, images, paths, content, masks, settings)
+        written = self._write(styles, images, paths, content, masks, settings, job_hash)
         return {"id": job["id"], "skipped": False, "outputs": [str(p) for p in written]}
 
-    def _output_paths(self, name: str, styles: list[StyleEntry]) -> dict[str, Path]:
-        folder = Path(self.output.folder)
-        if styles[0].mask is not None or len(styles) == 1:
-            return {"result": folder / f"{name}.png"}
-        return {s.name: folder / f"{name}_{s.name}.png" for s in styles}
+    def _output_paths(self, job: dict[str, Any]) -> dict[str, Any]:
+        """The job's files (named by `data.jobs.job_output_files`) in the output folder, each checked
+        to lie inside it: results, grid (None without `output.grid`), masks (None per unmasked style)."""
+        files = job["files"]
+        return {
+            "results": [self._output_path(name) for name in files["results"]],
+            "grid": self._output_path(files["grid"]) if self.output.grid else None,
+            "masks": [self._output_path(name) if name else None for name in files["masks"]],
+        }
+
+    def _output_path(self, name: str) -> Path:
+        return path_inside(self.output.folder, name, "model.output.folder")
 
     def _trajectory(self, content: Image.Image, path: str, schedule, embedding: torch.Tensor) -> torch.Tensor:
         """The content's inversion trajectory (the inversion prompt's `embedding`), cached on disk."""
@@ -172,11 +196,11 @@ class StylizePredictor(LightningModule):
             self.cache.save(key, trajectory)
         return trajectory
 
-    def _mask(self, entry: StyleEntry, content: Image.Image, name: str, index: int) -> Optional[torch.Tensor]:
+    def _mask(self, entry: StyleEntry, content: Image.Image, path: Optional[Path], job_hash: str) -> Optional[torch.Tensor]:
         if entry.mask is None:
             return None
         mask = resolve_mask(entry.mask, content, self._segmenter_factory)
-        save_mask_png(mask, Path(self.output.folder) / f"{name}_mask{index}_{entry.name}.png")
+        save_mask_png(mask, path, {SETTINGS_HASH_KEY: job_hash})
         return mask
 
     def _segmenter_factory(self) -> FastSAMSegmenter:
@@ -246,20 +270,55 @@ class StylizePredictor(LightningModule):
             "Composite": self.output.composite,
         }
 
-    def _write(self, job, styles, images, paths, content, masks, settings) -> list[Path]:
+    def _settings_hash(self, job: dict[str, Any], styles: list[StyleEntry]) -> str:
+        """The hash of everything that changes the pixels of this job's outputs (files by content,
+        not by path), stored in each PNG: a rerun keeps a file only when it matches."""
+        has_masks = styles[0].mask is not None
+        return settings_hash({
+            "model": asdict(self.model_spec),
+            "dtype": str(self.pipe.unet.dtype),
+            "sampling": asdict(self.sampling),
+            "injection": asdict(self.injection),
+            "segmenter": asdict(self.segmenter_config) if has_masks else None,
+            "composite": self.output.composite if has_masks else None,
+            "seed": job["seed"],
+            "resolution": job["resolution"],
+            "content_sha256": sha256_file(job["content"]),
+            "styles": [style_fingerprint(entry) for entry in styles],
+        })
+
+    def _write(self, styles, images, paths, content, masks, settings, job_hash) -> list[Path]:
         prompt = " | ".join(e.prompt for e in styles)
         written = [
             save_result(image, path, prompt, self.sampling.negative_prompt,
-                        {**settings, "Content SSIM": round(content_ssim(content, image), 4)})
-            for image, path in zip(images, paths.values())
+                        {**settings, "Content SSIM": round(content_ssim(content, image), 4)}, job_hash)
+            for image, path in zip(images, paths["results"])
         ]
-        if self.output.grid:
+        if paths["grid"] is not None:
             extras = [load_image(e.image) for e in styles if e.image]
             mask_tiles = [to_pil(m[None].expand(3, -1, -1)) for m in masks if m is not None]
             grid = image_grid([content, *extras, *images, *mask_tiles], height=content.height)
-            save_result(grid, Path(self.output.folder) / f"{job['output_name']}_grid.png", prompt,
-                        self.sampling.negative_prompt, settings)
+            save_result(grid, paths["grid"], prompt, self.sampling.negative_prompt, settings, job_hash)
         return written
+
+
+def every_path(paths: dict[str, Any]) -> list[Path]:
+    """All files of `StylizePredictor._output_paths`: results, then the grid and masks when written."""
+    return [*paths["results"], *(path for path in [paths["grid"], *paths["masks"]] if path is not None)]
+
+
+def style_fingerprint(entry: StyleEntry) -> dict[str, Any]:
+    """What of a style entry changes the pixels, with files (LoRA, mask file, style image) by sha256."""
+    mask = None
+    if entry.mask is not None:
+        mask = {**asdict(entry.mask), "file_sha256": sha256_file(entry.mask.file) if entry.mask.file else None}
+    return {
+        "prompt": entry.prompt,
+        "scale": float(entry.scale),
+        "lora_sha256": sha256_file(entry.lora),
+        "mask": mask,
+        "image_sha256": sha256_file(entry.image) if entry.image else None,
+    }
 
 
 def content_ssim(content: Image.Image, result: Image.Image) -> float:

@@ -1,5 +1,6 @@
 """StylizePredictor and its DataModule on the tiny model: files in, PNGs with settings out."""
 
+import logging
 from dataclasses import asdict
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from PIL import Image
 
 import diffstyler.predictor as predictor_module
 from diffstyler.data.jobs import StyleEntry, StylizeDataModule, job_seed
+from diffstyler.errors import UserError
 from diffstyler.injection import InjectionConfig
 from diffstyler.masks import MaskSpec
 from diffstyler.models import ModelSpec
@@ -213,3 +215,88 @@ def test_contents_with_the_same_file_name_get_distinct_outputs(tmp_path, loras):
     data = StylizeDataModule(content=[str(tmp_path / "a" / "photo.png"), str(tmp_path / "b" / "photo.png"), str(CONTENT)],
                              styles=[StyleEntry(lora=str(loras[0]))])
     assert [job["output_name"] for job in data.jobs()] == ["photo-0", "photo-1", "content_shapes"]
+
+
+# -- output names: inside the folder, unique, checked before any work ---------------------------
+
+
+@pytest.mark.parametrize("name", ["../../../x", "a/b", ".hidden", "..", "tab\tname"])
+def test_a_style_name_that_is_not_a_plain_file_name_is_refused_naming_its_key(tmp_path, loras, name):
+    """Mistake caught: style names pasted into output paths unchecked (`../../../x` leaves the folder)."""
+    with pytest.raises(UserError, match=r"data\.styles\[1\]\.name"):
+        StylizeDataModule(content=[str(CONTENT)], styles=[StyleEntry(lora=str(loras[0])), StyleEntry(lora=str(loras[1]), name=name)])
+
+
+def test_a_content_stem_that_is_not_a_plain_file_name_is_refused(tmp_path, loras):
+    hidden = tmp_path / ".hidden.png"
+    Image.open(CONTENT).save(hidden)
+    with pytest.raises(UserError, match=r"data\.content\[0\]"):
+        StylizeDataModule(content=[str(hidden)], styles=[StyleEntry(lora=str(loras[0]))])
+
+
+def test_a_job_edited_to_leave_the_output_folder_writes_nothing_outside(tmp_path, loras):
+    """Mistake caught: a write that does not check its target lies inside `model.output.folder`."""
+    predictor = _predictor(tmp_path)
+    job = _job([StyleEntry(lora=str(loras[0]))])
+    job["output_name"] = "../escaped"
+    job["files"] = {**job.get("files", {}), "results": ["../escaped.png"]}
+    with pytest.raises(UserError, match="outside the output folder"):
+        predictor.stylize_job(job)
+    assert not (tmp_path / "escaped.png").exists()
+
+
+def test_the_same_lora_at_two_scales_writes_two_results(tmp_path, loras):
+    """Mistake caught: two unnamed styles from one LoRA share a name, so one result overwrites the other."""
+    styles = [StyleEntry(lora=str(loras[0])), StyleEntry(lora=str(loras[0]), scale=0.5)]
+    job = _job(styles)
+    result = _predictor(tmp_path).stylize_job(job)
+    assert len(set(result["outputs"])) == 2 and all(Path(p).is_file() for p in result["outputs"])
+    images = [np.array(Image.open(p)) for p in result["outputs"]]
+    assert not np.array_equal(images[0], images[1])
+    assert job["files"]["results"] == ["content_shapes_first-0.png", "content_shapes_first-1.png"]
+
+
+def test_a_content_named_like_another_jobs_grid_is_not_skipped(tmp_path, loras):
+    """Mistake caught: content `x_grid.png` after `x.png`: its result is `x.png`'s grid, so it counts as done."""
+    (tmp_path / "in").mkdir()
+    contents = [tmp_path / "in" / "x.png", tmp_path / "in" / "x_grid.png"]
+    for path in contents:
+        Image.open(CONTENT).save(path)
+    data = StylizeDataModule(content=[str(p) for p in contents], styles=[StyleEntry(lora=str(loras[0]))], resolution=64)
+    jobs = data.jobs()
+    predictor = _predictor(tmp_path)
+    results = [predictor.stylize_job(job) for job in jobs]
+    assert [r["skipped"] for r in results] == [False, False]
+    assert read_settings(results[1]["outputs"][0])["Content"] == str(contents[1])
+    names = [name for job in jobs for name in (*job["files"]["results"], job["files"]["grid"])]
+    assert len(set(names)) == len(names) == 4
+
+
+def test_colliding_output_names_are_refused_when_the_data_is_built(tmp_path, loras):
+    with pytest.raises(UserError, match=r"data\.styles\[1\]\.name"):
+        StylizeDataModule(content=[str(CONTENT)], styles=[StyleEntry(lora=str(loras[0]), name="a"), StyleEntry(lora=str(loras[1]), name="a")])
+    with pytest.raises(UserError, match="content_shapes_grid.png"):  # a style's result would be the grid
+        StylizeDataModule(content=[str(CONTENT)], styles=[StyleEntry(lora=str(loras[0]), name="grid"), StyleEntry(lora=str(loras[1]))])
+
+
+def test_a_245_character_content_stem_is_stylized(tmp_path, loras):
+    """Mistake caught: temporary names made from the stem, over the 255-byte file name limit."""
+    content = tmp_path / ("c" * 245 + ".png")
+    Image.open(CONTENT).save(content)
+    result = _predictor(tmp_path).stylize_job(_job([StyleEntry(lora=str(loras[0]))], content=content))
+    assert Path(result["outputs"][0]).is_file()
+    assert (tmp_path / "out" / ("c" * 245 + "_grid.png")).is_file()
+    with pytest.raises(UserError, match=r"too long.*data\.content\[0\]|data\.content\[0\].*too long"):  # its mask file would be
+        StylizeDataModule(content=[str(content)], styles=[StyleEntry(lora=str(loras[0]), mask=MaskSpec(file=str(MASK)))])
+
+
+def test_a_rerun_says_how_many_jobs_it_skipped(tmp_path, loras, caplog):
+    """Mistake caught: finished jobs skipped without a word."""
+    data = StylizeDataModule(content=[str(CONTENT)], styles=[StyleEntry(lora=str(loras[0]))], resolution=64)
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    predictor = _predictor(tmp_path)
+    with caplog.at_level(logging.INFO):
+        trainer.predict(predictor, datamodule=data)
+        assert "already done" not in caplog.text
+        trainer.predict(predictor, datamodule=data)
+    assert caplog.text.count("1 job already done, skipped") == 1

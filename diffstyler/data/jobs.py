@@ -1,9 +1,12 @@
 """Stylization jobs for Lightning's predict loop.
 
-A job is one content image with its style entries, a seed and an output name. The job id travels
-inside the batch (never rely on Lightning's batch indices: DDP splits the items by stride), and the
-seed is derived from (base seed, job id) so a job gives the same result whichever process or run
-handles it.
+A job is one content image with its style entries, a seed, an output name and the names of every
+file it writes (`job_output_files`). The job id travels inside the batch (never rely on Lightning's
+batch indices: DDP splits the items by stride), and the seed is derived from (base seed, job id) so
+a job gives the same result whichever process or run handles it.
+
+Output file names are checked when the data module is built, before any model loads: every name
+part is a plain file name, no file name exceeds 255 bytes, and no two files of the run share a name.
 """
 
 from __future__ import annotations
@@ -87,13 +90,115 @@ def check_styles(styles: list[StyleEntry]) -> list[StyleEntry]:
             load_mask_file(entry.mask.file, (LATENT_FACTOR, LATENT_FACTOR))  # read now: a bad file fails before any model loads
         if entry.image is not None:
             load_image(entry.image)
-    return [entry.resolved() for entry in styles]
+    return distinct_style_names(styles, [entry.resolved() for entry in styles])
+
+
+def style_name_key(given: list[StyleEntry], index: int) -> str:
+    """The config key a style's name comes from: its `name`, or its `lora` when the name is derived."""
+    return f"data.styles[{index}].{'name' if given[index].name else 'lora'}"
+
+
+def distinct_style_names(given: list[StyleEntry], resolved: list[StyleEntry]) -> list[StyleEntry]:
+    """Check every style name, and make derived names distinct (the same LoRA twice, e.g. at two
+    scales, would otherwise write both results to one file) by appending the style's index.
+
+    Names given in the config are the user's choice: a repeated one is refused, not renamed.
+    """
+    derived = [entry.name for entry in resolved]
+    named = []
+    for index, entry in enumerate(resolved):
+        name = entry.name
+        if not given[index].name and derived.count(name) > 1:
+            name = f"{name}-{index}"
+        check_name_part(name, style_name_key(given, index))
+        earlier = [k for k, other in enumerate(named) if other.name == name]
+        if earlier:
+            raise UserError(f"style name {name!r} is used twice", style_name_key(given, index),
+                            f"data.styles[{earlier[0]}] has it too; give each style its own name")
+        named.append(dataclasses.replace(entry, name=name))
+    return named
+
+
+def check_name_part(name: str, key: str) -> str:
+    """Refuse a name that goes into output file names unless it is a plain file name: no separator,
+    no `.`/`..`, no leading dot (hidden files, and our temporary files' prefix), no control characters."""
+    unsafe = (
+        not name
+        or name.startswith(".")
+        or any(separator in name for separator in ("/", "\\"))
+        or any(ord(character) < 32 or ord(character) == 127 for character in name)
+    )
+    if unsafe:
+        raise UserError(f"unusable output name {name!r}", key,
+                        "names used in output file names must be plain file names (no '/', '\\', "
+                        "leading '.' or control characters)")
+    return name
 
 
 def output_names(paths: list[str]) -> list[str]:
     """File stems as output names; a stem that occurs twice gets the job id appended every time."""
     stems = [Path(path).stem for path in paths]
     return [stem if stems.count(stem) == 1 else f"{stem}-{index}" for index, stem in enumerate(stems)]
+
+
+def job_output_files(name: str, styles: list[StyleEntry]) -> dict[str, Any]:
+    """Every file a job writes, relative to the output folder. The ONE place output names are made.
+
+    results: `<name>.png`, or `<name>_<style>.png` per style when several styles have no masks.
+    grid: `<name>_grid.png` (written only with `model.output.grid`, but always reserved).
+    masks: `<name>_mask<k>_<style>.png` per style, None for styles without a mask.
+    """
+    if styles[0].mask is not None or len(styles) == 1:
+        results = [f"{name}.png"]
+    else:
+        results = [f"{name}_{entry.name}.png" for entry in styles]
+    masks = [f"{name}_mask{k}_{entry.name}.png" if entry.mask is not None else None for k, entry in enumerate(styles)]
+    return {"results": results, "grid": f"{name}_grid.png", "masks": masks}
+
+
+def labelled_files(files: dict[str, Any]) -> list[tuple[str, str]]:
+    """(what it is, file name) for each file of `job_output_files`."""
+    labelled = [(f"result {k}", name) for k, name in enumerate(files["results"])]
+    labelled.append(("grid", files["grid"]))
+    labelled += [(f"mask {k}", name) for k, name in enumerate(files["masks"]) if name is not None]
+    return labelled
+
+
+MAX_FILE_NAME_BYTES = 255  # the limit of ext4, XFS, APFS, NTFS...
+
+
+def distinct_job_outputs(contents: list[str], styles: list[StyleEntry]) -> list[tuple[str, dict[str, Any]]]:
+    """Each job's output name and files, no file name shared in the whole run (results, grids and
+    masks alike), so no job overwrites another's file or is skipped because of it.
+
+    A job whose files would meet an earlier job's (content `x_grid.png` after `x.png`) gets its id
+    appended; a clash inside one job (a style named `grid`) is refused. Names are compared
+    case-folded because on macOS and Windows `X.png` and `x.png` are one file.
+    """
+    taken: dict[str, tuple[int, str]] = {}  # case-folded file name -> (job id, which output it is)
+    jobs = []
+    for job_id, name in enumerate(output_names(contents)):
+        key = f"data.content[{job_id}]"
+        check_name_part(name, key)
+        files = job_output_files(name, styles)
+        if any(file.casefold() in taken for _, file in labelled_files(files)):
+            name = f"{name}-{job_id}"
+            files = job_output_files(name, styles)
+        for what, file in labelled_files(files):
+            label = f"the {what} of {key}"
+            if len(file.encode()) > MAX_FILE_NAME_BYTES:
+                raise UserError(f"output file name too long ({len(file.encode())} bytes)", key,
+                                f"{label} would be {file!r}, over {MAX_FILE_NAME_BYTES} bytes; "
+                                "shorten the content's file name or the style names")
+            if file.casefold() in taken:
+                other_job, other_label = taken[file.casefold()]
+                # inside one job only a style name can cause it; across jobs, the content names
+                where = "data.styles" if other_job == job_id else key
+                raise UserError("two outputs would have the same file name", where,
+                                f"{file} would be both {other_label} and {label}; rename one")
+            taken[file.casefold()] = (job_id, label)
+        jobs.append((name, files))
+    return jobs
 
 
 class JobDataset(Dataset):
@@ -135,6 +240,7 @@ class StylizeDataModule(LightningDataModule):
             load_image(path)  # fails early, naming the file
         self.styles = check_styles(list(styles))
         self.content = list(content)
+        self.outputs = distinct_job_outputs(self.content, self.styles)
         self.seed = seed
         self.resolution = resolution
         self.batch_size = batch_size
@@ -148,9 +254,10 @@ class StylizeDataModule(LightningDataModule):
                 "styles": [entry.to_dict() for entry in self.styles],
                 "seed": job_seed(self.seed, index),
                 "output_name": name,
+                "files": files,
                 "resolution": self.resolution,
             }
-            for index, (path, name) in enumerate(zip(self.content, output_names(self.content)))
+            for index, (path, (name, files)) in enumerate(zip(self.content, self.outputs))
         ]
 
     def predict_dataloader(self) -> DataLoader:

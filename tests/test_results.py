@@ -1,0 +1,113 @@
+"""Resume rules: a job is done only when all its outputs exist, decode and carry the current settings hash."""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from diffstyler.data.jobs import StyleEntry
+from diffstyler.masks import MaskSpec
+from diffstyler.outputs import SETTINGS_HASH_KEY, save_result, temporary_path
+from diffstyler.results import job_is_done, settings_hash
+from diffstyler.stylize import SamplingConfig
+from tests.helpers import write_random_lora
+from tests.test_predictor import MASK, _job, _predictor, loras  # noqa: F401 (loras is a fixture)
+
+
+def _outputs(tmp_path) -> list[Path]:
+    return sorted((tmp_path / "out").iterdir())
+
+
+def test_the_settings_hash_depends_on_values_not_on_key_order():
+    assert settings_hash({"a": 1, "b": [1, 2]}) == settings_hash({"b": [1, 2], "a": 1})
+    assert settings_hash({"a": 1}) != settings_hash({"a": 2})
+
+
+def test_every_output_png_carries_the_same_settings_hash(tmp_path, loras):
+    predictor = _predictor(tmp_path)
+    predictor.stylize_job(_job([StyleEntry(lora=str(loras[0]), mask=MaskSpec(file=str(MASK)))]))
+    names = [p.name for p in _outputs(tmp_path)]
+    assert names == ["content_shapes.png", "content_shapes_grid.png", "content_shapes_mask0_first.png"]
+    hashes = {Image.open(p).text.get(SETTINGS_HASH_KEY) for p in _outputs(tmp_path)}
+    assert len(hashes) == 1 and len(hashes.pop()) == 64
+
+
+def test_a_truncated_result_is_removed_and_the_job_redone(tmp_path, loras):
+    """Mistake caught: "done" meaning "the file exists" (a crash mid-write on a full disk leaves half a PNG)."""
+    predictor = _predictor(tmp_path)
+    job = _job([StyleEntry(lora=str(loras[0]))])
+    result = Path(predictor.stylize_job(job)["outputs"][0])
+    pixels = np.array(Image.open(result))
+    result.write_bytes(result.read_bytes()[: result.stat().st_size // 2])
+    again = predictor.stylize_job(job)
+    assert not again["skipped"]
+    assert np.array_equal(np.array(Image.open(result)), pixels)
+
+
+def test_leftover_temporary_files_are_removed(tmp_path, loras):
+    """Mistake caught: temporaries of interrupted writes left in the output folder forever."""
+    predictor = _predictor(tmp_path)
+    job = _job([StyleEntry(lora=str(loras[0]))])
+    predictor.stylize_job(job)
+    out = tmp_path / "out"
+    leftovers = [
+        temporary_path(out / "content_shapes.png"),
+        out / ".content_shapes-k2j_9xq0.png",  # the names older versions used: atomic_save
+        out / f".content_shapes_grid.png.1234.{'ab' * 16}.tmp",  # and save_mask_png
+    ]
+    for leftover in leftovers:
+        leftover.write_bytes(b"half a png")
+    unrelated = out / ".keep-me.png"
+    unrelated.write_bytes(b"not ours")
+    assert predictor.stylize_job(job)["skipped"]
+    assert not any(leftover.exists() for leftover in leftovers)
+    assert unrelated.exists()
+
+
+def test_a_rerun_with_other_settings_redoes_the_job_and_says_so(tmp_path, loras, caplog):
+    """Mistake caught: a rerun after a config change keeps the old result without a word."""
+    job = _job([StyleEntry(lora=str(loras[0]))])
+    result = Path(_predictor(tmp_path).stylize_job(job)["outputs"][0])
+    changed = _predictor(tmp_path)
+    changed.sampling = SamplingConfig(steps=6, guidance_scale=5.0)
+    with caplog.at_level(logging.WARNING, logger="diffstyler.results"):
+        assert not changed.stylize_job(job)["skipped"]
+    assert "content_shapes.png was made with other settings" in caplog.text
+    assert Image.open(result).text[SETTINGS_HASH_KEY] == changed._settings_hash(job, [StyleEntry.from_dict(s) for s in job["styles"]])
+
+
+def test_a_retrained_lora_at_the_same_path_redoes_the_job(tmp_path, loras):
+    """Mistake caught: settings compared by LoRA path instead of the LoRA's content (sha256)."""
+    lora = write_random_lora(tmp_path / "lora", seed=1)
+    job = _job([StyleEntry(lora=str(lora))])
+    predictor = _predictor(tmp_path)
+    predictor.stylize_job(job)
+    write_random_lora(tmp_path / "lora", seed=3)
+    assert not predictor.stylize_job(job)["skipped"]
+
+
+def test_a_missing_mask_file_output_makes_the_job_unfinished(tmp_path, loras):
+    """Mistake caught: only the results checked, so a job interrupted before its mask PNG counts as done."""
+    predictor = _predictor(tmp_path)
+    job = _job([StyleEntry(lora=str(loras[0]), mask=MaskSpec(file=str(MASK)))])
+    predictor.stylize_job(job)
+    (tmp_path / "out" / "content_shapes_mask0_first.png").unlink()
+    assert not predictor.stylize_job(job)["skipped"]
+    assert (tmp_path / "out" / "content_shapes_mask0_first.png").is_file()
+
+
+def test_files_without_the_settings_hash_or_missing_do_not_count_as_done(tmp_path):
+    path = tmp_path / "x.png"
+    assert not job_is_done([path], "h")  # missing
+    Image.new("RGB", (4, 4)).save(path)  # some other tool's PNG at that name
+    assert not job_is_done([path], "h")
+    save_result(Image.new("RGB", (4, 4)), path, "p", "n", {}, settings_hash="h")
+    assert job_is_done([path], "h") and not job_is_done([path], "other")
+
+
+def test_overwrite_redoes_a_finished_job(tmp_path, loras):
+    predictor = _predictor(tmp_path, overwrite=True)
+    job = _job([StyleEntry(lora=str(loras[0]))])
+    predictor.stylize_job(job)
+    assert not predictor.stylize_job(job)["skipped"]
