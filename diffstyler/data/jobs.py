@@ -28,6 +28,7 @@ from diffstyler.lora import read_recorded_prompt, resolve_lora_file
 from diffstyler.masks import MaskSpec, load_mask_file
 
 LORA_INFO_NAME = "diffstyler_lora.json"
+MAX_FILE_NAME_BYTES = 255  # the file name limit of ext4, XFS, APFS, NTFS...
 
 
 @dataclass
@@ -162,9 +163,6 @@ def labelled_files(files: dict[str, Any]) -> list[tuple[str, str]]:
     labelled.append(("grid", files["grid"]))
     labelled += [(f"mask {k}", name) for k, name in enumerate(files["masks"]) if name is not None]
     return labelled
-
-
-MAX_FILE_NAME_BYTES = 255  # the limit of ext4, XFS, APFS, NTFS...
 
 
 def distinct_job_outputs(contents: list[str], styles: list[StyleEntry]) -> list[tuple[str, dict[str, Any]]]:
