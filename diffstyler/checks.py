@@ -32,8 +32,12 @@ def check_writable_folder(path: str | os.PathLike, key: str) -> None:
     existing = next((parent for parent in (folder, *folder.parents) if parent.exists()), Path.cwd())
     if not existing.is_dir():
         raise UserError("output folder cannot be created", where, f"{existing} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if not folder_is_writable(existing):
         raise UserError("output folder not writable", where, f"no write permission in {existing}")
+
+
+def folder_is_writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK | os.X_OK)
 
 
 def check_resolution(resolution: int, key: str) -> None:
@@ -58,7 +62,7 @@ def check_checkpoint_file(path: str | os.PathLike, key: str = "ckpt_path") -> di
         if refused:
             raise UserError("checkpoint refused", where, f"it needs code to load ({refused.group(1)}); only weights are loaded") from error
         raise UserError("not a checkpoint", where, "torch cannot unpickle it") from error
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
+    except Exception as error:  # torch has no one error type for "not a checkpoint" (RuntimeError, EOFError, IndexError...)
         raise UserError("not a checkpoint", where, f"torch cannot read it ({first_line(error)})") from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise UserError("not a checkpoint", where, "it has no state_dict (is it a Lightning checkpoint from `diffstyler fit`?)")
