@@ -107,12 +107,18 @@ class DiffStylerCLI(LightningCLI):
         return {name: lightning_subcommands[name] for name in MODES}
 
 
+# Trainer defaults that make a run without --config follow the paper (section IV): 200 LoRA steps.
+# Without max_steps Lightning would fall back to max_epochs=1000, and an epoch is one step here.
+PAPER_TRAINER_DEFAULTS: dict[str, dict[str, Any]] = {"fit": {"max_steps": 200}, "predict": {}}
+
+
 def shared_trainer_defaults(subcommand: str) -> dict[str, Any]:
     return {
         "logger": {
             "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
             "init_args": {"save_dir": LOG_DIR, "name": subcommand},
-        }
+        },
+        **PAPER_TRAINER_DEFAULTS[subcommand],
     }
 
 

@@ -10,6 +10,7 @@ Outputs are written once: a job whose outputs are all finished and made with the
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -17,14 +18,14 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 from lightning import LightningModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from diffstyler.data.jobs import StyleEntry
 from diffstyler.checks import check_writable_folder
 from diffstyler.images import load_image, resize_to_multiple_of_8, sha256_file, to_tensor
-from diffstyler.injection import InjectionConfig
+from diffstyler.injection import InjectionConfig, describe_ineffective_sites
 from diffstyler.inversion import InversionCache, InversionKey, invert
 from diffstyler.lora import (
     BASE_ROW,
@@ -38,7 +39,7 @@ from diffstyler.models import ModelSpec, decode_latents, encode_images, load_pip
 from diffstyler.outputs import SETTINGS_HASH_KEY, image_grid, path_inside, pil_to_unit, save_result, to_pil
 from diffstyler.results import job_is_done, settings_hash
 from diffstyler.sampling import ddim_schedule
-from diffstyler.stylize import SamplingConfig, StyleRows, denoise_with_injection, fuse_styles
+from diffstyler.stylize import SamplingConfig, StepCallback, StyleRows, check_finite, denoise_with_injection, fuse_styles
 
 
 @dataclass
@@ -103,6 +104,9 @@ class StylizePredictor(LightningModule):
         check_writable_folder(output.folder, "model.output.folder")  # now, not after the first job's work
         self.cache = InversionCache(inversion_cache) if inversion_cache else None
         self.progress = progress
+        # Called after every denoising step with a `stylize.StepState` (observers: previews, tests).
+        self.step_callback: Optional[StepCallback] = None
+        warn_about_ineffective_sites(injection)
         self.pipe = None
         self._adapters: dict[tuple[str, float], str] = {}
         self._segmenter: Optional[FastSAMSegmenter] = None
@@ -151,7 +155,7 @@ class StylizePredictor(LightningModule):
         with torch.no_grad():
             latents = denoise_with_injection(
                 self.pipe.unet, trajectory, reference_embedding, rows, schedule,
-                self.injection, self.sampling, progress=self.progress,
+                self.injection, self.sampling, callback=self.step_callback, progress=self.progress,
             )
         images = self._decode(latents, rows, trajectory, content, masks)
         settings = self._settings(job, styles, content)
@@ -176,7 +180,8 @@ class StylizePredictor(LightningModule):
         unet = self.pipe.unet
         key = InversionKey(
             image_sha256=sha256_file(path),
-            model=f"{self.model_spec.name}@{self.model_spec.revision or ''}",
+            # every field that changes the weights or the schedule (single-file config, prediction type)
+            model=json.dumps({k: v for k, v in asdict(self.model_spec).items() if k != "dtype"}, sort_keys=True),
             height=content.height,
             width=content.width,
             steps=self.sampling.steps,
@@ -240,17 +245,23 @@ class StylizePredictor(LightningModule):
             if mask is not None:
                 latent_mask = mask_to_latent(mask, latent_hw)[None, None].to(device, dtype)
             cond, uncond = embeddings[1 + 2 * k : 2 + 2 * k], embeddings[2 + 2 * k : 3 + 2 * k]
-            rows.append(StyleRows(name, cond, uncond, latent_mask))
+            rows.append(StyleRows(name, cond, uncond, latent_mask, name=styles[k].name))
         return embeddings[:1], rows
 
     def _decode(self, latents, rows, trajectory, content, masks) -> list[Image.Image]:
         if masks[0] is None:
-            return [to_pil(decode_latents(self.pipe, latent)) for latent in latents]
+            return [self._decoded_image(latent, row.label) for latent, row in zip(latents, rows)]
         fused = fuse_styles(latents, [r.mask for r in rows], trajectory[-1:])
-        result = to_pil(decode_latents(self.pipe, fused))
+        result = self._decoded_image(fused, " + ".join(row.label for row in rows))
         if self.output.composite:
             result = composite_in_pixels(content, result, masks)
         return [result]
+
+    def _decoded_image(self, latent: torch.Tensor, style: str) -> Image.Image:
+        """The decoded image; NaN or inf left after decoding (fp16 VAEs retry in float32) fail the job."""
+        pixels = decode_latents(self.pipe, latent)
+        check_finite(pixels, style, what="decoded image")
+        return to_pil(pixels)
 
     def _settings(self, job: dict[str, Any], styles: list[StyleEntry], content: Image.Image) -> dict[str, Any]:
         return {
@@ -300,6 +311,13 @@ class StylizePredictor(LightningModule):
             grid = image_grid([content, *extras, *images, *mask_tiles], height=content.height)
             save_result(grid, paths["grid"], prompt, self.sampling.negative_prompt, settings, job_hash)
         return written
+
+
+def warn_about_ineffective_sites(injection: InjectionConfig) -> None:
+    """Warn once, at config time, when the injection settings make configured layers irrelevant."""
+    message = describe_ineffective_sites(injection)
+    if message:
+        rank_zero_warn(message)
 
 
 def every_path(paths: dict[str, Any]) -> list[Path]:

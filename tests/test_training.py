@@ -320,3 +320,36 @@ def test_bad_style_image_fails_the_cli_before_any_model_is_loaded(kind, tmp_path
     assert exit_info.value.code == 2 and str(bad) in capsys.readouterr().err
     assert loads == []
     assert not (tmp_path / "logs").exists()
+
+
+def test_v_prediction_models_train_on_the_velocity(tmp_path):
+    """Eq. 3 for a v-prediction model: the target is sqrt(a) eps - sqrt(1 - a) z0, written out here.
+    Catches training a v-prediction model on the noise (or on the latent)."""
+    module = StyleLoRAModule(model=ModelSpec("tiny", prediction_type="v_prediction"), lora=StyleLoRAConfig(rank=4),
+                             output_dir=str(tmp_path))
+    module.configure_model()
+    assert module.noise_scheduler.config.prediction_type == "v_prediction"
+    generator = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 4, 8, 8, generator=generator)
+    prompts = torch.randn(2, 77, 32, generator=generator)
+    timesteps = torch.tensor([100, 800])
+    a = module.noise_scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    velocity = a.sqrt() * noise - (1 - a).sqrt() * latents
+    with torch.no_grad():
+        loss = module.denoising_loss(latents, prompts, noise, timesteps)
+        prediction = module.unet(noisy, timesteps, encoder_hidden_states=prompts).sample
+    assert loss.item() == pytest.approx(torch.nn.functional.mse_loss(prediction, velocity).item(), rel=1e-5)
+    assert loss.item() != pytest.approx(torch.nn.functional.mse_loss(prediction, noise).item(), rel=1e-2)
+
+
+def test_fit_without_a_config_trains_the_papers_200_steps(tmp_path, style_image, monkeypatch):
+    """Every default of `diffstyler fit` is the paper's (only the model and image size are made small)."""
+    monkeypatch.chdir(tmp_path)  # the default logs go to outputs/logs under the working folder
+    monkeypatch.setattr(sys, "argv", ["diffstyler"])
+    main(["fit", "--model.model.name", "tiny", "--data.images", f"[{style_image}]", "--data.resolution", "64",
+          "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--model.output_dir", "lora"])
+    metadata = json.loads((tmp_path / "lora" / METADATA_NAME).read_text())
+    assert metadata["steps"] == 200
+    assert (metadata["rank"], metadata["alpha"], metadata["learning_rate"]) == (16, 16, 2e-4)
+    assert metadata["target_modules"] == ["to_q", "to_k", "to_v"]
