@@ -300,3 +300,44 @@ def test_a_rerun_says_how_many_jobs_it_skipped(tmp_path, loras, caplog):
         assert "already done" not in caplog.text
         trainer.predict(predictor, datamodule=data)
     assert caplog.text.count("1 job already done, skipped") == 1
+
+
+def test_outside_the_mask_every_steps_latent_is_the_content_trajectory_before_compositing(tmp_path, loras):
+    """Eq. 6 inside the loop, seen from the predictor with pixel compositing on: compositing alone
+    would hide a missing latent blend in the final image, so the latents of every step are checked."""
+    from diffstyler.masks import mask_to_latent, resolve_mask
+    from diffstyler.sampling import ddim_schedule
+
+    predictor = _predictor(tmp_path)
+    assert predictor.output.composite
+    steps = []
+    predictor.step_callback = steps.append
+    entry = StyleEntry(lora=str(loras[0]), mask=MaskSpec(file=str(MASK), feather=2))
+    predictor.stylize_job(_job([entry]))
+
+    content = resize_to_multiple_of_8(load_image(CONTENT), 64)
+    mask = resolve_mask(entry.mask, content)
+    reference, _ = predictor._style_rows([entry.resolved()], [mask], content)
+    trajectory = predictor._trajectory(content, str(CONTENT), ddim_schedule(predictor.pipe.scheduler, 6), reference)
+    outside = ~mask_to_latent(mask, (6, 8)).bool().expand(1, 4, 6, 8)
+    assert len(steps) == 6 and outside.any() and (~outside).any()
+    for state in steps:
+        expected = trajectory[state.step + 1 : state.step + 2]
+        assert torch.equal(state.latents[0][outside], expected[outside]), f"step {state.step}"
+        assert not torch.equal(state.latents[0][~outside], expected[~outside])
+
+
+def test_a_lora_with_nan_weights_fails_the_job_and_writes_no_image(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    lora = write_random_lora(tmp_path / "broken", seed=3)
+    with safe_open(str(lora), framework="pt") as file:
+        metadata = file.metadata()
+    weights = {k: torch.full_like(v, float("nan")) if "lora.up" in k or "lora_B" in k else v
+               for k, v in load_file(str(lora)).items()}
+    save_file(weights, str(lora), metadata=metadata)
+    predictor = _predictor(tmp_path)
+    with pytest.raises(UserError, match=r"non-finite.*style 'broken'"):
+        predictor.stylize_job(_job([StyleEntry(lora=str(lora))]))
+    assert not list((tmp_path / "out").glob("*.png"))
