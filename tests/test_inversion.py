@@ -77,3 +77,28 @@ def test_cache_round_trip_and_key(tmp_path):
     other = InversionKey("abc", "tiny@", 64, 48, 10, 1, "a prompt", "torch.float32")
     assert cache.path(other) != cache.path(key)
     assert cache.load(other) is None
+
+
+def test_a_broken_cache_file_is_named_in_a_warning_and_ignored(tmp_path):
+    import pytest
+
+    cache = InversionCache(tmp_path)
+    key = InversionKey("abc", "tiny@", 64, 48, 10, 1, "", "torch.float32")
+    cache.path(key).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    with pytest.warns(UserWarning, match=f"inversion cache file ignored.*{cache.path(key).name}"):
+        assert cache.load(key) is None
+    cache.save(key, torch.zeros(11, 4, 8, 6))
+    with pytest.warns(UserWarning, match=r"shape \(11, 4, 8, 6\), expected \(11, 4, 6, 8\)"):
+        assert cache.load(key, shape=(11, 4, 6, 8)) is None
+    assert cache.load(key, shape=(11, 4, 8, 6)) is not None
+
+
+def test_a_cache_folder_that_cannot_be_written_is_a_warning_not_an_error(tmp_path):
+    import pytest
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    cache = InversionCache(blocker / "cache")
+    key = InversionKey("abc", "tiny@", 64, 48, 10, 1, "", "torch.float32")
+    with pytest.warns(UserWarning, match="inversion cache not written"):
+        assert cache.save(key, torch.zeros(11, 4, 8, 6)) is None

@@ -110,3 +110,43 @@ def test_a_kohya_format_community_lora_loads_as_a_named_adapter(tmp_path, tiny_p
     load_style_adapter(pipe, file, "community")
     set_adapter_scales(pipe.unet, {"community": 1.0})
     assert (unet_probe(pipe.unet) - unet_probe(reference.unet)).abs().max().item() < 1e-5
+
+
+def write_lora_for_width(path, width: int) -> None:
+    """A diffusers-format LoRA whose cross-attention to_k reads `width`-wide text embeddings."""
+    from safetensors.torch import save_file
+
+    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    save_file({f"{key}.lora.down.weight": torch.zeros(4, width), f"{key}.lora.up.weight": torch.zeros(32, 4)}, str(path))
+
+
+def test_a_lora_for_another_model_family_says_which_it_seems_made_for(tmp_path, tiny_pipe):
+    import pytest
+
+    from diffstyler.errors import UserError
+
+    file = tmp_path / "sdxl_style.safetensors"
+    write_lora_for_width(file, 2048)
+    with pytest.raises(UserError, match=r"sdxl_style\.safetensors.*seems made for SDXL \(cross-attention width 2048\)"):
+        load_style_adapter(tiny_pipe(), file, "sdxl")
+
+
+def test_model_families_by_cross_attention_width(tmp_path):
+    from diffstyler.lora import lora_cross_attention_width, model_family
+
+    assert [model_family(width) for width in (768, 1024, 2048)] == ["SD 1.x", "SD 2.x", "SDXL"]
+    write_lora_for_width(tmp_path / "sd2.safetensors", 1024)
+    assert lora_cross_attention_width(tmp_path / "sd2.safetensors") == 1024
+
+
+def test_a_safetensors_file_without_lora_weights_is_refused_by_name(tmp_path):
+    import pytest
+    from safetensors.torch import save_file
+
+    from diffstyler.errors import UserError
+    from diffstyler.lora import resolve_lora_file
+
+    file = tmp_path / "model.safetensors"
+    save_file({"conv_in.weight": torch.zeros(2, 2)}, str(file))
+    with pytest.raises(UserError, match=r"not a LoRA \(.*model\.safetensors\)"):
+        resolve_lora_file(file)
