@@ -53,7 +53,7 @@ def check_checkpoint_file(path: str | os.PathLike, key: str = "ckpt_path") -> di
     """
     where = f"{key}={path}"
     if not Path(path).is_file():
-        raise MissingFileError("checkpoint not found", where, "not a file")
+        raise MissingFileError("checkpoint not found", where, "it is a folder" if Path(path).is_dir() else "no such file")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:

@@ -144,8 +144,13 @@ def lora_cross_attention_width(path: Path) -> Optional[int]:
     return None
 
 
-def model_family(cross_attention_width: Optional[int]) -> str:
-    return MODEL_FAMILY_BY_CROSS_ATTENTION_WIDTH.get(cross_attention_width, f"a model with {cross_attention_width}-wide text embeddings")
+def model_family(cross_attention_width: Optional[int]) -> Optional[str]:
+    return MODEL_FAMILY_BY_CROSS_ATTENTION_WIDTH.get(cross_attention_width)
+
+
+def describe_width(cross_attention_width: int) -> str:
+    family = model_family(cross_attention_width)
+    return f"{family}, width {cross_attention_width}" if family else f"width {cross_attention_width}"
 
 
 def check_lora_fits(unet: UNet2DConditionModel, file: Path) -> None:
@@ -153,10 +158,10 @@ def check_lora_fits(unet: UNet2DConditionModel, file: Path) -> None:
     width = lora_cross_attention_width(file)
     model_width = unet.config.cross_attention_dim
     if width is not None and width != model_width:
+        made_for = model_family(width) or "another model"
         raise UserError(
             "LoRA does not fit the model", str(file),
-            f"it seems made for {model_family(width)} (cross-attention width {width}), "
-            f"the model is {model_family(model_width)} (width {model_width})",
+            f"it seems made for {made_for} (cross-attention width {width}), not for this model ({describe_width(model_width)})",
         )
 
 

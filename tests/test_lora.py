@@ -127,14 +127,14 @@ def test_a_lora_for_another_model_family_says_which_it_seems_made_for(tmp_path, 
 
     file = tmp_path / "sdxl_style.safetensors"
     write_lora_for_width(file, 2048)
-    with pytest.raises(UserError, match=r"sdxl_style\.safetensors.*seems made for SDXL \(cross-attention width 2048\)"):
+    with pytest.raises(UserError, match=r"sdxl_style\.safetensors.*seems made for SDXL \(cross-attention width 2048\), not for this model \(width 32\)"):
         load_style_adapter(tiny_pipe(), file, "sdxl")
 
 
 def test_model_families_by_cross_attention_width(tmp_path):
     from diffstyler.lora import lora_cross_attention_width, model_family
 
-    assert [model_family(width) for width in (768, 1024, 2048)] == ["SD 1.x", "SD 2.x", "SDXL"]
+    assert [model_family(width) for width in (768, 1024, 2048, 32)] == ["SD 1.x", "SD 2.x", "SDXL", None]
     write_lora_for_width(tmp_path / "sd2.safetensors", 1024)
     assert lora_cross_attention_width(tmp_path / "sd2.safetensors") == 1024
 
