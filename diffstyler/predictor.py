@@ -23,6 +23,7 @@ from PIL import Image
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from diffstyler.data.jobs import StyleEntry
+from diffstyler.errors import UserError
 from diffstyler.checks import check_writable_folder
 from diffstyler.images import load_image, resize_to_multiple_of_8, sha256_file, to_tensor
 from diffstyler.injection import InjectionConfig, describe_ineffective_sites
@@ -39,6 +40,7 @@ from diffstyler.models import ModelSpec, decode_latents, encode_images, load_pip
 from diffstyler.outputs import SETTINGS_HASH_KEY, image_grid, path_inside, pil_to_unit, save_result, to_pil
 from diffstyler.results import job_is_done, settings_hash
 from diffstyler.sampling import ddim_schedule
+from diffstyler.sweep import SweepConfig, labelled_grid, sweep_cells
 from diffstyler.stylize import SamplingConfig, StepCallback, StyleRows, check_finite, denoise_with_injection, fuse_styles
 
 
@@ -94,6 +96,7 @@ class StylizePredictor(LightningModule):
         output: OutputConfig = OutputConfig(),
         inversion_cache: Optional[str] = "outputs/cache/inversion",
         progress: bool = True,
+        sweep: SweepConfig = SweepConfig(),
     ):
         super().__init__()
         self.model_spec = model
@@ -104,6 +107,7 @@ class StylizePredictor(LightningModule):
         check_writable_folder(output.folder, "model.output.folder")  # now, not after the first job's work
         self.cache = InversionCache(inversion_cache) if inversion_cache else None
         self.progress = progress
+        self.sweep = sweep
         # Called after every denoising step with a `stylize.StepState` (observers: previews, tests).
         self.step_callback: Optional[StepCallback] = None
         warn_about_ineffective_sites(injection)
@@ -152,15 +156,33 @@ class StylizePredictor(LightningModule):
         reference_embedding, rows = self._style_rows(styles, masks, content)
         trajectory = self._trajectory(content, job["content"], schedule, reference_embedding)
 
-        with torch.no_grad():
-            latents = denoise_with_injection(
-                self.pipe.unet, trajectory, reference_embedding, rows, schedule,
-                self.injection, self.sampling, callback=self.step_callback, progress=self.progress,
-            )
-        images = self._decode(latents, rows, trajectory, content, masks)
+        def stylized(injection: InjectionConfig) -> list[Image.Image]:
+            with torch.no_grad():
+                latents = denoise_with_injection(
+                    self.pipe.unet, trajectory, reference_embedding, rows, schedule,
+                    injection, self.sampling, callback=self.step_callback, progress=self.progress,
+                )
+            return self._decode(latents, rows, trajectory, content, masks)
+
         settings = self._settings(job, styles, content)
+        if self.sweep.active:
+            images = [self._ablation_grid(stylized, content, paths, settings)]
+        else:
+            images = stylized(self.injection)
         written = self._write(styles, images, paths, content, masks, settings, job_hash)
         return {"id": job["id"], "skipped": False, "outputs": [str(p) for p in written]}
+
+    def _ablation_grid(self, stylized, content: Image.Image, paths: dict[str, Any], settings: dict[str, Any]) -> Image.Image:
+        """One labelled grid of the job's result under every setting of `sweep` (same inversion)."""
+        if len(paths["results"]) != 1:
+            raise UserError("cannot sweep", "model.sweep",
+                            "a sweep makes one grid of one image per setting: give one style, or masks for every style")
+        cells = sweep_cells(self.sweep, self.injection)
+        images = [stylized(cell.injection)[0] for cell in cells]
+        settings["Sweep cells"] = [
+            {**cell.settings, "Content SSIM": round(content_ssim(content, image), 4)} for cell, image in zip(cells, images)
+        ]
+        return labelled_grid(cells, images)
 
     def _output_paths(self, job: dict[str, Any]) -> dict[str, Any]:
         """The job's files (named by `data.jobs.job_output_files`) in the output folder, each checked
@@ -277,6 +299,7 @@ class StylizePredictor(LightningModule):
                 {**asdict(e), "lora_sha256": sha256_file(e.lora)} for e in styles
             ],
             "Injection": asdict(self.injection),
+            **({"Sweep": asdict(self.sweep)} if self.sweep.active else {}),
             "Sampling": asdict(self.sampling),
             "Composite": self.output.composite,
         }
@@ -290,6 +313,7 @@ class StylizePredictor(LightningModule):
             "dtype": str(self.pipe.unet.dtype),
             "sampling": asdict(self.sampling),
             "injection": asdict(self.injection),
+            "sweep": asdict(self.sweep) if self.sweep.active else None,
             "segmenter": asdict(self.segmenter_config) if has_masks else None,
             "composite": self.output.composite if has_masks else None,
             "seed": job["seed"],
@@ -300,9 +324,11 @@ class StylizePredictor(LightningModule):
 
     def _write(self, styles, images, paths, content, masks, settings, job_hash) -> list[Path]:
         prompt = " | ".join(e.prompt for e in styles)
+        # An ablation grid has one similarity per cell, already in its settings.
         written = [
             save_result(image, path, prompt, self.sampling.negative_prompt,
-                        {**settings, "Content SSIM": round(content_ssim(content, image), 4)}, job_hash)
+                        settings if self.sweep.active else {**settings, "Content SSIM": round(content_ssim(content, image), 4)},
+                        job_hash)
             for image, path in zip(images, paths["results"])
         ]
         if paths["grid"] is not None:
