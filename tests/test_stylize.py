@@ -157,3 +157,33 @@ def test_a_lora_with_nan_weights_fails_naming_its_style(setup):
                                    SamplingConfig(steps=STEPS), progress=False)
     finally:
         pipe.unet.delete_adapters("broken")
+
+
+def test_a_half_precision_step_that_overflows_is_run_again_in_float32():
+    """A LoRA with huge weights overflows float16 (inf) but not float32: every such UNet call is
+    redone in float32, the result is finite, and the UNet's dtypes are restored. Catches a missing
+    retry (the job would fail) or a UNet left in float32."""
+    from diffstyler.models import ModelSpec, load_pipeline
+
+    pipe = load_pipeline(ModelSpec("tiny", dtype="float16"))
+    add_style_adapter(pipe.unet, StyleLoRAConfig(rank=4), "huge")
+    randomize_adapter(pipe.unet, "huge", seed=1, std=3000.0)  # finite in float16, its products are not
+    pipe.unet.half().requires_grad_(False)
+    schedule = ddim_schedule(pipe.scheduler, 4)
+    prompts = encode_prompts(pipe, ["", "painting", "ugly"])
+    pixels = torch.rand(1, 3, 64, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    pipe.unet.disable_adapters()
+    trajectory = invert(pipe.unet, encode_images(pipe, pixels), prompts[:1], schedule, progress=False)
+    pipe.unet.enable_adapters()
+    dtypes = {name: p.dtype for name, p in pipe.unet.named_parameters()}
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].dtype))
+    try:
+        result = denoise_with_injection(pipe.unet, trajectory, prompts[:1], [StyleRows("huge", prompts[1:2], prompts[2:3])],
+                                        schedule, InjectionConfig(feature_steps=3, attention_steps=2),
+                                        SamplingConfig(steps=4), progress=False)[0]
+    finally:
+        handle.remove()
+    assert calls == [torch.float16, torch.float32] * 4  # each step failed in half precision, then ran in float32
+    assert result.dtype == torch.float16 and torch.isfinite(result).all()
+    assert {name: p.dtype for name, p in pipe.unet.named_parameters()} == dtypes
