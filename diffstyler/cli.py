@@ -162,7 +162,8 @@ def build_value(value: Any, hint: Any, key: str) -> Any:
         return build_dataclass(value, hint, key)
     origin, arguments = typing.get_origin(hint), typing.get_args(hint)
     if origin in (list, tuple) and arguments and isinstance(value, (list, tuple)):
-        return [build_value(item, arguments[0], f"{key}[{index}]") for index, item in enumerate(value)]
+        items = [build_value(item, arguments[0], f"{key}[{index}]") for index, item in enumerate(value)]
+        return tuple(items) if origin is tuple else items
     if origin is typing.Union:
         dataclass_options = [option for option in arguments if dataclasses.is_dataclass(option)]
         if len(dataclass_options) == 1:

@@ -216,7 +216,7 @@ def files_under(folder: Path) -> list[Path]:
 def test_bad_input_is_one_line_naming_it(row: Row, bad, tmp_path, capsys, monkeypatch, model_loads):
     monkeypatch.chdir(REPO_ROOT)
     monkeypatch.setattr(sys, "argv", ["diffstyler"])
-    monkeypatch.delenv("DIFFSTYLER_DEBUG", raising=False)
+    monkeypatch.setenv("DIFFSTYLER_DEBUG", "0")  # off; and undone after the test, also when --debug set it
     row.setup(monkeypatch)
     args = row.args(tmp_path, bad)
     status, stderr = run_cli(args, capsys)
@@ -257,7 +257,7 @@ def test_a_corrupt_inversion_cache_file_is_named_ignored_and_recomputed(bad, tmp
 def test_debug_flag_shows_the_traceback_instead(bad, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
     monkeypatch.setattr(sys, "argv", ["diffstyler"])
-    monkeypatch.delenv("DIFFSTYLER_DEBUG", raising=False)
+    monkeypatch.setenv("DIFFSTYLER_DEBUG", "0")  # off; and undone after the test, also when --debug set it
     with pytest.raises(ValueError, match="model.sampling"):
         main(predict_args(tmp_path, bad.lora, "--model.sampling.steps", "0", "--debug"))
     monkeypatch.setenv("DIFFSTYLER_DEBUG", "1")
