@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Literal, Optional
 import torch
 from tqdm.auto import tqdm
 
-from diffstyler.errors import UserError
+from diffstyler.errors import UserError, config_error
 from diffstyler.injection import InjectionConfig, Injector, ReferenceMode
 from diffstyler.lora import BASE_ROW, route_adapters
 from diffstyler.sampling import DDIMSchedule, classifier_free_guidance, ddim_step
@@ -54,11 +54,11 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if self.steps < 1:
-            raise ValueError(f"sampling.steps must be >= 1, got {self.steps}")
+            raise config_error("model.sampling.steps", f"must be >= 1, got {self.steps}")
         if self.inversion_substeps < 1:
-            raise ValueError(f"sampling.inversion_substeps must be >= 1, got {self.inversion_substeps}")
+            raise config_error("model.sampling.inversion_substeps", f"must be >= 1, got {self.inversion_substeps}")
         if self.reference not in ("batch", "separate"):
-            raise ValueError(f"sampling.reference must be 'batch' or 'separate', got {self.reference!r}")
+            raise config_error("model.sampling.reference", f"must be 'batch' or 'separate', got {self.reference!r}")
 
     @property
     def uses_uncond(self) -> bool:

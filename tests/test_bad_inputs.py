@@ -125,7 +125,7 @@ def refuse_writes(monkeypatch: pytest.MonkeyPatch) -> None:
 
 ROWS = [
     # config values
-    Row("steps_below_1", lambda t, b: predict_args(t, b.lora, "--model.sampling.steps", "0"), ["model.sampling", "steps"]),
+    Row("steps_below_1", lambda t, b: predict_args(t, b.lora, "--model.sampling.steps", "0"), ["model.sampling.steps"]),
     Row("steps_not_a_number", lambda t, b: predict_args(t, b.lora, "--model.sampling.steps", "many"), ["model.sampling.steps"]),
     Row("injection_window_below_0", lambda t, b: predict_args(t, b.lora, "--model.injection.feature_steps", "-1"),
         ["model.injection.feature_steps"]),
