@@ -38,7 +38,6 @@ from typing import Any, NoReturn, Optional
 from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from diffstyler.checks import check_checkpoint_file
 from diffstyler.data import StyleDataModule, StylizeDataModule

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import torch
 
-from diffstyler.lora import StyleLoRAConfig, add_style_adapter, save_lora
-from diffstyler.models import ModelSpec, load_pipeline
+from diffstyler.inversion import invert
+from diffstyler.lora import StyleLoRAConfig, add_style_adapter, save_lora, set_adapter_scales
+from diffstyler.models import ModelSpec, encode_images, encode_prompts, load_pipeline
+from diffstyler.sampling import ddim_schedule
 
 
 def randomize_adapter(unet, name: str, seed: int, std: float = 0.3) -> None:
@@ -34,3 +36,21 @@ def write_random_lora(folder: Path, seed: int, prompt: str = "painting of sss") 
     save_lora(pipe.unet, "style", folder)
     (folder / "diffstyler_lora.json").write_text(json.dumps({"prompt": prompt, "base_model": "tiny"}))
     return folder / "pytorch_lora_weights.safetensors"
+
+
+def two_style_setup(steps: int):
+    """A tiny pipeline with adapters "a" and "b", a DDIM schedule of `steps`, the prompt embeddings
+    ["", "painting a", "painting b", "ugly"] and the inversion trajectory of a seeded 64x48 image."""
+    pipe = tiny_pipe_with_adapter("a", seed=1)
+    add_style_adapter(pipe.unet, StyleLoRAConfig(rank=4), "b")
+    randomize_adapter(pipe.unet, "b", seed=2)
+    pipe.unet.requires_grad_(False)
+    set_adapter_scales(pipe.unet, {"a": 1.0, "b": 1.0})
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.rand(1, 3, 64, 48, generator=generator) * 2 - 1
+    schedule = ddim_schedule(pipe.scheduler, steps)
+    prompts = encode_prompts(pipe, ["", "painting a", "painting b", "ugly"])
+    pipe.unet.disable_adapters()
+    trajectory = invert(pipe.unet, encode_images(pipe, pixels), prompts[:1], schedule, progress=False)
+    pipe.unet.enable_adapters()
+    return pipe, schedule, prompts, trajectory

@@ -4,31 +4,16 @@ import pytest
 import torch
 
 from diffstyler.injection import InjectionConfig
-from diffstyler.inversion import invert
-from diffstyler.lora import StyleLoRAConfig, add_style_adapter, set_adapter_scales
-from diffstyler.models import encode_images, encode_prompts
-from diffstyler.sampling import ddim_schedule
+from diffstyler.lora import StyleLoRAConfig, add_style_adapter
 from diffstyler.stylize import SamplingConfig, StyleRows, denoise_with_injection, exclusive_masks, fuse_styles
-from tests.helpers import randomize_adapter, tiny_pipe_with_adapter
+from tests.helpers import tiny_pipe_with_adapter, two_style_setup
 
 STEPS = 6
 
 
 @pytest.fixture(scope="module")
 def setup():
-    pipe = tiny_pipe_with_adapter("a", seed=1)
-    add_style_adapter(pipe.unet, StyleLoRAConfig(rank=4), "b")
-    randomize_adapter(pipe.unet, "b", seed=2)
-    pipe.unet.requires_grad_(False)
-    set_adapter_scales(pipe.unet, {"a": 1.0, "b": 1.0})
-    generator = torch.Generator().manual_seed(0)
-    pixels = torch.rand(1, 3, 64, 48, generator=generator) * 2 - 1
-    schedule = ddim_schedule(pipe.scheduler, STEPS)
-    prompts = encode_prompts(pipe, ["", "painting a", "painting b", "ugly"])
-    pipe.unet.disable_adapters()
-    trajectory = invert(pipe.unet, encode_images(pipe, pixels), prompts[:1], schedule, progress=False)
-    pipe.unet.enable_adapters()
-    return pipe, schedule, prompts, trajectory
+    return two_style_setup(STEPS)
 
 
 def _mask(rows: slice, cols: slice) -> torch.Tensor:
