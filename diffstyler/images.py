@@ -61,9 +61,11 @@ def open_image_file(path: str | os.PathLike) -> Image.Image:
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     limit = max_image_pixels()
+    pillow_limit = Image.MAX_IMAGE_PIXELS
     try:
-        # Pillow's decompression-bomb guard is the process-wide Image.MAX_IMAGE_PIXELS; between the
-        # limit and twice it Pillow only warns, so the warning is made an error too.
+        # Pillow's decompression-bomb guard is the process-wide Image.MAX_IMAGE_PIXELS (set for this
+        # read only, then put back); between the limit and twice it Pillow only warns, so the
+        # warning is made an error too.
         Image.MAX_IMAGE_PIXELS = limit
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -81,6 +83,8 @@ def open_image_file(path: str | os.PathLike) -> Image.Image:
     # optional pi-heif plugin on unreadable files, which fails with ImportError when absent.
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, ImportError) as error:
         raise ImageLoadError("not a readable image", str(path), " ".join(str(error).split())) from error
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
 
 
 def open_upright_image(path: str | os.PathLike) -> Image.Image:

@@ -135,3 +135,18 @@ def test_a_bad_pixel_limit_names_the_variable(tmp_path, monkeypatch, value):
     monkeypatch.setenv(MAX_PIXELS_VARIABLE, value)
     with pytest.raises(UserError, match=MAX_PIXELS_VARIABLE):
         load_image(image_of_pixels(tmp_path, 4, 4))
+
+
+def test_the_pixel_limit_is_ours_alone_pillows_global_is_put_back(tmp_path, monkeypatch):
+    """Pillow's limit is process-wide: a read with DIFFSTYLER_MAX_IMAGE_PIXELS must not leave it changed
+    for other code (it once made every later Image.open in the process refuse small images)."""
+    from PIL import Image as PILImage
+
+    from diffstyler.images import load_image
+
+    path = tmp_path / "small.png"
+    PILImage.new("RGB", (20, 20)).save(path)
+    before = PILImage.MAX_IMAGE_PIXELS
+    monkeypatch.setenv(MAX_PIXELS_VARIABLE, "1000")
+    load_image(path)
+    assert PILImage.MAX_IMAGE_PIXELS == before
