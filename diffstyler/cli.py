@@ -23,22 +23,18 @@ uses for a bad command line); `--debug` or DIFFSTYLER_DEBUG=1 shows the tracebac
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
-import signal
 import sys
-import tempfile
-import time
 import typing
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, Optional
 
 from jsonargparse import ArgumentError, Namespace
-from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
+from diffstyler.callbacks import first_failure
+from diffstyler.callbacks.first_failure import ReportFirstFailure, failure_of_another_rank, wait_for_launcher_exit
 from diffstyler.checks import check_checkpoint_file
 from diffstyler.data import StyleDataModule, StylizeDataModule
 from diffstyler.errors import UserError, config_error, first_line
@@ -90,7 +86,8 @@ class DiffStylerCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
-        trainer.callbacks.append(ReportFirstFailure(self.subcommand))
+        subcommand = self.subcommand
+        trainer.callbacks.append(ReportFirstFailure(lambda error, rank: failure_line(subcommand, error, rank)))
         return trainer
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
@@ -211,68 +208,6 @@ def split_debug_flag(args: list[str]) -> tuple[bool, list[str]]:
     return debug, [arg for arg in args if arg != DEBUG_FLAG]
 
 
-# --- several processes (DDP) ---------------------------------------------------------------------
-#
-# When a job fails on one rank, the other ranks only see a broken connection (gloo: "Connection
-# closed by peer"), and rank 0, whose output the user reads last, would end with that traceback;
-# or Lightning's process observer kills rank 0 when a child exits with an error. So:
-# - each rank reports its own failure to a folder shared by the ranks of the run, in
-#   `on_exception` (before Lightning tears anything down, hence before the others' connections
-#   break), and a child rank then interrupts the launcher (rank 0 of the node) with SIGUSR1 and
-#   stays alive, so that the observer does not kill the launcher, until the launcher has exited;
-# - a rank whose error is not a user error but follows another rank's report shows that report
-#   instead: rank 0 prints its line last and exits with its status; the others exit quietly.
-
-@dataclass
-class DistributedRun:
-    rank: int  # this process's global rank
-    launcher_pid: int  # the process that started this node's ranks (local rank 0)
-    reports: Path  # the folder shared by the ranks of this run
-
-    @property
-    def is_launcher(self) -> bool:
-        return self.launcher_pid == os.getpid()
-
-
-class AnotherRankFailed(RuntimeError):
-    """Raised in the launcher when a child rank has reported its failure (SIGUSR1)."""
-
-
-def raise_another_rank_failed(signum: int, frame: Any) -> NoReturn:
-    raise AnotherRankFailed("another rank failed")
-
-
-WAIT_FOR_LAUNCHER_S = 20.0  # how long a failed child waits for the launcher to report and exit
-
-
-# Set in the trainer's setup of a multi-process run. Kept here because Lightning's teardown removes
-# WORLD_SIZE from the environment before `main` sees the error.
-current_run: Optional[DistributedRun] = None
-
-
-def failure_reports_folder(launcher_pid: int) -> Path:
-    """One folder per run, named by the launcher's pid and the run's port."""
-    run = f"{launcher_pid}-{os.environ.get('MASTER_PORT', '')}"
-    return Path(tempfile.gettempdir()) / "diffstyler" / "failures" / run
-
-
-def report_failure(run: DistributedRun, line: str, status: int) -> None:
-    run.reports.mkdir(parents=True, exist_ok=True)
-    temporary = run.reports / f".rank{run.rank}.tmp"
-    temporary.write_text(json.dumps({"rank": run.rank, "line": line, "status": status}))
-    os.replace(temporary, run.reports / f"rank{run.rank}.json")  # readers never see half a report
-
-
-def failure_of_another_rank(run: DistributedRun) -> Optional[dict[str, Any]]:
-    """The earliest failure reported by another rank of this run, if any."""
-    reports = sorted(run.reports.glob("rank*.json"), key=lambda path: path.stat().st_mtime_ns) if run.reports.is_dir() else []
-    for path in reports:
-        report = json.loads(path.read_text())
-        if report["rank"] != run.rank:
-            return report
-    return None
-
-
 def failure_line(subcommand: str, error: BaseException, rank: Optional[int]) -> tuple[str, int]:
     """The line and exit status for `error`; user errors are one line, others point at their traceback."""
     place = f"[rank {rank}] " if rank is not None else ""
@@ -281,32 +216,10 @@ def failure_line(subcommand: str, error: BaseException, rank: Optional[int]) -> 
     return f"diffstyler {subcommand}: error: {place}{type(error).__name__}: {first_line(error)} (traceback above)", 1
 
 
-class ReportFirstFailure(Callback):
-    """Reports this rank's failure for the other ranks (see above), unless another rank failed first."""
-
-    def __init__(self, subcommand: str) -> None:
-        self.subcommand = subcommand
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        global current_run
-        if trainer.world_size <= 1:
-            return
-        launcher_pid = os.getpid() if trainer.local_rank == 0 else os.getppid()
-        current_run = DistributedRun(trainer.global_rank, launcher_pid, failure_reports_folder(launcher_pid))
-        if current_run.is_launcher and hasattr(signal, "SIGUSR1"):
-            signal.signal(signal.SIGUSR1, raise_another_rank_failed)
-
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if current_run is None or failure_of_another_rank(current_run) is not None:
-            return
-        report_failure(current_run, *failure_line(self.subcommand, exception, current_run.rank))
-        if not current_run.is_launcher and hasattr(signal, "SIGUSR1"):
-            os.kill(current_run.launcher_pid, signal.SIGUSR1)
-
-
 def exit_for(subcommand: str, error: BaseException) -> None:
     """Print the one line for a user error and exit; in a multi-process run, show the first failing
     rank's error in place of a broken connection. Returns (the caller re-raises) for anything else."""
+    current_run = first_failure.current_run  # set by ReportFirstFailure in a multi-process run
     rank = current_run.rank if current_run is not None else None
     earlier = failure_of_another_rank(current_run) if current_run is not None else None
     if earlier is not None and not isinstance(error, USER_ERRORS):
@@ -318,19 +231,6 @@ def exit_for(subcommand: str, error: BaseException) -> None:
         if current_run is not None and not current_run.is_launcher:
             wait_for_launcher_exit(current_run)
         sys.exit(USER_ERROR_STATUS)
-
-
-def wait_for_launcher_exit(run: DistributedRun) -> None:
-    """Keep a failed child alive until the launcher has printed its report and exited: Lightning's
-    observer kills the launcher as soon as a child exits with an error. The process group goes
-    first, so that a launcher blocked in a collective wakes up with a broken connection."""
-    import torch.distributed
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    deadline = time.monotonic() + WAIT_FOR_LAUNCHER_S
-    while os.getppid() == run.launcher_pid and time.monotonic() < deadline:
-        time.sleep(0.1)
 
 
 def main(args: Optional[list[str]] = None) -> None:
