@@ -13,7 +13,10 @@ Measures
    (reference alone, then the style rows): `sampling.reference` "batch" vs "separate";
 2. inversion at the sampler's timesteps (substeps 1) against the paper's 1000-step inversion
    (substeps = 1000 / steps);
-3. UNet parameter bytes and (on CUDA) peak memory for 1, 2 and 4 styles on one UNet.
+3. UNet parameter bytes and (on CUDA) peak memory for 1, 2 and 4 styles on one UNet;
+4. two styles with `reference_model: style` (one reference row per style, the authors' code)
+   against `base` (one shared base-model row), and the residual-branch feature site (default)
+   against the resnet-output site.
 """
 
 from __future__ import annotations
@@ -96,12 +99,12 @@ def main() -> None:
     trajectory = invert(unet, latent, prompts[:1], schedule, 1, progress=False)
     unet.enable_adapters()
 
-    def run(styles: int, reference: str):
+    def run(styles: int, reference: str, **injection_fields):
         names = [f"s{k}" for k in range(styles)]
         set_adapter_scales(unet, {n: 1.0 for n in names})
         rows = [StyleRows(n, prompts[1:2], prompts[2:3]) for n in names]
         sampling = SamplingConfig(steps=args.steps, reference=reference)
-        injection = InjectionConfig(feature_steps=args.steps * 3 // 5, attention_steps=args.steps // 2)
+        injection = InjectionConfig(feature_steps=args.steps * 3 // 5, attention_steps=args.steps // 2, **injection_fields)
         return lambda: denoise_with_injection(unet, trajectory, prompts[:1], rows, schedule, injection, sampling, progress=False)
 
     print(f"model={args.model} resolution={args.resolution} steps={args.steps} device={args.device} dtype={args.dtype}")
@@ -117,6 +120,12 @@ def main() -> None:
         params = base_bytes + styles * adapter_bytes
         print(f"styles={styles}: {seconds:.3f} s, UNet+adapters {params / 2**20:.1f} MiB "
               f"(x{params / base_bytes:.3f} of the UNet), peak CUDA memory {peak:.0f} MiB")
+    t_shared = timed(args.device, run(2, "batch"))
+    t_per_style = timed(args.device, run(2, "batch", reference_model="style"))
+    print(f"2 styles: reference_model base {t_shared:.3f} s, style {t_per_style:.3f} s, style/base {t_per_style / t_shared:.2f}")
+    t_output_site = timed(args.device, run(1, "batch", feature_site="output"))
+    print(f"1 style: feature_site residual {t_batch:.3f} s, output {t_output_site:.3f} s, "
+          f"residual/output {t_batch / t_output_site:.2f}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,11 @@ nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
   --model.model.dtype float16 --data.styles "[{lora: $OUT/lora}]" --model.output.folder "$OUT/stylized" \
   --model.inversion_cache "$OUT/cache" --trainer.logger.init_args.save_dir "$OUT/logs" 2>&1 | tail -3 | tee "$OUT/predict.txt"
 ls "$OUT/stylized"
+# the authors'-code preset: one reference row per style through its LoRA, 1000-step inversion
+.venv/bin/diffstyler predict --config configs/smoke/stylize.yaml --config configs/smoke/presets/paper_code.yaml \
+  --trainer.accelerator gpu --model.model.dtype float16 --data.styles "[{lora: $OUT/lora}]" \
+  --model.output.folder "$OUT/paper_code" --model.inversion_cache "$OUT/cache" --trainer.logger.init_args.save_dir "$OUT/logs" \
+  2>&1 | tail -3 | tee "$OUT/paper_code.txt"
 
 # 3. real SD 2.1-base sizes (random weights): speed ratios and peak CUDA memory for 1/2/4 styles
 $PY benchmarks/bench_stylize.py --model sd21-random --device cuda --dtype float16 --resolution 512 --steps 50 \
