@@ -8,6 +8,7 @@ square images of the paper this equals its `Resize(512)`; for other shapes it bo
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import warnings
@@ -138,7 +139,17 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's bytes, read in chunks."""
+    """Hex SHA-256 of a file's bytes.
+
+    Remembered per (path, size, modification time): every job hashes its content and each LoRA
+    for its settings, and community LoRAs weigh hundreds of MB. A rewritten file is hashed again.
+    """
+    status = os.stat(path)
+    return _sha256_of(os.path.realpath(path), status.st_size, status.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for chunk in iter(lambda: file.read(1 << 20), b""):

@@ -150,3 +150,22 @@ def test_the_pixel_limit_is_ours_alone_pillows_global_is_put_back(tmp_path, monk
     monkeypatch.setenv(MAX_PIXELS_VARIABLE, "1000")
     load_image(path)
     assert PILImage.MAX_IMAGE_PIXELS == before
+
+
+def test_file_hashes_are_remembered_until_the_file_changes(tmp_path):
+    """sha256_file is called per job for the content and every LoRA; a rewritten file must not keep
+    its old hash (resume and the inversion cache trust it)."""
+    import hashlib
+    import os
+
+    from diffstyler.images import sha256_file
+
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"first")
+    assert sha256_file(path) == hashlib.sha256(b"first").hexdigest()
+    path.write_bytes(b"second!")
+    os.utime(path, ns=(1, 1))  # even with an old modification time, the size differs
+    assert sha256_file(path) == hashlib.sha256(b"second!").hexdigest()
+    path.write_bytes(b"third!!")  # same size as before
+    os.utime(path, ns=(2, 2))
+    assert sha256_file(path) == hashlib.sha256(b"third!!").hexdigest()
