@@ -216,8 +216,22 @@ def encode_prompts_per_adapter(pipe: StableDiffusionPipeline, prompts: list[str]
         return encode_prompts(pipe, prompts)
 
 
-def lora_layers(module: torch.nn.Module) -> Iterator[LoraLayer]:
-    return (m for m in module.modules() if isinstance(m, LoraLayer))
+_LORA_LAYERS = "_diffstyler_lora_layers"  # (adapter names, layers), kept in the module's __dict__
+
+
+def lora_layers(module: torch.nn.Module) -> list[LoraLayer]:
+    """The module's LoRA layers, found once per set of loaded adapters.
+
+    Walking every submodule (1,668 in the tiny UNet) costs about 5% of a tiny UNet call, and
+    `route_adapters` needs the layers on every call. Loading or deleting an adapter changes
+    `peft_config`, and with it the key, so the layers are then found again.
+    """
+    adapters = tuple(sorted(getattr(module, "peft_config", None) or {}))
+    cached = module.__dict__.get(_LORA_LAYERS)
+    if cached is None or cached[0] != adapters:
+        cached = (adapters, [m for m in module.modules() if isinstance(m, LoraLayer)])
+        module.__dict__[_LORA_LAYERS] = cached
+    return cached[1]
 
 
 @contextlib.contextmanager

@@ -150,3 +150,32 @@ def test_a_safetensors_file_without_lora_weights_is_refused_by_name(tmp_path):
     save_file({"conv_in.weight": torch.zeros(2, 2)}, str(file))
     with pytest.raises(UserError, match=r"not a LoRA \(.*model\.safetensors\)"):
         resolve_lora_file(file)
+
+
+def test_routing_sees_lora_layers_of_adapters_added_after_its_first_use():
+    """`lora_layers` is found once per adapter set: an adapter on other modules, added later, must be
+    routed too (a stale list would leave its new layers running the active adapters on base rows)."""
+    from diffstyler.lora import BASE_ROW, route_adapters, set_adapter_scales
+    from tests.helpers import randomize_adapter, tiny_pipe_with_adapter
+
+    pipe = tiny_pipe_with_adapter("a", seed=1)
+    unet = pipe.unet
+    generator = torch.Generator().manual_seed(0)
+    latents, text = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 77, 32, generator=generator)
+
+    def forward():
+        with torch.no_grad():
+            return unet(latents, 500, encoder_hidden_states=text).sample
+
+    with route_adapters(unet, ["a"]):
+        forward()  # the layer list is now known for {"a"}
+    add_style_adapter(unet, StyleLoRAConfig(rank=4, target_modules=["to_out.0"]), "b")
+    randomize_adapter(unet, "b", seed=2)
+    unet.requires_grad_(False)
+    set_adapter_scales(unet, {"a": 1.0, "b": 1.0})
+    with route_adapters(unet, [BASE_ROW]):
+        routed = forward()
+    unet.disable_adapters()
+    base = forward()
+    unet.enable_adapters()
+    assert (routed - base).abs().max().item() < 1e-6
