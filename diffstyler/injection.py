@@ -139,7 +139,7 @@ def ineffective_sites(config: InjectionConfig) -> dict[str, list[int]]:
         return {}
     order = decoder_execution_order()
     last_output = order.index((max(config.feature_layers), "resnet"))
-    before = {site for site in order[:last_output]}
+    before = set(order[:last_output])
     dominated = {"features": sorted(l for l in config.feature_layers if (l, "resnet") in before)}
     attention_on = (config.self_attention or config.cross_attention) and config.attention_steps > 0
     if attention_on and config.attention_steps <= config.feature_steps:

@@ -178,10 +178,9 @@ def _finite_unet_outputs(unet, injector: Injector, reference_mode: str, step: in
     outputs = _unet_outputs(unet, injector, reference_mode, step, t, reference, styles)
     if _all_finite(outputs) or unet.dtype == torch.float32:
         return outputs
+    reference_float = (_as_float(reference[0]), reference[1]) if reference else None
     with float32_model(unet):
-        as_float = [_as_float(reference[0]) if reference else None, _as_float(styles)]
-        reference_float = (as_float[0], reference[1]) if reference else None
-        outputs = _unet_outputs(unet, injector, reference_mode, step, t, reference_float, as_float[1])
+        outputs = _unet_outputs(unet, injector, reference_mode, step, t, reference_float, _as_float(styles))
     return tuple(None if o is None else o.to(styles.latents[0].dtype) for o in outputs)
 
 
