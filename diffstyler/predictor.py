@@ -166,23 +166,25 @@ class StylizePredictor(LightningModule):
 
         settings = self._settings(job, styles, content)
         if self.sweep.active:
-            images = [self._ablation_grid(stylized, content, paths, settings)]
+            grid, settings["Sweep cells"] = self._ablation_grid(stylized, content, paths)
+            images = [grid]
         else:
             images = stylized(self.injection)
         written = self._write(styles, images, paths, content, masks, settings, job_hash)
         return {"id": job["id"], "skipped": False, "outputs": [str(p) for p in written]}
 
-    def _ablation_grid(self, stylized, content: Image.Image, paths: dict[str, Any], settings: dict[str, Any]) -> Image.Image:
-        """One labelled grid of the job's result under every setting of `sweep` (same inversion)."""
+    def _ablation_grid(self, stylized, content: Image.Image, paths: dict[str, Any]) -> tuple[Image.Image, list[dict]]:
+        """One labelled grid of the job's result under every setting of `sweep` (same inversion),
+        and each cell's settings with its Content SSIM."""
         if len(paths["results"]) != 1:
             raise UserError("cannot sweep", "model.sweep",
                             "a sweep makes one grid of one image per setting: give one style, or masks for every style")
         cells = sweep_cells(self.sweep, self.injection)
         images = [stylized(cell.injection)[0] for cell in cells]
-        settings["Sweep cells"] = [
+        summaries = [
             {**cell.settings, "Content SSIM": round(content_ssim(content, image), 4)} for cell, image in zip(cells, images)
         ]
-        return labelled_grid(cells, images)
+        return labelled_grid(cells, images), summaries
 
     def _output_paths(self, job: dict[str, Any]) -> dict[str, Any]:
         """The job's files (named by `data.jobs.job_output_files`) in the output folder, each checked
