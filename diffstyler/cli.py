@@ -29,12 +29,16 @@ import sys
 import typing
 from typing import Any, Optional
 
+from pathlib import Path
+
 from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from diffstyler.callbacks import first_failure
 from diffstyler.callbacks.first_failure import ReportFirstFailure, failure_of_another_rank, wait_for_launcher_exit
+from diffstyler.callbacks.progress import JobProgressBar
 from diffstyler.checks import check_checkpoint_file
 from diffstyler.data import StyleDataModule, StylizeDataModule
 from diffstyler.errors import UserError, config_error, first_line
@@ -42,6 +46,7 @@ from diffstyler.images import ImageLoadError
 from diffstyler.masks import MaskError
 from diffstyler.models import ModelLoadError
 from diffstyler.predictor import StylizePredictor
+from diffstyler.results import DONE, FAILED, RESULTS_NAME, SKIPPED
 from diffstyler.training import StyleLoRAModule
 
 # subcommand -> (LightningModule class, LightningDataModule class). The only place to add one.
@@ -56,6 +61,8 @@ DESCRIPTION = "DiffStyler: learn style LoRAs on Stable Diffusion 2.1-base and st
 # MaskError and ModelLoadError predate UserError; ArgumentError is jsonargparse's (exit_on_error off).
 USER_ERRORS = (UserError, FileNotFoundError, ImageLoadError, MaskError, ModelLoadError, ArgumentError)
 USER_ERROR_STATUS = 2
+JOBS_FAILED_STATUS = 1  # some jobs of a predict run failed (each recorded in results.jsonl); the rest are done
+MAX_FAILURES_SHOWN = 20
 DEBUG_FLAG = "--debug"
 DEBUG_VARIABLE = "DIFFSTYLER_DEBUG"
 # Lightning's own names for a checkpoint it finds itself (`--ckpt_path last`); no file to check.
@@ -88,7 +95,22 @@ class DiffStylerCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         subcommand = self.subcommand
         trainer.callbacks.append(ReportFirstFailure(lambda error, rank: failure_line(subcommand, error, rank)))
+        if subcommand == "predict":
+            count_jobs_in_progress_bar(trainer)
         return trainer
+
+    def after_predict(self) -> None:
+        """The run's summary on rank zero; exit status 1 when a job failed (the others are done)."""
+        summary = getattr(self.model, "summary", None)
+        if not summary:
+            return
+        folder = Path(self.model.output.folder)
+        if self.trainer.is_global_zero:
+            for line in self.model.failures[:MAX_FAILURES_SHOWN]:
+                print(f"diffstyler predict: job failed: {line}", file=sys.stderr)
+            print(summary_line(summary, folder / RESULTS_NAME), file=sys.stderr)
+        if summary[FAILED]:
+            sys.exit(JOBS_FAILED_STATUS)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         # Runs before LightningCLI reads the checkpoint's hyper-parameters and instantiates anything.
@@ -101,6 +123,20 @@ class DiffStylerCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         lightning_subcommands = LightningCLI.subcommands()
         return {name: lightning_subcommands[name] for name in MODES}
+
+
+def count_jobs_in_progress_bar(trainer: Trainer) -> None:
+    """Lightning's own progress bar (tqdm, or rich where it is installed), if the trainer has one,
+    replaced by one that counts jobs; a progress bar the user configured is kept."""
+    for index, callback in enumerate(trainer.callbacks):
+        if type(callback) in (TQDMProgressBar, RichProgressBar):
+            trainer.callbacks[index] = JobProgressBar()
+
+
+def summary_line(summary: dict[str, int], results: Path) -> str:
+    total = sum(summary.values())
+    return (f"diffstyler predict: {total} job{'' if total == 1 else 's'}: {summary[DONE]} done, "
+            f"{summary[SKIPPED]} already done (skipped), {summary[FAILED]} failed; results in {results}")
 
 
 # Trainer defaults that make a run without --config follow the paper (section IV): 200 LoRA steps.

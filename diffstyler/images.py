@@ -88,6 +88,24 @@ def open_image_file(path: str | os.PathLike) -> Image.Image:
         Image.MAX_IMAGE_PIXELS = pillow_limit
 
 
+def check_image_header(path: str | os.PathLike) -> None:
+    """Fail like `open_image_file` when `path` is missing or not an image Pillow can identify,
+    reading only the header (cheap: for the files named one by one in a config). The pixel limit
+    is checked when the image is decoded, by `open_image_file`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = None
+        with Image.open(path):
+            pass
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, ImportError) as error:
+        raise ImageLoadError("not a readable image", str(path), " ".join(str(error).split())) from error
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
+
+
 def open_upright_image(path: str | os.PathLike) -> Image.Image:
     """`open_image_file`, turned upright per the file's EXIF orientation (mode untouched).
 

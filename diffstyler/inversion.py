@@ -67,17 +67,33 @@ def invert(
     The noise at each move is predicted at the current latent and the *target* timestep (the
     convention of null-text inversion), with the UNet as given: disable LoRA adapters before.
     """
+    return invert_batch(unet, latent, embedding, schedule, substeps, callback, progress)[0]
+
+
+@torch.no_grad()
+def invert_batch(
+    unet: torch.nn.Module,
+    latents: torch.Tensor,
+    embedding: torch.Tensor,
+    schedule: DDIMSchedule,
+    substeps: int = 1,
+    callback: Optional[InversionCallback] = None,
+    progress: bool = True,
+) -> list[torch.Tensor]:
+    """`invert` of several latents [B, C, h, w] of one size in one UNet call per move; one
+    trajectory [N + 1, C, h, w] per latent. `embedding` [1, 77, d] is shared by all of them."""
     moves = inversion_timesteps(schedule, substeps)
-    kept = [latent]
-    x = latent
-    for index, (low, high, keep) in enumerate(tqdm(moves, desc="DDIM inversion", disable=not progress)):
-        model_output = unet(x, high, encoder_hidden_states=embedding).sample
+    embeddings = embedding.expand(latents.shape[0], *embedding.shape[1:])
+    kept = [latents]
+    x = latents
+    for index, (low, high, keep) in enumerate(tqdm(moves, desc="DDIM inversion", disable=not progress, leave=False)):
+        model_output = unet(x, high, encoder_hidden_states=embeddings).sample
         x = ddim_step(x, model_output, schedule.alpha_at(low), schedule.alpha_at(high), schedule.prediction_type)
         if keep:
             kept.append(x)
         if callback is not None:
             callback(index, high, x)
-    return torch.cat(kept[::-1])
+    return list(torch.stack(kept[::-1], dim=1).unbind(0))
 
 
 # --- cache ------------------------------------------------------------------------------------

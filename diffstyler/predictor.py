@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import asdict, dataclass
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -22,12 +25,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from diffstyler.data.jobs import StyleEntry
-from diffstyler.errors import UserError
+from diffstyler.data.jobs import StyleEntry, chunked
+from diffstyler.errors import UserError, config_error, first_line
 from diffstyler.checks import check_writable_folder
 from diffstyler.images import load_image, resize_to_multiple_of_8, sha256_file, to_tensor
 from diffstyler.injection import InjectionConfig, describe_ineffective_sites
-from diffstyler.inversion import InversionCache, InversionKey, invert
+from diffstyler.inversion import InversionCache, InversionKey, invert_batch
 from diffstyler.lora import (
     BASE_ROW,
     encode_prompts_per_adapter,
@@ -35,13 +38,52 @@ from diffstyler.lora import (
     set_adapter_scales,
     set_text_encoder_scales,
 )
-from diffstyler.masks import FastSAMSegmenter, SegmenterConfig, mask_to_latent, resolve_mask, save_mask_png
-from diffstyler.models import ModelSpec, decode_latents, encode_images, load_pipeline
+from diffstyler.masks import FastSAMSegmenter, MaskError, SegmenterConfig, mask_to_latent, resolve_mask, save_mask_png
+from diffstyler.models import ModelLoadError, ModelSpec, decode_latents, encode_images, load_pipeline
 from diffstyler.outputs import SETTINGS_HASH_KEY, image_grid, path_inside, pil_to_unit, save_result, to_pil
-from diffstyler.results import job_is_done, settings_hash
+from diffstyler.results import DONE, FAILED, SKIPPED, ResultsLog, job_is_done, merge_results, settings_hash
 from diffstyler.sampling import ddim_schedule
 from diffstyler.sweep import SweepConfig, labelled_grid, sweep_cells
-from diffstyler.stylize import SamplingConfig, StepCallback, StyleRows, check_finite, denoise_with_injection, fuse_styles
+from diffstyler.stylize import (
+    DenoiseJob,
+    SamplingConfig,
+    StepCallback,
+    StyleRows,
+    check_finite,
+    denoise_jobs,
+    fuse_styles,
+)
+
+log = logging.getLogger(__name__)
+
+# What fails one job (its input: an unreadable image, an empty mask, a LoRA that does not fit,
+# non-finite latents) and, with data.on_error "continue", not the run. Anything else is a bug or
+# the machine's (out of memory) and stops the run.
+JOB_ERRORS = (UserError, FileNotFoundError, MaskError, ModelLoadError)
+RECENT_TRAJECTORIES = 8  # inversion trajectories kept in memory (a few MB each at 512 px)
+MAX_EMBEDDINGS = 1024  # (prompt, adapter) text embeddings kept (300 KB each for SD 2.1)
+
+
+@dataclass
+class PreparedJob:
+    """A job ready to denoise: its inputs decoded, masks resolved, adapters and prompts set up."""
+
+    job: dict[str, Any]
+    styles: list[StyleEntry]
+    paths: dict[str, Any]
+    job_hash: str
+    content: Image.Image
+    masks: list[Optional[torch.Tensor]]
+    reference_embedding: torch.Tensor
+    rows: list[StyleRows]
+    seconds: float = 0.0  # spent preparing
+    trajectory: Optional[torch.Tensor] = None
+    unet_rows: int = 0
+
+
+def failure_message(error: BaseException) -> str:
+    """A failed job's error as one line, for results.jsonl and the run's summary."""
+    return first_line(error.line() if isinstance(error, UserError) else error)
 
 
 @dataclass
@@ -84,7 +126,10 @@ class StylizePredictor(LightningModule):
         segmenter: FastSAM weights and CLIP model for text / box / point masks.
         output: where and what to write.
         inversion_cache: folder for cached inversion trajectories (None: no cache).
-        progress: show progress bars for inversion and denoising.
+        progress: show inner progress bars for inversion and denoising (the run has one bar of jobs).
+        max_unet_rows: cap on the batch rows of one UNet call (None: no cap); jobs of a chunk
+          (`data.batch_size`) beyond it run in further calls.
+        max_loaded_adapters: LoRAs kept loaded at once (least recently used deleted first).
     """
 
     def __init__(
@@ -95,8 +140,10 @@ class StylizePredictor(LightningModule):
         segmenter: SegmenterConfig = SegmenterConfig(),
         output: OutputConfig = OutputConfig(),
         inversion_cache: Optional[str] = "outputs/cache/inversion",
-        progress: bool = True,
+        progress: bool = False,
         sweep: SweepConfig = SweepConfig(),
+        max_unet_rows: Optional[int] = None,
+        max_loaded_adapters: int = 16,
     ):
         super().__init__()
         self.model_spec = model
@@ -111,10 +158,24 @@ class StylizePredictor(LightningModule):
         # Called after every denoising step with a `stylize.StepState` (observers: previews, tests).
         self.step_callback: Optional[StepCallback] = None
         warn_about_ineffective_sites(injection)
+        if max_unet_rows is not None and max_unet_rows < 1:
+            raise config_error("model.max_unet_rows", f"must be >= 1 or null (no cap), got {max_unet_rows}")
+        if max_loaded_adapters < 1:
+            raise config_error("model.max_loaded_adapters", f"must be >= 1, got {max_loaded_adapters}")
+        self.max_unet_rows = max_unet_rows
+        self.max_loaded_adapters = max_loaded_adapters
         self.pipe = None
-        self._adapters: dict[tuple[str, float], str] = {}
+        self._adapters: OrderedDict[tuple[str, float], str] = OrderedDict()  # (LoRA, scale) -> adapter, LRU order
+        self._adapter_scales: dict[str, float] = {}
+        self._adapters_loaded = 0
+        self._embeddings: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()  # (prompt, adapter) -> [1, 77, d]
+        self._recent_trajectories: OrderedDict[InversionKey, torch.Tensor] = OrderedDict()
         self._segmenter: Optional[FastSAMSegmenter] = None
-        self._skipped_jobs = 0  # jobs found already done in this predict run, for `on_predict_end`
+        # this process's job counts and failures in the current predict run, and its results log
+        self.counts: dict[str, int] = {DONE: 0, SKIPPED: 0, FAILED: 0}
+        self.failures: list[str] = []
+        self.summary: dict[str, int] = {}
+        self._results_log: Optional[ResultsLog] = None
 
     def configure_model(self) -> None:
         if self.pipe is not None:
@@ -127,51 +188,165 @@ class StylizePredictor(LightningModule):
     # -- Lightning ------------------------------------------------------------------------------
 
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int = 0) -> list[dict[str, Any]]:
-        return [self.stylize_job(job) for job in batch]
+        return self.stylize_jobs(batch)
 
     def on_predict_start(self) -> None:
-        self._skipped_jobs = 0
+        self.counts = {DONE: 0, SKIPPED: 0, FAILED: 0}
+        self.failures = []
+        self._results_log = ResultsLog(self.output.folder)
 
     def on_predict_end(self) -> None:
-        """Say once (rank zero) how many jobs were already done, summed over all processes."""
-        count = torch.tensor(self._skipped_jobs, device=self.device)
-        skipped = int(self.trainer.strategy.reduce(count, reduce_op="sum"))
+        """Sum the job counts of every process; rank zero merges results.jsonl and says how many
+        jobs were skipped. `self.summary` is the whole run's counts on every process."""
+        counts = torch.tensor([self.counts[DONE], self.counts[SKIPPED], self.counts[FAILED]], device=self.device)
+        total = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        self.summary = dict(zip((DONE, SKIPPED, FAILED), (int(n) for n in total)))
+        self.trainer.strategy.barrier("results")
+        job_ids = getattr(self.trainer.datamodule, "job_ids", None)
+        if self.trainer.is_global_zero and job_ids is not None:
+            merge_results(self.output.folder, job_ids())
+        skipped = self.summary[SKIPPED]
         if skipped:
             rank_zero_info(f"{skipped} job{'' if skipped == 1 else 's'} already done, skipped")
 
-    # -- one job ------------------------------------------------------------------------------
+    @property
+    def on_error(self) -> str:
+        """The data module's `on_error` ("stop" when the predictor runs without one)."""
+        trainer = self._trainer
+        return getattr(trainer.datamodule, "on_error", "stop") if trainer is not None else "stop"
+
+    # -- jobs -----------------------------------------------------------------------------------
+
+    def stylize_jobs(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Stylize a chunk of jobs: the finished ones are skipped, the rest prepared one by one,
+        inverted together and denoised together in groups of one latent size (`max_unet_rows`).
+        A job that fails with a user error is recorded (results.jsonl) and, with `on_error`
+        "continue", the others go on. Returns one result per job, in order."""
+        results: dict[str, dict[str, Any]] = {}
+        prepared = []
+        in_use: set[str] = set()  # adapters the chunk's prepared jobs need: never evicted meanwhile
+        for job in jobs:
+            started = time.perf_counter()
+            try:
+                job_prepared = self._prepare(job, in_use)
+            except JOB_ERRORS as error:
+                results[job["id"]] = self._finish(job, FAILED, started, error=error)
+                continue
+            if job_prepared is None:
+                results[job["id"]] = self._finish(job, SKIPPED, started, outputs=self._output_paths(job)["results"])
+                continue
+            prepared.append(job_prepared)
+        self._add_trajectories(prepared)
+        for group in self._groups(prepared):
+            for result in self._stylize_group(group):
+                results[result["id"]] = result
+        return [results[job["id"]] for job in jobs]
 
     def stylize_job(self, job: dict[str, Any]) -> dict[str, Any]:
+        """`stylize_jobs` of one job."""
+        return self.stylize_jobs([job])[0]
+
+    def _finish(self, job: dict[str, Any], status: str, started: float, outputs=(), error: Optional[BaseException] = None,
+                seconds: Optional[float] = None) -> dict[str, Any]:
+        """Count and record a job's end; with `on_error` "stop" a failure is raised again."""
+        line = failure_message(error) if error is not None else None
+        result = {
+            "id": job["id"],
+            "content": job["content"],
+            "styles": [style.get("name") for style in job["styles"]],
+            "outputs": [self._relative_to_folder(path) for path in outputs],
+            "status": status,
+            "seconds": round(seconds if seconds is not None else time.perf_counter() - started, 3),
+            "error": line,
+        }
+        self.counts[status] = self.counts.get(status, 0) + 1
+        if self._results_log is not None:
+            self._results_log.record(result)
+        if error is not None:
+            if self.on_error == "stop":
+                raise error
+            self.failures.append(f"{job['where']}: {line}")
+            log.warning("job %s failed (%s): %s", job["id"], job["where"], line)
+        return {**result, "skipped": status == SKIPPED}
+
+    def _relative_to_folder(self, path: Path) -> str:
+        """An output as a posix path relative to the output folder (results.jsonl travels with it)."""
+        return Path(path).relative_to(Path(self.output.folder).resolve()).as_posix()
+
+    def _prepare(self, job: dict[str, Any], in_use: set[str]) -> Optional["PreparedJob"]:
+        """Everything a job needs before denoising except its trajectory; None when it is done."""
         styles = [StyleEntry.from_dict(s) for s in job["styles"]]
         paths = self._output_paths(job)
         job_hash = self._settings_hash(job, styles)
         if not self.output.overwrite and job_is_done(every_path(paths), job_hash):
-            self._skipped_jobs += 1
-            return {"id": job["id"], "skipped": True, "outputs": [str(p) for p in paths["results"]]}
+            return None
+        started = time.perf_counter()
         torch.manual_seed(job["seed"])
-
         content = resize_to_multiple_of_8(load_image(job["content"]), job["resolution"])
-        schedule = ddim_schedule(self.pipe.scheduler, self.sampling.steps)
         masks = [self._mask(entry, content, path, job_hash) for entry, path in zip(styles, paths["masks"])]
-        reference_embedding, rows = self._style_rows(styles, masks, content)
-        trajectory = self._trajectory(content, job["content"], schedule, reference_embedding)
+        reference_embedding, rows = self._style_rows(styles, masks, content, in_use)
+        return PreparedJob(job, styles, paths, job_hash, content, masks, reference_embedding, rows,
+                           seconds=time.perf_counter() - started)
 
-        def stylized(injection: InjectionConfig) -> list[Image.Image]:
+    def _groups(self, prepared: list["PreparedJob"]) -> list[list["PreparedJob"]]:
+        """Jobs of one latent size in the order given, at most `max_unet_rows` rows per UNet call
+        (a job bigger than that runs alone); with a sweep, every job alone."""
+        rows_per_style = 2 if self.sampling.uses_uncond else 1
+        groups: dict[tuple[int, int], list[list[PreparedJob]]] = {}
+        for job in prepared:
+            size = (job.content.height, job.content.width)
+            references = 1 if self.injection.reference_model == "base" else len(job.rows)
+            rows = references + rows_per_style * len(job.rows)
+            runs = groups.setdefault(size, [[]])
+            current = runs[-1]
+            full = self.sweep.active or (self.max_unet_rows and current and
+                                         sum(j.unet_rows for j in current) + rows > self.max_unet_rows)
+            if full and current:
+                current = []
+                runs.append(current)
+            job.unet_rows = rows
+            current.append(job)
+        return [group for runs in groups.values() for group in runs if group]
+
+    def _stylize_group(self, group: list["PreparedJob"]) -> list[dict[str, Any]]:
+        """Denoise, decode and write a group; when a user error fails the group, each job is run
+        alone, so only the jobs that fail by themselves are recorded as failed."""
+        started = time.perf_counter()
+        try:
+            written = self._denoised_and_written(group)
+        except JOB_ERRORS as error:
+            if len(group) == 1:
+                return [self._finish(group[0].job, FAILED, started, error=error, seconds=group[0].seconds)]
+            return [result for job in group for result in self._stylize_group([job])]
+        share = (time.perf_counter() - started) / len(group)
+        return [
+            self._finish(job.job, DONE, started, outputs=paths, seconds=job.seconds + share)
+            for job, paths in zip(group, written)
+        ]
+
+    def _denoised_and_written(self, group: list["PreparedJob"]) -> list[list[Path]]:
+        adapters = {row.adapter for job in group for row in job.rows}
+        set_adapter_scales(self.pipe.unet, {name: self._adapter_scales[name] for name in sorted(adapters)})
+        schedule = ddim_schedule(self.pipe.scheduler, self.sampling.steps)
+
+        def stylized(injection: InjectionConfig) -> list[list[Image.Image]]:
+            denoise = [DenoiseJob(j.trajectory, j.reference_embedding, j.rows, id=j.job["id"]) for j in group]
             with torch.no_grad():
-                latents = denoise_with_injection(
-                    self.pipe.unet, trajectory, reference_embedding, rows, schedule,
-                    injection, self.sampling, callback=self.step_callback, progress=self.progress,
-                )
-            return self._decode(latents, rows, trajectory, content, masks)
+                latents = denoise_jobs(self.pipe.unet, denoise, schedule, injection, self.sampling,
+                                       callback=self.step_callback, progress=self.progress)
+            return [self._decode(job_latents, j.rows, j.trajectory, j.content, j.masks) for job_latents, j in zip(latents, group)]
 
-        settings = self._settings(job, styles, content)
-        if self.sweep.active:
-            grid, settings["Sweep cells"] = self._ablation_grid(stylized, content, paths)
-            images = [grid]
-        else:
-            images = stylized(self.injection)
-        written = self._write(styles, images, paths, content, masks, settings, job_hash)
-        return {"id": job["id"], "skipped": False, "outputs": [str(p) for p in written]}
+        written = []
+        if self.sweep.active:  # `_groups` gives a sweep one job per group
+            job = group[0]
+            torch.manual_seed(job.job["seed"])
+            settings = self._settings(job.job, job.styles, job.content)
+            grid, settings["Sweep cells"] = self._ablation_grid(lambda injection: stylized(injection)[0], job.content, job.paths)
+            return [self._write(job.styles, [grid], job.paths, job.content, job.masks, settings, job.job_hash)]
+        for job, images in zip(group, stylized(self.injection)):
+            settings = self._settings(job.job, job.styles, job.content)
+            written.append(self._write(job.styles, images, job.paths, job.content, job.masks, settings, job.job_hash))
+        return written
 
     def _ablation_grid(self, stylized, content: Image.Image, paths: dict[str, Any]) -> tuple[Image.Image, list[dict]]:
         """One labelled grid of the job's result under every setting of `sweep` (same inversion),
@@ -199,31 +374,68 @@ class StylizePredictor(LightningModule):
     def _output_path(self, name: str) -> Path:
         return path_inside(self.output.folder, name, "model.output.folder")
 
-    def _trajectory(self, content: Image.Image, path: str, schedule, embedding: torch.Tensor) -> torch.Tensor:
-        """The content's inversion trajectory (the inversion prompt's `embedding`), cached on disk."""
-        unet = self.pipe.unet
-        key = InversionKey(
-            image_sha256=sha256_file(path),
+    def _inversion_key(self, job: "PreparedJob") -> InversionKey:
+        return InversionKey(
+            image_sha256=sha256_file(job.job["content"]),
             # every field that changes the weights or the schedule (single-file config, prediction type)
             model=json.dumps({k: v for k, v in asdict(self.model_spec).items() if k != "dtype"}, sort_keys=True),
-            height=content.height,
-            width=content.width,
+            height=job.content.height,
+            width=job.content.width,
             steps=self.sampling.steps,
             substeps=self.sampling.inversion_substeps,
             prompt=self.sampling.inversion_prompt,
-            dtype=str(unet.dtype),
+            dtype=str(self.pipe.unet.dtype),
         )
-        latent_shape = (schedule.num_steps + 1, unet.config.in_channels, content.height // self.pipe.vae_scale_factor, content.width // self.pipe.vae_scale_factor)
-        cached = self.cache.load(key, latent_shape) if self.cache else None  # None also for a broken file: recomputed
-        if cached is not None:
-            return cached.to(unet.device, unet.dtype)
-        pixels = to_tensor(content).unsqueeze(0)
-        latent = encode_images(self.pipe, pixels).to(unet.dtype)
+
+    def _add_trajectories(self, prepared: list["PreparedJob"]) -> None:
+        """Give every job its content's inversion trajectory (inversion prompt, base model): from
+        memory (the last contents), the disk cache, or by inverting the missing contents together,
+        several of one size per UNet call. A content shared by several jobs is inverted once."""
+        unet = self.pipe.unet
+        schedule = ddim_schedule(self.pipe.scheduler, self.sampling.steps)
+        missing: dict[InversionKey, list[PreparedJob]] = {}
+        for job in prepared:
+            key = self._inversion_key(job)
+            trajectory = self._recent_trajectories.get(key)
+            if trajectory is None and self.cache is not None:
+                shape = (schedule.num_steps + 1, unet.config.in_channels, *self._latent_size(job.content))
+                cached = self.cache.load(key, shape)  # None also for a broken file: recomputed
+                trajectory = None if cached is None else cached.to(unet.device, unet.dtype)
+            if trajectory is None:
+                missing.setdefault(key, []).append(job)
+            else:
+                self._remember_trajectory(key, trajectory)
+                job.trajectory = trajectory
+        by_size: dict[tuple[int, int], list[InversionKey]] = {}
+        for key in missing:
+            by_size.setdefault((key.height, key.width), []).append(key)
+        for keys in by_size.values():
+            for batch in chunked(keys, self.max_unet_rows or len(keys)):
+                for key, trajectory in zip(batch, self._inverted([missing[k][0] for k in batch], schedule)):
+                    if self.cache:
+                        self.cache.save(key, trajectory)
+                    self._remember_trajectory(key, trajectory)
+                    for job in missing[key]:
+                        job.trajectory = trajectory
+
+    def _inverted(self, jobs: list["PreparedJob"], schedule) -> list[torch.Tensor]:
+        unet = self.pipe.unet
+        pixels = torch.stack([to_tensor(job.content) for job in jobs])
+        latents = encode_images(self.pipe, pixels).to(unet.dtype)
         with base_model(unet):
-            trajectory = invert(unet, latent, embedding, schedule, self.sampling.inversion_substeps, progress=self.progress)
-        if self.cache:
-            self.cache.save(key, trajectory)
-        return trajectory
+            return invert_batch(unet, latents, jobs[0].reference_embedding, schedule,
+                                self.sampling.inversion_substeps, progress=self.progress)
+
+    def _remember_trajectory(self, key: InversionKey, trajectory: torch.Tensor) -> None:
+        """Keep the last few trajectories in memory: a content's jobs in the next chunk reuse it
+        without the disk cache (or when there is none)."""
+        self._recent_trajectories[key] = trajectory
+        self._recent_trajectories.move_to_end(key)
+        while len(self._recent_trajectories) > RECENT_TRAJECTORIES:
+            self._recent_trajectories.popitem(last=False)
+
+    def _latent_size(self, content: Image.Image) -> tuple[int, int]:
+        return content.height // self.pipe.vae_scale_factor, content.width // self.pipe.vae_scale_factor
 
     def _mask(self, entry: StyleEntry, content: Image.Image, path: Optional[Path], job_hash: str) -> Optional[torch.Tensor]:
         if entry.mask is None:
@@ -237,32 +449,49 @@ class StylizePredictor(LightningModule):
             self._segmenter = FastSAMSegmenter(self.segmenter_config)
         return self._segmenter
 
-    def adapter_for(self, entry: StyleEntry) -> str:
-        """The named adapter holding this LoRA at this scale, loaded on first use."""
+    def adapter_for(self, entry: StyleEntry, in_use: Optional[set[str]] = None) -> str:
+        """The named adapter holding this LoRA at this scale, loaded on first use. At most
+        `max_loaded_adapters` stay loaded: the least recently used one not in `in_use` goes first."""
         key = (entry.lora, float(entry.scale))
-        if key not in self._adapters:
-            name = f"style{len(self._adapters)}"
+        in_use = set() if in_use is None else in_use
+        if key in self._adapters:
+            self._adapters.move_to_end(key)
+        else:
+            self._evict_adapters(in_use)
+            name = f"style{self._adapters_loaded}"  # never reused, so cached embeddings stay right
+            self._adapters_loaded += 1
             load_style_adapter(self.pipe, entry.lora, name)
             self._adapters[key] = name
+            self._adapter_scales[name] = float(entry.scale)
+        in_use.add(self._adapters[key])
         return self._adapters[key]
 
-    def _style_rows(self, styles: list[StyleEntry], masks: list, content: Image.Image) -> tuple[torch.Tensor, list[StyleRows]]:
+    def _evict_adapters(self, in_use: set[str]) -> None:
+        """Make room for one more adapter by deleting the least recently used ones not in use."""
+        for key, name in list(self._adapters.items()):
+            if len(self._adapters) < self.max_loaded_adapters:
+                return
+            if name in in_use:
+                continue
+            self.pipe.delete_adapters(name)
+            del self._adapters[key], self._adapter_scales[name]
+            self._embeddings = OrderedDict((k, v) for k, v in self._embeddings.items() if k[1] != name)
+
+    def _style_rows(self, styles: list[StyleEntry], masks: list, content: Image.Image,
+                    in_use: Optional[set[str]] = None) -> tuple[torch.Tensor, list[StyleRows]]:
         """The reference (inversion) prompt's embedding and each style's adapter, prompts and latent mask.
 
-        All prompts are encoded in one text-encoder batch: the reference with the base model,
-        style k's prompt and negative prompt with style k's text-encoder LoRA where it has one.
+        The reference prompt is encoded with the base model, style k's prompt and negative prompt
+        with style k's text-encoder LoRA where it has one (`prompt_embeddings`).
         """
-        names = [self.adapter_for(entry) for entry in styles]
-        scales = {name: float(entry.scale) for name, entry in zip(names, styles)}
-        set_adapter_scales(self.pipe.unet, scales)
-        set_text_encoder_scales(self.pipe.text_encoder, scales)
+        names = [self.adapter_for(entry, in_use) for entry in styles]
         prompts, adapters = [self.sampling.inversion_prompt], [BASE_ROW]
         for name, entry in zip(names, styles):
             prompts += [entry.prompt, self.sampling.negative_prompt]
             adapters += [name, name]
-        embeddings = encode_prompts_per_adapter(self.pipe, prompts, adapters)
+        embeddings = self.prompt_embeddings(prompts, adapters)
         device, dtype = self.pipe.unet.device, self.pipe.unet.dtype
-        latent_hw = (content.height // self.pipe.vae_scale_factor, content.width // self.pipe.vae_scale_factor)
+        latent_hw = self._latent_size(content)
         rows = []
         for k, (name, mask) in enumerate(zip(names, masks)):
             latent_mask = None
@@ -271,6 +500,25 @@ class StylizePredictor(LightningModule):
             cond, uncond = embeddings[1 + 2 * k : 2 + 2 * k], embeddings[2 + 2 * k : 3 + 2 * k]
             rows.append(StyleRows(name, cond, uncond, latent_mask, name=styles[k].name))
         return embeddings[:1], rows
+
+    def prompt_embeddings(self, prompts: list[str], adapters: list[str]) -> torch.Tensor:
+        """Text embeddings of (prompt, adapter) pairs, remembered for the run: the prompts a
+        dataset repeats (the inversion and negative prompts, each style's) are encoded once.
+        The missing ones are encoded in one text-encoder batch."""
+        keys = list(zip(prompts, adapters))
+        missing = list(dict.fromkeys(key for key in keys if key not in self._embeddings))
+        if missing:
+            loaded = sorted({a for _, a in missing if a != BASE_ROW})
+            set_text_encoder_scales(self.pipe.text_encoder, {name: self._adapter_scales[name] for name in loaded})
+            encoded = encode_prompts_per_adapter(self.pipe, [p for p, _ in missing], [a for _, a in missing])
+            for key, embedding in zip(missing, encoded.split(1)):
+                self._embeddings[key] = embedding
+        embeddings = torch.cat([self._embeddings[key] for key in keys])
+        for key in keys:
+            self._embeddings.move_to_end(key)
+        while len(self._embeddings) > MAX_EMBEDDINGS:
+            self._embeddings.popitem(last=False)
+        return embeddings
 
     def _decode(self, latents, rows, trajectory, content, masks) -> list[Image.Image]:
         if masks[0] is None:

@@ -1,4 +1,4 @@
-"""Is a job already done? The resume rules of `diffstyler predict`.
+"""Is a job already done? The resume rules of `diffstyler predict`, and its `results.jsonl`.
 
 A job counts as done only when every one of its output files exists, decodes, and carries the hash
 of the settings the job would be made with now (`settings_hash`, stored in each PNG's
@@ -11,15 +11,19 @@ of the settings the job would be made with now (`settings_hash`, stored in each 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
+import socket
+import time
 from pathlib import Path
 from typing import Any, Optional
 
 from PIL import Image
 
-from diffstyler.outputs import SETTINGS_HASH_KEY, temporary_files
+from diffstyler.outputs import SETTINGS_HASH_KEY, atomic_write, temporary_files
 
 log = logging.getLogger(__name__)
 
@@ -69,3 +73,72 @@ def job_is_done(paths: list[Path], expected_hash: str) -> bool:
     if found:
         log.warning("redoing the job of %s: %s", paths[0].name, "; ".join(found))
     return False
+
+
+# --- results.jsonl ------------------------------------------------------------------------------
+#
+# Every process appends its finished jobs to its own part file (no lock, so any shared filesystem
+# will do; a line is flushed and fsynced as soon as its job ends, so a killed run loses none). At
+# the end of the run, after all processes are done, rank zero merges the part files into
+# `results.jsonl`: one line per job of the run, in job order, the latest line of each job winning,
+# except that "skipped" (found finished) never hides the line of the run that made the job. Part
+# files of a killed run are merged by the next one.
+
+RESULTS_NAME = "results.jsonl"
+PARTS_FOLDER = ".diffstyler-results"
+DONE, SKIPPED, FAILED = "done", "skipped", "failed"
+
+
+class ResultsLog:
+    """This process's part file of `results.jsonl` in `folder`."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.path = Path(folder) / PARTS_FOLDER / f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}.jsonl"
+
+    def record(self, entry: dict[str, Any]) -> None:
+        """Append one job's line (keys: id, content, styles, outputs, status, seconds, error)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({**entry, "time": time.time()}, default=str) + "\n"
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def read_json_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a file, one per line; a torn last line (a killed writer) is left out."""
+    entries = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and "id" in entry:
+            entries.append(entry)
+    return entries
+
+
+def merge_results(folder: str | os.PathLike, job_ids: list[str]) -> list[dict[str, Any]]:
+    """Merge the part files and the previous `results.jsonl` into `results.jsonl` (atomically):
+    one line per job of `job_ids` that has one, in that order. Returns the lines written."""
+    folder = Path(folder)
+    parts_folder = folder / PARTS_FOLDER
+    parts = sorted(parts_folder.glob("*.jsonl")) if parts_folder.is_dir() else []
+    previous = folder / RESULTS_NAME
+    entries = read_json_lines(previous) if previous.is_file() else []
+    for part in parts:
+        entries += read_json_lines(part)
+    latest: dict[str, dict[str, Any]] = {}
+    for entry in sorted(entries, key=lambda e: e.get("time", 0.0)):
+        earlier = latest.get(entry["id"])
+        if entry.get("status") == SKIPPED and earlier is not None and earlier.get("status") == DONE:
+            continue
+        latest[entry["id"]] = entry
+    lines = [latest[job_id] for job_id in job_ids if job_id in latest]
+    text = "".join(json.dumps(line, default=str) + "\n" for line in lines)
+    atomic_write(previous, lambda handle: handle.write(text.encode("utf-8")))
+    for part in parts:
+        part.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # another process may have started a part file meanwhile
+        parts_folder.rmdir()
+    return lines

@@ -92,9 +92,21 @@ class StepState:
     reference_output: Optional[torch.Tensor]  # reference rows' UNet output on z_t, None once dropped
     style_outputs: list[torch.Tensor]  # per style: guided UNet output
     latents: list[torch.Tensor]  # per style: latent after the step (and mask fusion)
+    job: Optional[str] = None  # the `DenoiseJob.id` these rows belong to
 
 
 StepCallback = Callable[[StepState], None]
+
+
+@dataclass
+class DenoiseJob:
+    """One content image to stylize: its inversion trajectory [N + 1, C, h, w], the inversion
+    prompt's embedding [1, 77, d] and its styles; `id` names it in `StepState.job`."""
+
+    trajectory: torch.Tensor
+    reference_embedding: torch.Tensor
+    styles: list[StyleRows]
+    id: Optional[str] = None
 
 
 @dataclass
@@ -258,35 +270,87 @@ def denoise_with_injection(
 
     The UNet's adapters must be set (`lora.set_adapter_scales`) to those named by `styles`.
     """
-    if not styles:
-        raise ValueError("at least one style is needed")
+    job = DenoiseJob(trajectory, reference_embedding, styles)
+    return denoise_jobs(unet, [job], schedule, injection, sampling, callback, progress)[0]
+
+
+def _joint_reference_layout(
+    jobs: list[DenoiseJob], step: int, reference_model: str, with_uncond: bool,
+) -> tuple[BatchLayout, list[int]]:
+    """Every job's reference rows, one after the other, and for every style row (in job order) the
+    index of its own job's reference row among them."""
+    layout, sources = BatchLayout(), []
+    for job in jobs:
+        job_layout, job_sources = _reference_layout(
+            job.styles, job.trajectory[step : step + 1], job.reference_embedding, reference_model, with_uncond
+        )
+        sources += [len(layout.latents) + source for source in job_sources]
+        layout = layout + job_layout
+    return layout, sources
+
+
+def _split_rows(outputs: Optional[torch.Tensor], counts: list[int]) -> list[Optional[torch.Tensor]]:
+    if outputs is None:
+        return [None] * len(counts)
+    return list(outputs.split(counts))
+
+
+@torch.no_grad()
+def denoise_jobs(
+    unet: torch.nn.Module,
+    jobs: list[DenoiseJob],
+    schedule: DDIMSchedule,
+    injection: InjectionConfig,
+    sampling: SamplingConfig,
+    callback: Optional[StepCallback] = None,
+    progress: bool = True,
+) -> list[list[torch.Tensor]]:
+    """Denoise several jobs of one latent size together, every step in ONE UNet call (rows of
+    different contents and styles side by side); per job, each style's final latent [1, C, h, w].
+
+    Each style row is injected from its own job's reference rows only, and fused with its own
+    job's trajectory, so a job's result does not depend on the jobs it shares the call with.
+    """
+    if not jobs or any(not job.styles for job in jobs):
+        raise ValueError("at least one style per job is needed")
     with_uncond = sampling.uses_uncond
-    latents = [trajectory[0:1].clone() for _ in styles]
+    rows_per_style = 2 if with_uncond else 1
+    latents = [[job.trajectory[0:1].clone() for _ in job.styles] for job in jobs]
     injector = Injector(unet, injection)
     with injector.installed():
-        for i in tqdm(range(schedule.num_steps), desc="Stylizing", disable=not progress):
+        for i in tqdm(range(schedule.num_steps), desc="Stylizing", disable=not progress, leave=False):
             t = schedule.timesteps[i]
-            style_layout = _style_layout(styles, latents, with_uncond)
+            style_layout = BatchLayout()
+            for job, job_latents in zip(jobs, latents):
+                style_layout = style_layout + _style_layout(job.styles, job_latents, with_uncond)
             reference = None
             if injection.needs_reference(i):
-                reference = _reference_layout(
-                    styles, trajectory[i : i + 1], reference_embedding, injection.reference_model, with_uncond
-                )
+                reference = _joint_reference_layout(jobs, i, injection.reference_model, with_uncond)
             reference_output, style_outputs = _finite_unet_outputs(
                 unet, injector, sampling.reference, i, t, reference, style_layout
             )
-            guided = _guided_outputs(style_outputs, len(styles), with_uncond, sampling.guidance_scale)
-            content_next = trajectory[i + 1 : i + 2]
-            latents = [
-                fuse_with_content(
-                    ddim_step(x, out, schedule.alphas[i], schedule.alphas[i + 1], schedule.prediction_type),
-                    content_next,
-                    style.mask,
-                )
-                for x, out, style in zip(latents, guided, styles)
-            ]
-            for latent, style in zip(latents, styles):
-                check_finite(latent, style.label, i)
-            if callback is not None:
-                callback(StepState(i, int(t), reference_output, guided, latents))
+            reference_counts = [1 if injection.reference_model == "base" else len(job.styles) for job in jobs]
+            job_references = _split_rows(reference_output, reference_counts)
+            job_outputs = style_outputs.split([rows_per_style * len(job.styles) for job in jobs])
+            for index, (job, outputs) in enumerate(zip(jobs, job_outputs)):
+                guided = _guided_outputs(outputs, len(job.styles), with_uncond, sampling.guidance_scale)
+                latents[index] = _denoised(latents[index], guided, job, schedule, i)
+                if callback is not None:
+                    callback(StepState(i, int(t), job_references[index], guided, latents[index], job.id))
     return latents
+
+
+def _denoised(latents: list[torch.Tensor], guided: list[torch.Tensor], job: DenoiseJob, schedule: DDIMSchedule, i: int) -> list[torch.Tensor]:
+    """Each style latent one DDIM step further, set back to the content outside its mask (eq. 6)."""
+    content_next = job.trajectory[i + 1 : i + 2]
+    moved = [
+        fuse_with_content(
+            ddim_step(x, out, schedule.alphas[i], schedule.alphas[i + 1], schedule.prediction_type),
+            content_next,
+            style.mask,
+        )
+        for x, out, style in zip(latents, guided, job.styles)
+    ]
+    for latent, style in zip(moved, job.styles):
+        check_finite(latent, style.label, i)
+    return moved

@@ -1,6 +1,7 @@
 """StylizePredictor and its DataModule on the tiny model: files in, PNGs with settings out."""
 
 import logging
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -11,14 +12,15 @@ from lightning import Trainer
 from PIL import Image
 
 import diffstyler.predictor as predictor_module
-from diffstyler.data.jobs import StyleEntry, StylizeDataModule, job_seed
+from diffstyler.data.jobs import StyleEntry, StylizeDataModule, disambiguated, job_seed
 from diffstyler.errors import UserError
 from diffstyler.injection import InjectionConfig
 from diffstyler.masks import MaskSpec
-from diffstyler.models import ModelSpec
+from diffstyler.models import ModelSpec, encode_images
 from diffstyler.outputs import read_parameters, read_settings
-from diffstyler.images import load_image, resize_to_multiple_of_8
-from diffstyler.predictor import OutputConfig, StylizePredictor, content_ssim
+from diffstyler.images import load_image, resize_to_multiple_of_8, to_tensor
+from diffstyler.inversion import invert
+from diffstyler.predictor import OutputConfig, StylizePredictor, base_model, content_ssim
 from diffstyler.stylize import SamplingConfig
 from tests.helpers import write_random_lora
 
@@ -60,7 +62,7 @@ def test_same_seed_gives_identical_output_and_the_metadata_parses_back(tmp_path,
 
     assert Image.open(first).size == (64, 48)  # the content's aspect
     settings = read_settings(first)
-    assert settings["Seed"] == job_seed(7, 0) == job["seed"]
+    assert settings["Seed"] == job_seed(7, job["id"]) == job["seed"]
     assert settings["Steps"] == 6 and settings["Sampler"] == "DDIM"
     assert settings["Injection"] == asdict(predictor.injection)
     assert settings["Sampling"] == asdict(predictor.sampling)
@@ -79,8 +81,8 @@ def test_same_seed_gives_identical_output_and_the_metadata_parses_back(tmp_path,
 
 def test_outputs_are_written_once_and_inversion_is_cached(tmp_path, loras, monkeypatch):
     calls = []
-    real_invert = predictor_module.invert
-    monkeypatch.setattr(predictor_module, "invert", lambda *a, **k: calls.append(1) or real_invert(*a, **k))
+    real_invert = predictor_module.invert_batch
+    monkeypatch.setattr(predictor_module, "invert_batch", lambda *a, **k: calls.append(1) or real_invert(*a, **k))
     predictor = _predictor(tmp_path)
     job = _job([StyleEntry(lora=str(loras[0]))])
     result = predictor.stylize_job(job)
@@ -150,11 +152,11 @@ def test_lightning_predict_loop_writes_every_job_and_restores_the_unet(tmp_path,
     trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
     results = trainer.predict(predictor, datamodule=data)
     jobs = [job for batch in results for job in batch]
-    assert sorted(job["id"] for job in jobs) == [0, 1]
+    assert sorted(job["id"] for job in jobs) == ["content_shapes", "second"]
     assert all(Path(job["outputs"][0]).is_file() for job in jobs)
     assert unet.attn_processors == processors
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in unet.modules())
-    assert read_settings(tmp_path / "out" / "second.png")["Seed"] == job_seed(0, 1)
+    assert read_settings(tmp_path / "out" / "second.png")["Seed"] == job_seed(0, "second")
 
 
 def test_a_broken_lora_file_is_named_before_any_model_is_loaded(tmp_path):
@@ -214,7 +216,10 @@ def test_contents_with_the_same_file_name_get_distinct_outputs(tmp_path, loras):
         Image.open(CONTENT).save(tmp_path / folder / "photo.png")
     data = StylizeDataModule(content=[str(tmp_path / "a" / "photo.png"), str(tmp_path / "b" / "photo.png"), str(CONTENT)],
                              styles=[StyleEntry(lora=str(loras[0]))])
-    assert [job["output_name"] for job in data.jobs()] == ["photo-0", "photo-1", "content_shapes"]
+    # the second gets a hash of its path, not its position: reordering the inputs renames nothing
+    second = disambiguated("photo", str(tmp_path / "b" / "photo.png"))
+    assert [job["output_name"] for job in data.jobs()] == ["photo", second, "content_shapes"]
+    assert re.fullmatch(r"photo-[0-9a-f]{8}", second)
 
 
 # -- output names: inside the folder, unique, checked before any work ---------------------------
@@ -318,7 +323,10 @@ def test_outside_the_mask_every_steps_latent_is_the_content_trajectory_before_co
     content = resize_to_multiple_of_8(load_image(CONTENT), 64)
     mask = resolve_mask(entry.mask, content)
     reference, _ = predictor._style_rows([entry.resolved()], [mask], content)
-    trajectory = predictor._trajectory(content, str(CONTENT), ddim_schedule(predictor.pipe.scheduler, 6), reference)
+    pixels = to_tensor(content).unsqueeze(0)
+    with base_model(predictor.pipe.unet):
+        trajectory = invert(predictor.pipe.unet, encode_images(predictor.pipe, pixels), reference,
+                            ddim_schedule(predictor.pipe.scheduler, 6), progress=False)
     outside = ~mask_to_latent(mask, (6, 8)).bool().expand(1, 4, 6, 8)
     assert len(steps) == 6 and outside.any() and (~outside).any()
     for state in steps:

@@ -63,9 +63,9 @@ def _job(styles):
 def test_each_cell_is_the_run_with_that_setting_and_the_content_is_inverted_once(tmp_path, lora, monkeypatch):
     """Catches a cell run with the base settings, cells in the wrong place, or one inversion per cell."""
     grids, inversions = [], []
-    real_grid, real_invert = predictor_module.labelled_grid, predictor_module.invert
+    real_grid, real_invert = predictor_module.labelled_grid, predictor_module.invert_batch
     monkeypatch.setattr(predictor_module, "labelled_grid", lambda cells, images: grids.append((cells, images)) or real_grid(cells, images))
-    monkeypatch.setattr(predictor_module, "invert", lambda *a, **k: inversions.append(1) or real_invert(*a, **k))
+    monkeypatch.setattr(predictor_module, "invert_batch", lambda *a, **k: inversions.append(1) or real_invert(*a, **k))
     sweep = SweepConfig(feature_steps=[0, 4], attention_steps=[0, 3])
     job = _job([StyleEntry(lora=str(lora))])
     result = _predictor(tmp_path / "sweep", sweep=sweep).stylize_job(job)

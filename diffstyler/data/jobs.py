@@ -14,15 +14,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Optional
+import os
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal, Optional
 
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from diffstyler.checks import check_resolution
 from diffstyler.errors import UserError, config_error
-from diffstyler.images import LATENT_FACTOR, load_image
+from diffstyler.data.sources import IMAGE_EXTENSIONS, ContentFile, ManifestRow, expand_content, read_manifest
+from diffstyler.images import LATENT_FACTOR, check_image_header, load_image
 from diffstyler.lora import read_recorded_prompt, resolve_lora_file
 from diffstyler.masks import MaskSpec, load_mask_file
 
@@ -73,7 +75,7 @@ def _recorded_prompt(lora_file: Path) -> str:
     return read_recorded_prompt(info)
 
 
-def job_seed(base_seed: int, job_id: int) -> int:
+def job_seed(base_seed: int, job_id: int | str) -> int:
     """A 63-bit seed that depends on both numbers and is the same on every machine."""
     digest = hashlib.sha256(f"{base_seed}:{job_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
@@ -98,11 +100,12 @@ def style_name_key(given: list[StyleEntry], index: int) -> str:
     return f"data.styles[{index}].{'name' if given[index].name else 'lora'}"
 
 
-def distinct_style_names(given: list[StyleEntry], resolved: list[StyleEntry]) -> list[StyleEntry]:
+def distinct_style_names(given: list[StyleEntry], resolved: list[StyleEntry], where: Optional[str] = None) -> list[StyleEntry]:
     """Check every style name, and make derived names distinct (the same LoRA twice, e.g. at two
     scales, would otherwise write both results to one file) by appending the style's index.
 
     Names given in the config are the user's choice: a repeated one is refused, not renamed.
+    `where` names the input in messages (default: the `data.styles` key).
     """
     derived = [entry.name for entry in resolved]
     named = []
@@ -110,10 +113,11 @@ def distinct_style_names(given: list[StyleEntry], resolved: list[StyleEntry]) ->
         name = entry.name
         if not given[index].name and derived.count(name) > 1:
             name = f"{name}-{index}"
-        check_name_part(name, style_name_key(given, index))
+        key = where or style_name_key(given, index)
+        check_name_part(name, key)
         earlier = [k for k, other in enumerate(named) if other.name == name]
         if earlier:
-            raise UserError(f"style name {name!r} is used twice", style_name_key(given, index),
+            raise UserError(f"style name {name!r} is used twice", key,
                             f"data.styles[{earlier[0]}] has it too; give each style its own name")
         named.append(dataclasses.replace(entry, name=name))
     return named
@@ -135,10 +139,14 @@ def check_name_part(name: str, key: str) -> str:
     return name
 
 
-def output_names(paths: list[str]) -> list[str]:
-    """File stems as output names; a stem that occurs twice gets the job id appended every time."""
-    stems = [Path(path).stem for path in paths]
-    return [stem if stems.count(stem) == 1 else f"{stem}-{index}" for index, stem in enumerate(stems)]
+def check_output_name(name: str, key: str) -> str:
+    """An output name is a relative posix path (`sub/photo_style`: outputs mirror the input tree)
+    whose every part is a plain file name (`check_name_part`), so it stays inside the output folder."""
+    if name.startswith("/"):
+        raise UserError(f"unusable output name {name!r}", key, "output names are relative to model.output.folder")
+    for part in name.split("/"):
+        check_name_part(part, key)
+    return name
 
 
 def job_output_files(name: str, styles: list[StyleEntry]) -> dict[str, Any]:
@@ -164,104 +172,274 @@ def labelled_files(files: dict[str, Any]) -> list[tuple[str, str]]:
     return labelled
 
 
-def distinct_job_outputs(contents: list[str], styles: list[StyleEntry]) -> list[tuple[str, dict[str, Any]]]:
-    """Each job's output name and files, no file name shared in the whole run (results, grids and
-    masks alike), so no job overwrites another's file or is skipped because of it.
+# --- jobs from the inputs -----------------------------------------------------------------------
 
-    A job whose files would meet an earlier job's (content `x_grid.png` after `x.png`) gets its id
-    appended; a clash inside one job (a style named `grid`) is refused. Names are compared
-    case-folded because on macOS and Windows `X.png` and `x.png` are one file.
+Pairing = Literal["together", "product"]
+PAIRINGS = ("together", "product")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One job before its output files are fixed.
+
+    where: the input it came from, for messages (`data.content[2]`, `list.txt:4`, `jobs.csv:5`).
+    name: the output name, a relative posix path without extension (see `default_output_name`).
+    given: the user chose `name` (a manifest's `output`): a clash is refused, not renamed.
     """
-    taken: dict[str, tuple[int, str]] = {}  # case-folded file name -> (job id, which output it is)
+
+    content: str
+    where: str
+    name: str
+    styles: tuple[StyleEntry, ...]
+    given: bool = False
+
+
+def rel_stem(rel: str) -> str:
+    """`sub/photo.png` -> `sub/photo`."""
+    return str(PurePosixPath(rel).with_suffix(""))
+
+
+def default_output_name(rel: str, styles: list[StyleEntry], together: bool) -> str:
+    """The output name made from the content's path relative to its input root and the style
+    names, never from a position in a list, so adding inputs renames nothing.
+
+    together (every style on one content, today's behaviour): `<rel stem>`; otherwise (one job per
+    pairing or manifest row): `<rel stem>_<style>`, `<rel stem>_<style>+<style>` for fused masked
+    styles, and `<rel stem>` when several unmasked styles each write `<name>_<style>.png` anyway.
+    """
+    stem = rel_stem(rel)
+    if together or (len(styles) > 1 and styles[0].mask is None):
+        return stem
+    return f"{stem}_{'+'.join(entry.name for entry in styles)}"
+
+
+def content_jobs(contents: list[ContentFile], styles: list[StyleEntry], pairing: str) -> list[JobSpec]:
+    """`together`: one job per content with every style; `product`: one job per (content, style),
+    content-major, so a content's styles run one after the other and share its inversion."""
+    if pairing == "together":
+        return [JobSpec(c.path, c.where, default_output_name(c.rel, styles, True), tuple(styles)) for c in contents]
+    return [
+        JobSpec(c.path, c.where, default_output_name(c.rel, [entry], False), (entry,))
+        for c in contents
+        for entry in styles
+    ]
+
+
+def manifest_jobs(rows: list[ManifestRow], styles: list[StyleEntry], manifest: str) -> list[JobSpec]:
+    """One job per manifest row: its styles by name (from `data.styles`) or LoRA path, with the row's
+    masks, prompt and scale; `output` is the output name (checked to stay inside the output folder)."""
+    by_name = {entry.name: entry for entry in styles}
+    folder = Path(manifest).parent
+    loras: dict[str, StyleEntry] = {}  # LoRA path -> resolved entry, so each is resolved once
+    specs = []
+    for row in rows:
+        where = f"data.manifest row {row.number} ({row.where})"
+        entries = [_manifest_style(name, by_name, folder, loras, where) for name in row.styles] or list(styles)
+        if not entries:
+            raise UserError("row has no styles", where, "give the row's styles, or data.styles for rows without any")
+        entries = _with_row_settings(entries, row)
+        entries = distinct_style_names(entries, entries, where)
+        if row.output is not None:
+            name = check_output_name(row.output.removesuffix(".png"), where)
+            specs.append(JobSpec(row.content, where, name, tuple(entries), given=True))
+        else:
+            specs.append(JobSpec(row.content, where, default_output_name(row.rel, entries, False), tuple(entries)))
+    return specs
+
+
+def _manifest_style(name: str, by_name: dict[str, StyleEntry], folder: Path, loras: dict, where: str) -> StyleEntry:
+    if name in by_name:
+        return by_name[name]
+    path = name if Path(name).is_absolute() else str(folder / name)
+    if path not in loras:
+        if not Path(path).exists():
+            known = ", ".join(sorted(by_name)) or "none"
+            raise UserError(f"unknown style {name!r}", where, f"neither a style name in data.styles ({known}) nor a LoRA file or folder")
+        try:
+            loras[path] = StyleEntry(lora=path).resolved()
+        except UserError as error:
+            raise UserError(error.what, where, f"{error.where}: {error.why}") from error
+    return loras[path]
+
+
+def _with_row_settings(entries: list[StyleEntry], row: ManifestRow) -> list[StyleEntry]:
+    """The row's masks (one per style), prompt and scale applied to its styles."""
+    changed = []
+    for k, entry in enumerate(entries):
+        updates: dict[str, Any] = {}
+        if row.masks and row.masks[k] is not None:
+            updates["mask"] = MaskSpec(file=row.masks[k])
+        if row.prompt is not None:
+            updates["prompt"] = row.prompt
+        if row.scale is not None:
+            updates["scale"] = row.scale
+        changed.append(dataclasses.replace(entry, **updates))
+    masked = [entry.mask is not None for entry in changed]
+    if any(masked) and not all(masked):
+        where = f"data.manifest row {row.number} ({row.where})"
+        raise UserError("some styles of the row have a mask and some not", where, "give every style of a row a mask, or none")
+    return changed
+
+
+def disambiguated(name: str, content: str) -> str:
+    """`name` with a short hash of the content's path: stable, whatever the order of the inputs."""
+    digest = hashlib.sha256(os.path.normpath(os.path.abspath(content)).encode()).hexdigest()[:8]
+    return f"{name}-{digest}"
+
+
+def distinct_job_outputs(specs: list[JobSpec]) -> list[tuple[JobSpec, dict[str, Any]]]:
+    """Each job with its files, no file name shared in the whole run (results, grids and masks
+    alike), so no job overwrites another's file or is skipped because of it.
+
+    A derived name whose files would meet another job's (two inputs with the same relative path,
+    content `x_grid.png` next to `x.png`) gets a hash of its content path appended; a name the user
+    gave is refused instead, and so is a clash inside one job (a style named `grid`). Names are
+    compared case-folded because on macOS and Windows `X.png` and `x.png` are one file.
+    """
+    taken: dict[str, tuple[int, str]] = {}  # case-folded file name -> (job index, which output it is)
     jobs = []
-    for job_id, name in enumerate(output_names(contents)):
-        key = f"data.content[{job_id}]"
-        check_name_part(name, key)
-        files = job_output_files(name, styles)
-        if any(file.casefold() in taken for _, file in labelled_files(files)):
-            name = f"{name}-{job_id}"
-            files = job_output_files(name, styles)
+    for index, spec in enumerate(specs):
+        check_output_name(spec.name, spec.where)
+        files = job_output_files(spec.name, list(spec.styles))
+        if not spec.given and any(file.casefold() in taken for _, file in labelled_files(files)):
+            spec = dataclasses.replace(spec, name=disambiguated(spec.name, spec.content))
+            files = job_output_files(spec.name, list(spec.styles))
         for what, file in labelled_files(files):
-            label = f"the {what} of {key}"
-            if len(file.encode()) > MAX_FILE_NAME_BYTES:
-                raise UserError(f"output file name too long ({len(file.encode())} bytes)", key,
+            label = f"the {what} of {spec.where}"
+            longest = max(len(part.encode()) for part in file.split("/"))
+            if longest > MAX_FILE_NAME_BYTES:
+                raise UserError(f"output file name too long ({longest} bytes)", spec.where,
                                 f"{label} would be {file!r}, over {MAX_FILE_NAME_BYTES} bytes; "
                                 "shorten the content's file name or the style names")
             if file.casefold() in taken:
                 other_job, other_label = taken[file.casefold()]
                 # inside one job only a style name can cause it; across jobs, the content names
-                where = "data.styles" if other_job == job_id else key
+                where = "data.styles" if other_job == index else spec.where
                 raise UserError("two outputs would have the same file name", where,
                                 f"{file} would be both {other_label} and {label}; rename one")
-            taken[file.casefold()] = (job_id, label)
-        jobs.append((name, files))
+            taken[file.casefold()] = (index, label)
+        jobs.append((spec, files))
     return jobs
 
 
-class JobDataset(Dataset):
-    def __init__(self, jobs: list[dict[str, Any]]):
-        self.jobs = jobs
+def chunked(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+class ChunkDataset(Dataset):
+    """Item i is chunk i: up to `data.batch_size` consecutive jobs, stylized together. Chunks, not
+    jobs, are what DDP deals out to the processes, so a chunk's jobs (a content's styles in product
+    pairing) share one process and one inversion."""
+
+    def __init__(self, chunks: list[list[dict[str, Any]]]):
+        self.chunks = chunks
 
     def __len__(self) -> int:
-        return len(self.jobs)
+        return len(self.chunks)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.jobs[index]
+    def __getitem__(self, index: int) -> list[dict[str, Any]]:
+        return self.chunks[index]
 
 
-def _as_list(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return batch
+def _the_chunk(items: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    return items[0]
+
+
+OnError = Literal["continue", "stop"]
 
 
 class StylizeDataModule(LightningDataModule):
-    """Every content image stylized with the same style entries.
+    """Stylization jobs from content inputs and style entries, or from a manifest.
 
-    content: content image files. styles: style entries (see `StyleEntry`). seed: base seed.
+    content: image files, folders (recursive), glob patterns and `.txt` lists of paths
+      (`data.sources.expand_content`). styles: style entries (see `StyleEntry`).
+    manifest: instead of `content`: a CSV or JSONL file, one job per row (`data.sources.read_manifest`);
+      a row's styles are names from `styles` or LoRA paths.
+    pairing: `together` (every content with all styles: one fused image with masks, else one image
+      per style) or `product` (one job and one output per content x style).
+    seed: base seed; a job's seed is derived from it and the job's id (its output name).
     resolution: the content's longer side is resized to this (sides rounded to multiples of 8).
+    batch_size: jobs per UNet call (jobs of one size share the call; see `model.max_unet_rows`).
+    on_error: `continue` records a failing job in results.jsonl and goes on (the command exits with
+      status 1 at the end); `stop` ends the run at the first failure.
+
+    Nothing is decoded here: the files named one by one in `content` are checked by their headers,
+    every other input when its job runs.
     """
 
     def __init__(
         self,
-        content: list[str],
-        styles: list[StyleEntry],
+        content: Optional[list[str]] = None,
+        styles: Optional[list[StyleEntry]] = None,
+        manifest: Optional[str] = None,
+        pairing: Pairing = "together",
         seed: int = 0,
         resolution: int = 512,
         batch_size: int = 1,
         num_workers: int = 0,
+        on_error: OnError = "continue",
     ):
         super().__init__()
-        if not content:
-            raise config_error("data.content", "give at least one content image")
         check_resolution(resolution, "data.resolution")
-        for path in content:
-            load_image(path)  # fails early, naming the file
-        self.styles = check_styles(list(styles))
-        self.content = list(content)
-        self.outputs = distinct_job_outputs(self.content, self.styles)
+        if pairing not in PAIRINGS:
+            raise config_error("data.pairing", f"must be one of {', '.join(PAIRINGS)}, got {pairing!r}")
+        if on_error not in ("continue", "stop"):
+            raise config_error("data.on_error", f"must be 'continue' or 'stop', got {on_error!r}")
+        if batch_size < 1:
+            raise config_error("data.batch_size", f"must be >= 1, got {batch_size}")
+        if manifest is not None and content:
+            raise config_error("data.manifest", "give data.content or data.manifest, not both")
+        content, styles = list(content or []), list(styles or [])
+        self.styles = check_styles(styles) if styles or manifest is None else []
+        if manifest is not None:
+            specs = manifest_jobs(read_manifest(manifest), self.styles, manifest)
+        else:
+            check_named_files(content)
+            specs = content_jobs(expand_content(content), self.styles, pairing)
+        if not specs:
+            source = "data.manifest" if manifest is not None else "data.content"
+            raise UserError("nothing to stylize", source, "it gives 0 jobs; name image files, folders, patterns or manifest rows")
+        self.outputs = distinct_job_outputs(specs)
         self.seed = seed
         self.resolution = resolution
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.on_error = on_error
 
     def jobs(self) -> list[dict[str, Any]]:
         return [
             {
-                "id": index,
-                "content": path,
-                "styles": [entry.to_dict() for entry in self.styles],
-                "seed": job_seed(self.seed, index),
-                "output_name": name,
+                "id": spec.name,
+                "content": spec.content,
+                "where": spec.where,
+                "styles": [entry.to_dict() for entry in spec.styles],
+                "seed": job_seed(self.seed, spec.name),
+                "output_name": spec.name,
                 "files": files,
                 "resolution": self.resolution,
             }
-            for index, (path, (name, files)) in enumerate(zip(self.content, self.outputs))
+            for spec, files in self.outputs
         ]
+
+    def job_ids(self) -> list[str]:
+        return [spec.name for spec, _ in self.outputs]
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(
-            JobDataset(self.jobs()),
-            batch_size=self.batch_size,
+            ChunkDataset(chunked(self.jobs(), self.batch_size)),
+            batch_size=1,
             shuffle=False,
             num_workers=self.num_workers,
-            collate_fn=_as_list,
+            collate_fn=_the_chunk,
         )
+
+
+def check_named_files(entries: list[str]) -> None:
+    """Header check of the image files named one by one (few, and a typo there should fail in
+    seconds); files found in folders, patterns and lists are read when their job runs."""
+    for index, entry in enumerate(entries):
+        if Path(entry).suffix.lower() in IMAGE_EXTENSIONS and Path(entry).is_file():
+            try:
+                check_image_header(entry)
+            except UserError as error:
+                raise UserError(error.what, f"data.content[{index}]", f"{error.where}: {error.why}") from error

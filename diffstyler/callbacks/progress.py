@@ -1,0 +1,39 @@
+"""One progress bar for a predict run: jobs done out of the jobs of this process, with the done,
+skipped and failed counts and an ETA (Lightning's bar would count chunks of `data.batch_size` jobs).
+
+In a multi-process run only rank zero draws, so the bar shows rank zero's share of the jobs; the
+summary at the end of the run counts every process's jobs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+from diffstyler.results import DONE, FAILED, SKIPPED
+
+
+def jobs_of_this_process(trainer) -> int:
+    """The jobs of the chunks this process's sampler hands out (see `data.jobs.ChunkDataset`)."""
+    loaders = trainer.predict_dataloaders
+    loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+    return sum(len(loader.dataset[index]) for loader in loaders for index in loader.sampler)
+
+
+class JobProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar, counting jobs in predict runs."""
+
+    def on_predict_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not self.has_dataloader_changed(dataloader_idx):
+            return
+        self.predict_progress_bar.reset(total=jobs_of_this_process(trainer))
+        processes = trainer.world_size
+        self.predict_progress_bar.set_description("Jobs" if processes == 1 else f"Jobs (rank 0 of {processes} processes)")
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        counts = getattr(pl_module, "counts", {})
+        self.predict_progress_bar.set_postfix(
+            {name: counts.get(name, 0) for name in (DONE, SKIPPED, FAILED)}, refresh=False
+        )
+        self.predict_progress_bar.update(len(batch))
