@@ -200,6 +200,9 @@ def build_value(value: Any, hint: Any, key: str) -> Any:
         dataclass_options = [option for option in arguments if dataclasses.is_dataclass(option)]
         if len(dataclass_options) == 1:
             return build_value(value, dataclass_options[0], key)
+        given = [option for option in arguments if option is not type(None)]
+        if len(given) == 1:  # Optional[list[...]]
+            return build_value(value, given[0], key)
     return value
 
 

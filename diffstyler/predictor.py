@@ -175,6 +175,9 @@ class StylizePredictor(LightningModule):
         self.counts: dict[str, int] = {DONE: 0, SKIPPED: 0, FAILED: 0}
         self.failures: list[str] = []
         self.summary: dict[str, int] = {}
+        # "continue": a failing job is recorded and the others go on (the data module's `on_error`
+        # in a predict run); "stop": it is raised
+        self.on_error = "stop"
         self._results_log: Optional[ResultsLog] = None
 
     def configure_model(self) -> None:
@@ -191,6 +194,7 @@ class StylizePredictor(LightningModule):
         return self.stylize_jobs(batch)
 
     def on_predict_start(self) -> None:
+        self.on_error = getattr(self.trainer.datamodule, "on_error", "stop")
         self.counts = {DONE: 0, SKIPPED: 0, FAILED: 0}
         self.failures = []
         self._results_log = ResultsLog(self.output.folder)
@@ -208,12 +212,6 @@ class StylizePredictor(LightningModule):
         skipped = self.summary[SKIPPED]
         if skipped:
             rank_zero_info(f"{skipped} job{'' if skipped == 1 else 's'} already done, skipped")
-
-    @property
-    def on_error(self) -> str:
-        """The data module's `on_error` ("stop" when the predictor runs without one)."""
-        trainer = self._trainer
-        return getattr(trainer.datamodule, "on_error", "stop") if trainer is not None else "stop"
 
     # -- jobs -----------------------------------------------------------------------------------
 
@@ -248,23 +246,26 @@ class StylizePredictor(LightningModule):
 
     def _finish(self, job: dict[str, Any], status: str, started: float, outputs=(), error: Optional[BaseException] = None,
                 seconds: Optional[float] = None) -> dict[str, Any]:
-        """Count and record a job's end; with `on_error` "stop" a failure is raised again."""
+        """Count and record a job's end; with `on_error` "stop" a failure is raised again.
+
+        The result's `outputs` are paths; in results.jsonl they are relative to the output folder.
+        """
         line = failure_message(error) if error is not None else None
         result = {
             "id": job["id"],
             "content": job["content"],
             "styles": [style.get("name") for style in job["styles"]],
-            "outputs": [self._relative_to_folder(path) for path in outputs],
+            "outputs": [str(path) for path in outputs],
             "status": status,
             "seconds": round(seconds if seconds is not None else time.perf_counter() - started, 3),
             "error": line,
         }
+        if error is not None and self.on_error == "stop":
+            raise error  # the run's one error line; nothing of the job is written
         self.counts[status] = self.counts.get(status, 0) + 1
         if self._results_log is not None:
-            self._results_log.record(result)
+            self._results_log.record({**result, "outputs": [self._relative_to_folder(p) for p in outputs]})
         if error is not None:
-            if self.on_error == "stop":
-                raise error
             self.failures.append(f"{job['where']}: {line}")
             log.warning("job %s failed (%s): %s", job["id"], job["where"], line)
         return {**result, "skipped": status == SKIPPED}

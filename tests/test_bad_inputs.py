@@ -92,7 +92,10 @@ def bad(tmp_path_factory) -> BadFiles:
 # --- the commands ----------------------------------------------------------------------------------
 
 def predict_args(tmp_path: Path, lora: str | Path, *extra: str) -> list[str]:
-    return ["predict", "--config", STYLIZE_CONFIG, "--data.content", json.dumps([str(CONTENT)]),
+    """A predict run that stops at the first failing job (`data.on_error stop`), so that an error
+    found when a job runs is the run's one line too (with "continue" it is recorded in
+    results.jsonl and the run exits with status 1: tests/test_cli_batch.py)."""
+    return ["predict", "--config", STYLIZE_CONFIG, "--data.on_error", "stop", "--data.content", json.dumps([str(CONTENT)]),
             "--data.styles", json.dumps([{"lora": str(lora)}]),
             "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
             "--model.output.folder", str(tmp_path / "out"), "--model.inversion_cache", str(tmp_path / "cache"), *extra]

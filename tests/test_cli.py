@@ -111,7 +111,7 @@ def test_localized_smoke_config_with_a_mask_file_and_a_box(tmp_path, repo_root, 
           *predict_output_args(tmp_path)])
     written = sorted(path.name for path in (tmp_path / "out").iterdir())
     assert written == ["content_shapes.png", "content_shapes_grid.png",
-                       "content_shapes_mask0_masked.png", "content_shapes_mask1_boxed.png"]
+                       "content_shapes_mask0_masked.png", "content_shapes_mask1_boxed.png", "results.jsonl"]
 
 
 def test_predict_bad_content_image_is_one_clear_error(tmp_path, repo_root, smoke_lora, monkeypatch, capsys):
@@ -157,8 +157,8 @@ def test_predict_on_two_ddp_processes_writes_every_job_once_and_resumes(tmp_path
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     outputs = [tmp_path / "out" / f"content{index}.png" for index in range(3)]
-    assert [read_settings(path)["Job"] for path in outputs] == [0, 1, 2]
-    assert [read_settings(path)["Seed"] for path in outputs] == [job_seed(0, index) for index in range(3)]
+    assert [read_settings(path)["Job"] for path in outputs] == ["content0", "content1", "content2"]
+    assert [read_settings(path)["Seed"] for path in outputs] == [job_seed(0, f"content{index}") for index in range(3)]
     stamps = [path.stat().st_mtime_ns for path in outputs]
 
     rerun = subprocess.run(command, cwd=repo_root, env=environment, capture_output=True, text=True, timeout=300)

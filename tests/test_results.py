@@ -9,7 +9,18 @@ from PIL import Image
 from diffstyler.data.jobs import StyleEntry
 from diffstyler.masks import MaskSpec
 from diffstyler.outputs import SETTINGS_HASH_KEY, save_result, temporary_path
-from diffstyler.results import job_is_done, settings_hash
+from diffstyler.results import (
+    DONE,
+    FAILED,
+    PARTS_FOLDER,
+    RESULTS_NAME,
+    SKIPPED,
+    ResultsLog,
+    job_is_done,
+    merge_results,
+    read_json_lines,
+    settings_hash,
+)
 from diffstyler.stylize import SamplingConfig
 from tests.helpers import write_random_lora
 from tests.test_predictor import MASK, _job, _predictor, loras  # noqa: F401 (loras is a fixture)
@@ -111,3 +122,44 @@ def test_overwrite_redoes_a_finished_job(tmp_path, loras):
     job = _job([StyleEntry(lora=str(loras[0]))])
     predictor.stylize_job(job)
     assert not predictor.stylize_job(job)["skipped"]
+
+
+# -- results.jsonl ---------------------------------------------------------------------------------
+
+def _line(job_id: str, status: str, **extra) -> dict:
+    return {"id": job_id, "content": f"{job_id}.png", "styles": ["s"], "outputs": [], "status": status,
+            "seconds": 1.0, "error": None, **extra}
+
+
+def test_results_of_every_process_merge_into_one_line_per_job_in_job_order(tmp_path):
+    """Catches lines lost from a part file, duplicates, and the order of finishing kept instead of the jobs'."""
+    first, second = ResultsLog(tmp_path), ResultsLog(tmp_path)
+    second.path = second.path.with_name("other-process.jsonl")
+    first.record(_line("b", DONE))
+    second.record(_line("a", FAILED, error="not a readable image (a.png): ..."))
+    second.record(_line("c", DONE))
+    lines = merge_results(tmp_path, ["a", "b", "c", "never-run"])
+    assert [(line["id"], line["status"]) for line in lines] == [("a", FAILED), ("b", DONE), ("c", DONE)]
+    assert read_json_lines(tmp_path / RESULTS_NAME) == lines
+    assert not (tmp_path / PARTS_FOLDER).exists()  # merged part files are removed
+
+
+def test_a_rerun_replaces_failed_lines_and_skipped_jobs_keep_the_line_of_the_run_that_made_them(tmp_path):
+    ResultsLog(tmp_path).record(_line("a", DONE, seconds=7.5))
+    ResultsLog(tmp_path).record(_line("b", FAILED, error="boom"))
+    merge_results(tmp_path, ["a", "b"])
+    log = ResultsLog(tmp_path)
+    log.record(_line("a", SKIPPED, seconds=0.01))
+    log.record(_line("b", DONE))
+    lines = merge_results(tmp_path, ["a", "b"])
+    assert [(line["status"], line["seconds"]) for line in lines] == [(DONE, 7.5), (DONE, 1.0)]
+    assert lines[1]["error"] is None
+
+
+def test_a_torn_last_line_of_a_killed_process_is_left_out_and_the_parts_of_a_killed_run_are_merged_later(tmp_path):
+    log = ResultsLog(tmp_path)
+    log.record(_line("a", DONE))
+    with open(log.path, "a") as handle:
+        handle.write('{"id": "b", "sta')  # killed while writing
+    lines = merge_results(tmp_path, ["a", "b"])
+    assert [line["id"] for line in lines] == ["a"]

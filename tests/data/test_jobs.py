@@ -1,0 +1,171 @@
+"""Jobs from folders and manifests (`data.jobs`): pairing, stable names and seeds mirroring the input
+tree, refusals with the row or key named. No model is loaded: images are not even decoded."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from diffstyler.data.jobs import ChunkDataset, StyleEntry, StylizeDataModule, chunked, disambiguated, job_seed
+from diffstyler.errors import UserError
+from tests.helpers import write_random_lora
+
+ROOT = Path(__file__).resolve().parents[2]
+CONTENT = ROOT / "data" / "content_shapes.png"
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("loras")
+    return [write_random_lora(folder / name, seed).parent for name, seed in (("ink", 1), ("oil", 2))]
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """photos/a.png, photos/sub/b.png (and a text file, which is not a content)."""
+    (tmp_path / "photos" / "sub").mkdir(parents=True)
+    shutil.copy(CONTENT, tmp_path / "photos" / "a.png")
+    shutil.copy(CONTENT, tmp_path / "photos" / "sub" / "b.png")
+    (tmp_path / "photos" / "notes.txt").write_text("not an image")
+    return tmp_path / "photos"
+
+
+def styles_of(loras) -> list[StyleEntry]:
+    return [StyleEntry(lora=str(path)) for path in loras]
+
+
+def test_product_is_every_content_times_every_style_content_major_and_mirrors_the_tree(photos, loras):
+    """Catches a missing pairing, style-major order (a content's styles split across chunks and
+    processes) and outputs flattened out of their sub-folders."""
+    jobs = StylizeDataModule(content=[str(photos)], styles=styles_of(loras), pairing="product").jobs()
+    assert [job["id"] for job in jobs] == ["a_ink", "a_oil", "sub/b_ink", "sub/b_oil"]
+    assert [job["files"]["results"] for job in jobs] == [["a_ink.png"], ["a_oil.png"], ["sub/b_ink.png"], ["sub/b_oil.png"]]
+    assert [[style["name"] for style in job["styles"]] for job in jobs] == [["ink"], ["oil"], ["ink"], ["oil"]]
+    assert [job["content"] for job in jobs] == [str(photos / "a.png")] * 2 + [str(photos / "sub" / "b.png")] * 2
+
+
+def test_together_keeps_every_style_in_one_job(photos, loras):
+    jobs = StylizeDataModule(content=[str(photos)], styles=styles_of(loras), pairing="together").jobs()
+    assert [job["id"] for job in jobs] == ["a", "sub/b"]
+    assert jobs[1]["files"]["results"] == ["sub/b_ink.png", "sub/b_oil.png"]
+
+
+def test_adding_a_file_changes_no_existing_job(photos, loras):
+    """Catches ids, seeds or names taken from a position in the list."""
+    before = {job["id"]: job for job in StylizeDataModule(content=[str(photos)], styles=styles_of(loras), pairing="product").jobs()}
+    shutil.copy(CONTENT, photos / "0_first.png")  # sorts before every other file
+    after = {job["id"]: job for job in StylizeDataModule(content=[str(photos)], styles=styles_of(loras), pairing="product").jobs()}
+    assert sorted(set(after) - set(before)) == ["0_first_ink", "0_first_oil"]
+    assert all(after[job_id] == job for job_id, job in before.items())
+    assert after["a_ink"]["seed"] == job_seed(0, "a_ink") != job_seed(0, "a_oil")
+
+
+def test_the_same_relative_path_from_two_inputs_is_told_apart_by_its_path_not_its_position(tmp_path, loras):
+    for folder in ("x", "y"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(CONTENT, tmp_path / folder / "p.png")
+    first, second = str(tmp_path / "x"), str(tmp_path / "y")
+    names = [job["id"] for job in StylizeDataModule(content=[first, second], styles=styles_of(loras[:1])).jobs()]
+    assert names == ["p", disambiguated("p", str(tmp_path / "y" / "p.png"))]
+    swapped = [job["id"] for job in StylizeDataModule(content=[second, first], styles=styles_of(loras[:1])).jobs()]
+    assert swapped == ["p", disambiguated("p", str(tmp_path / "x" / "p.png"))]
+
+
+def test_no_image_is_decoded_when_jobs_are_built_from_a_folder(photos, loras, monkeypatch):
+    """Cheap start-up: a broken file in a folder is found when its job runs, not here."""
+    (photos / "broken.png").write_bytes(b"not a png")
+    opened = []
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(a) or pytest.fail("an image was opened"))
+    jobs = StylizeDataModule(content=[str(photos)], styles=styles_of(loras[:1])).jobs()
+    assert [job["id"] for job in jobs] == ["a", "broken", "sub/b"] and opened == []
+
+
+def test_a_broken_file_named_directly_fails_when_the_data_is_built(tmp_path, loras):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    with pytest.raises(UserError, match=r"data\.content\[0\]"):
+        StylizeDataModule(content=[str(broken)], styles=styles_of(loras[:1]))
+
+
+def write_manifest(folder: Path, text: str, name: str = "jobs.csv") -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def test_manifest_rows_name_styles_or_lora_paths_with_their_masks_prompt_scale_and_output(tmp_path, photos, loras):
+    shutil.copy(ROOT / "data" / "content_shapes_mask.png", tmp_path / "mask.png")
+    manifest = write_manifest(tmp_path, "\n".join([
+        "content,styles,masks,prompt,scale,output",
+        "photos/a.png,ink,,,,",
+        f"photos/sub/b.png,{loras[1]},mask.png,a painting,0.5,masked/b",
+        f"photos/a.png,ink;{loras[1]},,,,",
+    ]) + "\n")
+    data = StylizeDataModule(manifest=str(manifest), styles=[StyleEntry(lora=str(loras[0]), name="ink")])
+    jobs = data.jobs()
+    # row 3's files would be row 1's a_ink.png too: its derived name gets its content path's hash
+    third = disambiguated("photos/a", str(tmp_path / "photos" / "a.png"))
+    assert [job["id"] for job in jobs] == ["photos/a_ink", "masked/b", third]  # relative to the manifest's folder
+    assert jobs[0]["content"] == str(tmp_path / "photos" / "a.png")
+    masked = jobs[1]["styles"][0]
+    assert masked["name"] == "oil" and masked["scale"] == 0.5 and masked["prompt"] == "a painting"
+    assert masked["mask"]["file"] == str(tmp_path / "mask.png")
+    assert jobs[1]["files"]["results"] == ["masked/b.png"] and jobs[1]["files"]["masks"] == ["masked/b_mask0_oil.png"]
+    assert jobs[2]["files"]["results"] == [f"{third}_ink.png", f"{third}_oil.png"]  # unmasked styles: one image each
+    assert jobs[0]["files"]["results"] == ["photos/a_ink.png"]
+    assert data.job_ids() == [job["id"] for job in jobs]
+
+
+@pytest.mark.parametrize("output", ["../escaped", "/etc/escaped", "sub/../../escaped", "sub/.hidden"])
+def test_a_manifest_row_whose_output_would_leave_the_folder_is_refused_with_its_row_number(tmp_path, loras, output):
+    manifest = write_manifest(tmp_path, f"content,styles,output\n{CONTENT},ink,ok\n{CONTENT},ink,{output}\n")
+    with pytest.raises(UserError) as raised:
+        StylizeDataModule(manifest=str(manifest), styles=[StyleEntry(lora=str(loras[0]), name="ink")])
+    assert "row 2" in str(raised.value) and f"{manifest}:3" in str(raised.value)
+
+
+def test_two_manifest_rows_given_the_same_output_are_refused(tmp_path, loras):
+    manifest = write_manifest(tmp_path, f"content,styles,output\n{CONTENT},ink,same\n{CONTENT},ink,same\n")
+    with pytest.raises(UserError, match="same file name") as raised:
+        StylizeDataModule(manifest=str(manifest), styles=[StyleEntry(lora=str(loras[0]), name="ink")])
+    assert "row 2" in str(raised.value)
+
+
+def test_an_unknown_style_in_a_manifest_names_the_row(tmp_path, loras):
+    manifest = write_manifest(tmp_path, '{"content": "a.png", "styles": ["watercolour"]}\n', name="jobs.jsonl")
+    with pytest.raises(UserError, match=r"unknown style 'watercolour'.*row 1") as raised:
+        StylizeDataModule(manifest=str(manifest), styles=[StyleEntry(lora=str(loras[0]), name="ink")])
+    assert "ink" in str(raised.value)  # the known names are listed
+
+
+@pytest.mark.parametrize("inputs", [
+    {"manifest": "header"},
+    {"content": "empty list file"},
+])
+def test_zero_jobs_is_one_clear_error(tmp_path, loras, inputs):
+    if "manifest" in inputs:
+        arguments = {"manifest": str(write_manifest(tmp_path, "content,styles\n"))}
+        key = "data.manifest"
+    else:
+        arguments = {"content": []}
+        key = "data.content"
+    with pytest.raises(UserError, match="nothing to stylize") as raised:
+        StylizeDataModule(styles=styles_of(loras[:1]), **arguments)
+    assert raised.value.where == key
+
+
+def test_content_and_manifest_together_are_refused(tmp_path, loras):
+    manifest = write_manifest(tmp_path, f"content\n{CONTENT}\n")
+    with pytest.raises(UserError, match="not both"):
+        StylizeDataModule(content=[str(CONTENT)], manifest=str(manifest), styles=styles_of(loras[:1]))
+
+
+def test_chunks_are_consecutive_jobs_so_a_contents_styles_stay_together(photos, loras):
+    data = StylizeDataModule(content=[str(photos)], styles=styles_of(loras), pairing="product", batch_size=2)
+    assert chunked(list(range(5)), 2) == [[0, 1], [2, 3], [4]]
+    loader = data.predict_dataloader()
+    assert isinstance(loader.dataset, ChunkDataset)
+    assert [[job["id"] for job in chunk] for chunk in loader] == [["a_ink", "a_oil"], ["sub/b_ink", "sub/b_oil"]]
