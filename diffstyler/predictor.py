@@ -78,7 +78,6 @@ class PreparedJob:
     rows: list[StyleRows]
     seconds: float = 0.0  # spent preparing
     trajectory: Optional[torch.Tensor] = None
-    unet_rows: int = 0
 
 
 def failure_message(error: BaseException) -> str:
@@ -292,22 +291,20 @@ class StylizePredictor(LightningModule):
     def _groups(self, prepared: list["PreparedJob"]) -> list[list["PreparedJob"]]:
         """Jobs of one latent size in the order given, at most `max_unet_rows` rows per UNet call
         (a job bigger than that runs alone); with a sweep, every job alone."""
-        rows_per_style = 2 if self.sampling.uses_uncond else 1
-        groups: dict[tuple[int, int], list[list[PreparedJob]]] = {}
+        runs: dict[tuple[int, int], list[list[PreparedJob]]] = {}  # latent size -> its groups
         for job in prepared:
-            size = (job.content.height, job.content.width)
-            references = 1 if self.injection.reference_model == "base" else len(job.rows)
-            rows = references + rows_per_style * len(job.rows)
-            runs = groups.setdefault(size, [[]])
-            current = runs[-1]
-            full = self.sweep.active or (self.max_unet_rows and current and
-                                         sum(j.unet_rows for j in current) + rows > self.max_unet_rows)
-            if full and current:
-                current = []
-                runs.append(current)
-            job.unet_rows = rows
-            current.append(job)
-        return [group for runs in groups.values() for group in runs if group]
+            groups = runs.setdefault((job.content.height, job.content.width), [[]])
+            rows = sum(self._unet_rows(other) for other in groups[-1]) + self._unet_rows(job)
+            over_cap = self.max_unet_rows is not None and rows > self.max_unet_rows
+            if groups[-1] and (self.sweep.active or over_cap):
+                groups.append([])
+            groups[-1].append(job)
+        return [group for groups in runs.values() for group in groups]
+
+    def _unet_rows(self, job: "PreparedJob") -> int:
+        """A job's rows in a UNet call: its reference rows and each style's (uncond and) cond row."""
+        references = 1 if self.injection.reference_model == "base" else len(job.rows)
+        return references + (2 if self.sampling.uses_uncond else 1) * len(job.rows)
 
     def _stylize_group(self, group: list["PreparedJob"]) -> list[dict[str, Any]]:
         """Denoise, decode and write a group; when a user error fails the group, each job is run

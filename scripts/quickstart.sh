@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up, then run the whole method end to end on the tiny offline model (no weights needed):
-# learn a style LoRA, stylize a photo with it, then stylize two masked regions in one run.
+# learn a style LoRA, stylize a photo with it, stylize two masked regions in one run, then a folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -8,4 +8,5 @@ export HF_HUB_OFFLINE=1 YOLO_OFFLINE=1
 .venv/bin/diffstyler fit --config configs/smoke/style.yaml
 .venv/bin/diffstyler predict --config configs/smoke/stylize.yaml
 .venv/bin/diffstyler predict --config configs/smoke/localized.yaml
-echo "Results: outputs/smoke/lora, outputs/smoke/stylized, outputs/smoke/localized"
+.venv/bin/diffstyler predict --config configs/smoke/batch.yaml
+echo "Results: outputs/smoke/lora, outputs/smoke/stylized, outputs/smoke/localized, outputs/smoke/batch"

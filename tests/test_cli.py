@@ -134,33 +134,3 @@ def test_predict_printed_config_is_stable(tmp_path, repo_root, capsys, monkeypat
     config_file = tmp_path / "printed.yaml"
     config_file.write_text(printed)
     assert print_config(["predict", "--config", str(config_file)], capsys) == printed
-
-
-def test_predict_on_two_ddp_processes_writes_every_job_once_and_resumes(tmp_path, repo_root, smoke_lora):
-    from PIL import Image
-
-    from diffstyler.data.jobs import job_seed
-    from diffstyler.outputs import read_settings
-
-    contents = []
-    for index, transpose in enumerate([None, Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM]):
-        image = Image.open(repo_root / "data" / "content_shapes.png")
-        path = tmp_path / f"content{index}.png"
-        (image.transpose(transpose) if transpose is not None else image).save(path)
-        contents.append(str(path))
-    command = [str(Path(sys.executable).parent / "diffstyler"), "predict", "--config", "configs/smoke/stylize.yaml",
-               "--trainer.devices", "2", "--trainer.strategy", "ddp", "--model.output.overwrite", "false",
-               "--model.progress", "false", "--data.content", json.dumps(contents),
-               "--data.styles", json.dumps([{"lora": str(smoke_lora)}]), *predict_output_args(tmp_path)]
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1"}
-    result = subprocess.run(command, cwd=repo_root, env=environment, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
-    outputs = [tmp_path / "out" / f"content{index}.png" for index in range(3)]
-    assert [read_settings(path)["Job"] for path in outputs] == ["content0", "content1", "content2"]
-    assert [read_settings(path)["Seed"] for path in outputs] == [job_seed(0, f"content{index}") for index in range(3)]
-    stamps = [path.stat().st_mtime_ns for path in outputs]
-
-    rerun = subprocess.run(command, cwd=repo_root, env=environment, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert [path.stat().st_mtime_ns for path in outputs] == stamps  # finished jobs are not redone

@@ -1,9 +1,13 @@
 """Stylization jobs for Lightning's predict loop.
 
 A job is one content image with its style entries, a seed, an output name and the names of every
-file it writes (`job_output_files`). The job id travels inside the batch (never rely on Lightning's
-batch indices: DDP splits the items by stride), and the seed is derived from (base seed, job id) so
-a job gives the same result whichever process or run handles it.
+file it writes (`job_output_files`). Jobs come from `data.content` (files, folders, patterns, lists)
+paired with `data.styles` (`together` or `product`), or from the rows of `data.manifest`; see
+`data.sources` for the inputs. The job id is the output name, made from the content's path relative
+to its input root and the style names (`default_output_name`), and the seed is derived from (base
+seed, job id): a job gives the same result whichever process or run handles it, and adding inputs
+renames nothing. The id travels inside the batch (never rely on Lightning's batch indices: DDP
+splits the items by stride). The items are chunks of `batch_size` consecutive jobs, stylized together.
 
 Output file names are checked when the data module is built, before any model loads: every name
 part is a plain file name, no file name exceeds 255 bytes, and no two files of the run share a name.
@@ -425,8 +429,12 @@ class StylizeDataModule(LightningDataModule):
         return [spec.name for spec, _ in self.outputs]
 
     def predict_dataloader(self) -> DataLoader:
+        chunks = chunked(self.jobs(), self.batch_size)
+        processes = self.trainer.world_size if self.trainer is not None else 1
+        # Lightning's sampler needs an item per process: fewer chunks than processes get empty ones
+        chunks += [[] for _ in range(processes - len(chunks))]
         return DataLoader(
-            ChunkDataset(chunked(self.jobs(), self.batch_size)),
+            ChunkDataset(chunks),
             batch_size=1,
             shuffle=False,
             num_workers=self.num_workers,
