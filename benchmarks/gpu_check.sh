@@ -29,3 +29,13 @@ ls "$OUT/stylized"
 # 3. real SD 2.1-base sizes (random weights): speed ratios and peak CUDA memory for 1/2/4 styles
 $PY benchmarks/bench_stylize.py --model sd21-random --device cuda --dtype float16 --resolution 512 --steps 50 \
   2>&1 | grep -v -i warn | tee "$OUT/bench.txt"
+
+# 4. dataset throughput on the GPU: images/min for batch_size 1, 2, 4 at SD 2.1-base sizes (random
+#    weights), start-up of a 10,000-row manifest, and peak CUDA memory with 1, 3 and 10 LoRAs loaded
+$PY benchmarks/bench_throughput.py --model sd21-random --device cuda --dtype float16 --resolution 512 --steps 50 \
+  --contents 8 2>&1 | grep -v -i warn | tee "$OUT/throughput.txt"
+# and the smoke dataset run end to end on the GPU (product pairing, 4 jobs per UNet call)
+.venv/bin/diffstyler predict --config configs/smoke/batch.yaml --trainer.accelerator gpu --model.model.dtype float16 \
+  --data.styles "[{lora: $OUT/lora, name: full}, {lora: $OUT/lora, name: half, scale: 0.5}]" \
+  --model.output.folder "$OUT/batch" --model.inversion_cache "$OUT/cache" --trainer.logger.init_args.save_dir "$OUT/logs" \
+  2>&1 | tail -2 | tee "$OUT/batch.txt"

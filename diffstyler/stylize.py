@@ -276,23 +276,31 @@ def denoise_with_injection(
 
 def _joint_reference_layout(
     jobs: list[DenoiseJob], step: int, reference_model: str, with_uncond: bool,
-) -> tuple[BatchLayout, list[int]]:
-    """Every job's reference rows, one after the other, and for every style row (in job order) the
-    index of its own job's reference row among them."""
-    layout, sources = BatchLayout(), []
+) -> tuple[BatchLayout, list[int], list[list[int]]]:
+    """The reference rows of all jobs, for every style row (in job order) the index of its
+    reference row among them, and each job's reference rows.
+
+    Jobs of one content (the same trajectory tensor and inversion prompt) share their reference
+    rows: with `reference_model: base` a content's styles in product pairing need one row, not
+    one per job. A row depends only on (trajectory, prompt, adapter), so sharing changes no value.
+    """
+    layout, sources, job_rows = BatchLayout(), [], []
+    known: dict[tuple[int, str], int] = {}  # (trajectory, adapter) -> its row in `layout`
     for job in jobs:
         job_layout, job_sources = _reference_layout(
             job.styles, job.trajectory[step : step + 1], job.reference_embedding, reference_model, with_uncond
         )
-        sources += [len(layout.latents) + source for source in job_sources]
-        layout = layout + job_layout
-    return layout, sources
-
-
-def _split_rows(outputs: Optional[torch.Tensor], counts: list[int]) -> list[Optional[torch.Tensor]]:
-    if outputs is None:
-        return [None] * len(counts)
-    return list(outputs.split(counts))
+        rows = []
+        for latent, embedding, adapter in zip(job_layout.latents, job_layout.embeddings, job_layout.adapters):
+            key = (id(job.trajectory), adapter)
+            shared = known.get(key)
+            if shared is None or not torch.equal(layout.embeddings[shared], embedding):
+                shared = known[key] = len(layout.latents)
+                layout.add(latent, embedding, adapter)
+            rows.append(shared)
+        sources += [rows[source] for source in job_sources]
+        job_rows.append(rows)
+    return layout, sources, job_rows
 
 
 @torch.no_grad()
@@ -323,20 +331,20 @@ def denoise_jobs(
             style_layout = BatchLayout()
             for job, job_latents in zip(jobs, latents):
                 style_layout = style_layout + _style_layout(job.styles, job_latents, with_uncond)
-            reference = None
+            reference, job_rows = None, [[] for _ in jobs]
             if injection.needs_reference(i):
-                reference = _joint_reference_layout(jobs, i, injection.reference_model, with_uncond)
+                layout, sources, job_rows = _joint_reference_layout(jobs, i, injection.reference_model, with_uncond)
+                reference = (layout, sources)
             reference_output, style_outputs = _finite_unet_outputs(
                 unet, injector, sampling.reference, i, t, reference, style_layout
             )
-            reference_counts = [1 if injection.reference_model == "base" else len(job.styles) for job in jobs]
-            job_references = _split_rows(reference_output, reference_counts)
             job_outputs = style_outputs.split([rows_per_style * len(job.styles) for job in jobs])
             for index, (job, outputs) in enumerate(zip(jobs, job_outputs)):
                 guided = _guided_outputs(outputs, len(job.styles), with_uncond, sampling.guidance_scale)
                 latents[index] = _denoised(latents[index], guided, job, schedule, i)
                 if callback is not None:
-                    callback(StepState(i, int(t), job_references[index], guided, latents[index], job.id))
+                    job_reference = None if reference_output is None else reference_output[job_rows[index]]
+                    callback(StepState(i, int(t), job_reference, guided, latents[index], job.id))
     return latents
 
 

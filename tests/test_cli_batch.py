@@ -197,12 +197,16 @@ def test_adding_a_file_to_the_folder_runs_exactly_one_new_job(inputs, tmp_path, 
     assert [line["id"] for line in read_json_lines(tmp_path / "out" / RESULTS_NAME)] == ["a_new_full", "p0_full", "p1_full"]
 
 
-def test_the_progress_bar_counts_jobs_with_their_outcome(inputs, tmp_path, monkeypatch, capsys):
+def test_the_progress_bar_counts_jobs_with_their_outcome_and_styles_come_from_a_yaml_file(inputs, tmp_path, monkeypatch, capsys):
     folder, styles = inputs
-    status, output = run_in_process(batch_args(tmp_path, styles, content=str(folder / "photos" / "sub")), monkeypatch, capsys)
+    styles_file = tmp_path / "styles.yaml"  # --data.styles styles.yaml, as in the README
+    styles_file.write_text("".join(f"- {{lora: {s['lora']}, name: {s['name']}, scale: {s.get('scale', 1.0)}}}\n" for s in styles))
+    args = [*batch_args(tmp_path, styles, content=str(folder / "photos" / "sub")), "--data.styles", str(styles_file)]
+    status, output = run_in_process(args, monkeypatch, capsys)
     assert status == 0, output[-3000:]
     assert "Jobs: 100%" in output and "2/2" in output and "done=2, skipped=0, failed=0" in output
     assert "Stylizing" not in output and "DDIM inversion" not in output  # no inner bars by default
+    assert sorted(pngs(tmp_path / "out")) == ["p3_full.png", "p3_half.png"]  # relative to the folder given
 
 
 @pytest.mark.parametrize("case", ["empty folder", "empty manifest"])

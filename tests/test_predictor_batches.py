@@ -85,8 +85,9 @@ def test_jobs_batched_four_at_a_time_equal_jobs_run_one_by_one(inputs, tmp_path)
     batched = _predictor(tmp_path / "batched")
     sizes = unet_batch_sizes(batched)
     together = run(batched, chunked(jobs, 6))
-    # a_ink, a_oil, c_ink, c_oil (64x48; a and c inverted in one call) and b_ink, b_oil (48x64)
-    assert max(sizes) == 4 * (1 + 2)  # four jobs' reference and uncond/cond rows in one call
+    # a_ink, a_oil, c_ink, c_oil (64x48; a and c inverted in one call) and b_ink, b_oil (48x64):
+    # one call holds the reference rows of a and c (each shared by its two jobs) and 4 x (uncond, cond)
+    assert max(sizes) == 2 + 4 * 2
     assert_same_results(one_by_one, together, (tmp_path / "alone" / "out", tmp_path / "batched" / "out"))
 
 
@@ -122,7 +123,7 @@ def test_a_cap_on_rows_per_call_splits_the_group_and_changes_nothing(inputs, tmp
     jobs = product_jobs(inputs)
     uncapped = run(_predictor(tmp_path / "uncapped"), chunked(jobs, 6))
     capped_predictor = _predictor(tmp_path / "capped")
-    capped_predictor.max_unet_rows = 3  # one job's rows
+    capped_predictor.max_unet_rows = 5  # one job's rows (3) fit, two jobs' (6, or 5 with a shared reference) do not
     sizes = unet_batch_sizes(capped_predictor)
     capped = run(capped_predictor, chunked(jobs, 6))
     assert max(sizes) == 3

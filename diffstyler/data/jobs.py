@@ -241,6 +241,9 @@ def manifest_jobs(rows: list[ManifestRow], styles: list[StyleEntry], manifest: s
         entries = [_manifest_style(name, by_name, folder, loras, where) for name in row.styles] or list(styles)
         if not entries:
             raise UserError("row has no styles", where, "give the row's styles, or data.styles for rows without any")
+        if row.masks and len(row.masks) != len(entries):
+            raise UserError("masks do not match styles", where,
+                            f"{len(row.masks)} masks for the {len(entries)} styles of data.styles; give one mask per style")
         entries = _with_row_settings(entries, row)
         entries = distinct_style_names(entries, entries, where)
         if row.output is not None:

@@ -169,3 +169,13 @@ def test_chunks_are_consecutive_jobs_so_a_contents_styles_stay_together(photos, 
     loader = data.predict_dataloader()
     assert isinstance(loader.dataset, ChunkDataset)
     assert [[job["id"] for job in chunk] for chunk in loader] == [["a_ink", "a_oil"], ["sub/b_ink", "sub/b_oil"]]
+
+
+def test_a_row_without_styles_takes_every_style_and_needs_one_mask_for_each(tmp_path, loras):
+    styles = [StyleEntry(lora=str(loras[0]), name="ink"), StyleEntry(lora=str(loras[1]), name="oil")]
+    manifest = write_manifest(tmp_path, f"content,styles,masks\n{CONTENT},,m.png;n.png\n")
+    job, = StylizeDataModule(manifest=str(manifest), styles=styles).jobs()
+    assert [(s["name"], s["mask"]["file"]) for s in job["styles"]] == [("ink", str(tmp_path / "m.png")), ("oil", str(tmp_path / "n.png"))]
+    write_manifest(tmp_path, f"content,styles,masks\n{CONTENT},,m.png\n")
+    with pytest.raises(UserError, match=r"masks do not match styles.*row 1"):
+        StylizeDataModule(manifest=str(manifest), styles=styles)
