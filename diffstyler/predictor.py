@@ -254,6 +254,7 @@ class StylizePredictor(LightningModule):
             "id": job["id"],
             "content": job["content"],
             "styles": [style.get("name") for style in job["styles"]],
+            "loras": [style.get("lora") for style in job["styles"]],
             "outputs": [str(path) for path in outputs],
             "status": status,
             "seconds": round(seconds if seconds is not None else time.perf_counter() - started, 3),
