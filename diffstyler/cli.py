@@ -45,6 +45,9 @@ from diffstyler.errors import UserError, config_error, first_line
 from diffstyler.images import ImageLoadError
 from diffstyler.masks import MaskError
 from diffstyler.models import ModelLoadError
+from diffstyler.evaluation.data import EvaluationDataModule
+from diffstyler.evaluation.evaluator import QualityEvaluator
+from diffstyler.evaluation.report import METRICS_NAME
 from diffstyler.predictor import StylizePredictor
 from diffstyler.results import DONE, FAILED, RESULTS_NAME, SKIPPED
 from diffstyler.training import StyleLoRAModule
@@ -53,6 +56,7 @@ from diffstyler.training import StyleLoRAModule
 MODES: dict[str, tuple[type[LightningModule], type[LightningDataModule]]] = {
     "fit": (StyleLoRAModule, StyleDataModule),
     "predict": (StylizePredictor, StylizeDataModule),
+    "test": (QualityEvaluator, EvaluationDataModule),
 }
 DEFAULT_MODE = "fit"
 LOG_DIR = "outputs/logs"
@@ -112,6 +116,17 @@ class DiffStylerCLI(LightningCLI):
         if summary[FAILED]:
             sys.exit(JOBS_FAILED_STATUS)
 
+    def after_test(self) -> None:
+        """The scores on rank zero: how many results were scored, and the metrics."""
+        scores = getattr(self.model, "scores", None)
+        if not scores or not self.trainer.is_global_zero:
+            return
+        for name, entry in (scores.get("runs") or {"": scores}).items():
+            label = f" {name}:" if name else ""
+            print(f"diffstyler test:{label} scored {entry['count']} of {entry['listed']} results: LPIPS {entry['lpips']:.4f}, "
+                  f"FID {entry['fid']:.2f}, ArtFID {entry['artfid']:.2f}, CFSD {entry['cfsd']:.4f}", file=sys.stderr)
+        print(f"diffstyler test: reports in {Path(self.model.output) / METRICS_NAME} (and the CSV and PNG beside it)", file=sys.stderr)
+
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         # Runs before LightningCLI reads the checkpoint's hyper-parameters and instantiates anything.
         super().parse_arguments(parser, args)
@@ -141,7 +156,7 @@ def summary_line(summary: dict[str, int], results: Path) -> str:
 
 # Trainer defaults that make a run without --config follow the paper (section IV): 200 LoRA steps.
 # Without max_steps Lightning would fall back to max_epochs=1000, and an epoch is one step here.
-PAPER_TRAINER_DEFAULTS: dict[str, dict[str, Any]] = {"fit": {"max_steps": 200}, "predict": {}}
+PAPER_TRAINER_DEFAULTS: dict[str, dict[str, Any]] = {"fit": {"max_steps": 200}, "predict": {}, "test": {}}
 
 
 def shared_trainer_defaults(subcommand: str) -> dict[str, Any]:

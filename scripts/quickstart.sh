@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up, then run the whole method end to end on the tiny offline model (no weights needed):
-# learn a style LoRA, stylize a photo with it, stylize two masked regions in one run, then a folder.
+# learn a style LoRA, stylize a photo with it, stylize two masked regions in one run, then a folder, and score it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -9,4 +9,5 @@ export HF_HUB_OFFLINE=1 YOLO_OFFLINE=1
 .venv/bin/diffstyler predict --config configs/smoke/stylize.yaml
 .venv/bin/diffstyler predict --config configs/smoke/localized.yaml
 .venv/bin/diffstyler predict --config configs/smoke/batch.yaml
-echo "Results: outputs/smoke/lora, outputs/smoke/stylized, outputs/smoke/localized, outputs/smoke/batch"
+.venv/bin/diffstyler test --config configs/smoke/evaluate.yaml  # random metric networks: numbers mean nothing
+echo "Results: outputs/smoke/lora, outputs/smoke/stylized, outputs/smoke/localized, outputs/smoke/batch, outputs/smoke/evaluation"

@@ -1,0 +1,81 @@
+"""`QualityEvaluator`: the LightningModule that `diffstyler test` runs through Lightning's test loop.
+
+Every test batch holds (content, style, result) triples of one or more runs (`data.EvaluationDataModule`).
+Each run has its own torchmetrics objects (LPIPS, FID, CFSD from `metrics.build_metrics`), all on ONE
+set of feature networks; torchmetrics syncs their states over DDP processes when they are computed,
+so each triple is counted once whichever process scored it. Per-triple LPIPS and CFSD travel in
+`CatMetric`s with the triple's index, so rank zero can write the per-image table in dataset order.
+At the end rank zero writes the reports (`report.write_reports`) and the metrics go to the logger.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from lightning import LightningModule
+from torch import nn
+from torchmetrics import CatMetric
+
+from diffstyler.checks import check_writable_folder
+from diffstyler.evaluation.metrics import MetricsConfig, QualityMetrics, artfid, feature_networks, fid_metric, CFSD, OfflineLPIPS
+from diffstyler.evaluation.report import describe_networks, write_reports
+
+PER_IMAGE_COLUMNS = ("index", "lpips", "cfsd")
+
+
+class QualityEvaluator(LightningModule):
+    """Score stylization results (`diffstyler test`).
+
+    Args:
+        metrics: which feature networks (local weight files; `random: true` for the smoke config).
+        output: the folder for metrics.json, metrics_per_image.csv, metrics_per_style.csv, metrics.png.
+    """
+
+    def __init__(self, metrics: MetricsConfig = MetricsConfig(), output: str = "outputs/evaluation"):
+        super().__init__()
+        check_writable_folder(output, "model.output")
+        self.metrics_config = metrics
+        self.output = output
+        self.run_metrics: Optional[nn.ModuleList] = None
+        self.per_image: Optional[nn.ModuleDict] = None
+        self.scores: dict[str, Any] = {}
+
+    def configure_model(self) -> None:
+        """Load the feature networks once and give every run its metrics on them."""
+        if self.run_metrics is not None:
+            return
+        runs = len(self.trainer.datamodule.runs) if self._trainer is not None else 1
+        networks = feature_networks(self.metrics_config)
+        self.run_metrics = nn.ModuleList(
+            nn.ModuleDict({"lpips": OfflineLPIPS(networks.lpips), "fid": fid_metric(networks.fid), "cfsd": CFSD(networks.cfsd)})
+            for _ in range(runs)
+        )
+        self.per_image = nn.ModuleDict({name: CatMetric(nan_strategy="disable") for name in PER_IMAGE_COLUMNS})
+
+    def quality_metrics(self, run: int) -> QualityMetrics:
+        modules = self.run_metrics[run]
+        return QualityMetrics(lpips=modules["lpips"], fid=modules["fid"], cfsd=modules["cfsd"])
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int = 0) -> None:
+        for run in batch["run"].unique().tolist():
+            rows = batch["run"] == run
+            metrics = self.quality_metrics(run)
+            metrics.update(batch["content"][rows], batch["style"][rows], batch["result"][rows])
+            # this batch's values are the last entries of the metrics' list states
+            self.per_image["index"].update(batch["index"][rows].double())
+            self.per_image["lpips"].update(metrics.lpips.all_scores[-1].flatten().double())
+            self.per_image["cfsd"].update(metrics.cfsd.values[-1].flatten().double())
+
+    def on_test_epoch_end(self) -> None:
+        data = self.trainer.datamodule
+        runs = {}
+        for run, name in enumerate(data.runs):
+            scores = self.quality_metrics(run).compute()
+            runs[name] = {**scores, "artfid": artfid(scores["lpips"], scores["fid"])}
+        per_image = {name: metric.compute().cpu() for name, metric in self.per_image.items()}
+        for name, scores in runs.items():
+            label = name if len(runs) > 1 else "test"
+            self.log_dict({f"{label}/{key}": value for key, value in scores.items()}, rank_zero_only=True)
+        if self.trainer.is_global_zero:
+            self.scores = write_reports(self.output, data, runs, per_image, describe_networks(self.metrics_config))

@@ -1,0 +1,116 @@
+"""The reports of `diffstyler test`, written by rank zero into the output folder (atomically):
+
+- `metrics.json`: `lpips`, `fid`, `artfid`, `cfsd`, `count` (triples scored), `listed` (triples named
+  by the inputs) and `networks` (the feature extractor of each metric); with several runs, one such
+  entry per run under `runs`;
+- `metrics_per_image.csv`: run, content, style, result, LPIPS, CFSD, in the inputs' order;
+- `metrics_per_style.csv`: run, style, count, mean LPIPS, mean CFSD;
+- `metrics.png` (matplotlib): with several runs, LPIPS against FID per run (the settings compared);
+  with one run, mean LPIPS against mean CFSD per style (FID needs a set of results per point: one
+  style's 20 results against its one image say little).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffstyler.evaluation.metrics import MetricsConfig
+from diffstyler.outputs import atomic_write
+
+METRICS_NAME = "metrics.json"
+PER_IMAGE_NAME = "metrics_per_image.csv"
+PER_STYLE_NAME = "metrics_per_style.csv"
+PLOT_NAME = "metrics.png"
+
+
+def describe_networks(config: MetricsConfig) -> dict[str, str]:
+    """Which feature extractor each metric used, for metrics.json."""
+    if config.random:
+        return {name: f"random (seed {config.seed}): the numbers mean nothing" for name in ("lpips", "fid", "cfsd")}
+    return {
+        "lpips": f"AlexNet LPIPS v0.1 ({config.alexnet_weights or 'alexnet-owt-7be5be79.pth'})",
+        "fid": f"Inception-v3 pool features, {config.fid_kind} ({config.inception_weights or 'default file'})",
+        "cfsd": f"{config.vgg_arch} relu3_1 ({config.vgg_weights or 'default file'})",
+    }
+
+
+def per_image_rows(data, per_image: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """One row per scored triple, in the inputs' order (DDP gathers them process by process)."""
+    order = per_image["index"].long().argsort()
+    rows = []
+    for position in order.tolist():
+        triple = data.triples[int(per_image["index"][position])]
+        rows.append({"run": triple.run, "content": triple.content, "style": triple.style, "style_name": triple.style_name,
+                     "result": triple.result, "lpips": float(per_image["lpips"][position]),
+                     "cfsd": float(per_image["cfsd"][position])})
+    return rows
+
+
+def per_style_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[(row["run"], row["style_name"])].append(row)
+    return [
+        {"run": run, "style": style, "count": len(members),
+         "lpips": sum(m["lpips"] for m in members) / len(members), "cfsd": sum(m["cfsd"] for m in members) / len(members)}
+        for (run, style), members in groups.items()
+    ]
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda handle: handle.write(text.getvalue().encode("utf-8")))
+
+
+def write_plot(path: Path, runs: dict[str, dict[str, float]], styles: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; before pyplot is imported
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(5, 4), dpi=100)
+    if len(runs) > 1:
+        points = [(name, scores["fid"], scores["lpips"]) for name, scores in runs.items()]
+        axes.set_xlabel("FID (style images vs results)")
+    else:
+        points = [(row["style"], row["cfsd"], row["lpips"]) for row in styles]
+        axes.set_xlabel("CFSD (content structure)")
+    axes.set_ylabel("LPIPS (content vs result)")
+    axes.scatter([x for _, x, _ in points], [y for _, _, y in points])
+    for label, x, y in points:
+        axes.annotate(Path(label).name, (x, y), fontsize=7)
+    axes.set_title("lower is better on both axes")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    pyplot.close(figure)
+    atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
+
+
+def write_reports(folder: str, data, runs: dict[str, dict[str, float]], per_image: dict[str, torch.Tensor],
+                  networks: dict[str, str]) -> dict[str, Any]:
+    """Write every report; returns what metrics.json holds."""
+    folder_path = Path(folder)
+    rows = per_image_rows(data, per_image)
+    counts = {name: sum(row["run"] == name for row in rows) for name in runs}
+    listed = {name: sum(t.run == name for t in data.all_triples) for name in runs}
+    entries = {name: {**scores, "count": counts[name], "listed": listed[name]} for name, scores in runs.items()}
+    summary = next(iter(entries.values())) if len(entries) == 1 else {"runs": entries}
+    summary = {**summary, "networks": networks}
+    text = json.dumps(summary, indent=2) + "\n"
+    atomic_write(folder_path / METRICS_NAME, lambda handle: handle.write(text.encode("utf-8")))
+    write_csv(folder_path / PER_IMAGE_NAME, rows, ["run", "content", "style", "result", "lpips", "cfsd"])
+    styles = per_style_rows(rows)
+    write_csv(folder_path / PER_STYLE_NAME, styles, ["run", "style", "count", "lpips", "cfsd"])
+    write_plot(folder_path / PLOT_NAME, runs, styles)
+    return summary

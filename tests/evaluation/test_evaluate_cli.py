@@ -1,0 +1,143 @@
+"""`diffstyler test` end to end on the smoke config (random feature networks): the results of a
+product predict run scored, on one process and on two, a CSV of triples with a missing file, two
+runs compared, and a missing weights file."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from diffstyler.cli import USER_ERROR_STATUS, main
+from diffstyler.results import read_json_lines
+from tests.helpers import write_random_lora
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONTENT = REPO_ROOT / "data" / "content_shapes.png"
+STYLE_IMAGE = REPO_ROOT / "data" / "style_stripes.png"
+ENVIRONMENT = {**os.environ, "HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1"}
+
+
+def cli(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    monkeypatch.chdir(REPO_ROOT)
+    monkeypatch.setattr(sys, "argv", ["diffstyler"])
+    capsys.readouterr()
+    try:
+        main(args)
+        status = 0
+    except SystemExit as exit_info:
+        status = exit_info.code
+    captured = capsys.readouterr()
+    return status, captured.out + captured.err
+
+
+@pytest.fixture(scope="module")
+def predicted(tmp_path_factory):
+    """A product predict run: 3 contents x 2 styles (one LoRA at two scales, trained on data/style_stripes.png)."""
+    folder = tmp_path_factory.mktemp("predicted")
+    lora = write_random_lora(folder / "lora", seed=6).parent
+    info = json.loads((lora / "diffstyler_lora.json").read_text())
+    info["style_images"] = [{"path": str(STYLE_IMAGE), "sha256": "", "size": [64, 64]}]  # as `diffstyler fit` records it
+    (lora / "diffstyler_lora.json").write_text(json.dumps(info))
+    (folder / "photos").mkdir()
+    for k in range(3):
+        shutil.copy(CONTENT, folder / "photos" / f"p{k}.png")
+    styles = [{"lora": str(lora), "name": "full"}, {"lora": str(lora), "name": "half", "scale": 0.5}]
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.chdir(REPO_ROOT)
+        monkeypatch.setattr(sys, "argv", ["diffstyler"])
+        main(["predict", "--config", "configs/smoke/batch.yaml", "--data.content", json.dumps([str(folder / "photos")]),
+              "--data.styles", json.dumps(styles), "--model.output.folder", str(folder / "run"),
+              "--model.inversion_cache", str(folder / "cache"), "--trainer.logger.init_args.save_dir", str(folder / "logs")])
+    return folder / "run"
+
+
+def evaluate_args(out: Path, *extra: str) -> list[str]:
+    return ["test", "--config", "configs/smoke/evaluate.yaml", "--model.output", str(out / "evaluation"),
+            "--trainer.logger.init_args.save_dir", str(out / "logs"), *extra]
+
+
+def read_metrics(out: Path) -> dict:
+    return json.loads((out / "evaluation" / "metrics.json").read_text())
+
+
+def per_image(out: Path) -> list[dict]:
+    with open(out / "evaluation" / "metrics_per_image.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def one_process(predicted, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one_process")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.chdir(REPO_ROOT)
+        monkeypatch.setattr(sys, "argv", ["diffstyler"])
+        main(evaluate_args(out, "--data.results", json.dumps([str(predicted)])))
+    return out
+
+
+def test_the_results_of_a_predict_run_are_scored_with_every_report(predicted, one_process):
+    metrics = read_metrics(one_process)
+    assert metrics["count"] == metrics["listed"] == 6
+    assert metrics["artfid"] == pytest.approx((1 + metrics["lpips"]) * (1 + metrics["fid"]), rel=1e-12)
+    assert all(metrics[key] > 0 for key in ("lpips", "fid", "cfsd"))  # the results differ from contents and style
+    assert "mean nothing" in metrics["networks"]["fid"]
+    rows = per_image(one_process)
+    jobs = [line for line in read_json_lines(predicted / "results.jsonl")]
+    assert [row["result"] for row in rows] == [str(predicted / line["outputs"][0]) for line in jobs]
+    assert sum(float(row["lpips"]) for row in rows) / 6 == pytest.approx(metrics["lpips"], rel=1e-6)
+    assert sum(float(row["cfsd"]) for row in rows) / 6 == pytest.approx(metrics["cfsd"], rel=1e-6)
+    with open(one_process / "evaluation" / "metrics_per_style.csv", newline="") as handle:
+        assert [(row["style"], row["count"]) for row in csv.DictReader(handle)] == [("full", "3"), ("half", "3")]
+    assert (one_process / "evaluation" / "metrics.png").stat().st_size > 0
+
+
+def test_two_ddp_processes_give_the_metrics_of_one(predicted, one_process, tmp_path):
+    """Catches metric states not synced (each rank's half reported) and triples counted twice."""
+    command = [str(Path(sys.executable).parent / "diffstyler"), *evaluate_args(tmp_path, "--data.results", json.dumps([str(predicted)]),
+               "--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.batch_size", "2")]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=ENVIRONMENT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    expected, metrics = read_metrics(one_process), read_metrics(tmp_path)
+    assert metrics["count"] == 6
+    for key in ("lpips", "fid", "artfid", "cfsd"):
+        assert metrics[key] == pytest.approx(expected[key], abs=1e-5, rel=1e-5), key
+    assert [row["result"] for row in per_image(tmp_path)] == [row["result"] for row in per_image(one_process)]
+
+
+def test_a_csv_row_with_a_missing_file_is_reported_and_the_rest_scored(predicted, tmp_path, monkeypatch, capsys, caplog):
+    rows = ["content,style,result"] + [f"{CONTENT},{STYLE_IMAGE},{path}" for path in sorted(predicted.glob("*.png"))]
+    rows.append(f"{CONTENT},{STYLE_IMAGE},{tmp_path / 'gone.png'}")
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    status, output = cli(evaluate_args(tmp_path, "--data.results", "null", "--data.pairs", str(tmp_path / "pairs.csv")), monkeypatch, capsys)
+    assert status == 0, output[-3000:]
+    assert f"{tmp_path / 'gone.png'} is missing" in caplog.text
+    assert "scored 6 of 7 results" in output
+    assert read_metrics(tmp_path)["count"] == 6 and read_metrics(tmp_path)["listed"] == 7
+
+
+def test_two_runs_are_compared_in_one_table(predicted, tmp_path, monkeypatch, capsys):
+    other = tmp_path / "other_run"
+    shutil.copytree(predicted, other)
+    status, output = cli(evaluate_args(tmp_path, "--data.results", json.dumps([str(predicted), str(other)])), monkeypatch, capsys)
+    assert status == 0, output[-3000:]
+    runs = read_metrics(tmp_path)["runs"]
+    assert sorted(runs) == sorted([str(predicted), str(other)])
+    assert runs[str(predicted)]["lpips"] == pytest.approx(runs[str(other)]["lpips"], rel=1e-6)  # the same images
+    assert runs[str(other)]["count"] == 6
+
+
+def test_a_missing_weights_file_is_one_line_naming_it(predicted, tmp_path, monkeypatch, capsys):
+    missing = tmp_path / "vgg19.pth"
+    args = evaluate_args(tmp_path, "--data.results", json.dumps([str(predicted)]), "--model.metrics.random", "false",
+                     "--model.metrics.vgg_weights", str(missing))
+    status, output = cli(args, monkeypatch, capsys)
+    assert status == USER_ERROR_STATUS
+    lines = [line for line in output.splitlines() if line.startswith("diffstyler test: error: ")]
+    assert len(lines) == 1 and str(missing) in lines[0] and "Traceback" not in output, output[-2000:]
