@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from diffstyler.cli import USER_ERROR_STATUS, main
 from diffstyler.results import read_json_lines
@@ -46,8 +47,8 @@ def predicted(tmp_path_factory):
     info["style_images"] = [{"path": str(STYLE_IMAGE), "sha256": "", "size": [64, 64]}]  # as `diffstyler fit` records it
     (lora / "diffstyler_lora.json").write_text(json.dumps(info))
     (folder / "photos").mkdir()
-    for k in range(3):
-        shutil.copy(CONTENT, folder / "photos" / f"p{k}.png")
+    for k in range(3):  # three different contents: every process's share has its own mean
+        Image.open(CONTENT).rotate(40 * k).save(folder / "photos" / f"p{k}.png")
     styles = [{"lora": str(lora), "name": "full"}, {"lora": str(lora), "name": "half", "scale": 0.5}]
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.chdir(REPO_ROOT)
@@ -112,7 +113,7 @@ def test_two_ddp_processes_give_the_metrics_of_one(predicted, one_process, tmp_p
 
 
 def test_a_csv_row_with_a_missing_file_is_reported_and_the_rest_scored(predicted, tmp_path, monkeypatch, capsys, caplog):
-    rows = ["content,style,result"] + [f"{CONTENT},{STYLE_IMAGE},{path}" for path in sorted(predicted.glob("*.png"))]
+    rows = ["content,style,result"] + [f"{CONTENT},{STYLE_IMAGE},{path}" for path in sorted(predicted.glob("p*.png"))]
     rows.append(f"{CONTENT},{STYLE_IMAGE},{tmp_path / 'gone.png'}")
     (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
     status, output = cli(evaluate_args(tmp_path, "--data.results", "null", "--data.pairs", str(tmp_path / "pairs.csv")), monkeypatch, capsys)
