@@ -193,7 +193,10 @@ class StylizePredictor(LightningModule):
         return self.stylize_jobs(batch)
 
     def on_predict_start(self) -> None:
-        self.on_error = getattr(self.trainer.datamodule, "on_error", "stop")
+        datamodule = self.trainer.datamodule
+        if getattr(datamodule, "needs_segmenter", lambda: False)():
+            import_ultralytics()
+        self.on_error = getattr(datamodule, "on_error", "stop")
         self.counts = {DONE: 0, SKIPPED: 0, FAILED: 0}
         self.failures = []
         self._results_log = ResultsLog(self.output.folder)
@@ -586,6 +589,16 @@ class StylizePredictor(LightningModule):
             grid = image_grid([content, *extras, *images, *mask_tiles], height=content.height)
             save_result(grid, paths["grid"], prompt, self.sampling.negative_prompt, settings, job_hash)
         return written
+
+
+def import_ultralytics() -> None:
+    """Import ultralytics now, on every process at this same point of the run.
+
+    Its import (the settings file) waits in `torch.distributed.barrier()` on every process of a
+    DDP run. Imported lazily at a process's first FastSAM mask, it would hang every run where some
+    process has no such job (one job on two processes; a resumed run whose jobs there are done).
+    """
+    import ultralytics  # noqa: F401
 
 
 def warn_about_ineffective_sites(injection: InjectionConfig) -> None:

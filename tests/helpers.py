@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -54,3 +55,19 @@ def two_style_setup(steps: int):
     trajectory = invert(pipe.unet, encode_images(pipe, pixels), prompts[:1], schedule, progress=False)
     pipe.unet.enable_adapters()
     return pipe, schedule, prompts, trajectory
+
+
+def run_cli_in_process(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """`diffstyler <args>` in this process from the repository root: (exit status, stdout + stderr)."""
+    from diffstyler.cli import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.setattr(sys, "argv", ["diffstyler"])
+    capsys.readouterr()
+    try:
+        main(args)
+        status = 0
+    except SystemExit as exit_info:
+        status = exit_info.code
+    captured = capsys.readouterr()
+    return status, captured.out + captured.err

@@ -428,6 +428,10 @@ class StylizeDataModule(LightningDataModule):
             for spec, files in self.outputs
         ]
 
+    def needs_segmenter(self) -> bool:
+        """Whether any job's mask comes from FastSAM (a text, box or points prompt, not a file)."""
+        return any(entry.mask is not None and entry.mask.file is None for spec, _ in self.outputs for entry in spec.styles)
+
     def job_ids(self) -> list[str]:
         return [spec.name for spec, _ in self.outputs]
 

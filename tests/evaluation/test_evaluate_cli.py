@@ -17,25 +17,12 @@ from PIL import Image
 
 from diffstyler.cli import USER_ERROR_STATUS, main
 from diffstyler.results import read_json_lines
-from tests.helpers import write_random_lora
+from tests.helpers import run_cli_in_process, write_random_lora
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONTENT = REPO_ROOT / "data" / "content_shapes.png"
 STYLE_IMAGE = REPO_ROOT / "data" / "style_stripes.png"
 ENVIRONMENT = {**os.environ, "HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1"}
-
-
-def cli(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    monkeypatch.chdir(REPO_ROOT)
-    monkeypatch.setattr(sys, "argv", ["diffstyler"])
-    capsys.readouterr()
-    try:
-        main(args)
-        status = 0
-    except SystemExit as exit_info:
-        status = exit_info.code
-    captured = capsys.readouterr()
-    return status, captured.out + captured.err
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +103,7 @@ def test_a_csv_row_with_a_missing_file_is_reported_and_the_rest_scored(predicted
     rows = ["content,style,result"] + [f"{CONTENT},{STYLE_IMAGE},{path}" for path in sorted(predicted.glob("p*.png"))]
     rows.append(f"{CONTENT},{STYLE_IMAGE},{tmp_path / 'gone.png'}")
     (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
-    status, output = cli(evaluate_args(tmp_path, "--data.results", "null", "--data.pairs", str(tmp_path / "pairs.csv")), monkeypatch, capsys)
+    status, output = run_cli_in_process(evaluate_args(tmp_path, "--data.results", "null", "--data.pairs", str(tmp_path / "pairs.csv")), monkeypatch, capsys)
     assert status == 0, output[-3000:]
     assert f"{tmp_path / 'gone.png'} is missing" in caplog.text
     assert "scored 6 of 7 results" in output
@@ -126,7 +113,7 @@ def test_a_csv_row_with_a_missing_file_is_reported_and_the_rest_scored(predicted
 def test_two_runs_are_compared_in_one_table(predicted, tmp_path, monkeypatch, capsys):
     other = tmp_path / "other_run"
     shutil.copytree(predicted, other)
-    status, output = cli(evaluate_args(tmp_path, "--data.results", json.dumps([str(predicted), str(other)])), monkeypatch, capsys)
+    status, output = run_cli_in_process(evaluate_args(tmp_path, "--data.results", json.dumps([str(predicted), str(other)])), monkeypatch, capsys)
     assert status == 0, output[-3000:]
     runs = read_metrics(tmp_path)["runs"]
     assert sorted(runs) == sorted([str(predicted), str(other)])
@@ -138,7 +125,7 @@ def test_a_missing_weights_file_is_one_line_naming_it(predicted, tmp_path, monke
     missing = tmp_path / "vgg19.pth"
     args = evaluate_args(tmp_path, "--data.results", json.dumps([str(predicted)]), "--model.metrics.random", "false",
                      "--model.metrics.vgg_weights", str(missing))
-    status, output = cli(args, monkeypatch, capsys)
+    status, output = run_cli_in_process(args, monkeypatch, capsys)
     assert status == USER_ERROR_STATUS
     lines = [line for line in output.splitlines() if line.startswith("diffstyler test: error: ")]
     assert len(lines) == 1 and str(missing) in lines[0] and "Traceback" not in output, output[-2000:]
