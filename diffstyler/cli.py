@@ -37,7 +37,12 @@ from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from diffstyler.callbacks import first_failure
-from diffstyler.callbacks.first_failure import ReportFirstFailure, failure_of_another_rank, wait_for_launcher_exit
+from diffstyler.callbacks.first_failure import (
+    AnotherRankFailed,
+    ReportFirstFailure,
+    failure_of_another_rank,
+    wait_for_launcher_exit,
+)
 from diffstyler.callbacks.progress import JobProgressBar
 from diffstyler.checks import check_checkpoint_file
 from diffstyler.data import StyleDataModule, StylizeDataModule
@@ -270,13 +275,25 @@ def failure_line(subcommand: str, error: BaseException, rank: Optional[int]) -> 
     return f"diffstyler {subcommand}: error: {place}{type(error).__name__}: {first_line(error)} (traceback above)", 1
 
 
+def interrupted_by_another_rank(error: BaseException) -> bool:
+    """Whether `AnotherRankFailed` (raised by the signal another rank sends) is in the error's chain:
+    it can strike inside a file read, whose handler then reports it as a broken file."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, AnotherRankFailed):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def exit_for(subcommand: str, error: BaseException) -> None:
     """Print the one line for a user error and exit; in a multi-process run, show the first failing
     rank's error in place of a broken connection. Returns (the caller re-raises) for anything else."""
     current_run = first_failure.current_run  # set by ReportFirstFailure in a multi-process run
     rank = current_run.rank if current_run is not None else None
     earlier = failure_of_another_rank(current_run) if current_run is not None else None
-    if earlier is not None and not isinstance(error, USER_ERRORS):
+    if earlier is not None and (not isinstance(error, USER_ERRORS) or interrupted_by_another_rank(error)):
         if rank == 0:
             print(earlier["line"], file=sys.stderr)
         sys.exit(earlier["status"])

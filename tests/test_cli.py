@@ -134,3 +134,21 @@ def test_predict_printed_config_is_stable(tmp_path, repo_root, capsys, monkeypat
     config_file = tmp_path / "printed.yaml"
     config_file.write_text(printed)
     assert print_config(["predict", "--config", str(config_file)], capsys) == printed
+
+
+def test_a_file_read_interrupted_by_another_ranks_failure_is_not_reported_as_a_broken_file():
+    """The launcher's signal handler raises AnotherRankFailed wherever the launcher is; inside a
+    LoRA read, the read's handler wraps it as "LoRA file unreadable". Catches that line shown in
+    place of the rank that really failed."""
+    from diffstyler.callbacks.first_failure import AnotherRankFailed
+    from diffstyler.cli import interrupted_by_another_rank
+    from diffstyler.errors import UserError
+
+    try:
+        try:
+            raise AnotherRankFailed("another rank failed")
+        except Exception as error:
+            raise UserError("LoRA file unreadable", "x.safetensors", "not a valid safetensors file") from error
+    except UserError as wrapped:
+        assert interrupted_by_another_rank(wrapped)
+    assert not interrupted_by_another_rank(UserError("LoRA file unreadable", "x.safetensors", "truncated"))
