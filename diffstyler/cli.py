@@ -108,6 +108,13 @@ class DiffStylerCLI(LightningCLI):
             count_jobs_in_progress_bar(trainer)
         return trainer
 
+    def predict(self, **kwargs: Any) -> None:
+        """`trainer.predict`, keeping no per-job results in memory unless `--return_predictions true`:
+        they are in results.jsonl, and a 100k-job run would hold them all until the end."""
+        if kwargs.get("return_predictions") is None:
+            kwargs["return_predictions"] = False
+        self.trainer.predict(**kwargs)
+
     def after_predict(self) -> None:
         """The run's summary on rank zero; exit status 1 when a job failed (the others are done)."""
         summary = getattr(self.model, "summary", None)
