@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -52,6 +52,7 @@ from diffstyler.stylize import (
     check_finite,
     denoise_jobs,
     fuse_styles,
+    unet_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -79,10 +80,6 @@ class PreparedJob:
     seconds: float = 0.0  # spent preparing
     trajectory: Optional[torch.Tensor] = None
 
-
-def failure_message(error: BaseException) -> str:
-    """A failed job's error as one line, for results.jsonl and the run's summary."""
-    return first_line(error.line() if isinstance(error, UserError) else error)
 
 
 @dataclass
@@ -252,7 +249,7 @@ class StylizePredictor(LightningModule):
 
         The result's `outputs` are paths; in results.jsonl they are relative to the output folder.
         """
-        line = failure_message(error) if error is not None else None
+        line = first_line(error) if error is not None else None  # a UserError's str is its one line
         result = {
             "id": job["id"],
             "content": job["content"],
@@ -265,7 +262,7 @@ class StylizePredictor(LightningModule):
         }
         if error is not None and self.on_error == "stop":
             raise error  # the run's one error line; nothing of the job is written
-        self.counts[status] = self.counts.get(status, 0) + 1
+        self.counts[status] += 1
         if self._results_log is not None:
             self._results_log.record({**result, "outputs": [self._relative_to_folder(p) for p in outputs]})
         if error is not None:
@@ -306,9 +303,7 @@ class StylizePredictor(LightningModule):
         return [group for groups in runs.values() for group in groups]
 
     def _unet_rows(self, job: "PreparedJob") -> int:
-        """A job's rows in a UNet call: its reference rows and each style's (uncond and) cond row."""
-        references = 1 if self.injection.reference_model == "base" else len(job.rows)
-        return references + (2 if self.sampling.uses_uncond else 1) * len(job.rows)
+        return unet_rows(len(job.rows), self.injection.reference_model, self.sampling.uses_uncond)
 
     def _stylize_group(self, group: list["PreparedJob"]) -> list[dict[str, Any]]:
         """Denoise, decode and write a group; when a user error fails the group, each job is run
@@ -338,17 +333,17 @@ class StylizePredictor(LightningModule):
                                        callback=self.step_callback, progress=self.progress)
             return [self._decode(job_latents, j.rows, j.trajectory, j.content, j.masks) for job_latents, j in zip(latents, group)]
 
-        written = []
         if self.sweep.active:  # `_groups` gives a sweep one job per group
             job = group[0]
             torch.manual_seed(job.job["seed"])
             settings = self._settings(job.job, job.styles, job.content)
             grid, settings["Sweep cells"] = self._ablation_grid(lambda injection: stylized(injection)[0], job.content, job.paths)
             return [self._write(job.styles, [grid], job.paths, job.content, job.masks, settings, job.job_hash)]
-        for job, images in zip(group, stylized(self.injection)):
-            settings = self._settings(job.job, job.styles, job.content)
-            written.append(self._write(job.styles, images, job.paths, job.content, job.masks, settings, job.job_hash))
-        return written
+        return [
+            self._write(job.styles, images, job.paths, job.content, job.masks,
+                        self._settings(job.job, job.styles, job.content), job.job_hash)
+            for job, images in zip(group, stylized(self.injection))
+        ]
 
     def _ablation_grid(self, stylized, content: Image.Image, paths: dict[str, Any]) -> tuple[Image.Image, list[dict]]:
         """One labelled grid of the job's result under every setting of `sweep` (same inversion),

@@ -151,6 +151,13 @@ def _guided_outputs(outputs: torch.Tensor, num_styles: int, with_uncond: bool, g
     return [classifier_free_guidance(p[0:1], p[1:2], guidance_scale) for p in pairs]
 
 
+def unet_rows(num_styles: int, reference_model: str, with_uncond: bool) -> int:
+    """A job's rows in one UNet call while the reference runs: its reference rows (one, or one per
+    style with `reference_model: style`), then each style's (uncond and) cond row."""
+    references = 1 if reference_model == "base" else num_styles
+    return references + (2 if with_uncond else 1) * num_styles
+
+
 def _reference_layout(
     styles: list[StyleRows], latent: torch.Tensor, embedding: torch.Tensor, reference_model: str, with_uncond: bool,
 ) -> tuple[BatchLayout, list[int]]:

@@ -18,7 +18,7 @@ from torch import nn
 from torchmetrics import CatMetric
 
 from diffstyler.checks import check_writable_folder
-from diffstyler.evaluation.metrics import MetricsConfig, QualityMetrics, artfid, feature_networks, fid_metric, CFSD, OfflineLPIPS
+from diffstyler.evaluation.metrics import CFSD, MetricsConfig, OfflineLPIPS, QualityMetrics, feature_networks, fid_metric
 from diffstyler.evaluation.report import describe_networks, write_reports
 
 PER_IMAGE_COLUMNS = ("index", "lpips", "cfsd")
@@ -69,10 +69,7 @@ class QualityEvaluator(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         data = self.trainer.datamodule
-        runs = {}
-        for run, name in enumerate(data.runs):
-            scores = self.quality_metrics(run).compute()
-            runs[name] = {**scores, "artfid": artfid(scores["lpips"], scores["fid"])}
+        runs = {name: self.quality_metrics(run).compute() for run, name in enumerate(data.runs)}  # with artfid
         per_image = {name: metric.compute().cpu() for name, metric in self.per_image.items()}
         for name, scores in runs.items():
             label = name if len(runs) > 1 else "test"
