@@ -32,6 +32,7 @@ from diffstyler.errors import MissingFileError, UserError, config_error, first_l
 from diffstyler.models import encode_prompts
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+LORA_INFO_NAME = "diffstyler_lora.json"  # written by `diffstyler fit` next to the weights: prompt, style images, ...
 BASE_ROW = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 # Key fragments of LoRA weights in the formats diffusers reads (diffusers/PEFT, kohya/A1111, ...).
 LORA_KEY_MARKERS = ("lora_down", "lora_up", "lora.down", "lora.up", "lora_A", "lora_B", "lora_unet_", "lora_te")

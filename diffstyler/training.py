@@ -33,10 +33,10 @@ from lightning.pytorch import LightningModule
 
 from diffstyler.checks import check_writable_folder
 from diffstyler.errors import UserError, config_error
-from diffstyler.lora import LORA_WEIGHTS_NAME, StyleLoRAConfig, add_style_adapter, save_lora
+from diffstyler.lora import LORA_INFO_NAME, LORA_WEIGHTS_NAME, StyleLoRAConfig, add_style_adapter, save_lora
 from diffstyler.models import ModelSpec, encode_images, encode_prompts, load_pipeline
 
-METADATA_NAME = "diffstyler_lora.json"
+METADATA_NAME = LORA_INFO_NAME
 CROP_FRACTION = 0.75  # side of a random crop (data.crop), as a fraction of the latent's side
 
 

@@ -29,10 +29,9 @@ from diffstyler.checks import check_resolution
 from diffstyler.errors import UserError, config_error
 from diffstyler.data.sources import IMAGE_EXTENSIONS, ContentFile, ManifestRow, expand_content, read_manifest
 from diffstyler.images import LATENT_FACTOR, check_image_header, load_image
-from diffstyler.lora import read_recorded_prompt, resolve_lora_file
+from diffstyler.lora import LORA_INFO_NAME, read_recorded_prompt, resolve_lora_file
 from diffstyler.masks import MaskSpec, load_mask_file
 
-LORA_INFO_NAME = "diffstyler_lora.json"
 MAX_FILE_NAME_BYTES = 255  # the file name limit of ext4, XFS, APFS, NTFS...
 
 

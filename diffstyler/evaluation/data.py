@@ -28,11 +28,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from diffstyler.errors import MissingFileError, UserError, config_error
 from diffstyler.images import load_image
+from diffstyler.lora import LORA_INFO_NAME
 from diffstyler.outputs import pil_to_unit
 from diffstyler.results import DONE, RESULTS_NAME, SKIPPED, read_json_lines
 
 log = logging.getLogger(__name__)
-LORA_INFO_NAME = "diffstyler_lora.json"
 
 
 @dataclass(frozen=True)
