@@ -4,9 +4,12 @@
     diffstyler fit --config configs/style.yaml --print_config > my.yaml
     diffstyler fit --config my.yaml --model.lora.rank 8
     diffstyler predict --config configs/stylize.yaml       # stylize content images
+    diffstyler fit --config configs/style.yaml --data.images '[styles/]' --data.one_lora_per_image true
+    diffstyler test --config configs/protocols/styleid.yaml  # a protocol file: one section per subcommand
 
 Each subcommand has its own LightningModule and DataModule, listed in `MODES`; `main` picks the
-pair from the subcommand before building the parser. The resolved config of a run is saved as
+pair from the subcommand before building the parser, and hands the subcommand only its section
+of a protocol file (`protocol_stage`). The resolved config of a run is saved as
 `config.yaml` next to its TensorBoard logs.
 
 Order of work (LightningCLI in lightning 2.6): parse → check → seed → instantiate data and model →
@@ -22,7 +25,9 @@ uses for a bad command line); `--debug` or DIFFSTYLER_DEBUG=1 shows the tracebac
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import gc
 import os
 import re
 import sys
@@ -31,8 +36,9 @@ from typing import Any, Optional
 
 from pathlib import Path
 
+import yaml
 from jsonargparse import ArgumentError, Namespace
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
@@ -48,6 +54,7 @@ from diffstyler.checks import check_checkpoint_file
 from diffstyler.data import StyleDataModule, StylizeDataModule
 from diffstyler.errors import UserError, config_error, first_line
 from diffstyler.images import ImageLoadError
+from diffstyler.lora_per_image import ImageLoRA, already_trained, expected_record, image_loras
 from diffstyler.masks import MaskError
 from diffstyler.models import ModelLoadError
 from diffstyler.evaluation.data import EvaluationDataModule
@@ -108,6 +115,13 @@ class DiffStylerCLI(LightningCLI):
             count_jobs_in_progress_bar(trainer)
         return trainer
 
+    def fit(self, **kwargs: Any) -> None:
+        """`trainer.fit`; with `data.one_lora_per_image`, one fresh fit per style image."""
+        if getattr(self.datamodule, "one_lora_per_image", False):
+            fit_one_lora_per_image(self, kwargs.get("ckpt_path"))
+        else:
+            self.trainer.fit(**kwargs)
+
     def predict(self, **kwargs: Any) -> None:
         """`trainer.predict`, keeping no per-job results in memory unless `--return_predictions true`:
         they are in results.jsonl, and a 100k-job run would hold them all until the end."""
@@ -150,6 +164,69 @@ class DiffStylerCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         lightning_subcommands = LightningCLI.subcommands()
         return {name: lightning_subcommands[name] for name in MODES}
+
+
+def fit_one_lora_per_image(cli: DiffStylerCLI, ckpt_path: Optional[str]) -> None:
+    """Train this process's style images one LoRA each (see `diffstyler.lora_per_image`): for
+    each image not trained yet, the fit config with `data.images` that one image and
+    `model.output_dir` its folder is instantiated again (data module, model, trainer, callbacks,
+    logger: nothing carries over from the previous image) and fitted.
+
+    Every image's LoRA folder is checked before the first training starts, so a rerun with other
+    settings is refused before it spends any time.
+    """
+    data, model, trainer = cli.datamodule, cli.model, cli.trainer
+    if ckpt_path:
+        raise config_error("ckpt_path", "not with data.one_lora_per_image: a rerun resumes by skipping the LoRAs already trained")
+    if trainer.world_size > 1:
+        raise config_error("trainer.devices", f"data.one_lora_per_image trains each LoRA in one process, got {trainer.world_size} "
+                           "processes; use trainer.devices 1 and share the images with data.num_processes and data.process_index")
+    loras = image_loras(data.images, data.names, data.sha256, model.output_dir)
+    expected = expected_record(model.recipe(), planned_steps(trainer), data.prompt, data.resolution)
+    todo = [lora for lora in loras if not already_trained(lora, expected)]
+    share = f" (process {data.process_index} of {data.num_processes})" if data.num_processes > 1 else ""
+    print(f"diffstyler fit: {len(loras)} style images{share}: {len(loras) - len(todo)} already trained, "
+          f"{len(todo)} to train, one LoRA each in {model.output_dir}/<image stem>", file=sys.stderr)
+    whole_config = cli.config
+    for number, lora in enumerate(todo, start=1):
+        print(f"diffstyler fit: [{number}/{len(todo)}] {lora.image} -> {lora.folder}", file=sys.stderr)
+        cli.config = config_for_image(whole_config, cli.subcommand, lora)  # also what SaveConfigCallback saves
+        # The LoRA's initial weights come from the global RNG: seeded again, each image starts as
+        # it would in a fit of its own, wherever it is in the list.
+        seed = cli.config[cli.subcommand].get("seed_everything")
+        if seed is not False and seed is not None:
+            seed_everything(seed, workers=True, verbose=False)
+        cli.config_init = cli.parser.instantiate_classes(cli.config)
+        cli.datamodule = cli.config_init[cli.subcommand]["data"]
+        cli.model = cli.config_init[cli.subcommand]["model"]
+        cli.trainer = cli.instantiate_trainer()
+        gc.collect()  # the previous image's model (trainer and module refer to each other) before this one loads
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    cli.config = whole_config
+
+
+def planned_steps(trainer: Trainer) -> int:
+    """The optimizer steps each LoRA gets: one batch per epoch (`data.style`), so the smaller of
+    max_steps and max_epochs."""
+    limits = [limit for limit in (trainer.max_steps, trainer.max_epochs) if limit is not None and limit > 0]
+    if not limits:
+        raise config_error("trainer.max_steps", "data.one_lora_per_image needs a number of steps (trainer.max_steps)")
+    return min(limits)
+
+
+def config_for_image(config: Namespace, subcommand: str, lora: ImageLoRA) -> Namespace:
+    """The fit config of one style image: its image, its output folder, its own logger folder."""
+    config = copy.deepcopy(config)
+    section = config[subcommand]
+    section.data.images = [lora.image]
+    section.data.one_lora_per_image = False
+    section.data.process_index, section.data.num_processes = 0, 1
+    section.model.output_dir = str(lora.folder)
+    logger = section.trainer.get("logger")
+    # A logger folder per image, so that checkpoints of two images never share a folder.
+    if isinstance(logger, Namespace) and isinstance(logger.get("init_args"), Namespace) and "name" in logger.init_args:
+        logger.init_args.name = f"{logger.init_args.name or 'lightning_logs'}/{lora.name}"
+    return config
 
 
 def count_jobs_in_progress_bar(trainer: Trainer) -> None:
@@ -311,6 +388,55 @@ def exit_for(subcommand: str, error: BaseException) -> None:
         sys.exit(USER_ERROR_STATUS)
 
 
+def protocol_stage(args: list[str], subcommand: str) -> list[str]:
+    """Each `--config FILE` where FILE holds a section per subcommand (a protocol such as
+    configs/protocols/styleid.yaml) replaced by `--config <FILE's section>` right after the
+    subcommand: `diffstyler fit --config P` and `diffstyler --config P fit` both run P's fit.
+
+    LightningCLI builds one module pair for all its subcommands, so it would check every section
+    of such a file against this subcommand's classes and refuse the other stages' keys. The
+    section goes inline as YAML (jsonargparse reads a config string as a file), so DDP, which
+    starts the other ranks with sys.argv, gives them the same stage.
+    """
+    if subcommand not in args:
+        return args
+    kept, stages = [], []
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg == "--config" and index + 1 < len(args):
+            file, width = args[index + 1], 2
+        elif arg.startswith("--config="):
+            file, width = arg.split("=", 1)[1], 1
+        else:
+            kept.append(arg)
+            index += 1
+            continue
+        section = protocol_section(file, subcommand)
+        if section is None:
+            kept += args[index : index + width]
+        else:
+            stages += ["--config", section]
+        index += width
+    position = kept.index(subcommand) + 1
+    return kept[:position] + stages + kept[position:]
+
+
+def protocol_section(file: str, subcommand: str) -> Optional[str]:
+    """The subcommand's section of `file` as YAML when the file is a protocol (a subcommand's name
+    among its top-level keys), else None (a plain config, or one LightningCLI will report)."""
+    try:
+        top = yaml.safe_load(Path(file).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    if not isinstance(top, dict) or not any(name in top for name in MODES):
+        return None
+    if not isinstance(top.get(subcommand), dict):
+        stages = ", ".join(name for name in MODES if name in top)
+        raise UserError(f"no {subcommand} section", file, f"this protocol file has sections {stages}; add {subcommand}:")
+    return yaml.safe_dump(top[subcommand], sort_keys=False)
+
+
 def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the `diffstyler` console script (returns None: its value becomes the exit code).
 
@@ -326,6 +452,10 @@ def main(args: Optional[list[str]] = None) -> None:
     subcommand = find_subcommand(sys.argv[1:] if args is None else args)
     model_class, datamodule_class = MODES[subcommand]
     try:
+        if args is None:
+            sys.argv[1:] = protocol_stage(sys.argv[1:], subcommand)
+        else:
+            args = protocol_stage(args, subcommand)
         DiffStylerCLI(model_class, datamodule_class, subcommand=subcommand, args=args)
     except Exception as error:  # not BaseException: Ctrl-C and sys.exit keep their meaning
         if not debug:

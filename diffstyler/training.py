@@ -253,6 +253,16 @@ class StyleLoRAModule(LightningModule):
         return output_dir
 
     def export_metadata(self) -> dict[str, Any]:
+        return {
+            **self.recipe(),
+            "prediction_type": self.noise_scheduler.config.prediction_type,
+            "steps": self.global_step,
+            **self._style_metadata(),
+        }
+
+    def recipe(self) -> dict[str, Any]:
+        """The settings a LoRA is trained with that are known before training (the part of
+        `diffstyler_lora.json` a rerun of `data.one_lora_per_image` compares)."""
         lora = self.lora_config
         return {
             "weights": LORA_WEIGHTS_NAME,
@@ -266,11 +276,8 @@ class StyleLoRAModule(LightningModule):
             "alpha": lora.alpha if lora.alpha is not None else lora.rank,
             "target_modules": list(lora.target_modules),
             "dropout": lora.dropout,
-            "prediction_type": self.noise_scheduler.config.prediction_type,
             "learning_rate": self.learning_rate,
-            "steps": self.global_step,
             "seed": self.training_seed,
-            **self._style_metadata(),
         }
 
     def _style_metadata(self) -> dict[str, Any]:

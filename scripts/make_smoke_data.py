@@ -5,6 +5,7 @@
 - style_stripes.png      64x64: diagonal colour stripes over a gradient (a "style" to learn)
 - content_shapes.png     64x48: a disc and a square on a sky-to-ground gradient (non-square content)
 - content_shapes_mask.png 64x48: white rectangle around the square = the region to stylize
+- styles/waves.png, styles/checks.png  64x64: two more styles, the style folder of the smoke protocol
 
 Everything is computed from formulas (no randomness, no external files), so the bytes are the
 same on every run.
@@ -49,6 +50,18 @@ def content_mask(width: int = 64, height: int = 48) -> np.ndarray:
     return mask
 
 
+def style_waves(size: int = 64) -> np.ndarray:
+    y, x = np.mgrid[0:size, 0:size]
+    waves = np.stack([127 + 120 * np.sin(x / 5 + 2 * np.sin(y / 9)), 90 + 80 * np.cos(y / 6), 200 - 60 * np.sin((x + y) / 7)], -1)
+    return np.clip(waves, 0, 255).astype(np.uint8)
+
+
+def style_checks(size: int = 64) -> np.ndarray:
+    y, x = np.mgrid[0:size, 0:size]
+    light = (((x // 8) + (y // 8)) % 2)[..., None]
+    return (light * np.array([230, 180, 40]) + (1 - light) * np.array([30, 40, 120])).astype(np.uint8)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="data", help="output folder (default: data)")
@@ -57,7 +70,10 @@ def main(argv: list[str] | None = None) -> None:
     Image.fromarray(style_stripes(), "RGB").save(out / "style_stripes.png")
     Image.fromarray(content_shapes(), "RGB").save(out / "content_shapes.png")
     Image.fromarray(content_mask(), "L").save(out / "content_shapes_mask.png")
-    print(f"wrote style_stripes.png, content_shapes.png, content_shapes_mask.png to {out}")
+    (out / "styles").mkdir(exist_ok=True)
+    Image.fromarray(style_waves(), "RGB").save(out / "styles" / "waves.png", optimize=True)
+    Image.fromarray(style_checks(), "RGB").save(out / "styles" / "checks.png", optimize=True)
+    print(f"wrote style_stripes.png, content_shapes.png, content_shapes_mask.png, styles/ to {out}")
 
 
 if __name__ == "__main__":

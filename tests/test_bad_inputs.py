@@ -18,11 +18,13 @@ from typing import Callable
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 import diffstyler.checks
 import diffstyler.models
 from diffstyler.cli import main
+from diffstyler.images import sha256_file
 from tests.helpers import write_random_lora
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +57,18 @@ class BadFiles:
         self.code_ran_marker = folder / "code_ran"
         torch.save({"state_dict": {}, "payload": RunsCodeWhenUnpickled(self.code_ran_marker)}, self.checkpoint_with_code)
         self.plain_file = self.write(folder / "a_file", b"x")
+        self.styles_sharing_a_stem = folder / "styles_sharing_a_stem"
+        self.styles_sharing_a_stem.mkdir()
+        Image.open(STYLE_IMAGE).save(self.styles_sharing_a_stem / "stripes.png")
+        Image.open(STYLE_IMAGE).save(self.styles_sharing_a_stem / "stripes.jpg")
+        self.loras_of_other_steps = folder / "loras_of_other_steps"
+        self.lora_folder_with_info(self.loras_of_other_steps / STYLE_IMAGE.stem, json.dumps(
+            {"steps": 999, "style_images": [{"path": str(STYLE_IMAGE), "sha256": sha256_file(STYLE_IMAGE)}]}))
+        self.lora_collection = folder / "lora_collection"
+        for name in ("ink", "oil"):
+            write_random_lora(self.lora_collection / name, seed=4)
+        self.protocol_without_fit = folder / "protocol.yaml"
+        self.protocol_without_fit.write_text("predict:\n  data:\n    content: [x.png]\ntest:\n  data:\n    results: [out]\n")
 
     @staticmethod
     def write(path: Path, data: bytes) -> Path:
@@ -62,7 +76,7 @@ class BadFiles:
         return path
 
     def lora_folder_with_info(self, folder: Path, info: str) -> Path:
-        folder.mkdir()
+        folder.mkdir(parents=True)
         (folder / "pytorch_lora_weights.safetensors").write_bytes((self.lora / "pytorch_lora_weights.safetensors").read_bytes())
         (folder / "diffstyler_lora.json").write_text(info)
         return folder
@@ -147,10 +161,16 @@ ROWS = [
     Row("box_inside_out", lambda t, b: masked_predict_args(t, b, {"box": [5, 5, 1, 1]}), ["data.styles[0].mask", "box"]),
     Row("mask_on_some_styles_only", lambda t, b: predict_args(t, b.lora, "--data.styles", json.dumps(
         [{"lora": str(b.lora), "mask": {"box": [0, 0, 8, 8]}}, {"lora": str(b.lora), "name": "other"}])), ["data.styles"]),
+    Row("process_index_out_of_range", lambda t, b: fit_args(t, "--data.one_lora_per_image", "true", "--data.process_index", "3",
+        "--data.num_processes", "2"), ["data.process_index"]),
+    Row("protocol_without_the_section", lambda t, b: ["fit", "--config", str(b.protocol_without_fit)],
+        ["protocol.yaml", "no fit section"]),
     # input files
     Row("content_missing", lambda t, b: predict_args(t, b.lora, "--data.content", json.dumps([str(t / "nope.png")])), ["nope.png"]),
     Row("content_not_an_image", lambda t, b: predict_args(t, b.lora, "--data.content", json.dumps([str(b.text_file)])), ["notes.png"]),
     Row("style_image_missing", lambda t, b: fit_args(t, "--data.images", json.dumps([str(t / "nope.png")])), ["nope.png"]),
+    Row("style_images_sharing_a_stem", lambda t, b: fit_args(t, "--data.images", json.dumps([str(b.styles_sharing_a_stem)]),
+        "--data.one_lora_per_image", "true"), ["data.images", "stripes.png", "stripes.jpg"]),
     Row("mask_file_not_an_image", lambda t, b: masked_predict_args(t, b, {"file": str(b.text_file)}), ["notes.png"]),
     # LoRA files
     Row("lora_missing", lambda t, b: predict_args(t, t / "no_lora"), ["no_lora"]),
@@ -161,6 +181,10 @@ ROWS = [
         [{"lora": str(b.sd1_lora), "prompt": "p"}])), ["sd1_style.safetensors", "SD 1.x"], before_model=False),
     Row("lora_info_not_json", lambda t, b: predict_args(t, b.lora_with_broken_info), ["diffstyler_lora.json", "JSON"]),
     Row("lora_info_without_prompt", lambda t, b: predict_args(t, b.lora_without_prompt), ["diffstyler_lora.json", "prompt"]),
+    Row("lora_folder_given_one_name", lambda t, b: predict_args(t, b.lora, "--data.styles", json.dumps(
+        [{"lora": str(b.lora_collection), "name": "mine"}])), ["data.styles[0].name", "2 LoRAs"]),
+    Row("one_lora_per_image_over_a_lora_of_other_steps", lambda t, b: fit_args(t, "--data.one_lora_per_image", "true",
+        "--model.output_dir", str(b.loras_of_other_steps)), ["diffstyler_lora.json", "a LoRA with other settings"]),
     # checkpoints for fit --ckpt_path
     Row("checkpoint_missing", lambda t, b: fit_args(t, "--ckpt_path", str(t / "step=2.ckpt")), ["ckpt_path", "step=2.ckpt"]),
     Row("checkpoint_is_a_folder", lambda t, b: fit_args(t, "--ckpt_path", str(b.folder)), ["ckpt_path"]),

@@ -29,7 +29,7 @@ from diffstyler.checks import check_resolution
 from diffstyler.errors import UserError, config_error
 from diffstyler.data.sources import IMAGE_EXTENSIONS, ContentFile, ManifestRow, expand_content, read_manifest
 from diffstyler.images import LATENT_FACTOR, check_image_header, load_image
-from diffstyler.lora import LORA_INFO_NAME, read_recorded_prompt, resolve_lora_file
+from diffstyler.lora import LORA_INFO_NAME, LORA_WEIGHTS_NAME, read_recorded_prompt, resolve_lora_file
 from diffstyler.masks import MaskSpec, load_mask_file
 
 MAX_FILE_NAME_BYTES = 255  # the file name limit of ext4, XFS, APFS, NTFS...
@@ -40,7 +40,9 @@ class StyleEntry:
     """One style of a job.
 
     lora: a LoRA `.safetensors` file or a folder holding `pytorch_lora_weights.safetensors`
-      (ours from `diffstyler fit`, or a community LoRA in a format diffusers reads).
+      (ours from `diffstyler fit`, or a community LoRA in a format diffusers reads), or a folder
+      of such folders (what `diffstyler fit` with `data.one_lora_per_image` writes), which
+      stands for one style per LoRA folder in it (`expand_lora_folders`).
     prompt: the style prompt; None takes the prompt recorded in the LoRA's `diffstyler_lora.json`.
     scale: LoRA scale (0 = base model).
     mask: where the style goes; None styles the whole image.
@@ -59,7 +61,7 @@ class StyleEntry:
         """A copy with the LoRA file checked and prompt and name filled in."""
         file = resolve_lora_file(self.lora)
         prompt = self.prompt if self.prompt is not None else _recorded_prompt(file)
-        name = self.name or (file.parent.name if file.name == "pytorch_lora_weights.safetensors" else file.stem)
+        name = self.name or (file.parent.name if file.name == LORA_WEIGHTS_NAME else file.stem)
         return dataclasses.replace(self, lora=str(file), prompt=prompt, name=name)
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,6 +84,33 @@ def job_seed(base_seed: int, job_id: int | str) -> int:
     """A 63-bit seed that depends on both numbers and is the same on every machine."""
     digest = hashlib.sha256(f"{base_seed}:{job_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
+
+
+def expand_lora_folders(styles: list[StyleEntry]) -> list[StyleEntry]:
+    """Each entry whose `lora` is a folder of LoRA folders replaced by one entry per LoRA folder in
+    it (sorted; each named after its folder, with the entry's prompt, scale and mask)."""
+    expanded = []
+    for index, entry in enumerate(styles):
+        folders = lora_folders_in(entry.lora)
+        if not folders:
+            expanded.append(entry)
+            continue
+        if entry.name is not None or entry.image is not None:
+            given = "name" if entry.name is not None else "image"
+            raise UserError(f"{given} given for {len(folders)} LoRAs", f"data.styles[{index}].{given}",
+                            f"{entry.lora} is a folder of LoRA folders; leave {given} out (each style is named "
+                            "after its LoRA folder), or name the LoRA folders one by one")
+        expanded += [dataclasses.replace(entry, lora=str(folder)) for folder in folders]
+    return expanded
+
+
+def lora_folders_in(path: str) -> list[Path]:
+    """The subfolders of `path` that hold a `pytorch_lora_weights.safetensors`, when `path` is a
+    folder without one itself; [] otherwise."""
+    folder = Path(path)
+    if not folder.is_dir() or (folder / LORA_WEIGHTS_NAME).exists():
+        return []
+    return sorted(sub for sub in folder.iterdir() if not sub.name.startswith(".") and (sub / LORA_WEIGHTS_NAME).is_file())
 
 
 def check_styles(styles: list[StyleEntry]) -> list[StyleEntry]:
@@ -396,7 +425,7 @@ class StylizeDataModule(LightningDataModule):
         if manifest is not None and content:
             raise config_error("data.manifest", "give data.content or data.manifest, not both")
         content, styles = list(content or []), list(styles or [])
-        self.styles = check_styles(styles) if styles or manifest is None else []
+        self.styles = check_styles(expand_lora_folders(styles)) if styles or manifest is None else []
         if manifest is not None:
             specs = manifest_jobs(read_manifest(manifest), self.styles, manifest)
         else:

@@ -1,7 +1,10 @@
 """Style images for LoRA training (paper section III-C): one or a few images and one prompt.
 
-Every image is checked when the data module is built, i.e. while the CLI parses its config and
-before any model is loaded, so a wrong path fails in seconds with the file's name.
+`data.images` takes files, folders (recursive), glob patterns and `.txt` lists, as `data.content`
+of predict does (`data.sources.expand_content`). All the images train one LoRA, or with
+`data.one_lora_per_image` each image its own (`diffstyler.lora_per_image`; `diffstyler fit` runs
+the loop). Every image is checked when the data module is built, i.e. while the CLI parses its
+config and before any model is loaded, so a wrong path fails in seconds with the file's name.
 
 One epoch is exactly one batch. The `OneBatchPerEpochSampler` picks the batch's images from the epoch
 number, so a run resumed from a checkpoint sees the same images at each step as the uninterrupted
@@ -12,6 +15,7 @@ beginning is the right place). Consequence: `accumulate_grad_batches` must stay 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -19,7 +23,8 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from diffstyler.checks import check_resolution
-from diffstyler.errors import config_error
+from diffstyler.data.sources import expand_content
+from diffstyler.errors import UserError, config_error
 from diffstyler.images import load_image, resize_to_multiple_of_8, sha256_file, to_tensor
 
 # The paper's own training command uses "painting of <sss>, girl": a rare token marks the style.
@@ -75,7 +80,7 @@ class StyleDataModule(LightningDataModule):
     """Style image(s) and the prompt that names the style.
 
     Args:
-        images: paths of one or several style images.
+        images: style images: files, folders (recursive), glob patterns, `.txt` lists of paths.
         prompt: text paired with every style image; default like the paper's "painting of <sss>".
         resolution: the longer side after resizing; both sides become multiples of 8, aspect kept
             (see `diffstyler.images.resize_to_multiple_of_8`).
@@ -83,6 +88,12 @@ class StyleDataModule(LightningDataModule):
         num_workers: DataLoader workers (the images are already in memory; 0 is fine).
         flip: randomly mirror the cached latents left-right (off by default, as in the paper).
         crop: random crops of 3/4 of each latent side (off by default, as in the paper).
+        one_lora_per_image: train one LoRA per image, each into `<model.output_dir>/<image stem>`,
+            instead of one LoRA from all images (`diffstyler fit` runs the loop; see
+            `diffstyler.lora_per_image`).
+        process_index, num_processes: with `one_lora_per_image`, this process trains images
+            process_index, process_index + num_processes, ... of the sorted list, so that several
+            processes (one per GPU, or the tasks of a job array) share the images.
     """
 
     def __init__(
@@ -94,6 +105,9 @@ class StyleDataModule(LightningDataModule):
         num_workers: int = 0,
         flip: bool = False,
         crop: bool = False,
+        one_lora_per_image: bool = False,
+        process_index: int = 0,
+        num_processes: int = 1,
     ) -> None:
         super().__init__()
         if not images:
@@ -101,7 +115,17 @@ class StyleDataModule(LightningDataModule):
         if batch_size < 1:
             raise config_error("data.batch_size", f"must be >= 1, got {batch_size}")
         check_resolution(resolution, "data.resolution")
-        self.images = [str(path) for path in images]
+        check_process_share(process_index, num_processes, one_lora_per_image)
+        found = expand_content([str(entry) for entry in images], "data.images")
+        self.one_lora_per_image = one_lora_per_image
+        self.process_index = process_index
+        self.num_processes = num_processes
+        self.names: list[str] = []  # the LoRA folder of each image, with one_lora_per_image
+        if one_lora_per_image:
+            stems = distinct_stems([file.path for file in found])
+            # this process's share; only these are read
+            found, self.names = found[process_index::num_processes], stems[process_index::num_processes]
+        self.images = [file.path for file in found]
         self.prompt = prompt
         self.resolution = resolution
         self.batch_size = batch_size
@@ -116,7 +140,8 @@ class StyleDataModule(LightningDataModule):
 
     def _check_batchable(self) -> None:
         sizes = {tuple(pixels.shape[1:]) for pixels in self.pixel_values}
-        if self.batch_size > 1 and len(sizes) > 1:
+        # one LoRA per image: each batch repeats one image
+        if self.batch_size > 1 and len(sizes) > 1 and not self.one_lora_per_image:
             listing = ", ".join(
                 f"{path}: {p.shape[2]}x{p.shape[1]}" for path, p in zip(self.images, self.pixel_values)
             )
@@ -127,6 +152,10 @@ class StyleDataModule(LightningDataModule):
             )
 
     def train_dataloader(self) -> DataLoader:
+        if self.one_lora_per_image:
+            raise UserError("one LoRA per image is trained by `diffstyler fit`", "data.one_lora_per_image",
+                            "a plain Trainer.fit would train one LoRA from all the images; run `diffstyler fit`, "
+                            "or give the data module one image at a time")
         return DataLoader(
             self.dataset,
             batch_size=self.batch_size,
@@ -145,3 +174,28 @@ class StyleDataModule(LightningDataModule):
                 for path, digest, p in zip(self.images, self.sha256, self.pixel_values)
             ],
         }
+
+
+def check_process_share(process_index: int, num_processes: int, one_lora_per_image: bool) -> None:
+    if num_processes < 1:
+        raise config_error("data.num_processes", f"must be >= 1, got {num_processes}")
+    if not 0 <= process_index < num_processes:
+        raise config_error("data.process_index", f"must be in [0, data.num_processes={num_processes}), got {process_index}")
+    if num_processes > 1 and not one_lora_per_image:
+        raise config_error("data.num_processes", "shares images between processes only with data.one_lora_per_image "
+                           "(for one LoRA from all images on several GPUs, use trainer.devices)")
+
+
+def distinct_stems(paths: list[str]) -> list[str]:
+    """Each image's file stem, the name of its LoRA folder; two images with one stem are refused
+    (their LoRAs would share a folder). Compared case-folded: on macOS and Windows `A` and `a` are one."""
+    seen: dict[str, str] = {}
+    names = []
+    for path in paths:
+        name = Path(path).stem
+        if name.casefold() in seen:
+            raise UserError(f"two style images named {name!r}", "data.images",
+                            f"{seen[name.casefold()]} and {path} would both train into <model.output_dir>/{name}; rename one")
+        seen[name.casefold()] = path
+        names.append(name)
+    return names

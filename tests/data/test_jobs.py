@@ -179,3 +179,28 @@ def test_a_row_without_styles_takes_every_style_and_needs_one_mask_for_each(tmp_
     write_manifest(tmp_path, f"content,styles,masks\n{CONTENT},,m.png\n")
     with pytest.raises(UserError, match=r"masks do not match styles.*row 1"):
         StylizeDataModule(manifest=str(manifest), styles=styles)
+
+
+def test_a_folder_of_lora_folders_is_one_style_per_lora_named_after_its_folder(photos, loras):
+    """What `diffstyler fit` with data.one_lora_per_image writes, used as data.styles in one entry.
+    Catches: the folder taken as one style, a hidden or weightless folder taken as a style, and
+    the entry's scale or prompt dropped for its LoRAs."""
+    folder = Path(shutil.copytree(loras[0].parent, photos.parent / "loras"))
+    (folder / ".staging").mkdir()
+    (folder / ".staging" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    (folder / "logs").mkdir()  # no weights: not a style
+    data = StylizeDataModule(content=[str(photos)], styles=[StyleEntry(lora=str(folder), scale=0.5, prompt="ink art")],
+                             pairing="product")
+    assert [(entry.name, Path(entry.lora).parent.name, entry.scale, entry.prompt) for entry in data.styles] == [
+        ("ink", "ink", 0.5, "ink art"), ("oil", "oil", 0.5, "ink art")]
+    assert data.job_ids() == ["a_ink", "a_oil", "sub/b_ink", "sub/b_oil"]
+    # a LoRA folder itself is one style, even next to others
+    assert [entry.name for entry in StylizeDataModule(content=[str(photos)], styles=[StyleEntry(lora=str(loras[1]))]).styles] == ["oil"]
+
+
+@pytest.mark.parametrize("given", ["name", "image"])
+def test_a_name_or_image_for_a_folder_of_loras_is_refused(photos, loras, given):
+    entry = StyleEntry(lora=str(loras[0].parent), **{given: "x" if given == "name" else str(CONTENT)})
+    with pytest.raises(UserError, match=f"{given} given for 2 LoRAs") as caught:
+        StylizeDataModule(content=[str(photos)], styles=[entry])
+    assert caught.value.where == f"data.styles[0].{given}"
