@@ -203,6 +203,9 @@ def fit_one_lora_per_image(cli: DiffStylerCLI, ckpt_path: Optional[str]) -> None
         gc.collect()  # the previous image's model (trainer and module refer to each other) before this one loads
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     cli.config = whole_config
+    if todo:
+        print(f"diffstyler fit: {len(todo)} LoRA{'' if len(todo) == 1 else 's'} trained, "
+              f"{len(loras) - len(todo)} already there; in {model.output_dir}", file=sys.stderr)
 
 
 def planned_steps(trainer: Trainer) -> int:

@@ -75,6 +75,7 @@ def test_each_image_gets_the_lora_its_own_fit_gives(style_folder, tmp_path, monk
     status, output = run_cli_in_process(per_image_args(style_folder, loras, tmp_path / "logs"), monkeypatch, capsys)
     assert status == 0, output
     assert "3 style images: 0 already trained, 3 to train" in output
+    assert f"3 LoRAs trained, 0 already there; in {loras}" in output
     assert sorted(path.name for path in loras.iterdir()) == ["checks", "stripes", "waves"]
 
     alone = tmp_path / "alone"
