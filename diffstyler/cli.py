@@ -398,8 +398,8 @@ def protocol_stage(args: list[str], subcommand: str) -> list[str]:
 
     LightningCLI builds one module pair for all its subcommands, so it would check every section
     of such a file against this subcommand's classes and refuse the other stages' keys. The
-    section goes inline as YAML (jsonargparse reads a config string as a file), so DDP, which
-    starts the other ranks with sys.argv, gives them the same stage.
+    section goes inline as YAML (jsonargparse reads a config string as a file). The ranks that
+    DDP starts run `main` on the original command line, and so pick the same section.
     """
     if subcommand not in args:
         return args

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -71,3 +73,17 @@ def run_cli_in_process(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
         status = exit_info.code
     captured = capsys.readouterr()
     return status, captured.out + captured.err
+
+
+def run_console(args: list[str], **environment: str) -> subprocess.Popen:
+    """`diffstyler <args>` as the console script, offline, from the repository root (DDP needs a
+    real process: it starts the other ranks from sys.argv)."""
+    offline = {**os.environ, "HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1"}
+    return subprocess.Popen([str(Path(sys.executable).parent / "diffstyler"), *args], cwd=Path(__file__).resolve().parents[1],
+                            env={**offline, **environment}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finished(process: subprocess.Popen) -> tuple[int, str]:
+    """(exit status, stdout + stderr) of a `run_console` process."""
+    out, err = process.communicate(timeout=300)
+    return process.returncode, out + err

@@ -9,7 +9,6 @@ reference (latents of batched against one-by-one jobs: tests/test_predictor_batc
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -22,12 +21,11 @@ from PIL import Image
 
 from diffstyler.cli import JOBS_FAILED_STATUS, USER_ERROR_STATUS, main
 from diffstyler.results import RESULTS_NAME, read_json_lines
-from tests.helpers import run_cli_in_process, write_random_lora
+from tests.helpers import finished, run_cli_in_process, run_console, write_random_lora
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BATCH_CONFIG = str(REPO_ROOT / "configs" / "smoke" / "batch.yaml")
 CONTENT = REPO_ROOT / "data" / "content_shapes.png"
-ENVIRONMENT = {**os.environ, "HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +50,6 @@ def batch_args(run: Path, styles: list[dict], *extra: str, content: str | None =
     else:
         args += ["--data.content", json.dumps([content])]
     return [*args, *extra]
-
-
-def run_console(args: list[str], **environment: str) -> subprocess.Popen:
-    return subprocess.Popen([str(Path(sys.executable).parent / "diffstyler"), *args], cwd=REPO_ROOT,
-                            env={**ENVIRONMENT, **environment}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finished(process: subprocess.Popen) -> tuple[int, str]:
-    out, err = process.communicate(timeout=300)
-    return process.returncode, out + err
 
 
 def pngs(folder: Path) -> dict[str, np.ndarray]:

@@ -12,7 +12,7 @@ import pytest
 
 from diffstyler.cli import protocol_stage
 from diffstyler.errors import UserError
-from tests.helpers import run_cli_in_process
+from tests.helpers import finished, run_cli_in_process, run_console
 
 SMOKE_PROTOCOL = "configs/smoke/protocols/styleid.yaml"
 SMOKE_OUTPUTS = "outputs/smoke/styleid"
@@ -74,6 +74,19 @@ def test_the_smoke_protocol_runs_fit_predict_and_test_from_one_file(tmp_path, re
     run_stage(protocol, "test", monkeypatch, capsys)
     again = scores_of(evaluation)
     assert all(again[key] == pytest.approx(scores[key], abs=1e-9) for key in ("lpips", "fid", "artfid", "cfsd"))
+
+
+def test_a_stage_on_two_ddp_processes_runs_its_own_section(tmp_path, repo_root, monkeypatch, capsys):
+    """The full protocol's predict runs on every GPU. Catches: the section picked only for an
+    in-process call, not from the console's sys.argv (both ranks would read the whole protocol
+    file and refuse the other stages' keys)."""
+    protocol = protocol_in(tmp_path, repo_root)
+    run_stage(protocol, "fit", monkeypatch, capsys)
+    status, output = finished(run_console(["predict", "--config", str(protocol), "--trainer.devices", "2", "--trainer.strategy", "ddp"]))
+    assert status == 0, output[-3000:]
+    assert "6 jobs: 6 done, 0 already done (skipped), 0 failed" in output
+    assert sorted(path.relative_to(tmp_path / "styleid" / "stylized").as_posix() for path in (tmp_path / "styleid" / "stylized").rglob("*.png")) == sorted(
+        f"{c}_{s}.png" for c in CONTENTS for s in STYLES)
 
 
 def test_the_full_protocol_parses_for_every_stage(repo_root, monkeypatch, capsys):
