@@ -91,9 +91,10 @@ class StyleDataModule(LightningDataModule):
         one_lora_per_image: train one LoRA per image, each into `<model.output_dir>/<image stem>`,
             instead of one LoRA from all images (`diffstyler fit` runs the loop; see
             `diffstyler.lora_per_image`).
-        process_index, num_processes: with `one_lora_per_image`, this process trains images
-            process_index, process_index + num_processes, ... of the sorted list, so that several
-            processes (one per GPU, or the tasks of a job array) share the images.
+        process_index: with `one_lora_per_image`, this process trains images process_index,
+            process_index + num_processes, ... of the sorted list (0 .. num_processes - 1).
+        num_processes: how many processes (one per GPU, or the tasks of a job array) share the
+            images with `one_lora_per_image`; each starts with its own process_index.
     """
 
     def __init__(
