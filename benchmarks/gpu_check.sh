@@ -39,3 +39,7 @@ $PY benchmarks/bench_throughput.py --model sd21-random --device cuda --dtype flo
   --data.styles "[{lora: $OUT/lora, name: full}, {lora: $OUT/lora, name: half, scale: 0.5}]" \
   --model.output.folder "$OUT/batch" --model.inversion_cache "$OUT/cache" --trainer.logger.init_args.save_dir "$OUT/logs" \
   2>&1 | tail -2 | tee "$OUT/batch.txt"
+# 5. the smoke protocol's fit over a folder (one LoRA per style image) in 16-mixed on the GPU
+.venv/bin/diffstyler fit --config configs/smoke/protocols/styleid.yaml --trainer.accelerator gpu --trainer.precision 16-mixed \
+  --model.output_dir "$OUT/loras" --trainer.logger.init_args.save_dir "$OUT/logs" 2>&1 | grep "diffstyler fit" | tee "$OUT/fit_folder.txt"
+ls "$OUT/loras"
