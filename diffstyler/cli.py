@@ -166,6 +166,8 @@ class DiffStylerCLI(LightningCLI):
         return {name: lightning_subcommands[name] for name in MODES}
 
 
+# --- fit over a folder: one LoRA per style image ----------------------------------------------
+
 def fit_one_lora_per_image(cli: DiffStylerCLI, ckpt_path: Optional[str]) -> None:
     """Train this process's style images one LoRA each (see `diffstyler.lora_per_image`): for
     each image not trained yet, the fit config with `data.images` that one image and
@@ -231,6 +233,8 @@ def config_for_image(config: Namespace, subcommand: str, lora: ImageLoRA) -> Nam
         logger.init_args.name = f"{logger.init_args.name or 'lightning_logs'}/{lora.name}"
     return config
 
+
+# --- defaults and progress -------------------------------------------------------------------
 
 def count_jobs_in_progress_bar(trainer: Trainer) -> None:
     """Lightning's own progress bar (tqdm, or rich where it is installed), if the trainer has one,
@@ -390,6 +394,8 @@ def exit_for(subcommand: str, error: BaseException) -> None:
             wait_for_launcher_exit(current_run)
         sys.exit(USER_ERROR_STATUS)
 
+
+# --- protocol files (a section per subcommand) and the entry point ----------------------------
 
 def protocol_stage(args: list[str], subcommand: str) -> list[str]:
     """Each `--config FILE` where FILE holds a section per subcommand (a protocol such as
