@@ -183,7 +183,7 @@ def fit_one_lora_per_image(cli: DiffStylerCLI, ckpt_path: Optional[str]) -> None
     if trainer.world_size > 1:
         raise config_error("trainer.devices", f"data.one_lora_per_image trains each LoRA in one process, got {trainer.world_size} "
                            "processes; use trainer.devices 1 and share the images with data.num_processes and data.process_index")
-    loras = image_loras(data.images, data.names, data.sha256, model.output_dir)
+    loras = image_loras(data.images, data.sha256, model.output_dir)
     expected = expected_record(model.recipe(), planned_steps(trainer), data.prompt, data.resolution)
     todo = [lora for lora in loras if not already_trained(lora, expected)]
     share = f" (process {data.process_index} of {data.num_processes})" if data.num_processes > 1 else ""
@@ -198,10 +198,7 @@ def fit_one_lora_per_image(cli: DiffStylerCLI, ckpt_path: Optional[str]) -> None
         seed = cli.config[cli.subcommand].get("seed_everything")
         if seed is not False and seed is not None:
             seed_everything(seed, workers=True, verbose=False)
-        cli.config_init = cli.parser.instantiate_classes(cli.config)
-        cli.datamodule = cli.config_init[cli.subcommand]["data"]
-        cli.model = cli.config_init[cli.subcommand]["model"]
-        cli.trainer = cli.instantiate_trainer()
+        cli.instantiate_classes()  # LightningCLI's own: data module, model and trainer from cli.config
         gc.collect()  # the previous image's model (trainer and module refer to each other) before this one loads
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     cli.config = whole_config

@@ -39,8 +39,10 @@ class ImageLoRA:
     folder: Path
 
 
-def image_loras(images: list[str], names: list[str], digests: list[str], output_dir: str) -> list[ImageLoRA]:
-    return [ImageLoRA(image, name, digest, Path(output_dir) / name) for image, name, digest in zip(images, names, digests)]
+def image_loras(images: list[str], digests: list[str], output_dir: str) -> list[ImageLoRA]:
+    """Each image with its LoRA folder, `<output_dir>/<image stem>` (the data module has checked
+    that no two stems are the same)."""
+    return [ImageLoRA(image, Path(image).stem, digest, Path(output_dir) / Path(image).stem) for image, digest in zip(images, digests)]
 
 
 def expected_record(recipe: dict[str, Any], steps: int, prompt: str, resolution: int) -> dict[str, Any]:

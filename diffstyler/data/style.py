@@ -121,11 +121,9 @@ class StyleDataModule(LightningDataModule):
         self.one_lora_per_image = one_lora_per_image
         self.process_index = process_index
         self.num_processes = num_processes
-        self.names: list[str] = []  # the LoRA folder of each image, with one_lora_per_image
         if one_lora_per_image:
-            stems = distinct_stems([file.path for file in found])
-            # this process's share; only these are read
-            found, self.names = found[process_index::num_processes], stems[process_index::num_processes]
+            check_distinct_stems([file.path for file in found])
+            found = found[process_index::num_processes]  # this process's share; only these are read
         self.images = [file.path for file in found]
         self.prompt = prompt
         self.resolution = resolution
@@ -187,16 +185,13 @@ def check_process_share(process_index: int, num_processes: int, one_lora_per_ima
                            "(for one LoRA from all images on several GPUs, use trainer.devices)")
 
 
-def distinct_stems(paths: list[str]) -> list[str]:
-    """Each image's file stem, the name of its LoRA folder; two images with one stem are refused
-    (their LoRAs would share a folder). Compared case-folded: on macOS and Windows `A` and `a` are one."""
+def check_distinct_stems(paths: list[str]) -> None:
+    """Refuse two images with one file stem: the stem names the image's LoRA folder. Compared
+    case-folded: on macOS and Windows `A` and `a` are one folder."""
     seen: dict[str, str] = {}
-    names = []
     for path in paths:
         name = Path(path).stem
         if name.casefold() in seen:
             raise UserError(f"two style images named {name!r}", "data.images",
                             f"{seen[name.casefold()]} and {path} would both train into <model.output_dir>/{name}; rename one")
         seen[name.casefold()] = path
-        names.append(name)
-    return names
