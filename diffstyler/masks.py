@@ -235,6 +235,18 @@ class TransformersClipScorer:
         return text_features @ image_features.T
 
 
+@contextlib.contextmanager
+def torch_threads_kept():
+    """Give torch its thread count back after ultralytics: its `select_device` sets
+    `torch.set_num_threads(min(8, cpus - 1))` for the whole process (1 on a 2-core machine), which
+    would slow down, and change the float sums of, everything the run does after its first mask."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _features(output) -> torch.Tensor:
     # transformers 5 returns a model output whose pooler_output is the projected embedding;
     # older releases returned the embedding tensor itself.
@@ -305,6 +317,10 @@ class FastSAMSegmenter:
         return self._prompted(image, f"text prompt '{prompt}'", texts=[prompt])
 
     def _prompted(self, image: Image.Image, what: str, **prompt) -> torch.Tensor:
+        with torch_threads_kept():
+            return self._prompted_by_fastsam(image, what, **prompt)
+
+    def _prompted_by_fastsam(self, image: Image.Image, what: str, **prompt) -> torch.Tensor:
         everything = self._segment_everything(image)
         if len(everything[0]) == 0:
             raise self._nothing_found(what)

@@ -550,3 +550,17 @@ def test_injected_clip_is_used_without_loading(seg_weights, clip_folder, image, 
         FastSAMSegmenter(config).text(image, "a dog")
     with pytest.raises(ValueError, match="together"):
         FastSAMSegmenter(config, clip_model=model)
+
+
+def test_a_fastsam_mask_leaves_torch_its_thread_count(seg_weights, image):
+    """ultralytics' device selection sets torch's threads to min(8, cpus - 1) for the whole process.
+    Catches a run that, after its first mask, denoises on other threads (slower, other float sums)."""
+    from ultralytics.utils import NUM_THREADS
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(NUM_THREADS + 1)
+    try:
+        FastSAMSegmenter(tiny_config(seg_weights)).box(image, [10, 8, 35, 30])
+        assert torch.get_num_threads() == NUM_THREADS + 1
+    finally:
+        torch.set_num_threads(before)
