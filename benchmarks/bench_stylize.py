@@ -32,7 +32,7 @@ from diffstyler.inversion import invert
 from diffstyler.lora import StyleLoRAConfig, add_style_adapter, set_adapter_scales
 from diffstyler.models import ModelSpec, RandomModelSizes, build_random_pipeline, encode_prompts, load_pipeline
 from diffstyler.sampling import ddim_schedule
-from diffstyler.stylize import SamplingConfig, StyleRows, denoise_with_injection
+from diffstyler.stylize import DenoiseJob, SamplingConfig, StyleRows, denoise_jobs
 
 
 def _sync(device: str) -> None:
@@ -105,7 +105,7 @@ def main() -> None:
         rows = [StyleRows(n, prompts[1:2], prompts[2:3]) for n in names]
         sampling = SamplingConfig(steps=args.steps, reference=reference)
         injection = InjectionConfig(feature_steps=args.steps * 3 // 5, attention_steps=args.steps // 2, **injection_fields)
-        return lambda: denoise_with_injection(unet, trajectory, prompts[:1], rows, schedule, injection, sampling, progress=False)
+        return lambda: denoise_jobs(unet, [DenoiseJob(trajectory, prompts[:1], rows)], schedule, injection, sampling, progress=False)
 
     print(f"model={args.model} resolution={args.resolution} steps={args.steps} device={args.device} dtype={args.dtype}")
     print(f"inversion: substeps 1 {t_inv_1:.3f} s, substeps {substeps} {t_inv_full:.3f} s, ratio {t_inv_full / t_inv_1:.1f}x")

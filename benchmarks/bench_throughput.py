@@ -37,10 +37,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_stylize import load_benchmark_pipeline  # noqa: E402
 
-from diffstyler.data.jobs import StyleEntry, StylizeDataModule, chunked  # noqa: E402
+from diffstyler.data.jobs import Job, StyleEntry, StylizeDataModule, chunked  # noqa: E402
 from diffstyler.injection import InjectionConfig  # noqa: E402
 from diffstyler.lora import StyleLoRAConfig, add_style_adapter, save_lora  # noqa: E402
 from diffstyler.models import ModelSpec  # noqa: E402
+from diffstyler.pipeline import DiffStylerPipeline  # noqa: E402
 from diffstyler.predictor import OutputConfig, StylizePredictor  # noqa: E402
 from diffstyler.stylize import SamplingConfig  # noqa: E402
 
@@ -59,14 +60,15 @@ def make_predictor(args, folder: Path) -> StylizePredictor:
     if args.model == "tiny":
         predictor.configure_model()
     else:
-        predictor.pipe = load_benchmark_pipeline(args.model, args.dtype)
-        predictor.unet, predictor.vae, predictor.text_encoder = predictor.pipe.unet, predictor.pipe.vae, predictor.pipe.text_encoder
+        predictor.pipeline = DiffStylerPipeline(load_benchmark_pipeline(args.model, args.dtype), progress=False)
+        pipe = predictor.pipeline.pipe
+        predictor.unet, predictor.vae, predictor.text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
     return predictor.to(args.device)
 
 
 def write_loras(predictor: StylizePredictor, folder: Path, count: int) -> list[Path]:
     """`count` random rank-16 LoRAs for the predictor's UNet, saved as `diffstyler fit` saves them."""
-    unet = predictor.pipe.unet
+    unet = predictor.pipeline.unet
     paths = []
     for k in range(count):
         add_style_adapter(unet, StyleLoRAConfig(rank=16), "bench")
@@ -97,12 +99,12 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def images_per_minute(predictor: StylizePredictor, jobs: list[dict], batch_size: int, device: str) -> float:
-    predictor._recent_trajectories.clear()  # every run inverts its contents
+def images_per_minute(predictor: StylizePredictor, jobs: list[Job], batch_size: int, device: str) -> float:
+    predictor.pipeline.store.memory.clear()  # every run inverts its contents
     _sync(device)
     start = time.perf_counter()
     for chunk in chunked(jobs, batch_size):
-        predictor.stylize_jobs(chunk)
+        predictor.writer.write(predictor.stylize_jobs(chunk))
     _sync(device)
     return len(jobs) * 60 / (time.perf_counter() - start)
 
@@ -168,13 +170,13 @@ def memory_child(args) -> None:
         loras = write_loras(predictor, folder, args.memory_child)
         reset_peak_rss()  # the peak of building the model is not what is measured
         for path in loras:
-            predictor.adapter_for(StyleEntry(lora=str(path)).resolved())
+            predictor.pipeline.adapters.adapter_for(StyleEntry(lora=str(path)).resolved().lora)
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         job = StylizeDataModule(content=write_contents(folder, 1), styles=[StyleEntry(lora=str(loras[0]))],
                                 resolution=args.resolution).jobs()[0]
-        assert predictor.stylize_job(job)["status"] == "done"
-        unet_bytes = sum(p.numel() * p.element_size() for p in predictor.pipe.unet.parameters())
+        assert predictor.writer.write(predictor.stylize_jobs([job]))[0].status == "done"
+        unet_bytes = sum(p.numel() * p.element_size() for p in predictor.pipeline.unet.parameters())
         peak = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else peak_rss()
         print(json.dumps({"styles": args.memory_child, "peak_bytes": peak, "unet_bytes": unet_bytes}))
 

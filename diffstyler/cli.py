@@ -131,12 +131,13 @@ class DiffStylerCLI(LightningCLI):
 
     def after_predict(self) -> None:
         """The run's summary on rank zero; exit status 1 when a job failed (the others are done)."""
-        summary = getattr(self.model, "summary", None)
+        writer = self.model.writer
+        summary = writer.summary
         if not summary:
             return
-        folder = Path(self.model.output.folder)
+        folder = writer.folder
         if self.trainer.is_global_zero:
-            for line in self.model.failures[:MAX_FAILURES_SHOWN]:
+            for line in writer.failures[:MAX_FAILURES_SHOWN]:
                 print(f"diffstyler predict: job failed: {line}", file=sys.stderr)
             print(summary_line(summary, folder / RESULTS_NAME), file=sys.stderr)
         if summary[FAILED]:

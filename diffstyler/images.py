@@ -173,3 +173,31 @@ def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
         for chunk in iter(lambda: file.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+DEFAULT_RESOLUTION = 512  # the longer side stylization works at (the paper's 512 x 512)
+
+
+def as_rgb_image(value: "str | os.PathLike | Image.Image | np.ndarray | torch.Tensor", argument: str) -> Image.Image:
+    """An image given to the Python API as a path, a PIL image, a uint8 array [H, W(, C)] or a float
+    array / tensor in [0, 1] ([H, W, C] or [C, H, W]), as an 8-bit RGB PIL image (files upright per EXIF)."""
+    if isinstance(value, (str, os.PathLike)):
+        try:
+            return load_image(value)
+        except FileNotFoundError as error:
+            raise UserError("image file not found", argument, str(value)) from error
+    if isinstance(value, Image.Image):
+        return to_8_bit_rgb(value)
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+        if value.ndim == 3 and value.shape[0] in (1, 3) and value.shape[-1] not in (1, 3):
+            value = value.transpose(1, 2, 0)
+    if isinstance(value, np.ndarray):
+        if value.ndim not in (2, 3) or (value.ndim == 3 and value.shape[-1] not in (1, 3, 4)):
+            raise UserError("not an image", argument, f"an array of shape {value.shape}; give [H, W] or [H, W, 3]")
+        if value.dtype != np.uint8:
+            if not np.isfinite(value).all() or value.min() < 0 or value.max() > 1:
+                raise UserError("not an image", argument, f"a {value.dtype} array must hold values in [0, 1]")
+            value = np.floor(value * 255 + 0.5).astype(np.uint8)
+        return Image.fromarray(value.squeeze(-1) if value.ndim == 3 and value.shape[-1] == 1 else value).convert("RGB")
+    raise UserError("not an image", argument, f"got {type(value).__name__}; give a path, a PIL image or an array")

@@ -13,13 +13,13 @@ Everything is done with forward hooks, installed for a run and removed afterward
   probabilities while V stays the style row's own, which is the paper's attention injection
   without materialising the probability matrices (scaled-dot-product attention stays usable).
 
-Which reference row feeds which style row is a list, `sources` (style row j receives reference
-row sources[j]): one base-model reference row for every style (`reference_model: base`, the
-paper's text), or one reference row per style run through that style's LoRA
-(`reference_model: style`, the paper's public code).
+Which reference row feeds which style row comes from the call's `rows.RowLayout` (style row j
+receives reference row `sources[j]`): one base-model reference row for every style
+(`reference_model: base`, the paper's text), or one reference row per style run through that
+style's LoRA (`reference_model: style`, the paper's public code).
 
 Where the reference rows come from:
-- `ReferenceMode.BATCH_ROW`: the first rows of the same UNet call (one forward for all);
+- `ReferenceMode.BATCH_ROW`: the first `layout.num_references` rows of the same UNet call (one forward for all);
 - `ReferenceMode.RECORD` / `REPLAY`: a separate forward records the reference rows, a later
   forward injects the recording into the style rows (same result, two calls).
 
@@ -34,12 +34,13 @@ from __future__ import annotations
 import contextlib
 import enum
 from dataclasses import dataclass, field
-from typing import Iterator, Literal, Optional, Sequence
+from typing import Iterator, Literal, Optional
 
 import torch
 from diffusers import UNet2DConditionModel
 
 from diffstyler.errors import config_error
+from diffstyler.rows import RowLayout
 
 NUM_DECODER_LAYERS = 12
 LAYERS_PER_UP_BLOCK = 3
@@ -106,6 +107,29 @@ class InjectionConfig:
 
     def needs_reference(self, step: int) -> bool:
         return self.features_on(step) or self.attention_on(step)
+
+
+# Named injection settings for the Python API (`DiffStylerPipeline(..., injection="paper_code")`);
+# the CLI's presets are YAML overlays (configs/presets/), tested equal to these.
+INJECTION_PRESETS: dict[str, InjectionConfig] = {
+    # the paper's text: features in decoder layers 4-11 for 30 of 50 steps, SA and CA everywhere for 25
+    "paper": InjectionConfig(),
+    # the paper's public code (configs/presets/paper_code.yaml; it also inverts with 1000 steps:
+    # inversion_substeps 20)
+    "paper_code": InjectionConfig(
+        cross_attention=False, feature_layers=[4], attention_layers=list(range(4, 12)), feature_steps=25,
+        attention_steps=25, qk_mix="timestep_rate", reference_model="style",
+    ),
+}
+
+
+def injection_config(value: "InjectionConfig | str", argument: str = "injection") -> InjectionConfig:
+    """An `InjectionConfig`, or one of `INJECTION_PRESETS` by name."""
+    if isinstance(value, InjectionConfig):
+        return value
+    if value not in INJECTION_PRESETS:
+        raise config_error(argument, f"unknown preset {value!r}; give an InjectionConfig or one of {', '.join(INJECTION_PRESETS)}")
+    return INJECTION_PRESETS[value]
 
 
 # --- which configured sites can have an effect ------------------------------------------------
@@ -184,8 +208,8 @@ class ReferenceMode(enum.Enum):
 class Injector:
     """Holds the per-step state the hooks read; install it with `installed()`.
 
-    `set_step` names the step, its timestep, where the reference rows are (`mode`) and, for each
-    style row of the call, which reference row it receives (`sources`).
+    `set_step` names the step, its timestep, where the reference rows are (`mode`) and the call's
+    row layout: how many reference rows lead the batch and which one each style row receives.
     """
 
     def __init__(self, unet: UNet2DConditionModel, config: InjectionConfig):
@@ -194,19 +218,13 @@ class Injector:
         self.step = 0
         self.timestep = 0
         self.mode = ReferenceMode.BATCH_ROW
-        self.sources: list[int] = []
+        self.layout: Optional[RowLayout] = None
         self.recorded: dict[str, torch.Tensor] = {}
 
-    def set_step(
-        self, step: int, timestep: int, mode: ReferenceMode = ReferenceMode.BATCH_ROW, sources: Sequence[int] = (),
-    ) -> None:
-        self.step, self.timestep, self.mode, self.sources = step, int(timestep), mode, list(sources)
+    def set_step(self, step: int, timestep: int, mode: ReferenceMode, layout: RowLayout) -> None:
+        self.step, self.timestep, self.mode, self.layout = step, int(timestep), mode, layout
         if mode is ReferenceMode.RECORD:
             self.recorded = {}
-
-    @property
-    def num_references(self) -> int:
-        return max(self.sources) + 1 if self.sources else 0
 
     # -- hooks ---------------------------------------------------------------------------------
 
@@ -237,7 +255,7 @@ class Injector:
     def _hook(self, key: str, kind: str):
         def hook(module, args, output):
             active = self.config.features_on(self.step) if kind == "feature" else self.config.attention_on(self.step)
-            if not active or not self.sources:
+            if not active or self.layout is None or not self.layout.references:
                 return None
             rate = 1.0 if kind == "feature" else self._qk_rate()
             return self._inject(key, output, rate)
@@ -254,13 +272,13 @@ class Injector:
             self.recorded[key] = output.detach().clone()
             return None
         if self.mode is ReferenceMode.BATCH_ROW:
-            references, first_style_row = output[: self.num_references], self.num_references
+            references, first_style_row = output[: self.layout.num_references], self.layout.num_references
         else:
             references, first_style_row = self.recorded[key], 0
         # A row of a tensor cannot be written from a view of the same tensor: copy first.
         injected = output.clone()
         style = injected[first_style_row:]
-        source = references[torch.tensor(self.sources, device=output.device)]
+        source = references[torch.tensor(self.layout.sources, device=output.device)]
         if rate >= 1.0:
             style.copy_(source)
         else:

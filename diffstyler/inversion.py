@@ -7,8 +7,9 @@ the mask fusion read from it. `substeps` > 1 inserts finer steps between the sam
 (the paper inverts with 1000 steps: 20 sub-steps for a 50-step sampler); only the sampler's
 timesteps are kept.
 
-`InversionCache` stores trajectories as safetensors keyed by everything that changes them, so a
-second style on the same content skips the inversion.
+`InversionCache` stores trajectories as safetensors keyed by everything that changes them, and
+`TrajectoryStore` keeps the last few in memory in front of it and inverts the missing contents
+together, so a second style on the same content skips the inversion.
 """
 
 from __future__ import annotations
@@ -16,17 +17,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Hashable, Optional, Sequence, TypeVar
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
+from diffstyler.conditioning import Conditioning
 from diffstyler.errors import first_line
+from diffstyler.outputs import atomic_write
 from diffstyler.sampling import DDIMSchedule, ddim_step
 
 # callback(step, timestep, latent) after each inversion move; `step` counts UNet evaluations.
@@ -56,7 +59,7 @@ def inversion_timesteps(schedule: DDIMSchedule, substeps: int = 1) -> list[tuple
 def invert(
     unet: torch.nn.Module,
     latent: torch.Tensor,
-    embedding: torch.Tensor,
+    conditioning: Conditioning,
     schedule: DDIMSchedule,
     substeps: int = 1,
     callback: Optional[InversionCallback] = None,
@@ -67,27 +70,27 @@ def invert(
     The noise at each move is predicted at the current latent and the *target* timestep (the
     convention of null-text inversion), with the UNet as given: disable LoRA adapters before.
     """
-    return invert_batch(unet, latent, embedding, schedule, substeps, callback, progress)[0]
+    return invert_batch(unet, latent, conditioning, schedule, substeps, callback, progress)[0]
 
 
 @torch.no_grad()
 def invert_batch(
     unet: torch.nn.Module,
     latents: torch.Tensor,
-    embedding: torch.Tensor,
+    conditioning: Conditioning,
     schedule: DDIMSchedule,
     substeps: int = 1,
     callback: Optional[InversionCallback] = None,
     progress: bool = True,
 ) -> list[torch.Tensor]:
     """`invert` of several latents [B, C, h, w] of one size in one UNet call per move; one
-    trajectory [N + 1, C, h, w] per latent. `embedding` [1, 77, d] is shared by all of them."""
+    trajectory [N + 1, C, h, w] per latent. `conditioning` (one row) is shared by all of them."""
     moves = inversion_timesteps(schedule, substeps)
-    embeddings = embedding.expand(latents.shape[0], *embedding.shape[1:])
+    unet_kwargs = conditioning.expand(latents.shape[0]).unet_kwargs()
     kept = [latents]
     x = latents
     for index, (low, high, keep) in enumerate(tqdm(moves, desc="DDIM inversion", disable=not progress, leave=False)):
-        model_output = unet(x, high, encoder_hidden_states=embeddings).sample
+        model_output = unet(x, high, **unet_kwargs).sample
         x = ddim_step(x, model_output, schedule.alpha_at(low), schedule.alpha_at(high), schedule.prediction_type)
         if keep:
             kept.append(x)
@@ -151,16 +154,10 @@ class InversionCache:
     def save(self, key: InversionKey, trajectory: torch.Tensor) -> Optional[Path]:
         path = self.path(key)
         metadata = {k: str(v) for k, v in key.__dict__.items()}
-        temporary = None
+        data = save({"trajectory": trajectory.detach().cpu().contiguous()}, metadata=metadata)
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=self.folder, suffix=".tmp", delete=False) as tmp:
-                temporary = Path(tmp.name)
-                save_file({"trajectory": trajectory.detach().cpu().contiguous()}, tmp.name, metadata=metadata)
-            os.replace(temporary, path)
+            atomic_write(path, lambda handle: handle.write(data))
         except OSError as error:
-            if temporary is not None:
-                temporary.unlink(missing_ok=True)
             warnings.warn(f"inversion cache not written ({self.folder}): {first_line(error)}; the run goes on without it")
             return None
         return path
@@ -168,3 +165,71 @@ class InversionCache:
 
 def warn_cache_ignored(path: Path, why: str) -> None:
     warnings.warn(f"inversion cache file ignored ({path}): {why}; recomputing the inversion")
+
+
+# --- memory in front of the disk, and batched inversion of what is missing ---------------------
+
+RECENT_TRAJECTORIES = 8  # kept in memory (a few MB each at 512 px)
+Content = TypeVar("Content")
+
+
+class TrajectoryStore:
+    """Inversion trajectories by `InversionKey`: the last `recent` in memory, every one on disk when
+    a cache folder is given (`InversionCache`), and the missing ones inverted together."""
+
+    def __init__(self, folder: Optional[str | os.PathLike] = None, recent: int = RECENT_TRAJECTORIES):
+        self.disk = InversionCache(folder) if folder else None
+        self.recent = recent
+        self.memory: OrderedDict[InversionKey, torch.Tensor] = OrderedDict()
+
+    def lookup(self, key: InversionKey, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """The trajectory from memory or disk (a broken or misshaped file counts as missing), or None."""
+        trajectory = self.memory.get(key)
+        if trajectory is None and self.disk is not None:
+            cached = self.disk.load(key, shape)
+            trajectory = None if cached is None else cached.to(device, dtype)
+        if trajectory is not None:
+            self.remember(key, trajectory)
+        return trajectory
+
+    def remember(self, key: InversionKey, trajectory: torch.Tensor, save: bool = False) -> None:
+        if save and self.disk is not None:
+            self.disk.save(key, trajectory)
+        self.memory[key] = trajectory
+        self.memory.move_to_end(key)
+        while len(self.memory) > self.recent:
+            self.memory.popitem(last=False)
+
+    def trajectories(
+        self,
+        requests: Sequence[tuple[InversionKey, Content]],
+        shape_of: Callable[[InversionKey], tuple[int, ...]],
+        invert_many: Callable[[list[Content]], list[torch.Tensor]],
+        device: torch.device,
+        dtype: torch.dtype,
+        max_batch: Optional[int] = None,
+    ) -> list[torch.Tensor]:
+        """One trajectory per (key, content): stored ones as they are, the missing contents inverted
+        by `invert_many` in groups of one size and prompt (at most `max_batch` per call), each
+        content once however many requests name it."""
+        found: dict[InversionKey, torch.Tensor] = {}
+        missing: dict[InversionKey, Content] = {}
+        for key, content in requests:
+            if key in found or key in missing:
+                continue
+            trajectory = self.lookup(key, shape_of(key), device, dtype)
+            if trajectory is None:
+                missing[key] = content
+            else:
+                found[key] = trajectory
+        groups: dict[Hashable, list[InversionKey]] = {}
+        for key in missing:
+            groups.setdefault((key.height, key.width, key.prompt), []).append(key)
+        for keys in groups.values():
+            size = max_batch or len(keys)
+            for start in range(0, len(keys), size):
+                batch = keys[start : start + size]
+                for key, trajectory in zip(batch, invert_many([missing[k] for k in batch])):
+                    self.remember(key, trajectory, save=True)
+                    found[key] = trajectory
+        return [found[key] for key, _ in requests]

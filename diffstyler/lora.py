@@ -17,7 +17,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
@@ -29,7 +29,9 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 
 from diffstyler.errors import MissingFileError, UserError, config_error, first_line
+from diffstyler.conditioning import Conditioning
 from diffstyler.models import encode_prompts
+from diffstyler.outputs import atomic_write
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 LORA_INFO_NAME = "diffstyler_lora.json"  # written by `diffstyler fit` next to the weights: prompt, style images, ...
@@ -86,23 +88,22 @@ def adapter_state_dict(unet: UNet2DConditionModel, name: str) -> dict[str, torch
 def save_lora(unet: UNet2DConditionModel, name: str, output_dir: str | os.PathLike) -> Path:
     """Write `<output_dir>/pytorch_lora_weights.safetensors` atomically, with the adapter metadata.
 
-    Without the metadata (`unet_lora_adapter_metadata`) a reload guesses alpha = rank and gets
-    the scaling wrong, so it is always written.
+    diffusers' own `save_lora_weights` writes the file (its key names and metadata layout are what
+    `load_lora_weights` reads back); it writes into a scratch folder, and the bytes then go into
+    place through `atomic_write`. Without the metadata (`unet_lora_adapter_metadata`) a reload
+    guesses alpha = rank and gets the scaling wrong, so it is always written.
     """
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     layers = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter_state_dict(unet, name).items()}
     metadata = unet.peft_config[name].to_dict()
-    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".lora-") as staging:
+    with tempfile.TemporaryDirectory(prefix="diffstyler-lora-") as staging:
         StableDiffusionPipeline.save_lora_weights(
             staging,
             unet_lora_layers=layers,
             safe_serialization=True,
             unet_lora_adapter_metadata=metadata,
         )
-        target = output_dir / LORA_WEIGHTS_NAME
-        os.replace(Path(staging) / LORA_WEIGHTS_NAME, target)
-    return target
+        staged = Path(staging) / LORA_WEIGHTS_NAME
+        return atomic_write(Path(output_dir) / LORA_WEIGHTS_NAME, lambda handle: handle.write(staged.read_bytes()))
 
 
 def resolve_lora_file(path: str | os.PathLike) -> Path:
@@ -181,15 +182,43 @@ def load_style_adapter(pipe: StableDiffusionPipeline, path: str | os.PathLike, n
         raise UserError("LoRA does not fit the model", str(file), "it holds no UNet layers that this model has")
 
 
-def read_recorded_prompt(info: Path) -> str:
-    """The style prompt recorded in a LoRA's `diffstyler_lora.json` (written by `diffstyler fit`)."""
+# --- diffstyler_lora.json: what `diffstyler fit` records next to the weights ------------------
+
+def lora_info_path(lora: str | os.PathLike) -> Path:
+    """`diffstyler_lora.json` next to a LoRA file, or inside a LoRA folder."""
+    path = Path(lora)
+    return (path.parent if path.suffix == ".safetensors" else path) / LORA_INFO_NAME
+
+
+def read_lora_info(lora: str | os.PathLike) -> Optional[dict[str, Any]]:
+    """The LoRA's recorded info (prompt, base model, recipe, style images), None when it has no
+    info file (a community LoRA); a file that is not a JSON object is a UserError naming it."""
+    info = lora_info_path(lora)
+    if not info.is_file():
+        return None
     try:
-        recorded = json.loads(info.read_text())
+        recorded = json.loads(info.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError("LoRA info file unreadable", str(info), f"not JSON ({first_line(error)}); fix it or give the style a prompt") from error
-    prompt = recorded.get("prompt") if isinstance(recorded, dict) else None
+        raise UserError("unreadable LoRA info file", str(info), f"not JSON ({first_line(error)})") from error
+    if not isinstance(recorded, dict):
+        raise UserError("unreadable LoRA info file", str(info), "not a JSON object")
+    return recorded
+
+
+def write_lora_info(folder: str | os.PathLike, info: dict[str, Any]) -> Path:
+    """Write `<folder>/diffstyler_lora.json` atomically (readers never see half a file)."""
+    text = json.dumps(info, indent=2, default=str) + "\n"
+    return atomic_write(Path(folder) / LORA_INFO_NAME, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def recorded_prompt(lora: str | os.PathLike) -> str:
+    """The style prompt recorded by `diffstyler fit` for this LoRA (`diffstyler_lora.json`)."""
+    info = read_lora_info(lora)
+    if info is None:
+        raise UserError("style has no prompt", str(lora), f"give the style entry a prompt: there is no {lora_info_path(lora)} to take it from")
+    prompt = info.get("prompt")
     if not isinstance(prompt, str):
-        raise UserError("LoRA info file has no prompt", str(info), "give the style entry a prompt (data.styles[k].prompt)")
+        raise UserError("LoRA info file has no prompt", str(lora_info_path(lora)), "give the style entry a prompt (data.styles[k].prompt)")
     return prompt
 
 
@@ -206,7 +235,7 @@ def set_text_encoder_scales(text_encoder: torch.nn.Module, scales: dict[str, flo
         set_adapters_for_text_encoder(list(present), text_encoder, list(present.values()))
 
 
-def encode_prompts_per_adapter(pipe: StableDiffusionPipeline, prompts: list[str], adapters: list[str]) -> torch.Tensor:
+def encode_prompts_per_adapter(pipe: StableDiffusionPipeline, prompts: list[str], adapters: list[str]) -> Conditioning:
     """Text embeddings where prompt i goes through the text-encoder LoRA of `adapters[i]`.
 
     Only community LoRAs carry text-encoder layers; `BASE_ROW` (and any adapter without such

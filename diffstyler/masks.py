@@ -492,6 +492,11 @@ def resolve_mask(
     FastSAM; None means a segmenter with the default SegmenterConfig.
     """
     hard = _hard_mask(spec, image, segmenter_factory or (lambda: FastSAMSegmenter(SegmenterConfig())))
+    return shape_mask(hard, spec)
+
+
+def shape_mask(hard: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
+    """A hard mask shaped by the spec's options: invert, grow, (must not be empty), feather."""
     if spec.invert:
         hard = ~hard
     hard = grow_mask(hard, spec.grow)
@@ -500,6 +505,35 @@ def resolve_mask(
         shaped = f" ({', '.join(steps)})" if steps else ""
         raise MaskError(f"the mask from {spec.describe()}{shaped} is empty: no pixel would be styled")
     return feather_mask(hard, spec.feather)
+
+
+def hard_mask_from_image(mask, size: tuple[int, int], argument: str = "mask") -> torch.Tensor:
+    """A mask given as a PIL image, an array or a tensor ([H, W] or [H, W, C]) as a bool [H, W] mask
+    for a content of `size` = (width, height), by the rules of mask files (`load_mask_file`)."""
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().numpy()
+    if isinstance(mask, np.ndarray):
+        if mask.ndim == 3 and mask.shape[-1] == 1:
+            mask = mask[..., 0]
+        if mask.ndim == 2:
+            region = mask != 0
+        elif mask.ndim == 3 and mask.shape[-1] in (3, 4):
+            region = _nonzero_region(Image.fromarray(np.asarray(mask).astype(np.uint8) if mask.dtype == bool else mask))
+        else:
+            raise MaskError(f"{argument}: an array of shape {mask.shape} is not a mask; give [H, W] or [H, W, C]")
+    elif isinstance(mask, Image.Image):
+        region = _nonzero_region(mask)
+    else:
+        raise MaskError(f"{argument}: {type(mask).__name__} is not a mask image")
+    return _resized_region(region, size)
+
+
+def _resized_region(region: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    width, height = size
+    if region.shape != (height, width):
+        as_image = Image.fromarray(region.astype(np.uint8) * 255)
+        region = np.asarray(as_image.resize((width, height), Image.Resampling.NEAREST)) > 0
+    return torch.from_numpy(np.ascontiguousarray(region))
 
 
 def _hard_mask(spec: MaskSpec, image: Image.Image, segmenter_factory) -> torch.Tensor:

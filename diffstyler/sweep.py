@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -100,3 +100,13 @@ def labelled_grid(cells: list[SweepCell], images: list[Image.Image]) -> Image.Im
         x = left + cell.column * column_width + (column_width - width) // 2
         grid.paste(image.convert("RGB"), (x, top + cell.row * height))
     return grid
+
+
+def ablation_grid(sweep: SweepConfig, base: InjectionConfig, stylize: Callable[[InjectionConfig], Image.Image],
+                  similarity: Callable[[Image.Image], float]) -> tuple[Image.Image, list[dict[str, Any]]]:
+    """The labelled grid of `stylize` under every cell of the sweep, and each cell's settings with
+    its `Content SSIM` (`similarity` of its image to the content)."""
+    cells = sweep_cells(sweep, base)
+    images = [stylize(cell.injection) for cell in cells]
+    summaries = [{**cell.settings, "Content SSIM": round(similarity(image), 4)} for cell, image in zip(cells, images)]
+    return labelled_grid(cells, images), summaries

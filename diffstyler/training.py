@@ -19,22 +19,23 @@ is reloaded from `model` on resume, so a checkpoint is a small fraction of the U
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 
 from diffstyler.checks import check_writable_folder
+from diffstyler.data.style import DEFAULT_STYLE_PROMPT, StyleDataModule
 from diffstyler.errors import UserError, config_error
-from diffstyler.lora import LORA_INFO_NAME, LORA_WEIGHTS_NAME, StyleLoRAConfig, add_style_adapter, save_lora
+from diffstyler.conditioning import Conditioning
+from diffstyler.lora import LORA_INFO_NAME, LORA_WEIGHTS_NAME, StyleLoRAConfig, add_style_adapter, save_lora, write_lora_info
 from diffstyler.models import ModelSpec, encode_images, encode_prompts, load_pipeline
+from diffstyler.torch_utils import eval_mode
 
 METADATA_NAME = LORA_INFO_NAME
 CROP_FRACTION = 0.75  # side of a random crop (data.crop), as a fraction of the latent's side
@@ -94,7 +95,7 @@ class StyleLoRAModule(LightningModule):
         self.noise_scheduler: Optional[DDPMScheduler] = None
         # Encoded once and reused for every step (not saved: recomputed identically on resume).
         self.latent_cache: dict[int, torch.Tensor] = {}
-        self.prompt_cache: dict[str, torch.Tensor] = {}
+        self.prompt_cache: dict[str, Conditioning] = {}
 
     # --- model ----------------------------------------------------------------------------------
 
@@ -132,13 +133,13 @@ class StyleLoRAModule(LightningModule):
     # --- loss (eq. 3) ---------------------------------------------------------------------------
 
     def denoising_loss(
-        self, latents: torch.Tensor, prompt_embeds: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+        self, latents: torch.Tensor, prompt: Conditioning, noise: torch.Tensor, timesteps: torch.Tensor
     ) -> torch.Tensor:
         """MSE between the UNet's prediction on noised latents and its target (epsilon or v)."""
         noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
         base_dtype = self.model_spec.torch_dtype
         prediction = self.unet(
-            noisy_latents.to(base_dtype), timesteps, encoder_hidden_states=prompt_embeds.to(base_dtype)
+            noisy_latents.to(base_dtype), timesteps, **prompt.to(base_dtype).unet_kwargs()
         ).sample
         target = self._prediction_target(latents, noise, timesteps)
         return F.mse_loss(prediction.float(), target.float())
@@ -154,11 +155,11 @@ class StyleLoRAModule(LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         generator = self.step_generator()
         latents = self.augment_latents(self.style_latents(batch), batch, generator)
-        prompt_embeds = self.prompt_embeddings(batch["prompt"])
+        prompt = self.prompt_conditioning(batch["prompt"])
         num_timesteps = self.noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, num_timesteps, (len(latents),), generator=generator)
         noise = torch.randn(latents.shape, generator=generator)
-        loss = self.denoising_loss(latents, prompt_embeds, noise.to(latents), timesteps.to(self.device))
+        loss = self.denoising_loss(latents, prompt, noise.to(latents), timesteps.to(self.device))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(latents))
         return loss
 
@@ -191,12 +192,12 @@ class StyleLoRAModule(LightningModule):
         with torch.autocast(self.device.type, enabled=False), eval_mode(self.vae):
             return encode_images(self.pipe, pixels.unsqueeze(0))[0].float()
 
-    def prompt_embeddings(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings [B, 77, dim], computed once per distinct prompt."""
+    def prompt_conditioning(self, prompts: list[str]) -> Conditioning:
+        """The prompts' conditioning (one row each), computed once per distinct prompt."""
         for prompt in set(prompts) - self.prompt_cache.keys():
             with torch.autocast(self.device.type, enabled=False), eval_mode(self.text_encoder):
-                self.prompt_cache[prompt] = encode_prompts(self.pipe, [prompt])[0]
-        return torch.stack([self.prompt_cache[prompt] for prompt in prompts])
+                self.prompt_cache[prompt] = encode_prompts(self.pipe, [prompt])
+        return Conditioning.cat([self.prompt_cache[prompt] for prompt in prompts])
 
     def augment_latents(self, latents: torch.Tensor, batch: dict, generator: torch.Generator) -> torch.Tensor:
         """Optional random crops and left-right flips of the cached latents (data.crop / data.flip).
@@ -249,7 +250,7 @@ class StyleLoRAModule(LightningModule):
         """Write `pytorch_lora_weights.safetensors` (diffusers format) and `diffstyler_lora.json`."""
         output_dir = Path(output_dir)
         save_lora(self.unet, self.adapter_name, output_dir)
-        write_json_atomically(output_dir / METADATA_NAME, self.export_metadata())
+        write_lora_info(output_dir, self.export_metadata())
         return output_dir
 
     def export_metadata(self) -> dict[str, Any]:
@@ -296,29 +297,38 @@ def _random_crop(latent: torch.Tensor, fraction: float, generator: torch.Generat
     return latent[..., top : top + crop_height, left : left + crop_width]
 
 
-@contextlib.contextmanager
-def eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    """Run a frozen module in eval mode without changing the mode Lightning expects."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
+def train_style(
+    images: str | os.PathLike | list[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    steps: int = 200,
+    *,
+    model: str | ModelSpec = ModelSpec(),
+    prompt: str = DEFAULT_STYLE_PROMPT,
+    lora: StyleLoRAConfig = StyleLoRAConfig(),
+    learning_rate: float = 2e-4,
+    resolution: int = 512,
+    seed: int = 0,
+    accelerator: str = "auto",
+    precision: str = "32-true",
+    callbacks: Optional[list[Callback]] = None,
+    progress: bool = True,
+) -> Path:
+    """Learn a style LoRA from one image (or several) and write it to `output_dir`; returns the folder.
 
-
-def write_json_atomically(path: str | os.PathLike, data: dict[str, Any]) -> None:
-    """Write JSON to a temporary file next to `path`, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A plain open() (not mkstemp) so the file gets the usual permissions; the pid keeps
-    # concurrent writers apart.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "w") as file:
-            json.dump(data, file, indent=2)
-            file.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    The same `StyleLoRAModule` and data module as `diffstyler fit`, with the paper's defaults (rank
+    16 on Q/K/V, 200 steps, AdamW at 2e-4, 512 px), seeded as the CLI seeds (`seed_everything`), so
+    the same settings give the LoRA `diffstyler fit` gives. No logger and no checkpoints; pass
+    Lightning `callbacks` to watch or stop the training (an exception raised in one ends it).
+    """
+    if steps < 1:
+        raise config_error("steps", f"must be >= 1, got {steps}")
+    seed_everything(seed, workers=True, verbose=False)
+    data = StyleDataModule(images=[str(i) for i in (images if isinstance(images, list) else [images])], prompt=prompt,
+                           resolution=resolution)
+    module = StyleLoRAModule(model=model if isinstance(model, ModelSpec) else ModelSpec(name=model), lora=lora,
+                             learning_rate=learning_rate, output_dir=str(output_dir))
+    trainer = Trainer(max_steps=steps, accelerator=accelerator, devices=1, precision=precision, logger=False,
+                      enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
+                      callbacks=list(callbacks or []))
+    trainer.fit(module, datamodule=data)
+    return Path(output_dir)

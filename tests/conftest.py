@@ -19,6 +19,15 @@ from diffstyler.models import ModelSpec, load_pipeline  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory) -> list[Path]:
+    """Two random LoRA files as `diffstyler fit` writes them (with info files), named first and second."""
+    from tests.helpers import write_random_lora
+
+    folder = tmp_path_factory.mktemp("loras")
+    return [write_random_lora(folder / name, seed) for name, seed in (("first", 1), ("second", 2))]
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

@@ -87,3 +87,46 @@ def finished(process: subprocess.Popen) -> tuple[int, str]:
     """(exit status, stdout + stderr) of a `run_console` process."""
     out, err = process.communicate(timeout=300)
     return process.returncode, out + err
+
+
+def stylize_one(predictor, job):
+    """`diffstyler predict`'s work for one job without a Trainer: the predictor's result, written by
+    its writer; the job's record (status, output paths)."""
+    return predictor.writer.write(predictor.stylize_jobs([job]))[0]
+
+
+def denoise_with_injection(unet, trajectory, reference, styles, schedule, injection, sampling, callback=None, progress=False):
+    """`stylize.denoise_jobs` for one job: each style's final latent."""
+    from diffstyler.stylize import DenoiseJob, denoise_jobs
+
+    return denoise_jobs(unet, [DenoiseJob(trajectory, reference, styles)], schedule, injection, sampling, callback, progress)[0]
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONTENT = REPO_ROOT / "data" / "content_shapes.png"  # 64 x 48, not square
+MASK = REPO_ROOT / "data" / "content_shapes_mask.png"
+
+
+def make_predictor(tmp_path: Path, **output):
+    """A `StylizePredictor` on `tiny` with short windows (6 steps), writing to `tmp_path/out`, model loaded."""
+    from diffstyler.injection import InjectionConfig
+    from diffstyler.predictor import OutputConfig, StylizePredictor
+    from diffstyler.stylize import SamplingConfig
+
+    predictor = StylizePredictor(
+        model=ModelSpec(name="tiny"),
+        injection=InjectionConfig(feature_steps=4, attention_steps=3),
+        sampling=SamplingConfig(steps=6),
+        output=OutputConfig(folder=str(tmp_path / "out"), **output),
+        inversion_cache=str(tmp_path / "cache"),
+        progress=False,
+    )
+    predictor.configure_model()
+    return predictor
+
+
+def make_job(styles, seed=7, content=CONTENT):
+    """The one job of `content` with these styles, at 64 px."""
+    from diffstyler.data.jobs import StylizeDataModule
+
+    return StylizeDataModule(content=[str(content)], styles=styles, seed=seed, resolution=64).jobs()[0]

@@ -5,8 +5,8 @@ import torch
 
 from diffstyler.injection import InjectionConfig
 from diffstyler.lora import StyleLoRAConfig, add_style_adapter
-from diffstyler.stylize import SamplingConfig, StyleRows, denoise_with_injection, exclusive_masks, fuse_styles
-from tests.helpers import tiny_pipe_with_adapter, two_style_setup
+from diffstyler.stylize import SamplingConfig, StyleRows, exclusive_masks, fuse_styles
+from tests.helpers import denoise_with_injection, tiny_pipe_with_adapter, two_style_setup
 
 STEPS = 6
 

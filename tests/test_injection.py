@@ -10,6 +10,7 @@ from diffstyler.injection import (
     ATTENTION_DECODER_LAYERS,
     InjectionConfig,
     Injector,
+    ReferenceMode,
     decoder_attentions,
     decoder_execution_order,
     decoder_resnet,
@@ -21,8 +22,9 @@ from diffstyler.inversion import invert
 from diffstyler.lora import BASE_ROW, route_adapters, set_adapter_scales
 from diffstyler.models import encode_images, encode_prompts
 from diffstyler.sampling import ddim_schedule, ddim_step
-from diffstyler.stylize import SamplingConfig, StyleRows, denoise_with_injection
-from tests.helpers import tiny_pipe_with_adapter
+from diffstyler.stylize import SamplingConfig, StyleRows
+from diffstyler.rows import JobRows, RowLayout
+from tests.helpers import denoise_with_injection, tiny_pipe_with_adapter
 
 STEPS = 8
 EVERYWHERE = dict(feature_site="output", feature_layers=list(range(12)), attention_layers=ATTENTION_DECODER_LAYERS, feature_steps=STEPS, attention_steps=STEPS)
@@ -113,7 +115,7 @@ def _plain_lora_sampling(setup):
     with torch.no_grad():
         for i in range(schedule.num_steps):
             both = pipe.unet(torch.cat([latent, latent]), schedule.timesteps[i],
-                             encoder_hidden_states=torch.cat([prompts[2:3], prompts[1:2]])).sample
+                             encoder_hidden_states=torch.cat([prompts[2:3].hidden, prompts[1:2].hidden])).sample
             guided = both[:1] + 10.5 * (both[1:] - both[:1])
             latent = ddim_step(latent, guided, schedule.alphas[i], schedule.alphas[i + 1])
     return latent
@@ -183,7 +185,7 @@ def test_decoder_execution_order_is_the_order_of_a_real_forward_pass(setup):
         handles.append(attention.register_forward_hook(lambda *a, layer=layer: seen.append((layer, "attention"))))
     try:
         with torch.no_grad():
-            unet(torch.zeros(1, 4, 8, 6), 10, encoder_hidden_states=setup[2][:1])
+            unet(torch.zeros(1, 4, 8, 6), 10, encoder_hidden_states=setup[2][:1].hidden)
     finally:
         for handle in handles:
             handle.remove()
@@ -431,7 +433,11 @@ def _one_call(setup, injection: InjectionConfig, sites: dict[str, torch.nn.Modul
     pipe, schedule, prompts, trajectory = setup
     set_adapter_scales(pipe.unet, {"style": 1.0})
     injector = Injector(pipe.unet, injection)
-    injector.set_step(0, schedule.timesteps[0], sources=[0, 0])
+    # the layout of this call: one reference row feeding both style rows
+    layout = RowLayout.for_step([JobRows(trajectory, prompts[0:1], ("style",), (prompts[1:2],), (prompts[2:3],), (trajectory[:1],))],
+                                0, "base", True, True)
+    assert layout.sources == (0, 0)
+    injector.set_step(0, schedule.timesteps[0], ReferenceMode.BATCH_ROW, layout)
     records = []
     with injector.installed():
         handles = [m.register_forward_hook(lambda module, args, output, key=key: records.append((key, output.clone())))
@@ -439,7 +445,7 @@ def _one_call(setup, injection: InjectionConfig, sites: dict[str, torch.nn.Modul
         try:
             with route_adapters(pipe.unet, [BASE_ROW, "style", "style"]), torch.no_grad():
                 pipe.unet(trajectory[:1].expand(3, -1, -1, -1), schedule.timesteps[0],
-                          encoder_hidden_states=torch.cat([prompts[0:1], prompts[2:3], prompts[1:2]]))
+                          encoder_hidden_states=torch.cat([prompts[0:1].hidden, prompts[2:3].hidden, prompts[1:2].hidden]))
         finally:
             for handle in handles:
                 handle.remove()

@@ -7,7 +7,7 @@ from diffstyler.sampling import ddim_schedule, ddim_step
 
 def _sample(unet, latent, embedding, schedule):
     for i in range(schedule.num_steps):
-        output = unet(latent, schedule.timesteps[i], encoder_hidden_states=embedding).sample
+        output = unet(latent, schedule.timesteps[i], encoder_hidden_states=embedding.hidden).sample
         latent = ddim_step(latent, output, schedule.alphas[i], schedule.alphas[i + 1])
     return latent
 

@@ -1,5 +1,6 @@
 """StylizePredictor and its DataModule on the tiny model: files in, PNGs with settings out."""
 
+import dataclasses
 import logging
 import re
 from dataclasses import asdict
@@ -11,58 +12,30 @@ import torch
 from lightning import Trainer
 from PIL import Image
 
-import diffstyler.predictor as predictor_module
-from diffstyler.data.jobs import StyleEntry, StylizeDataModule, disambiguated, job_seed
+import diffstyler.pipeline as pipeline_module
+from diffstyler.data.jobs import StyleEntry, StylizeDataModule, job_seed
+from diffstyler.data.naming import disambiguated
 from diffstyler.errors import UserError
-from diffstyler.injection import InjectionConfig
 from diffstyler.masks import MaskSpec
 from diffstyler.models import ModelSpec, encode_images
 from diffstyler.outputs import read_parameters, read_settings
 from diffstyler.images import load_image, resize_to_multiple_of_8, to_tensor
 from diffstyler.inversion import invert
-from diffstyler.predictor import OutputConfig, StylizePredictor, base_model, content_ssim
-from diffstyler.stylize import SamplingConfig
-from tests.helpers import write_random_lora
-
-ROOT = Path(__file__).resolve().parents[1]
-CONTENT = ROOT / "data" / "content_shapes.png"  # 64 x 48, not square
-MASK = ROOT / "data" / "content_shapes_mask.png"
-
-
-@pytest.fixture(scope="module")
-def loras(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("loras")
-    return [write_random_lora(folder / name, seed) for name, seed in (("first", 1), ("second", 2))]
-
-
-def _predictor(tmp_path, **output) -> StylizePredictor:
-    predictor = StylizePredictor(
-        model=ModelSpec(name="tiny"),
-        injection=InjectionConfig(feature_steps=4, attention_steps=3),
-        sampling=SamplingConfig(steps=6),
-        output=OutputConfig(folder=str(tmp_path / "out"), **output),
-        inversion_cache=str(tmp_path / "cache"),
-        progress=False,
-    )
-    predictor.configure_model()
-    return predictor
-
-
-def _job(styles, seed=7, content=CONTENT):
-    return StylizeDataModule(content=[str(content)], styles=styles, seed=seed, resolution=64).jobs()[0]
-
+from diffstyler.callbacks.writer import content_ssim
+from diffstyler.torch_utils import base_model
+from tests.helpers import CONTENT, MASK, make_job as _job, make_predictor as _predictor, stylize_one, write_random_lora
 
 def test_same_seed_gives_identical_output_and_the_metadata_parses_back(tmp_path, loras):
     predictor = _predictor(tmp_path, overwrite=True)
     job = _job([StyleEntry(lora=str(loras[0]))])
-    first = predictor.stylize_job(job)["outputs"][0]
+    first = stylize_one(predictor, job).outputs[0]
     pixels = np.array(Image.open(first))
-    second = predictor.stylize_job(job)["outputs"][0]
+    second = stylize_one(predictor, job).outputs[0]
     assert np.array_equal(np.array(Image.open(second)), pixels)
 
     assert Image.open(first).size == (64, 48)  # the content's aspect
     settings = read_settings(first)
-    assert settings["Seed"] == job_seed(7, job["id"]) == job["seed"]
+    assert settings["Seed"] == job_seed(7, job.id) == job.seed
     assert settings["Steps"] == 6 and settings["Sampler"] == "DDIM"
     assert settings["Injection"] == asdict(predictor.injection)
     assert settings["Sampling"] == asdict(predictor.sampling)
@@ -70,7 +43,7 @@ def test_same_seed_gives_identical_output_and_the_metadata_parses_back(tmp_path,
     assert settings["Styles"][0]["lora"] == str(loras[0])
     assert len(settings["Styles"][0]["lora_sha256"]) == 64
     parameters = read_parameters(first)
-    assert parameters["Seed"] == str(job["seed"]) and parameters["CFG scale"] == "10.5"
+    assert parameters["Seed"] == str(job.seed) and parameters["CFG scale"] == "10.5"
     assert parameters["Negative prompt"] == predictor.sampling.negative_prompt
     assert (tmp_path / "out" / "content_shapes_grid.png").is_file()
     content = resize_to_multiple_of_8(load_image(CONTENT), 64)
@@ -81,39 +54,38 @@ def test_same_seed_gives_identical_output_and_the_metadata_parses_back(tmp_path,
 
 def test_outputs_are_written_once_and_inversion_is_cached(tmp_path, loras, monkeypatch):
     calls = []
-    real_invert = predictor_module.invert_batch
-    monkeypatch.setattr(predictor_module, "invert_batch", lambda *a, **k: calls.append(1) or real_invert(*a, **k))
+    real_invert = pipeline_module.invert_batch
+    monkeypatch.setattr(pipeline_module, "invert_batch", lambda *a, **k: calls.append(1) or real_invert(*a, **k))
     predictor = _predictor(tmp_path)
     job = _job([StyleEntry(lora=str(loras[0]))])
-    result = predictor.stylize_job(job)
-    path = Path(result["outputs"][0])
+    result = stylize_one(predictor, job)
+    path = Path(result.outputs[0])
     stamp = path.stat().st_mtime_ns
-    again = predictor.stylize_job(job)
-    assert again["skipped"] and path.stat().st_mtime_ns == stamp
+    again = stylize_one(predictor, job)
+    assert again.status == "skipped" and path.stat().st_mtime_ns == stamp
 
     other_style = _job([StyleEntry(lora=str(loras[1]), prompt="another style")])
-    other_style["output_name"] = "second"
-    predictor.stylize_job(other_style)
+    stylize_one(predictor, other_style)
     assert len(calls) == 1  # the second style on the same content reused the inversion
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
 
 
 def test_several_styles_without_masks_give_one_image_each_from_one_unet(tmp_path, loras):
     predictor = _predictor(tmp_path)
-    unet = predictor.pipe.unet
-    result = predictor.stylize_job(_job([StyleEntry(lora=str(loras[0])), StyleEntry(lora=str(loras[1]))]))
-    names = sorted(Path(p).name for p in result["outputs"])
+    unet = predictor.pipeline.pipe.unet
+    result = stylize_one(predictor, _job([StyleEntry(lora=str(loras[0])), StyleEntry(lora=str(loras[1]))]))
+    names = sorted(Path(p).name for p in result.outputs)
     assert names == ["content_shapes_first.png", "content_shapes_second.png"]
-    assert predictor.pipe.unet is unet and set(unet.peft_config) == {"style0", "style1"}
-    images = [np.array(Image.open(p)) for p in result["outputs"]]
+    assert predictor.pipeline.pipe.unet is unet and set(unet.peft_config) == {"style0", "style1"}
+    images = [np.array(Image.open(p)) for p in result.outputs]
     assert not np.array_equal(images[0], images[1])
 
 
 def test_masked_style_keeps_the_content_outside_the_feathered_mask(tmp_path, loras):
     predictor = _predictor(tmp_path)
     entry = StyleEntry(lora=str(loras[0]), mask=MaskSpec(file=str(MASK), feather=2))
-    result = predictor.stylize_job(_job([entry]))
-    output = np.array(Image.open(result["outputs"][0]))
+    result = stylize_one(predictor, _job([entry]))
+    output = np.array(Image.open(result.outputs[0]))
     content = np.array(Image.open(CONTENT).convert("RGB"))
     saved_mask = np.array(Image.open(tmp_path / "out" / "content_shapes_mask0_first.png"))
     outside = saved_mask == 0
@@ -127,7 +99,7 @@ def test_box_prompt_with_a_missing_fastsam_file_names_the_file(tmp_path, loras):
     predictor.segmenter_config.weights = str(tmp_path / "FastSAM-s.pt")
     entry = StyleEntry(lora=str(loras[0]), mask=MaskSpec(box=[0, 0, 10, 10]))
     with pytest.raises(FileNotFoundError, match="FastSAM-s.pt"):
-        predictor.stylize_job(_job([entry]))
+        stylize_one(predictor, _job([entry]))
 
 
 def test_bad_inputs_fail_when_the_data_is_built(tmp_path, loras):
@@ -147,13 +119,13 @@ def test_lightning_predict_loop_writes_every_job_and_restores_the_unet(tmp_path,
     Image.open(CONTENT).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(second_content)
     data = StylizeDataModule(content=[str(CONTENT), str(second_content)], styles=[StyleEntry(lora=str(loras[0]))], resolution=64)
     predictor = _predictor(tmp_path)
-    unet = predictor.pipe.unet
+    unet = predictor.pipeline.pipe.unet
     processors = dict(unet.attn_processors)
     trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
     results = trainer.predict(predictor, datamodule=data)
-    jobs = [job for batch in results for job in batch]
-    assert sorted(job["id"] for job in jobs) == ["content_shapes", "second"]
-    assert all(Path(job["outputs"][0]).is_file() for job in jobs)
+    jobs = [result.job for batch in results for result in batch]
+    assert sorted(job.id for job in jobs) == ["content_shapes", "second"]
+    assert all((tmp_path / "out" / job.files.results[0]).is_file() for job in jobs)
     assert unet.attn_processors == processors
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in unet.modules())
     assert read_settings(tmp_path / "out" / "second.png")["Seed"] == job_seed(0, "second")
@@ -202,11 +174,11 @@ def test_a_lora_with_text_encoder_layers_leaves_the_reference_prompt_alone(tmp_p
     base = load_pipeline(ModelSpec(name="tiny"))
     negative = predictor.sampling.negative_prompt
     for _ in range(2):  # the second job runs with the adapters already loaded
-        reference, rows = predictor._style_rows([entry], [None], Image.new("RGB", (64, 48)))
-        assert torch.equal(reference, encode_prompts(base, [predictor.sampling.inversion_prompt]))
-        assert (rows[0].cond - encode_prompts(source, ["painting of sss"])).abs().max().item() < 1e-5
-        assert (rows[0].uncond - encode_prompts(source, [negative])).abs().max().item() < 1e-5
-        assert (rows[0].cond - encode_prompts(base, ["painting of sss"])).abs().max().item() > 1e-3
+        reference, rows = predictor.pipeline.prepare_styles([entry], [None], Image.new("RGB", (64, 48)), predictor.sampling)
+        assert torch.equal(reference.hidden, encode_prompts(base, [predictor.sampling.inversion_prompt]).hidden)
+        assert (rows[0].cond.hidden - encode_prompts(source, ["painting of sss"]).hidden).abs().max().item() < 1e-5
+        assert (rows[0].uncond.hidden - encode_prompts(source, [negative]).hidden).abs().max().item() < 1e-5
+        assert (rows[0].cond.hidden - encode_prompts(base, ["painting of sss"]).hidden).abs().max().item() > 1e-3
 
 
 def test_contents_with_the_same_file_name_get_distinct_outputs(tmp_path, loras):
@@ -218,7 +190,7 @@ def test_contents_with_the_same_file_name_get_distinct_outputs(tmp_path, loras):
                              styles=[StyleEntry(lora=str(loras[0]))])
     # the second gets a hash of its path, not its position: reordering the inputs renames nothing
     second = disambiguated("photo", str(tmp_path / "b" / "photo.png"))
-    assert [job["output_name"] for job in data.jobs()] == ["photo", second, "content_shapes"]
+    assert [job.id for job in data.jobs()] == ["photo", second, "content_shapes"]
     assert re.fullmatch(r"photo-[0-9a-f]{8}", second)
 
 
@@ -243,10 +215,9 @@ def test_a_job_edited_to_leave_the_output_folder_writes_nothing_outside(tmp_path
     """Mistake caught: a write that does not check its target lies inside `model.output.folder`."""
     predictor = _predictor(tmp_path)
     job = _job([StyleEntry(lora=str(loras[0]))])
-    job["output_name"] = "../escaped"
-    job["files"] = {**job.get("files", {}), "results": ["../escaped.png"]}
+    job = dataclasses.replace(job, id="../escaped", files=dataclasses.replace(job.files, results=("../escaped.png",)))
     with pytest.raises(UserError, match="outside the output folder"):
-        predictor.stylize_job(job)
+        stylize_one(predictor, job)
     assert not (tmp_path / "escaped.png").exists()
 
 
@@ -254,11 +225,11 @@ def test_the_same_lora_at_two_scales_writes_two_results(tmp_path, loras):
     """Mistake caught: two unnamed styles from one LoRA share a name, so one result overwrites the other."""
     styles = [StyleEntry(lora=str(loras[0])), StyleEntry(lora=str(loras[0]), scale=0.5)]
     job = _job(styles)
-    result = _predictor(tmp_path).stylize_job(job)
-    assert len(set(result["outputs"])) == 2 and all(Path(p).is_file() for p in result["outputs"])
-    images = [np.array(Image.open(p)) for p in result["outputs"]]
+    result = stylize_one(_predictor(tmp_path), job)
+    assert len(set(result.outputs)) == 2 and all(Path(p).is_file() for p in result.outputs)
+    images = [np.array(Image.open(p)) for p in result.outputs]
     assert not np.array_equal(images[0], images[1])
-    assert job["files"]["results"] == ["content_shapes_first-0.png", "content_shapes_first-1.png"]
+    assert job.files.results == ("content_shapes_first-0.png", "content_shapes_first-1.png")
 
 
 def test_a_content_named_like_another_jobs_grid_is_not_skipped(tmp_path, loras):
@@ -270,10 +241,10 @@ def test_a_content_named_like_another_jobs_grid_is_not_skipped(tmp_path, loras):
     data = StylizeDataModule(content=[str(p) for p in contents], styles=[StyleEntry(lora=str(loras[0]))], resolution=64)
     jobs = data.jobs()
     predictor = _predictor(tmp_path)
-    results = [predictor.stylize_job(job) for job in jobs]
-    assert [r["skipped"] for r in results] == [False, False]
-    assert read_settings(results[1]["outputs"][0])["Content"] == str(contents[1])
-    names = [name for job in jobs for name in (*job["files"]["results"], job["files"]["grid"])]
+    results = [stylize_one(predictor, job) for job in jobs]
+    assert [r.status == "skipped" for r in results] == [False, False]
+    assert read_settings(results[1].outputs[0])["Content"] == str(contents[1])
+    names = [name for job in jobs for name in (*job.files.results, job.files.grid)]
     assert len(set(names)) == len(names) == 4
 
 
@@ -288,8 +259,8 @@ def test_a_245_character_content_stem_is_stylized(tmp_path, loras):
     """Mistake caught: temporary names made from the stem, over the 255-byte file name limit."""
     content = tmp_path / ("c" * 245 + ".png")
     Image.open(CONTENT).save(content)
-    result = _predictor(tmp_path).stylize_job(_job([StyleEntry(lora=str(loras[0]))], content=content))
-    assert Path(result["outputs"][0]).is_file()
+    result = stylize_one(_predictor(tmp_path), _job([StyleEntry(lora=str(loras[0]))], content=content))
+    assert Path(result.outputs[0]).is_file()
     assert (tmp_path / "out" / ("c" * 245 + "_grid.png")).is_file()
     with pytest.raises(UserError, match=r"too long.*data\.content\[0\]|data\.content\[0\].*too long"):  # its mask file would be
         StylizeDataModule(content=[str(content)], styles=[StyleEntry(lora=str(loras[0]), mask=MaskSpec(file=str(MASK)))])
@@ -318,15 +289,15 @@ def test_outside_the_mask_every_steps_latent_is_the_content_trajectory_before_co
     steps = []
     predictor.step_callback = steps.append
     entry = StyleEntry(lora=str(loras[0]), mask=MaskSpec(file=str(MASK), feather=2))
-    predictor.stylize_job(_job([entry]))
+    stylize_one(predictor, _job([entry]))
 
     content = resize_to_multiple_of_8(load_image(CONTENT), 64)
     mask = resolve_mask(entry.mask, content)
-    reference, _ = predictor._style_rows([entry.resolved()], [mask], content)
+    reference, _ = predictor.pipeline.prepare_styles([entry.resolved()], [mask], content, predictor.sampling)
     pixels = to_tensor(content).unsqueeze(0)
-    with base_model(predictor.pipe.unet):
-        trajectory = invert(predictor.pipe.unet, encode_images(predictor.pipe, pixels), reference,
-                            ddim_schedule(predictor.pipe.scheduler, 6), progress=False)
+    with base_model(predictor.pipeline.pipe.unet):
+        trajectory = invert(predictor.pipeline.pipe.unet, encode_images(predictor.pipeline.pipe, pixels), reference,
+                            ddim_schedule(predictor.pipeline.pipe.scheduler, 6), progress=False)
     outside = ~mask_to_latent(mask, (6, 8)).bool().expand(1, 4, 6, 8)
     assert len(steps) == 6 and outside.any() and (~outside).any()
     for state in steps:
@@ -347,5 +318,5 @@ def test_a_lora_with_nan_weights_fails_the_job_and_writes_no_image(tmp_path):
     save_file(weights, str(lora), metadata=metadata)
     predictor = _predictor(tmp_path)
     with pytest.raises(UserError, match=r"non-finite.*style 'broken'"):
-        predictor.stylize_job(_job([StyleEntry(lora=str(lora))]))
+        stylize_one(predictor, _job([StyleEntry(lora=str(lora))]))
     assert not list((tmp_path / "out").glob("*.png"))

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from diffstyler.data.jobs import StyleEntry, StylizeDataModule, chunked
+from diffstyler.data.jobs import Job, StyleEntry, StylizeDataModule, chunked
 from diffstyler.predictor import StylizePredictor
 from tests.helpers import write_random_lora
-from tests.test_predictor import CONTENT, _predictor
+from tests.helpers import CONTENT, MASK, make_predictor as _predictor, stylize_one
 
 # float32 matrix products give slightly different sums for different batch sizes (the CPU kernels
 # block them differently): a few 1e-5 on the tiny model's latents, whose values reach about 12.
@@ -32,7 +32,7 @@ def inputs(tmp_path_factory):
     return folder, loras
 
 
-def product_jobs(inputs) -> list[dict]:
+def product_jobs(inputs) -> list[Job]:
     folder, loras = inputs
     styles = [StyleEntry(lora=str(path)) for path in loras]
     return StylizeDataModule(content=[str(folder / n) for n in ("a.png", "b_tall.png", "c.png")], styles=styles,
@@ -51,15 +51,15 @@ class FinalLatents:
 
 def unet_batch_sizes(predictor: StylizePredictor) -> list[int]:
     sizes: list[int] = []
-    predictor.pipe.unet.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    predictor.pipeline.unet.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
     return sizes
 
 
-def run(predictor: StylizePredictor, chunks: list[list[dict]]) -> FinalLatents:
+def run(predictor: StylizePredictor, chunks: list[list[Job]]) -> FinalLatents:
     final = FinalLatents()
     predictor.step_callback = final
     for chunk in chunks:
-        predictor.stylize_jobs(chunk)
+        predictor.writer.write(predictor.stylize_jobs(chunk))
     return final
 
 
@@ -93,7 +93,6 @@ def test_jobs_batched_four_at_a_time_equal_jobs_run_one_by_one(inputs, tmp_path)
 
 def test_masked_jobs_batched_are_fused_with_their_own_contents(inputs, tmp_path):
     """Catches eq. 6 taking the content outside the mask from another job of the call."""
-    from tests.test_predictor import MASK
     from diffstyler.masks import MaskSpec
 
     folder, loras = inputs
@@ -137,7 +136,7 @@ def test_at_most_max_loaded_adapters_stay_loaded_but_never_one_the_chunk_still_n
     folder, loras = inputs
     wax = write_random_lora(tmp_path / "wax", seed=4)
     jobs = product_jobs(inputs)
-    by_id = {job["id"]: job for job in jobs}
+    by_id = {job.id: job for job in jobs}
     wax_job = StylizeDataModule(content=[str(folder / "b_tall.png")], styles=[StyleEntry(lora=str(wax))],
                                 pairing="product", resolution=64, seed=3).jobs()[0]
     chunks = [[by_id["a_ink"], by_id["a_oil"]], [wax_job], [by_id["c_ink"]]]
@@ -150,11 +149,11 @@ def test_at_most_max_loaded_adapters_stay_loaded_but_never_one_the_chunk_still_n
     for name, predictor in (("unbounded", unbounded), ("bounded", bounded)):
         predictor.step_callback = final[name]
         for chunk in chunks:
-            assert all(r["status"] == "done" for r in predictor.stylize_jobs(chunk))
+            assert all(r.status == "done" for r in predictor.writer.write(predictor.stylize_jobs(chunk)))
             if predictor is bounded:
-                loaded.append(sorted(predictor.pipe.unet.peft_config))
+                loaded.append(sorted(predictor.pipeline.unet.peft_config))
     assert loaded == [["style0", "style1"], ["style2"], ["style3"]]  # ink is loaded again as style3
-    assert len(unbounded.pipe.unet.peft_config) == 3
+    assert len(unbounded.pipeline.unet.peft_config) == 3
     for job_id, latents in final["unbounded"].latents.items():
         assert torch.equal(latents[0], final["bounded"].latents[job_id][0]), job_id
 
@@ -175,14 +174,14 @@ def test_a_failing_job_in_a_batch_fails_alone_and_the_others_are_done(inputs, tm
     jobs = StylizeDataModule(content=[str(folder / "a.png")], styles=styles, pairing="product", resolution=64).jobs()
 
     predictor = _predictor(tmp_path / "batched")
-    predictor.on_error = "continue"
-    results = predictor.stylize_jobs(jobs)
-    assert [(r["id"], r["status"]) for r in results] == [("a_ink", "done"), ("a_broken", "failed")]
-    assert "non-finite" in results[1]["error"] and "'broken'" in results[1]["error"]
-    assert predictor.counts == {"done": 1, "skipped": 0, "failed": 1}
+    predictor.writer.on_error = "continue"
+    records = predictor.writer.write(predictor.stylize_jobs(jobs))
+    assert [(r.id, r.status) for r in records] == [("a_ink", "done"), ("a_broken", "failed")]
+    assert "non-finite" in records[1].error and "'broken'" in records[1].error
+    assert predictor.writer.counts == {"done": 1, "skipped": 0, "failed": 1}
     assert not (tmp_path / "batched" / "out" / "a_broken.png").exists()
 
     alone = _predictor(tmp_path / "alone")
-    alone.stylize_job(jobs[0])
+    stylize_one(alone, jobs[0])
     assert np.array_equal(np.asarray(Image.open(tmp_path / "alone" / "out" / "a_ink.png")),
                           np.asarray(Image.open(tmp_path / "batched" / "out" / "a_ink.png")))

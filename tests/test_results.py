@@ -22,8 +22,7 @@ from diffstyler.results import (
     settings_hash,
 )
 from diffstyler.stylize import SamplingConfig
-from tests.helpers import write_random_lora
-from tests.test_predictor import MASK, _job, _predictor, loras  # noqa: F401 (loras is a fixture)
+from tests.helpers import MASK, make_job as _job, make_predictor as _predictor, stylize_one, write_random_lora
 
 
 def _outputs(tmp_path) -> list[Path]:
@@ -37,7 +36,7 @@ def test_the_settings_hash_depends_on_values_not_on_key_order():
 
 def test_every_output_png_carries_the_same_settings_hash(tmp_path, loras):
     predictor = _predictor(tmp_path)
-    predictor.stylize_job(_job([StyleEntry(lora=str(loras[0]), mask=MaskSpec(file=str(MASK)))]))
+    stylize_one(predictor, _job([StyleEntry(lora=str(loras[0]), mask=MaskSpec(file=str(MASK)))]))
     names = [p.name for p in _outputs(tmp_path)]
     assert names == ["content_shapes.png", "content_shapes_grid.png", "content_shapes_mask0_first.png"]
     hashes = {Image.open(p).text.get(SETTINGS_HASH_KEY) for p in _outputs(tmp_path)}
@@ -48,11 +47,11 @@ def test_a_truncated_result_is_removed_and_the_job_redone(tmp_path, loras):
     """Mistake caught: "done" meaning "the file exists" (a crash mid-write on a full disk leaves half a PNG)."""
     predictor = _predictor(tmp_path)
     job = _job([StyleEntry(lora=str(loras[0]))])
-    result = Path(predictor.stylize_job(job)["outputs"][0])
+    result = Path(stylize_one(predictor, job).outputs[0])
     pixels = np.array(Image.open(result))
     result.write_bytes(result.read_bytes()[: result.stat().st_size // 2])
-    again = predictor.stylize_job(job)
-    assert not again["skipped"]
+    again = stylize_one(predictor, job)
+    assert not again.status == "skipped"
     assert np.array_equal(np.array(Image.open(result)), pixels)
 
 
@@ -60,7 +59,7 @@ def test_leftover_temporary_files_are_removed(tmp_path, loras):
     """Mistake caught: temporaries of interrupted writes left in the output folder forever."""
     predictor = _predictor(tmp_path)
     job = _job([StyleEntry(lora=str(loras[0]))])
-    predictor.stylize_job(job)
+    stylize_one(predictor, job)
     out = tmp_path / "out"
     leftovers = [
         temporary_path(out / "content_shapes.png"),
@@ -71,7 +70,7 @@ def test_leftover_temporary_files_are_removed(tmp_path, loras):
         leftover.write_bytes(b"half a png")
     unrelated = out / ".keep-me.png"
     unrelated.write_bytes(b"not ours")
-    assert predictor.stylize_job(job)["skipped"]
+    assert stylize_one(predictor, job).status == "skipped"
     assert not any(leftover.exists() for leftover in leftovers)
     assert unrelated.exists()
 
@@ -79,13 +78,13 @@ def test_leftover_temporary_files_are_removed(tmp_path, loras):
 def test_a_rerun_with_other_settings_redoes_the_job_and_says_so(tmp_path, loras, caplog):
     """Mistake caught: a rerun after a config change keeps the old result without a word."""
     job = _job([StyleEntry(lora=str(loras[0]))])
-    result = Path(_predictor(tmp_path).stylize_job(job)["outputs"][0])
+    result = Path(stylize_one(_predictor(tmp_path), job).outputs[0])
     changed = _predictor(tmp_path)
     changed.sampling = SamplingConfig(steps=6, guidance_scale=5.0)
     with caplog.at_level(logging.WARNING, logger="diffstyler.results"):
-        assert not changed.stylize_job(job)["skipped"]
+        assert not stylize_one(changed, job).status == "skipped"
     assert "content_shapes.png was made with other settings" in caplog.text
-    assert Image.open(result).text[SETTINGS_HASH_KEY] == changed._settings_hash(job, [StyleEntry.from_dict(s) for s in job["styles"]])
+    assert Image.open(result).text[SETTINGS_HASH_KEY] == changed.settings_hash(job)
 
 
 def test_a_retrained_lora_at_the_same_path_redoes_the_job(tmp_path, loras):
@@ -93,18 +92,18 @@ def test_a_retrained_lora_at_the_same_path_redoes_the_job(tmp_path, loras):
     lora = write_random_lora(tmp_path / "lora", seed=1)
     job = _job([StyleEntry(lora=str(lora))])
     predictor = _predictor(tmp_path)
-    predictor.stylize_job(job)
+    stylize_one(predictor, job)
     write_random_lora(tmp_path / "lora", seed=3)
-    assert not predictor.stylize_job(job)["skipped"]
+    assert not stylize_one(predictor, job).status == "skipped"
 
 
 def test_a_missing_mask_file_output_makes_the_job_unfinished(tmp_path, loras):
     """Mistake caught: only the results checked, so a job interrupted before its mask PNG counts as done."""
     predictor = _predictor(tmp_path)
     job = _job([StyleEntry(lora=str(loras[0]), mask=MaskSpec(file=str(MASK)))])
-    predictor.stylize_job(job)
+    stylize_one(predictor, job)
     (tmp_path / "out" / "content_shapes_mask0_first.png").unlink()
-    assert not predictor.stylize_job(job)["skipped"]
+    assert not stylize_one(predictor, job).status == "skipped"
     assert (tmp_path / "out" / "content_shapes_mask0_first.png").is_file()
 
 
@@ -120,8 +119,8 @@ def test_files_without_the_settings_hash_or_missing_do_not_count_as_done(tmp_pat
 def test_overwrite_redoes_a_finished_job(tmp_path, loras):
     predictor = _predictor(tmp_path, overwrite=True)
     job = _job([StyleEntry(lora=str(loras[0]))])
-    predictor.stylize_job(job)
-    assert not predictor.stylize_job(job)["skipped"]
+    stylize_one(predictor, job)
+    assert not stylize_one(predictor, job).status == "skipped"
 
 
 # -- results.jsonl ---------------------------------------------------------------------------------

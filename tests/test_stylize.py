@@ -1,4 +1,4 @@
-"""The stylization loop (`stylize.denoise_with_injection`) against independent computations: the
+"""The stylization loop (`stylize.denoise_jobs`, one job at a time) against independent computations: the
 authors' per-style reference scheme written out by hand, several styles against their one-style
 runs with guidance, and non-finite values."""
 
@@ -12,8 +12,8 @@ from diffstyler.inversion import invert
 from diffstyler.lora import StyleLoRAConfig, add_style_adapter, set_adapter_scales
 from diffstyler.models import encode_images, encode_prompts
 from diffstyler.sampling import ddim_schedule
-from diffstyler.stylize import SamplingConfig, StyleRows, denoise_with_injection
-from tests.helpers import randomize_adapter, two_style_setup
+from diffstyler.stylize import SamplingConfig, StyleRows
+from tests.helpers import denoise_with_injection, randomize_adapter, two_style_setup
 
 STEPS = 8
 GUIDANCE = 10.5
@@ -85,10 +85,10 @@ def _authors_loop(setup, adapter: str, prompt: int) -> torch.Tensor:
                 state.update(features=i < PAPER_CODE["feature_steps"], attention=i < PAPER_CODE["attention_steps"],
                              rate=min(1.0, 2 * int(t) / 1000))
                 state["mode"] = "record"
-                unet(trajectory[i : i + 1], t, encoder_hidden_states=prompts[:1])
+                unet(trajectory[i : i + 1], t, encoder_hidden_states=prompts[:1].hidden)
                 state["mode"] = "inject"
                 both = unet(torch.cat([latent, latent]), t,
-                            encoder_hidden_states=torch.cat([prompts[3:4], prompts[prompt : prompt + 1]])).sample
+                            encoder_hidden_states=torch.cat([prompts[3:4].hidden, prompts[prompt : prompt + 1].hidden])).sample
                 guided = both[:1] + GUIDANCE * (both[1:] - both[:1])
                 latent = scheduler.step(guided, t, latent).prev_sample
     finally:

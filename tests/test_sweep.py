@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import diffstyler.predictor as predictor_module
+import diffstyler.pipeline as pipeline_module
+import diffstyler.sweep as sweep_module
 from diffstyler.data.jobs import StyleEntry, StylizeDataModule
 from diffstyler.errors import UserError
 from diffstyler.injection import InjectionConfig
@@ -16,7 +17,7 @@ from diffstyler.outputs import read_settings
 from diffstyler.predictor import OutputConfig, StylizePredictor
 from diffstyler.stylize import SamplingConfig
 from diffstyler.sweep import SweepConfig, labelled_grid, sweep_cells
-from tests.helpers import write_random_lora
+from tests.helpers import stylize_one, write_random_lora
 
 CONTENT = Path(__file__).resolve().parents[1] / "data" / "content_shapes.png"
 BASE = InjectionConfig(feature_steps=4, attention_steps=3)
@@ -63,20 +64,20 @@ def _job(styles):
 def test_each_cell_is_the_run_with_that_setting_and_the_content_is_inverted_once(tmp_path, lora, monkeypatch):
     """Catches a cell run with the base settings, cells in the wrong place, or one inversion per cell."""
     grids, inversions = [], []
-    real_grid, real_invert = predictor_module.labelled_grid, predictor_module.invert_batch
-    monkeypatch.setattr(predictor_module, "labelled_grid", lambda cells, images: grids.append((cells, images)) or real_grid(cells, images))
-    monkeypatch.setattr(predictor_module, "invert_batch", lambda *a, **k: inversions.append(1) or real_invert(*a, **k))
+    real_grid, real_invert = sweep_module.labelled_grid, pipeline_module.invert_batch
+    monkeypatch.setattr(sweep_module, "labelled_grid", lambda cells, images: grids.append((cells, images)) or real_grid(cells, images))
+    monkeypatch.setattr(pipeline_module, "invert_batch", lambda *a, **k: inversions.append(1) or real_invert(*a, **k))
     sweep = SweepConfig(feature_steps=[0, 4], attention_steps=[0, 3])
     job = _job([StyleEntry(lora=str(lora))])
-    result = _predictor(tmp_path / "sweep", sweep=sweep).stylize_job(job)
+    result = stylize_one(_predictor(tmp_path / "sweep", sweep=sweep), job)
     assert len(inversions) == 1
     (cells, images), = grids
     assert [c.settings for c in cells] == [{"feature_steps": f, "attention_steps": a} for f in (0, 4) for a in (0, 3)]
     for cell, image in zip(cells, images):
-        alone = _predictor(tmp_path / f"cell{cell.row}{cell.column}", injection=cell.injection).stylize_job(job)
-        assert np.array_equal(np.array(image), np.array(Image.open(alone["outputs"][0]))), cell.settings
+        alone = stylize_one(_predictor(tmp_path / f"cell{cell.row}{cell.column}", injection=cell.injection), job)
+        assert np.array_equal(np.array(image), np.array(Image.open(alone.outputs[0]))), cell.settings
     assert not np.array_equal(np.array(images[0]), np.array(images[-1]))
-    settings = read_settings(result["outputs"][0])
+    settings = read_settings(result.outputs[0])
     assert settings["Sweep"]["feature_steps"] == [0, 4] and len(settings["Sweep cells"]) == 4
 
 
@@ -84,7 +85,7 @@ def test_a_sweep_over_several_unmasked_styles_is_refused(tmp_path, lora):
     predictor = _predictor(tmp_path, sweep=SweepConfig(feature_steps=[0, 4]))
     job = _job([StyleEntry(lora=str(lora), name="a"), StyleEntry(lora=str(lora), name="b", scale=0.5)])
     with pytest.raises(UserError, match=r"model\.sweep"):
-        predictor.stylize_job(job)
+        stylize_one(predictor, job)
 
 
 def test_sweep_values_are_checked_with_their_key():

@@ -17,6 +17,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import diffstyler.training
+from diffstyler.conditioning import Conditioning
 from diffstyler.callbacks import PreviewGrid, sample_text_to_image
 from diffstyler.cli import main
 from diffstyler.data import StyleDataModule
@@ -72,7 +73,7 @@ def fixed_set_loss(module: StyleLoRAModule, datamodule: StyleDataModule) -> floa
     """Mean loss over 8 fixed (noise, timestep) pairs spread over the whole schedule."""
     batch = next(iter(datamodule.train_dataloader()))
     latents = module.style_latents(batch).repeat(8, 1, 1, 1)
-    prompt_embeds = module.prompt_embeddings(batch["prompt"] * 8)
+    prompt_embeds = module.prompt_conditioning(batch["prompt"] * 8)
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(123))
     timesteps = torch.linspace(50, 950, 8).long()
     return module.denoising_loss(latents, prompt_embeds, noise, timesteps).item()
@@ -181,7 +182,7 @@ def lora_gradients(module: StyleLoRAModule, datamodule: StyleDataModule) -> dict
     generator = torch.Generator().manual_seed(5)
     latents = module.style_latents(batch)
     noise = torch.randn(latents.shape, generator=generator)
-    loss = module.denoising_loss(latents, module.prompt_embeddings(batch["prompt"]), noise, torch.tensor([400]))
+    loss = module.denoising_loss(latents, module.prompt_conditioning(batch["prompt"]), noise, torch.tensor([400]))
     loss.backward()
     return {name: p.grad.clone() for name, p in module.named_parameters() if p.requires_grad}
 
@@ -337,7 +338,7 @@ def test_v_prediction_models_train_on_the_velocity(tmp_path):
     noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
     velocity = a.sqrt() * noise - (1 - a).sqrt() * latents
     with torch.no_grad():
-        loss = module.denoising_loss(latents, prompts, noise, timesteps)
+        loss = module.denoising_loss(latents, Conditioning(prompts), noise, timesteps)
         prediction = module.unet(noisy, timesteps, encoder_hidden_states=prompts).sample
     assert loss.item() == pytest.approx(torch.nn.functional.mse_loss(prediction, velocity).item(), rel=1e-5)
     assert loss.item() != pytest.approx(torch.nn.functional.mse_loss(prediction, noise).item(), rel=1e-2)

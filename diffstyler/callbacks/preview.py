@@ -18,9 +18,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
+from diffstyler.conditioning import Conditioning
 from diffstyler.models import decode_latents, encode_prompts
 from diffstyler.sampling import classifier_free_guidance, ddim_schedule, ddim_step
-from diffstyler.training import eval_mode
+from diffstyler.torch_utils import eval_mode
 
 
 @torch.no_grad()
@@ -49,13 +50,13 @@ def sample_text_to_image(
 
     unet = pipe.unet
     device, dtype = unet.device, unet.dtype
-    text = torch.cat([encode_prompts(pipe, negatives), encode_prompts(pipe, prompts)]).to(device, dtype)
+    text = Conditioning.cat([encode_prompts(pipe, negatives), encode_prompts(pipe, prompts)]).to(device, dtype)
     schedule = ddim_schedule(DDIMScheduler.from_config(pipe.scheduler.config), steps)
 
     shape = (len(prompts), unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     latents = torch.randn(shape, generator=generator, device=generator.device).to(device, torch.float32)
     for i, timestep in enumerate(schedule.timesteps):
-        prediction = unet(torch.cat([latents, latents]).to(dtype), timestep.to(device), encoder_hidden_states=text).sample
+        prediction = unet(torch.cat([latents, latents]).to(dtype), timestep.to(device), **text.unet_kwargs()).sample
         noise_uncond, noise_text = prediction.float().chunk(2)
         guided = classifier_free_guidance(noise_uncond, noise_text, guidance_scale)
         latents = ddim_step(latents, guided, schedule.alphas[i], schedule.alphas[i + 1], schedule.prediction_type)

@@ -22,18 +22,22 @@ def jobs_of_this_process(trainer) -> int:
 
 
 class JobProgressBar(TQDMProgressBar):
-    """Lightning's tqdm bar, counting jobs in predict runs."""
+    """Lightning's tqdm bar, counting jobs in predict runs (from the `JobResult`s of each chunk)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.counts = {DONE: 0, SKIPPED: 0, FAILED: 0}
 
     def on_predict_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if not self.has_dataloader_changed(dataloader_idx):
             return
+        self.counts = {DONE: 0, SKIPPED: 0, FAILED: 0}
         self.predict_progress_bar.reset(total=jobs_of_this_process(trainer))
         processes = trainer.world_size
         self.predict_progress_bar.set_description("Jobs" if processes == 1 else f"Jobs (rank 0 of {processes} processes)")
 
     def on_predict_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        counts = getattr(pl_module, "counts", {})
-        self.predict_progress_bar.set_postfix(
-            {name: counts.get(name, 0) for name in (DONE, SKIPPED, FAILED)}, refresh=False
-        )
+        for result in outputs or []:
+            self.counts[result.status] += 1
+        self.predict_progress_bar.set_postfix(dict(self.counts), refresh=False)
         self.predict_progress_bar.update(len(batch))

@@ -1,16 +1,14 @@
 """Stylization jobs for Lightning's predict loop.
 
-A job is one content image with its style entries, a seed, an output name and the names of every
-file it writes (`job_output_files`). Jobs come from `data.content` (files, folders, patterns, lists)
-paired with `data.styles` (`together` or `product`), or from the rows of `data.manifest`; see
+A job (`Job`, frozen) is one content image with its style entries, a seed, its output files
+(`naming.JobFiles`) and the resolution. Jobs come from `data.content` (files, folders, patterns,
+lists) paired with `data.styles` (`together` or `product`), or from the rows of `data.manifest`; see
 `data.sources` for the inputs. The job id is the output name, made from the content's path relative
-to its input root and the style names (`default_output_name`), and the seed is derived from (base
-seed, job id): a job gives the same result whichever process or run handles it, and adding inputs
-renames nothing. The id travels inside the batch (never rely on Lightning's batch indices: DDP
-splits the items by stride). The items are chunks of `batch_size` consecutive jobs, stylized together.
-
-Output file names are checked when the data module is built, before any model loads: every name
-part is a plain file name, no file name exceeds 255 bytes, and no two files of the run share a name.
+to its input root and the style names (`naming.default_output_name`), and the seed is derived from
+(base seed, job id): a job gives the same result whichever process or run handles it, and adding
+inputs renames nothing. The job travels inside the batch (never rely on Lightning's batch indices:
+DDP splits the items by stride). The items are chunks of `batch_size` consecutive jobs, stylized
+together. Output names are checked (`naming`) when the data module is built, before any model loads.
 """
 
 from __future__ import annotations
@@ -18,8 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass
-import os
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Literal, Optional
 
 from lightning import LightningDataModule
@@ -29,10 +26,15 @@ from diffstyler.checks import check_resolution
 from diffstyler.errors import UserError, config_error
 from diffstyler.data.sources import IMAGE_EXTENSIONS, ContentFile, ManifestRow, expand_content, read_manifest
 from diffstyler.images import LATENT_FACTOR, check_image_header, load_image
-from diffstyler.lora import LORA_INFO_NAME, LORA_WEIGHTS_NAME, read_recorded_prompt, resolve_lora_file
+from diffstyler.data.naming import (
+    JobFiles,
+    check_output_name,
+    default_output_name,
+    distinct_job_outputs,
+    distinct_style_names,
+)
+from diffstyler.lora import LORA_WEIGHTS_NAME, recorded_prompt, resolve_lora_file
 from diffstyler.masks import MaskSpec, load_mask_file
-
-MAX_FILE_NAME_BYTES = 255  # the file name limit of ext4, XFS, APFS, NTFS...
 
 
 @dataclass
@@ -60,24 +62,9 @@ class StyleEntry:
     def resolved(self) -> "StyleEntry":
         """A copy with the LoRA file checked and prompt and name filled in."""
         file = resolve_lora_file(self.lora)
-        prompt = self.prompt if self.prompt is not None else _recorded_prompt(file)
+        prompt = self.prompt if self.prompt is not None else recorded_prompt(file)
         name = self.name or (file.parent.name if file.name == LORA_WEIGHTS_NAME else file.stem)
         return dataclasses.replace(self, lora=str(file), prompt=prompt, name=name)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "StyleEntry":
-        mask = data.get("mask")
-        return cls(**{**data, "mask": MaskSpec(**mask) if isinstance(mask, dict) else mask})
-
-
-def _recorded_prompt(lora_file: Path) -> str:
-    info = lora_file.parent / LORA_INFO_NAME
-    if not info.is_file():
-        raise UserError("style has no prompt", str(lora_file), f"give the style entry a prompt: there is no {info} to take it from")
-    return read_recorded_prompt(info)
 
 
 def job_seed(base_seed: int, job_id: int | str) -> int:
@@ -127,83 +114,6 @@ def check_styles(styles: list[StyleEntry]) -> list[StyleEntry]:
     return distinct_style_names(styles, [entry.resolved() for entry in styles])
 
 
-def style_name_key(given: list[StyleEntry], index: int) -> str:
-    """The config key a style's name comes from: its `name`, or its `lora` when the name is derived."""
-    return f"data.styles[{index}].{'name' if given[index].name else 'lora'}"
-
-
-def distinct_style_names(given: list[StyleEntry], resolved: list[StyleEntry], where: Optional[str] = None) -> list[StyleEntry]:
-    """Check every style name, and make derived names distinct (the same LoRA twice, e.g. at two
-    scales, would otherwise write both results to one file) by appending the style's index.
-
-    Names given in the config are the user's choice: a repeated one is refused, not renamed.
-    `where` names the input in messages (default: the `data.styles` key).
-    """
-    derived = [entry.name for entry in resolved]
-    named = []
-    for index, entry in enumerate(resolved):
-        name = entry.name
-        if not given[index].name and derived.count(name) > 1:
-            name = f"{name}-{index}"
-        key = where or style_name_key(given, index)
-        check_name_part(name, key)
-        earlier = [k for k, other in enumerate(named) if other.name == name]
-        if earlier:
-            raise UserError(f"style name {name!r} is used twice", key,
-                            f"data.styles[{earlier[0]}] has it too; give each style its own name")
-        named.append(dataclasses.replace(entry, name=name))
-    return named
-
-
-def check_name_part(name: str, key: str) -> str:
-    """Refuse a name that goes into output file names unless it is a plain file name: no separator,
-    no `.`/`..`, no leading dot (hidden files, and our temporary files' prefix), no control characters."""
-    unsafe = (
-        not name
-        or name.startswith(".")
-        or any(separator in name for separator in ("/", "\\"))
-        or any(ord(character) < 32 or ord(character) == 127 for character in name)
-    )
-    if unsafe:
-        raise UserError(f"unusable output name {name!r}", key,
-                        "names used in output file names must be plain file names (no '/', '\\', "
-                        "leading '.' or control characters)")
-    return name
-
-
-def check_output_name(name: str, key: str) -> str:
-    """An output name is a relative posix path (`sub/photo_style`: outputs mirror the input tree)
-    whose every part is a plain file name (`check_name_part`), so it stays inside the output folder."""
-    if name.startswith("/"):
-        raise UserError(f"unusable output name {name!r}", key, "output names are relative to model.output.folder")
-    for part in name.split("/"):
-        check_name_part(part, key)
-    return name
-
-
-def job_output_files(name: str, styles: list[StyleEntry]) -> dict[str, Any]:
-    """Every file a job writes, relative to the output folder. The ONE place output names are made.
-
-    results: `<name>.png`, or `<name>_<style>.png` per style when several styles have no masks.
-    grid: `<name>_grid.png` (written only with `model.output.grid`, but always reserved).
-    masks: `<name>_mask<k>_<style>.png` per style, None for styles without a mask.
-    """
-    if styles[0].mask is not None or len(styles) == 1:
-        results = [f"{name}.png"]
-    else:
-        results = [f"{name}_{entry.name}.png" for entry in styles]
-    masks = [f"{name}_mask{k}_{entry.name}.png" if entry.mask is not None else None for k, entry in enumerate(styles)]
-    return {"results": results, "grid": f"{name}_grid.png", "masks": masks}
-
-
-def labelled_files(files: dict[str, Any]) -> list[tuple[str, str]]:
-    """(what it is, file name) for each file of `job_output_files`."""
-    labelled = [(f"result {k}", name) for k, name in enumerate(files["results"])]
-    labelled.append(("grid", files["grid"]))
-    labelled += [(f"mask {k}", name) for k, name in enumerate(files["masks"]) if name is not None]
-    return labelled
-
-
 # --- jobs from the inputs -----------------------------------------------------------------------
 
 Pairing = Literal["together", "product"]
@@ -226,23 +136,24 @@ class JobSpec:
     given: bool = False
 
 
-def rel_stem(rel: str) -> str:
-    """`sub/photo.png` -> `sub/photo`."""
-    return str(PurePosixPath(rel).with_suffix(""))
+@dataclass(frozen=True)
+class Job:
+    """One job as the predictor receives it.
 
-
-def default_output_name(rel: str, styles: list[StyleEntry], together: bool) -> str:
-    """The output name made from the content's path relative to its input root and the style
-    names, never from a position in a list, so adding inputs renames nothing.
-
-    together (every style on one content, today's behaviour): `<rel stem>`; otherwise (one job per
-    pairing or manifest row): `<rel stem>_<style>`, `<rel stem>_<style>+<style>` for fused masked
-    styles, and `<rel stem>` when several unmasked styles each write `<name>_<style>.png` anyway.
+    id: the output name (a relative posix path without extension), unique in the run.
+    where: the input it came from, for messages.
+    seed: derived from the base seed and `id` (`job_seed`).
+    files: every file it writes, relative to the output folder.
+    resolution: the content's longer side after resizing.
     """
-    stem = rel_stem(rel)
-    if together or (len(styles) > 1 and styles[0].mask is None):
-        return stem
-    return f"{stem}_{'+'.join(entry.name for entry in styles)}"
+
+    id: str
+    content: str
+    where: str
+    styles: tuple[StyleEntry, ...]
+    seed: int
+    files: JobFiles
+    resolution: int
 
 
 def content_jobs(contents: list[ContentFile], styles: list[StyleEntry], pairing: str) -> list[JobSpec]:
@@ -316,47 +227,6 @@ def _with_row_settings(entries: list[StyleEntry], row: ManifestRow) -> list[Styl
     return changed
 
 
-def disambiguated(name: str, content: str) -> str:
-    """`name` with a short hash of the content's path: stable, whatever the order of the inputs."""
-    digest = hashlib.sha256(os.path.normpath(os.path.abspath(content)).encode()).hexdigest()[:8]
-    return f"{name}-{digest}"
-
-
-def distinct_job_outputs(specs: list[JobSpec]) -> list[tuple[JobSpec, dict[str, Any]]]:
-    """Each job with its files, no file name shared in the whole run (results, grids and masks
-    alike), so no job overwrites another's file or is skipped because of it.
-
-    A derived name whose files would meet another job's (two inputs with the same relative path,
-    content `x_grid.png` next to `x.png`) gets a hash of its content path appended; a name the user
-    gave is refused instead, and so is a clash inside one job (a style named `grid`). Names are
-    compared case-folded because on macOS and Windows `X.png` and `x.png` are one file.
-    """
-    taken: dict[str, tuple[int, str]] = {}  # case-folded file name -> (job index, which output it is)
-    jobs = []
-    for index, spec in enumerate(specs):
-        check_output_name(spec.name, spec.where)
-        files = job_output_files(spec.name, list(spec.styles))
-        if not spec.given and any(file.casefold() in taken for _, file in labelled_files(files)):
-            spec = dataclasses.replace(spec, name=disambiguated(spec.name, spec.content))
-            files = job_output_files(spec.name, list(spec.styles))
-        for what, file in labelled_files(files):
-            label = f"the {what} of {spec.where}"
-            longest = max(len(part.encode()) for part in file.split("/"))
-            if longest > MAX_FILE_NAME_BYTES:
-                raise UserError(f"output file name too long ({longest} bytes)", spec.where,
-                                f"{label} would be {file!r}, over {MAX_FILE_NAME_BYTES} bytes; "
-                                "shorten the content's file name or the style names")
-            if file.casefold() in taken:
-                other_job, other_label = taken[file.casefold()]
-                # inside one job only a style name can cause it; across jobs, the content names
-                where = "data.styles" if other_job == index else spec.where
-                raise UserError("two outputs would have the same file name", where,
-                                f"{file} would be both {other_label} and {label}; rename one")
-            taken[file.casefold()] = (index, label)
-        jobs.append((spec, files))
-    return jobs
-
-
 def chunked(items: list[Any], size: int) -> list[list[Any]]:
     return [items[start : start + size] for start in range(0, len(items), size)]
 
@@ -366,17 +236,17 @@ class ChunkDataset(Dataset):
     jobs, are what DDP deals out to the processes, so a chunk's jobs (a content's styles in product
     pairing) share one process and one inversion."""
 
-    def __init__(self, chunks: list[list[dict[str, Any]]]):
+    def __init__(self, chunks: list[list[Job]]):
         self.chunks = chunks
 
     def __len__(self) -> int:
         return len(self.chunks)
 
-    def __getitem__(self, index: int) -> list[dict[str, Any]]:
+    def __getitem__(self, index: int) -> list[Job]:
         return self.chunks[index]
 
 
-def _the_chunk(items: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+def _the_chunk(items: list[list[Job]]) -> list[Job]:
     return items[0]
 
 
@@ -441,20 +311,15 @@ class StylizeDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.on_error = on_error
 
-    def jobs(self) -> list[dict[str, Any]]:
+    def jobs(self) -> list[Job]:
         return [
-            {
-                "id": spec.name,
-                "content": spec.content,
-                "where": spec.where,
-                "styles": [entry.to_dict() for entry in spec.styles],
-                "seed": job_seed(self.seed, spec.name),
-                "output_name": spec.name,
-                "files": files,
-                "resolution": self.resolution,
-            }
+            Job(spec.name, spec.content, spec.where, spec.styles, job_seed(self.seed, spec.name), files, self.resolution)
             for spec, files in self.outputs
         ]
+
+    def transfer_batch_to_device(self, batch: list[Job], device, dataloader_idx: int) -> list[Job]:
+        """A chunk of jobs names files (read when each job runs): nothing to move."""
+        return batch
 
     def needs_segmenter(self) -> bool:
         """Whether any job's mask comes from FastSAM (a text, box or points prompt, not a file)."""

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from diffstyler.data.jobs import ChunkDataset, StyleEntry, StylizeDataModule, chunked, disambiguated, job_seed
+from diffstyler.data.jobs import ChunkDataset, StyleEntry, StylizeDataModule, chunked, job_seed
+from diffstyler.data.naming import disambiguated
 from diffstyler.errors import UserError
 from tests.helpers import write_random_lora
 
@@ -41,26 +42,26 @@ def test_product_is_every_content_times_every_style_content_major_and_mirrors_th
     """Catches a missing pairing, style-major order (a content's styles split across chunks and
     processes) and outputs flattened out of their sub-folders."""
     jobs = StylizeDataModule(content=[str(photos)], styles=styles_of(loras), pairing="product").jobs()
-    assert [job["id"] for job in jobs] == ["a_ink", "a_oil", "sub/b_ink", "sub/b_oil"]
-    assert [job["files"]["results"] for job in jobs] == [["a_ink.png"], ["a_oil.png"], ["sub/b_ink.png"], ["sub/b_oil.png"]]
-    assert [[style["name"] for style in job["styles"]] for job in jobs] == [["ink"], ["oil"], ["ink"], ["oil"]]
-    assert [job["content"] for job in jobs] == [str(photos / "a.png")] * 2 + [str(photos / "sub" / "b.png")] * 2
+    assert [job.id for job in jobs] == ["a_ink", "a_oil", "sub/b_ink", "sub/b_oil"]
+    assert [job.files.results for job in jobs] == [("a_ink.png",), ("a_oil.png",), ("sub/b_ink.png",), ("sub/b_oil.png",)]
+    assert [[style.name for style in job.styles] for job in jobs] == [["ink"], ["oil"], ["ink"], ["oil"]]
+    assert [job.content for job in jobs] == [str(photos / "a.png")] * 2 + [str(photos / "sub" / "b.png")] * 2
 
 
 def test_together_keeps_every_style_in_one_job(photos, loras):
     jobs = StylizeDataModule(content=[str(photos)], styles=styles_of(loras), pairing="together").jobs()
-    assert [job["id"] for job in jobs] == ["a", "sub/b"]
-    assert jobs[1]["files"]["results"] == ["sub/b_ink.png", "sub/b_oil.png"]
+    assert [job.id for job in jobs] == ["a", "sub/b"]
+    assert jobs[1].files.results == ("sub/b_ink.png", "sub/b_oil.png")
 
 
 def test_adding_a_file_changes_no_existing_job(photos, loras):
     """Catches ids, seeds or names taken from a position in the list."""
-    before = {job["id"]: job for job in StylizeDataModule(content=[str(photos)], styles=styles_of(loras), pairing="product").jobs()}
+    before = {job.id: job for job in StylizeDataModule(content=[str(photos)], styles=styles_of(loras), pairing="product").jobs()}
     shutil.copy(CONTENT, photos / "0_first.png")  # sorts before every other file
-    after = {job["id"]: job for job in StylizeDataModule(content=[str(photos)], styles=styles_of(loras), pairing="product").jobs()}
+    after = {job.id: job for job in StylizeDataModule(content=[str(photos)], styles=styles_of(loras), pairing="product").jobs()}
     assert sorted(set(after) - set(before)) == ["0_first_ink", "0_first_oil"]
     assert all(after[job_id] == job for job_id, job in before.items())
-    assert after["a_ink"]["seed"] == job_seed(0, "a_ink") != job_seed(0, "a_oil")
+    assert after["a_ink"].seed == job_seed(0, "a_ink") != job_seed(0, "a_oil")
 
 
 def test_the_same_relative_path_from_two_inputs_is_told_apart_by_its_path_not_its_position(tmp_path, loras):
@@ -68,9 +69,9 @@ def test_the_same_relative_path_from_two_inputs_is_told_apart_by_its_path_not_it
         (tmp_path / folder).mkdir()
         shutil.copy(CONTENT, tmp_path / folder / "p.png")
     first, second = str(tmp_path / "x"), str(tmp_path / "y")
-    names = [job["id"] for job in StylizeDataModule(content=[first, second], styles=styles_of(loras[:1])).jobs()]
+    names = [job.id for job in StylizeDataModule(content=[first, second], styles=styles_of(loras[:1])).jobs()]
     assert names == ["p", disambiguated("p", str(tmp_path / "y" / "p.png"))]
-    swapped = [job["id"] for job in StylizeDataModule(content=[second, first], styles=styles_of(loras[:1])).jobs()]
+    swapped = [job.id for job in StylizeDataModule(content=[second, first], styles=styles_of(loras[:1])).jobs()]
     assert swapped == ["p", disambiguated("p", str(tmp_path / "x" / "p.png"))]
 
 
@@ -80,7 +81,7 @@ def test_no_image_is_decoded_when_jobs_are_built_from_a_folder(photos, loras, mo
     opened = []
     monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(a) or pytest.fail("an image was opened"))
     jobs = StylizeDataModule(content=[str(photos)], styles=styles_of(loras[:1])).jobs()
-    assert [job["id"] for job in jobs] == ["a", "broken", "sub/b"] and opened == []
+    assert [job.id for job in jobs] == ["a", "broken", "sub/b"] and opened == []
 
 
 def test_a_broken_file_named_directly_fails_when_the_data_is_built(tmp_path, loras):
@@ -108,15 +109,15 @@ def test_manifest_rows_name_styles_or_lora_paths_with_their_masks_prompt_scale_a
     jobs = data.jobs()
     # row 3's files would be row 1's a_ink.png too: its derived name gets its content path's hash
     third = disambiguated("photos/a", str(tmp_path / "photos" / "a.png"))
-    assert [job["id"] for job in jobs] == ["photos/a_ink", "masked/b", third]  # relative to the manifest's folder
-    assert jobs[0]["content"] == str(tmp_path / "photos" / "a.png")
-    masked = jobs[1]["styles"][0]
-    assert masked["name"] == "oil" and masked["scale"] == 0.5 and masked["prompt"] == "a painting"
-    assert masked["mask"]["file"] == str(tmp_path / "mask.png")
-    assert jobs[1]["files"]["results"] == ["masked/b.png"] and jobs[1]["files"]["masks"] == ["masked/b_mask0_oil.png"]
-    assert jobs[2]["files"]["results"] == [f"{third}_ink.png", f"{third}_oil.png"]  # unmasked styles: one image each
-    assert jobs[0]["files"]["results"] == ["photos/a_ink.png"]
-    assert data.job_ids() == [job["id"] for job in jobs]
+    assert [job.id for job in jobs] == ["photos/a_ink", "masked/b", third]  # relative to the manifest's folder
+    assert jobs[0].content == str(tmp_path / "photos" / "a.png")
+    masked = jobs[1].styles[0]
+    assert masked.name == "oil" and masked.scale == 0.5 and masked.prompt == "a painting"
+    assert masked.mask.file == str(tmp_path / "mask.png")
+    assert jobs[1].files.results == ("masked/b.png",) and jobs[1].files.masks == ("masked/b_mask0_oil.png",)
+    assert jobs[2].files.results == (f"{third}_ink.png", f"{third}_oil.png")  # unmasked styles: one image each
+    assert jobs[0].files.results == ("photos/a_ink.png",)
+    assert data.job_ids() == [job.id for job in jobs]
 
 
 @pytest.mark.parametrize("output", ["../escaped", "/etc/escaped", "sub/../../escaped", "sub/.hidden"])
@@ -168,14 +169,14 @@ def test_chunks_are_consecutive_jobs_so_a_contents_styles_stay_together(photos, 
     assert chunked(list(range(5)), 2) == [[0, 1], [2, 3], [4]]
     loader = data.predict_dataloader()
     assert isinstance(loader.dataset, ChunkDataset)
-    assert [[job["id"] for job in chunk] for chunk in loader] == [["a_ink", "a_oil"], ["sub/b_ink", "sub/b_oil"]]
+    assert [[job.id for job in chunk] for chunk in loader] == [["a_ink", "a_oil"], ["sub/b_ink", "sub/b_oil"]]
 
 
 def test_a_row_without_styles_takes_every_style_and_needs_one_mask_for_each(tmp_path, loras):
     styles = [StyleEntry(lora=str(loras[0]), name="ink"), StyleEntry(lora=str(loras[1]), name="oil")]
     manifest = write_manifest(tmp_path, f"content,styles,masks\n{CONTENT},,m.png;n.png\n")
     job, = StylizeDataModule(manifest=str(manifest), styles=styles).jobs()
-    assert [(s["name"], s["mask"]["file"]) for s in job["styles"]] == [("ink", str(tmp_path / "m.png")), ("oil", str(tmp_path / "n.png"))]
+    assert [(s.name, s.mask.file) for s in job.styles] == [("ink", str(tmp_path / "m.png")), ("oil", str(tmp_path / "n.png"))]
     write_manifest(tmp_path, f"content,styles,masks\n{CONTENT},,m.png\n")
     with pytest.raises(UserError, match=r"masks do not match styles.*row 1"):
         StylizeDataModule(manifest=str(manifest), styles=styles)

@@ -1,0 +1,226 @@
+"""Writing a predict run: `StylizationWriter`, a Lightning `BasePredictionWriter`.
+
+`StylizePredictor.predict_step` returns one `JobResult` per job of its chunk (images in memory,
+nothing written). The writer, after each chunk:
+- writes every finished job's PNGs under the output folder (each path checked to stay inside it):
+  its results with their settings, the `Content SSIM` and the settings hash (`outputs.save_result`),
+  the grid (content | style images | results | masks) and the masks;
+- appends each job's line to this process's part of `results.jsonl` (`results.ResultsLog`) and
+  counts it (done, skipped, failed);
+- applies the failure policy (`data.on_error`): "continue" records a failed job and goes on,
+  "stop" raises its error (the run's one error line).
+At the end of the run it sums the counts of every process and rank zero merges results.jsonl.
+Whether a job is already done (`is_done`: every file there, decoding, with the current settings
+hash) is asked by the predictor before it does any work for the job.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
+from PIL import Image
+from torchmetrics.functional.image import structural_similarity_index_measure
+
+from diffstyler.data.jobs import Job, StylizeDataModule
+from diffstyler.errors import first_line
+from diffstyler.images import load_image
+from diffstyler.masks import save_mask_png
+from diffstyler.outputs import SETTINGS_HASH_KEY, image_grid, path_inside, pil_to_unit, save_result, to_pil
+from diffstyler.results import DONE, FAILED, SKIPPED, ResultsLog, job_is_done, merge_results
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OutputConfig:
+    """What is written per job into `folder`.
+
+    grid: also write `<name>_grid.png` (content | style images | results | masks).
+    composite: with masks, paste the result into the content with the feathered full-resolution
+      mask, so pixels outside the masks are the content's, bit for bit.
+    overwrite: redo every job (default: skip jobs whose outputs are finished and carry the current
+      settings hash, so a rerun resumes; see `diffstyler.results`).
+    """
+
+    folder: str = "outputs/stylized"
+    grid: bool = True
+    composite: bool = True
+    overwrite: bool = False
+
+
+@dataclass
+class JobResult:
+    """A job's outcome as `predict_step` returns it: what to write (when done) and what to record.
+
+    images: the result images, one per file of `job.files.results`. masks: each style's soft mask
+    (None for styles without one). settings: the PNG metadata. sweep: an ablation grid's cells
+    (each with its own Content SSIM), in place of one Content SSIM.
+    """
+
+    job: Job
+    status: str
+    seconds: float
+    settings_hash: Optional[str] = None
+    content: Optional[Image.Image] = None
+    images: list[Image.Image] = field(default_factory=list)
+    masks: list[Optional[torch.Tensor]] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    sweep: bool = False
+    error: Optional[BaseException] = None
+
+    def to(self, device: torch.device | str, **kwargs: Any) -> "JobResult":
+        """The result with its masks on `device`. Lightning moves predictions with `.to` (it would
+        otherwise rebuild the dataclass field by field, which a frozen `Job` refuses)."""
+        return replace(self, masks=[None if m is None else m.to(device) for m in self.masks])
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job's line of results.jsonl, with its output files as absolute paths."""
+
+    id: str
+    content: str
+    styles: tuple[Optional[str], ...]
+    loras: tuple[str, ...]
+    outputs: tuple[Path, ...]
+    status: str
+    seconds: float
+    error: Optional[str]
+
+    def as_line(self, folder: Path) -> dict[str, Any]:
+        """The JSON line: outputs relative to the output folder (results.jsonl travels with it)."""
+        return {"id": self.id, "content": self.content, "styles": list(self.styles), "loras": list(self.loras),
+                "outputs": [path.relative_to(folder).as_posix() for path in self.outputs], "status": self.status,
+                "seconds": self.seconds, "error": self.error}
+
+
+@dataclass(frozen=True)
+class JobPaths:
+    """A job's files in the output folder (grid None without `output.grid`, a mask None per unmasked style)."""
+
+    results: tuple[Path, ...]
+    grid: Optional[Path]
+    masks: tuple[Optional[Path], ...]
+
+    def every_file(self) -> list[Path]:
+        return [*self.results, *(path for path in (self.grid, *self.masks) if path is not None)]
+
+
+class StylizationWriter(BasePredictionWriter):
+    def __init__(self, output: OutputConfig, on_error: str = "stop") -> None:
+        super().__init__(write_interval="batch")
+        self.output = output
+        self.folder = Path(output.folder).resolve()
+        self.on_error = on_error
+        self.counts: dict[str, int] = {DONE: 0, SKIPPED: 0, FAILED: 0}  # this process's, in this run
+        self.failures: list[str] = []
+        self.summary: dict[str, int] = {}  # the whole run's counts, after the run
+        self._log: Optional[ResultsLog] = None
+
+    # -- Lightning ------------------------------------------------------------------------------
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if isinstance(trainer.datamodule, StylizeDataModule):
+            self.on_error = trainer.datamodule.on_error
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self.start()
+
+    def write_on_batch_end(self, trainer, pl_module, prediction: Sequence[JobResult], batch_indices, batch, batch_idx: int,
+                           dataloader_idx: int = 0) -> None:
+        self.write(prediction)
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        """Sum the job counts of every process; rank zero merges results.jsonl and says how many
+        jobs were skipped. `summary` is the whole run's counts on every process."""
+        counts = torch.tensor([self.counts[DONE], self.counts[SKIPPED], self.counts[FAILED]], device=pl_module.device)
+        total = trainer.strategy.reduce(counts, reduce_op="sum")
+        self.summary = dict(zip((DONE, SKIPPED, FAILED), (int(n) for n in total)))
+        trainer.strategy.barrier("results")
+        if trainer.is_global_zero and isinstance(trainer.datamodule, StylizeDataModule):
+            merge_results(self.folder, trainer.datamodule.job_ids())
+        skipped = self.summary[SKIPPED]
+        if skipped:
+            rank_zero_info(f"{skipped} job{'' if skipped == 1 else 's'} already done, skipped")
+
+    # -- what the predictor asks ----------------------------------------------------------------
+
+    def paths(self, job: Job) -> JobPaths:
+        """The job's files (named by `data.naming.JobFiles`), each checked to lie inside the folder."""
+        files = job.files
+        return JobPaths(
+            tuple(self._inside(name) for name in files.results),
+            self._inside(files.grid) if self.output.grid else None,
+            tuple(self._inside(name) if name else None for name in files.masks),
+        )
+
+    def is_done(self, job: Job, settings_hash: str) -> bool:
+        return not self.output.overwrite and job_is_done(self.paths(job).every_file(), settings_hash)
+
+    def _inside(self, name: str) -> Path:
+        return path_inside(self.output.folder, name, "model.output.folder")
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """A new run: counts from zero and a fresh part file of results.jsonl."""
+        self.counts = {DONE: 0, SKIPPED: 0, FAILED: 0}
+        self.failures = []
+        self._log = ResultsLog(self.folder)
+
+    def write(self, results: Sequence[JobResult]) -> list[JobRecord]:
+        """Write and record each job in order; with `on_error` "stop" a failed job's error is raised."""
+        if self._log is None:
+            self.start()
+        return [self._write_one(result) for result in results]
+
+    def _write_one(self, result: JobResult) -> JobRecord:
+        paths = self.paths(result.job)
+        outputs: tuple[Path, ...] = ()
+        if result.status == DONE:
+            outputs = self._write_files(result, paths)
+        elif result.status == SKIPPED:
+            outputs = paths.results
+        line = first_line(result.error) if result.error is not None else None  # a UserError's str is its one line
+        if result.error is not None and self.on_error == "stop":
+            raise result.error  # the run's one error line; nothing of the job is written
+        job = result.job
+        record = JobRecord(job.id, job.content, tuple(s.name for s in job.styles), tuple(s.lora for s in job.styles),
+                           outputs, result.status, round(result.seconds, 3), line)
+        self.counts[result.status] += 1
+        self._log.record(record.as_line(self.folder))
+        if result.error is not None:
+            self.failures.append(f"{job.where}: {line}")
+            log.warning("job %s failed (%s): %s", job.id, job.where, line)
+        return record
+
+    def _write_files(self, result: JobResult, paths: JobPaths) -> tuple[Path, ...]:
+        chunks = {SETTINGS_HASH_KEY: result.settings_hash}
+        for mask, path in zip(result.masks, paths.masks):
+            if mask is not None and path is not None:
+                save_mask_png(mask, path, chunks)
+        styles = result.job.styles
+        prompt = " | ".join(entry.prompt for entry in styles)
+        negative = result.settings["Sampling"]["negative_prompt"]
+        written = []
+        for image, path in zip(result.images, paths.results):
+            # An ablation grid has one similarity per cell, already in its settings.
+            settings = result.settings if result.sweep else {**result.settings, "Content SSIM": round(content_ssim(result.content, image), 4)}
+            written.append(save_result(image, path, prompt, negative, settings, result.settings_hash))
+        if paths.grid is not None:
+            extras = [load_image(entry.image) for entry in styles if entry.image]
+            mask_tiles = [to_pil(mask[None].expand(3, -1, -1)) for mask in result.masks if mask is not None]
+            grid = image_grid([result.content, *extras, *result.images, *mask_tiles], height=result.content.height)
+            save_result(grid, paths.grid, prompt, negative, result.settings, result.settings_hash)
+        return tuple(written)
+
+
+def content_ssim(content: Image.Image, result: Image.Image) -> float:
+    """Structural similarity of the result to the content (1 = same structure), via torchmetrics."""
+    return float(structural_similarity_index_measure(pil_to_unit(result)[None], pil_to_unit(content)[None], data_range=1.0))

