@@ -102,3 +102,41 @@ def test_a_cache_folder_that_cannot_be_written_is_a_warning_not_an_error(tmp_pat
     key = InversionKey("abc", "tiny@", 64, 48, 10, 1, "", "torch.float32")
     with pytest.warns(UserWarning, match="inversion cache not written"):
         assert cache.save(key, torch.zeros(11, 4, 8, 6)) is None
+
+
+def _key(name: str, height: int = 16, prompt: str = "") -> "InversionKey":
+    from diffstyler.inversion import InversionKey
+
+    return InversionKey(image_sha256=name, model="m", height=height, width=16, steps=2, substeps=1, prompt=prompt, dtype="float32")
+
+
+def test_the_store_inverts_each_missing_content_once_grouped_by_size_and_remembers_it(tmp_path):
+    """Caught: a content named by two jobs inverted twice; contents of two sizes in one call; a group
+    larger than `max_batch`; a stored trajectory inverted again; the wrong trajectory for a request."""
+    from diffstyler.inversion import TrajectoryStore
+
+    calls = []
+
+    def invert_many(contents):
+        calls.append(list(contents))
+        return [torch.full((3, 4, 2, 2), float(ord(c))) for c in contents]
+
+    store = TrajectoryStore(tmp_path / "cache")
+    requests = [(_key("a"), "a"), (_key("b"), "b"), (_key("a"), "a"), (_key("c", height=24), "c"), (_key("d"), "d")]
+    found = store.trajectories(requests, lambda key: (3, 4, 2, 2), invert_many, torch.device("cpu"), torch.float32, max_batch=2)
+    assert calls == [["a", "b"], ["d"], ["c"]]
+    assert [float(t[0, 0, 0, 0]) for t in found] == [ord(c) for c in "abacd"]
+    calls.clear()
+    again = TrajectoryStore(tmp_path / "cache").trajectories(requests[:2], lambda key: (3, 4, 2, 2), invert_many,
+                                                              torch.device("cpu"), torch.float32)
+    assert calls == [] and torch.equal(again[0], found[0])  # from disk, in a new store
+
+
+def test_the_store_keeps_only_the_last_trajectories_in_memory():
+    from diffstyler.inversion import TrajectoryStore
+
+    store = TrajectoryStore(None, recent=2)
+    for name in "abc":
+        store.remember(_key(name), torch.zeros(1))
+    assert [key.image_sha256 for key in store.memory] == ["b", "c"]
+    assert store.lookup(_key("a"), (1,), torch.device("cpu"), torch.float32) is None

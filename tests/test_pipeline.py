@@ -91,20 +91,21 @@ def test_two_styles_in_one_call_equal_their_one_style_calls(pipe):
 
 
 def test_the_batched_predictor_equals_the_pipeline_job_by_job(pipe, loras, tmp_path):
-    """Four jobs (two contents of two sizes x two styles) in one chunk, every step in one UNet call,
-    against `__call__` per job. Caught: a row layout off by one (a style row injected from, guided
-    with, or fused with another job's rows)."""
-    tall = tmp_path / "tall.png"
+    """Six jobs (three contents, two of one size, x two styles) in one chunk, every step of a size in
+    one UNet call, against `__call__` per job. Caught: a row layout off by one (a style row injected
+    from, guided with, or fused with another job's rows)."""
+    tall, flipped = tmp_path / "tall.png", tmp_path / "flipped.png"
     Image.open(CONTENT).transpose(Image.Transpose.ROTATE_90).save(tall)
+    Image.open(CONTENT).transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(flipped)
     styles = [StyleEntry(lora=str(lora)) for lora in loras]
-    jobs = StylizeDataModule(content=[str(CONTENT), str(tall)], styles=styles, pairing="product", resolution=64).jobs()
+    jobs = StylizeDataModule(content=[str(CONTENT), str(tall), str(flipped)], styles=styles, pairing="product", resolution=64).jobs()
     predictor = make_predictor(tmp_path)
     final: dict[str, torch.Tensor] = {}
     predictor.step_callback = lambda state: final.__setitem__(state.job, state.latents[0])
     calls = []
     predictor.pipeline.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
-    assert [r.status for r in predictor.stylize_jobs(jobs)] == ["done"] * 4
-    assert max(calls) > 3  # jobs really shared UNet calls
+    assert [r.status for r in predictor.stylize_jobs(jobs)] == ["done"] * 6
+    assert max(calls) > 6  # jobs of two contents really shared UNet calls
     settings = dict(num_inference_steps=6, injection=predictor.injection, resolution=64, output_type="latent")
     for job in jobs:
         alone = pipe(job.content, styles=[job.styles[0].name], **settings).images[0]

@@ -143,7 +143,7 @@ def test_at_most_max_loaded_adapters_stay_loaded_but_never_one_the_chunk_still_n
 
     unbounded = _predictor(tmp_path / "unbounded")
     bounded = _predictor(tmp_path / "bounded")
-    bounded.max_loaded_adapters = 1
+    bounded.pipeline.adapters.max_loaded = 1
     final = {"unbounded": FinalLatents(), "bounded": FinalLatents()}
     loaded = []
     for name, predictor in (("unbounded", unbounded), ("bounded", bounded)):

@@ -26,7 +26,8 @@ from tests.helpers import MASK, make_job as _job, make_predictor as _predictor, 
 
 
 def _outputs(tmp_path) -> list[Path]:
-    return sorted((tmp_path / "out").iterdir())
+    """The output folder's files, without results.jsonl's part files (`.diffstyler-results`)."""
+    return sorted(p for p in (tmp_path / "out").iterdir() if not p.name.startswith("."))
 
 
 def test_the_settings_hash_depends_on_values_not_on_key_order():

@@ -238,7 +238,10 @@ def test_preview_grids_are_logged_without_changing_training(tmp_path, style_imag
         trainer.fit(module, StyleDataModule([str(style_image)], resolution=64))
         losses[with_preview] = recorder.losses
 
-    assert losses[True] == losses[False]
+    # Two-thread CPU training is not bit-reproducible (about 1e-7 here); a preview that moved the
+    # training's randomness would change the second step's noise and timestep, and its loss by far more.
+    assert losses[True].keys() == losses[False].keys()
+    assert all(losses[True][step] == pytest.approx(losses[False][step], rel=1e-5) for step in losses[False])
     # `module` and `trainer` are those of the run with previews.
     assert all(p.dtype == torch.float32 for name, p in module.named_parameters() if p.requires_grad)
     events = EventAccumulator(trainer.logger.log_dir)
