@@ -247,7 +247,7 @@ class DiffStylerPipeline:
         a file path) through `masks.resolve_mask` (FastSAM for text / box / points), an image or array
         as it is (nonzero = region)."""
         if isinstance(source, (Image.Image, np.ndarray, torch.Tensor)):
-            return shape_mask(hard_mask_from_image(source, content.size, argument), MaskSpec(file=argument))
+            return shape_mask(hard_mask_from_image(source, content.size, argument), argument)
         return resolve_mask(as_mask_spec(source, argument), content, self.segmenter)
 
     def segmenter(self) -> FastSAMSegmenter:

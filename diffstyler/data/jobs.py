@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from diffstyler.checks import check_resolution
 from diffstyler.errors import UserError, config_error
 from diffstyler.data.sources import IMAGE_EXTENSIONS, ContentFile, ManifestRow, expand_content, read_manifest
-from diffstyler.images import LATENT_FACTOR, check_image_header, load_image
+from diffstyler.images import check_image_header, load_image
 from diffstyler.data.naming import (
     JobFiles,
     check_output_name,
@@ -34,7 +34,7 @@ from diffstyler.data.naming import (
     distinct_style_names,
 )
 from diffstyler.lora import LORA_WEIGHTS_NAME, recorded_prompt, resolve_lora_file
-from diffstyler.masks import MaskSpec, load_mask_file
+from diffstyler.masks import MaskSpec, open_mask_file
 
 
 @dataclass
@@ -108,7 +108,7 @@ def check_styles(styles: list[StyleEntry]) -> list[StyleEntry]:
         raise config_error("data.styles", "either every style entry has a mask (localized transfer) or none has (one image per style)")
     for entry in styles:
         if entry.mask is not None and entry.mask.file is not None:
-            load_mask_file(entry.mask.file, (LATENT_FACTOR, LATENT_FACTOR))  # read now: a bad file fails before any model loads
+            open_mask_file(entry.mask.file)  # read now: a bad file fails before any model loads
         if entry.image is not None:
             load_image(entry.image)
     return distinct_style_names(styles, [entry.resolved() for entry in styles])

@@ -1,7 +1,9 @@
-"""Builders for the mask tests: models that exist only with random weights here (no downloads).
+"""Builders for the mask tests: models that exist only with random weights here (no downloads),
+and small images.
 
 - a FastSAM-compatible .pt: the real YOLOv8-seg architecture (what FastSAM is) with random weights;
-- a tiny transformers CLIP (model + tokenizer + image processor) saved to a local folder.
+- a tiny transformers CLIP (model + tokenizer + image processor) saved to a local folder;
+- mask PNGs and a content scene.
 """
 
 from __future__ import annotations
@@ -13,7 +15,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffstyler.masks import build_random_fastsam_weights
+from diffstyler.masks import SegmenterConfig, build_random_fastsam_weights
+
+# FastSAM tests: 80x48 scene, network input 64 px. Random weights only give instances with a
+# confidence threshold near zero.
+IMGSZ = 64
+LOW_CONF = 1e-6
 
 
 def build_random_segment_weights(path: Path, yaml_name: str = "yolov8n-seg.yaml") -> Path:
@@ -80,3 +87,27 @@ def scene_image(width: int = 80, height: int = 48) -> Image.Image:
     pixels[8:30, 10:35] = (220, 40, 40)
     pixels[20:44, 45:75] = (30, 60, 200)
     return Image.fromarray(pixels)
+
+
+def tiny_config(weights: Path, **changes) -> SegmenterConfig:
+    settings = dict(weights=str(weights), device="cpu", imgsz=IMGSZ, conf=LOW_CONF)
+    return SegmenterConfig(**{**settings, **changes})
+
+
+def write_png(path: Path, array: np.ndarray) -> Path:
+    Image.fromarray(array).save(path)
+    return path
+
+
+def square_mask_file(tmp_path: Path, size: int = 64, top: int = 20, side: int = 10) -> Path:
+    pixels = np.zeros((size, size), np.uint8)
+    pixels[top : top + side, top : top + side] = 255
+    return write_png(tmp_path / "square.png", pixels)
+
+
+def content(size=(64, 64)) -> Image.Image:
+    return Image.new("RGB", size)
+
+
+def no_segmenter():
+    raise AssertionError("a file mask must not build a segmenter")

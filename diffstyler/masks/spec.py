@@ -1,0 +1,132 @@
+"""What the user asks for: one style region (`MaskSpec`), how FastSAM runs (`SegmenterConfig`),
+their value checks, and `MaskError`, the error for a mask that cannot be made from what was given."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from diffstyler.errors import UserError
+
+
+class MaskError(UserError):
+    """A mask cannot be made from what the user gave (bad file, prompt that finds nothing, ...).
+
+    `where` names the mask's source as `MaskSpec.describe` does (e.g. `mask file 'hair.png'`), or
+    the config key (e.g. `model.segmenter.weights`).
+    """
+
+
+@dataclass
+class MaskSpec:
+    """One style region. Exactly one of `file`, `text`, `box`, `points` must be set.
+
+    `box` is [x0, y0, x1, y1] and `points` are [x, y] pairs, both in content-image pixels.
+    `point_labels` are 1 (the region contains this point) or 0 (it does not); default all 1.
+    `grow` > 0 dilates, < 0 erodes the region by that many pixels; `feather` softens its edge.
+    """
+
+    file: Optional[str] = None
+    text: Optional[str] = None
+    box: Optional[list[float]] = None
+    points: Optional[list[list[float]]] = None
+    point_labels: Optional[list[int]] = None
+    invert: bool = False
+    grow: int = 0
+    feather: int = 0
+
+    def __post_init__(self):
+        given = [name for name in ("file", "text", "box", "points") if getattr(self, name) is not None]
+        if len(given) != 1:
+            found = ", ".join(given) if given else "none"
+            raise ValueError(f"a mask needs exactly one of file, text, box, points (got: {found})")
+        if self.file is not None and not str(self.file).strip():
+            raise ValueError("mask file path is empty")
+        if self.text is not None and not self.text.strip():
+            raise ValueError("mask text prompt is empty")
+        if self.box is not None:
+            self.box = checked_box(self.box)
+        if self.points is not None:
+            self.points = checked_points(self.points)
+        if self.point_labels is not None:
+            if self.points is None:
+                raise ValueError("point_labels were given without points")
+            self.point_labels = checked_labels(self.point_labels, len(self.points))
+        self.grow, self.feather = checked_grow(self.grow), checked_feather(self.feather)
+
+    def describe(self) -> str:
+        """Name the source in error messages, so the user knows which of several masks failed."""
+        if self.file is not None:
+            return describe_mask_file(self.file)
+        if self.text is not None:
+            return f"text prompt '{self.text}'"
+        if self.box is not None:
+            return f"box {self.box}"
+        labels = self.point_labels if self.point_labels is not None else [1] * len(self.points)
+        return f"points {self.points} (labels {labels})"
+
+
+def describe_mask_file(path: str | os.PathLike) -> str:
+    return f"mask file '{path}'"
+
+
+def checked_box(box) -> list[float]:
+    if not isinstance(box, (list, tuple)) or len(box) != 4:
+        raise ValueError(f"box must be [x0, y0, x1, y1] (4 numbers), got {box!r}")
+    try:
+        x0, y0, x1, y1 = (float(v) for v in box)
+    except (TypeError, ValueError):
+        raise ValueError(f"box must contain 4 numbers, got {box!r}") from None
+    if not (x0 < x1 and y0 < y1):
+        raise ValueError(f"box {box!r} must have x0 < x1 and y0 < y1")
+    return [x0, y0, x1, y1]
+
+
+def checked_points(points) -> list[list[float]]:
+    if not isinstance(points, (list, tuple)) or not points:
+        raise ValueError(f"points must be a non-empty list of [x, y] pairs, got {points!r}")
+    checked = []
+    for point in points:
+        if not isinstance(point, (list, tuple)) or len(point) != 2:
+            raise ValueError(f"each point must be [x, y], got {point!r} in {points!r}")
+        try:
+            checked.append([float(point[0]), float(point[1])])
+        except (TypeError, ValueError):
+            raise ValueError(f"point {point!r} must contain 2 numbers") from None
+    return checked
+
+
+def checked_labels(labels, n_points: int) -> list[int]:
+    if len(labels) != n_points:
+        raise ValueError(f"point_labels has {len(labels)} entries but there are {n_points} points")
+    if any(label not in (0, 1) for label in labels):
+        raise ValueError(f"point_labels must be 1 (positive) or 0 (negative), got {labels!r}")
+    return [int(label) for label in labels]
+
+
+def checked_grow(grow) -> int:
+    if int(grow) != grow:
+        raise ValueError(f"grow must be a whole number of pixels, got {grow!r}")
+    return int(grow)
+
+
+def checked_feather(feather) -> int:
+    if int(feather) != feather or feather < 0:
+        raise ValueError(f"feather must be a whole number of pixels >= 0, got {feather!r}")
+    return int(feather)
+
+
+@dataclass
+class SegmenterConfig:
+    """How to run FastSAM. `weights` is a local FastSAM-s.pt / FastSAM-x.pt file, or `tiny`: FastSAM's
+    architecture (YOLOv8-seg) with seeded random weights, for smoke runs without weights (it finds
+    arbitrary instances, and only at a very low `conf`). `clip_model` is a transformers model id or
+    local folder, used only for text prompts."""
+
+    weights: str = "FastSAM-s.pt"
+    device: Optional[str] = None
+    imgsz: int = 1024
+    conf: float = 0.4
+    iou: float = 0.9
+    clip_model: str = "openai/clip-vit-base-patch32"
