@@ -1,9 +1,11 @@
 """Writing results: PNGs that carry their settings, image grids, atomic writes inside a folder.
 
 Every PNG holds two text chunks:
-- `parameters`: the A1111-style text most image tools show ("prompt", "Negative prompt: ...",
-  then "Key: value, Key: value"); values holding commas, quotes or colons are JSON-quoted, and so
-  are prompts holding a line break (or starting with a quote), so the text always parses back;
+- `parameters`: the text A1111 writes and most image tools show: the prompt, "Negative prompt: ..."
+  (left out when empty), then one line "Key: value, Key: value"; values holding commas, quotes or
+  colons are JSON-quoted, as A1111 quotes them (`format_parameters`). Helpers give the fields A1111
+  adds for the model and the LoRAs (`a1111_fields`: `Model hash`, `Lora hashes`) and the
+  `<lora:name:scale>` tags of its prompts (`lora_tag`);
 - `diffstyler`: the same settings as JSON, for exact round trips (`read_settings`).
 
 Every file is written by `atomic_write` (temporary name, then rename) at a path checked by
@@ -12,16 +14,18 @@ Every file is written by `atomic_write` (temporary name, then rename) at a path 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import re
 import secrets
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Sequence
 
 import torch
 from PIL import Image, PngImagePlugin
+from safetensors import safe_open
 from torchvision.utils import make_grid
 
 from diffstyler.errors import UserError
@@ -48,46 +52,181 @@ def pil_to_unit(image: Image.Image) -> torch.Tensor:
 
 
 def _quote(value: Any) -> str:
+    """A field's value as A1111's `infotext_utils.quote` writes it: JSON-quoted when it holds a comma,
+    a colon or a line break (and here also a quote or spaces at either end, which A1111 would lose)."""
     text = value if isinstance(value, str) else json.dumps(value)
     if re.search(r'[,:"\n]', text) or text != text.strip():
-        return json.dumps(text)
+        return json.dumps(text, ensure_ascii=False)
     return text
 
 
-def _prompt_line(prompt: str) -> str:
-    """The prompt as one line: verbatim (as A1111 writes it) unless it holds a line break or starts
-    with a quote; then JSON-quoted, so that the three-line layout always parses back."""
-    if "\n" in prompt or "\r" in prompt or prompt.startswith('"'):
+NEGATIVE_PROMPT_LABEL = "Negative prompt:"
+
+
+def _a1111_misreads(prompt: str, negative: bool) -> bool:
+    """Whether A1111's `parse_generation_parameters` (modules/infotext_utils.py) would read this
+    prompt back differently when written raw.
+
+    It strips every line (spaces and a carriage return at either end are lost), joins the lines of
+    each prompt skipping empty ones until the first non-empty one, and takes a line starting with
+    "Negative prompt:" for the start of the negative prompt (in a negative prompt, it removes that
+    label again from any such line after the first).
+    """
+    lines = prompt.split("\n")
+    if any(line != line.strip() for line in lines):
+        return True
+    if len(lines) > 1 and lines[0] == "":
+        return True
+    return any(line.startswith(NEGATIVE_PROMPT_LABEL) for line in (lines[1:] if negative else lines))
+
+
+def _looks_escaped(text: str) -> bool:
+    """A one-line JSON string: how `_prompt_text` writes a prompt that A1111 would misread."""
+    if len(text) < 2 or not (text.startswith('"') and text.endswith('"')) or "\n" in text:
+        return False
+    try:
+        return isinstance(json.loads(text), str)
+    except json.JSONDecodeError:
+        return False
+
+
+def _prompt_text(prompt: str, negative: bool) -> str:
+    """The prompt raw, line breaks included (as A1111 writes it), unless A1111 would misread it raw,
+    or `parse_parameters` would take it for an escaped one: then one JSON string (A1111 shows that
+    string, quotes and `\\n` escapes included; `parse_parameters` and the JSON chunk give the exact
+    prompt)."""
+    if _a1111_misreads(prompt, negative) or _looks_escaped(prompt):
         return json.dumps(prompt, ensure_ascii=False)
     return prompt
 
 
-def _prompt_from_line(line: str) -> str:
-    return json.loads(line) if line.startswith('"') else line
+def _prompt_from_text(text: str) -> str:
+    return json.loads(text) if _looks_escaped(text) else text
 
 
 def format_parameters(prompt: str, negative_prompt: str, settings: dict[str, Any]) -> str:
-    fields = ", ".join(f"{key}: {_quote(value)}" for key, value in settings.items())
-    return f"{_prompt_line(prompt)}\nNegative prompt: {_prompt_line(negative_prompt)}\n{fields}"
+    """The A1111 `parameters` text: the prompt, "Negative prompt: <negative prompt>" (left out when
+    it is empty, as A1111 does), and the settings as one line of "Key: value" fields.
+
+    Multi-line prompts are written raw, so that A1111's own parsing reads them back; only a prompt
+    that it would misread (see `_a1111_misreads`) is written as one JSON string. A1111 takes the
+    last line for the settings only when it holds at least 3 fields: give it 3 or more.
+    """
+    lines = [_prompt_text(prompt, negative=False)]
+    if negative_prompt:
+        lines.append(f"{NEGATIVE_PROMPT_LABEL} {_prompt_text(negative_prompt, negative=True)}")
+    lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in settings.items()))
+    return "\n".join(lines)
 
 
 _FIELD = re.compile(r'\s*([^:,]+):\s*("(?:\\.|[^"\\])*"|[^,]*)(?:,|$)')
 
 
 def parse_parameters(text: str) -> dict[str, str]:
-    """The A1111 text back into {"prompt", "Negative prompt", key: value-as-text}.
+    """The text `format_parameters` writes back into {"prompt", "Negative prompt", key: value-as-text}.
 
-    Exactly three lines, because `format_parameters` writes each prompt on one line.
+    As A1111 reads it: the last line holds the settings, and the first line starting with
+    "Negative prompt:" starts the negative prompt. Lines are not stripped: what is written raw
+    needs no stripping, and texts written by older versions (always a negative prompt line, raw
+    one-line prompts with spaces at the ends) read back exactly, but for a one-line prompt that
+    itself began with "Negative prompt:".
     """
-    prompt, negative_line, fields = text.split("\n", 2)
+    *prompt_lines, fields = text.split("\n")
+    negative_at = next((i for i, line in enumerate(prompt_lines) if line.startswith(NEGATIVE_PROMPT_LABEL)), len(prompt_lines))
+    negative_lines = prompt_lines[negative_at:]
+    if negative_lines:
+        negative_lines[0] = negative_lines[0][len(NEGATIVE_PROMPT_LABEL):].removeprefix(" ")
     parsed = {
-        "prompt": _prompt_from_line(prompt),
-        "Negative prompt": _prompt_from_line(negative_line.removeprefix("Negative prompt: ")),
+        "prompt": _prompt_from_text("\n".join(prompt_lines[:negative_at])),
+        "Negative prompt": _prompt_from_text("\n".join(negative_lines)),
     }
     for match in _FIELD.finditer(fields):
         key, value = match.group(1).strip(), match.group(2).strip()
         parsed[key] = json.loads(value) if value.startswith('"') else value
     return parsed
+
+
+# --- A1111's model and LoRA fields -------------------------------------------------------------
+
+A1111_MODEL_HASH_LENGTH = 10  # modules/sd_models.py: CheckpointInfo.shorthash = sha256[0:10]
+A1111_LORA_HASH_LENGTH = 12  # extensions-builtin/Lora/network.py: NetworkOnDisk.shorthash = hash[0:12]
+SINGLE_FILE_CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+
+
+def a1111_model_hash(path: str | os.PathLike) -> str:
+    """A1111's `Model hash` of a single-file checkpoint: the sha256 of the whole file, 10 hex digits."""
+    return _sha256_of_file(path)[:A1111_MODEL_HASH_LENGTH]
+
+
+def a1111_lora_hash(path: str | os.PathLike) -> str:
+    """The short hash A1111 writes in `Lora hashes` for this LoRA file (12 hex digits).
+
+    A1111 (extensions-builtin/Lora/network.py, `NetworkOnDisk`) takes the file's `sshs_model_hash`
+    metadata when kohya's tools wrote one; else, for a .safetensors file, the sha256 of everything
+    after the header (`modules/hashes.py: addnet_hash_safetensors`), so that editing the metadata
+    keeps the hash; for another file, the sha256 of the whole file.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return _sha256_of_file(path)[:A1111_LORA_HASH_LENGTH]
+    with safe_open(str(path), framework="pt") as file:
+        recorded = (file.metadata() or {}).get("sshs_model_hash")
+    return (recorded or _sha256_after_header(path))[:A1111_LORA_HASH_LENGTH]
+
+
+def a1111_lora_name(name: str) -> str:
+    """A LoRA's name as A1111 can carry it in a `<lora:name:scale>` tag and in `Lora hashes`: without
+    ":" and "," (A1111 removes them in `Lora hashes`; ":" ends the name in a tag), ">" (ends the
+    tag) and line breaks, and without spaces at either end (A1111 strips them when it reads the
+    field back)."""
+    return re.sub(r"[:,>\r\n]", "", name).strip()
+
+
+def lora_tag(name: str, scale: float) -> str:
+    """A1111's prompt tag for a LoRA at a scale, e.g. `<lora:ink_wash:0.8>`. A1111 finds the LoRA
+    by this name among the files in its `models/Lora` folder (file name or `ss_output_name`)."""
+    return f"<lora:{a1111_lora_name(name)}:{_number(scale)}>"
+
+
+def a1111_fields(model: str | os.PathLike | None, loras: Sequence[tuple[str, str | os.PathLike]]) -> dict[str, str]:
+    """The fields A1111 adds to its settings line for the model and the LoRAs (name, file):
+    `Model hash` where the model is one file (a hub id or a diffusers folder has no A1111 hash),
+    and `Lora hashes`, "name: hash, name: hash" (`format_parameters` quotes it, as A1111 does)."""
+    fields = {}
+    if model is not None and str(model).endswith(SINGLE_FILE_CHECKPOINT_SUFFIXES) and Path(model).is_file():
+        fields["Model hash"] = a1111_model_hash(model)
+    if loras:
+        fields["Lora hashes"] = ", ".join(f"{a1111_lora_name(name)}: {a1111_lora_hash(file)}" for name, file in loras)
+    return fields
+
+
+def _number(value: float) -> str:
+    value = float(value)
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def _sha256_of_file(path: str | os.PathLike) -> str:
+    stat = os.stat(path)
+    return _cached_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, after_header=False)
+
+
+def _sha256_after_header(path: str | os.PathLike) -> str:
+    stat = os.stat(path)
+    return _cached_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, after_header=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_sha256(path: str, size: int, mtime_ns: int, after_header: bool) -> str:
+    """Hashing a checkpoint takes seconds: once per file version (path, size, modification time),
+    as A1111 caches it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        if after_header:
+            # a safetensors file starts with the header's length (8 bytes, little-endian), then the header
+            handle.seek(8 + int.from_bytes(handle.read(8), "little"))
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def path_inside(folder: str | os.PathLike, name: str | os.PathLike, key: str) -> Path:

