@@ -24,6 +24,8 @@ CONTENT = REPO_ROOT / "data" / "content_shapes.png"
 STYLE_IMAGE = REPO_ROOT / "data" / "style_stripes.png"
 ENVIRONMENT = {**os.environ, "HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1"}
 
+pytestmark = pytest.mark.slow  # every test here runs `diffstyler predict` or `diffstyler test` end to end
+
 
 @pytest.fixture(scope="module")
 def predicted(tmp_path_factory):
