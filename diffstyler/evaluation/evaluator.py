@@ -5,8 +5,9 @@ its metric needs (`data.EvaluationDataModule`). Each run has its own metrics (LP
 `metrics.build_metrics`), all on ONE set of feature networks; torchmetrics syncs their states over DDP
 processes when they are computed, so each triple is counted once whichever process scored it.
 Per-triple LPIPS and CFSD travel in `CatMetric`s with the triple's index, so rank zero can write the
-per-image table in dataset order. At the end rank zero writes the reports (`report.write_reports`)
-and the metrics go to the logger.
+per-image table in dataset order. At the end rank zero writes the reports (`report.write_reports`);
+the metrics go to the logger, and where it is a TensorBoardLogger, the per-image scores too
+(`report.log_per_image`).
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from lightning import LightningModule
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torchmetrics import CatMetric
 
 from diffstyler.checks import check_writable_folder
 from diffstyler.evaluation.data import describe_preprocessing, same_size_groups
 from diffstyler.evaluation.metrics import MetricsConfig, build_metrics, feature_networks
-from diffstyler.evaluation.report import describe_networks, per_image_rows, write_reports
+from diffstyler.evaluation.report import describe_networks, log_per_image, per_image_rows, write_reports
 
 PER_IMAGE_COLUMNS = ("index", "lpips", "cfsd")
 
@@ -72,3 +74,6 @@ class QualityEvaluator(LightningModule):
         rows = per_image_rows(data, per_image)
         self.scores = write_reports(self.output, data, runs, rows, describe_networks(self.metrics_config),
                                     describe_preprocessing(data.size))
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                log_per_image(logger.experiment, rows, labels, self.global_step)

@@ -8,6 +8,9 @@
 - `metrics.png` (matplotlib): with several runs, LPIPS against FID per run (the settings compared);
   with one run, mean LPIPS against mean CFSD per style (FID needs a set of results per point: one
   style's 20 results against its one image say little).
+
+`log_per_image` puts the per-image scores into TensorBoard (a histogram per metric and the table as
+text), for the evaluator to call where the run has a TensorBoardLogger.
 """
 
 from __future__ import annotations
@@ -115,3 +118,24 @@ def write_reports(folder: str, data, runs: dict[str, dict[str, float]], rows: li
     write_plot(folder_path / PLOT_NAME, runs, styles)
     return summary
 
+
+def log_per_image(experiment, rows: list[dict[str, Any]], labels: dict[str, str], step: int) -> None:
+    """Per run (tags `<label>/...`, `labels`: run -> label): a histogram of the per-image LPIPS and one
+    of the CFSD, and the per-image table as a markdown table (TensorBoard's text tab renders it).
+    `experiment` is a TensorBoard `SummaryWriter`."""
+    for run, label in labels.items():
+        mine = [row for row in rows if row["run"] == run]
+        if not mine:
+            continue
+        for metric in ("lpips", "cfsd"):
+            experiment.add_histogram(f"{label}/{metric}_per_image", torch.tensor([row[metric] for row in mine]), step)
+        experiment.add_text(f"{label}/per_image", markdown_table(mine), step)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Per-image rows as a markdown table: result, content, style, LPIPS, CFSD."""
+    lines = ["| result | content | style | LPIPS | CFSD |", "|---|---|---|---|---|"]
+    for row in rows:
+        paths = [str(row[key]).replace("|", "\\|") for key in ("result", "content", "style")]  # | ends a cell
+        lines.append("| " + " | ".join([*paths, f"{row['lpips']:.4f}", f"{row['cfsd']:.4f}"]) + " |")
+    return "\n".join(lines)
