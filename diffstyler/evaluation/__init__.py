@@ -1,4 +1,9 @@
-"""Evaluation of stylization quality (the future `diffstyler test`).
+"""Evaluation of stylization quality: `diffstyler test`.
 
-`diffstyler.evaluation.metrics`: LPIPS, FID, ArtFID and CFSD on torchmetrics, from local weights only.
+- `data`: the (content, style image, result) triples to score, and the size each metric sees them at;
+- `metrics`: LPIPS, FID, ArtFID and CFSD of a run on torchmetrics (`cfsd`: the CFSD metric itself);
+- `networks`: the metrics' feature networks, from local weights only; `random_networks`: small random
+  ones for the smoke config and tests;
+- `evaluator`: the LightningModule of Lightning's test loop; `report`: metrics.json, the CSVs, the plot
+  and the per-image scores in TensorBoard.
 """

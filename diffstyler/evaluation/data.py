@@ -9,6 +9,12 @@
 
 A triple whose file is missing is reported (one warning line naming the file) and skipped; the
 summary says how many were scored.
+
+Each metric sees the images as in StyleID's evaluation by default: LPIPS and FID at shorter side 512
+with the aspect kept, CFSD at the result's own size (`styleid_images`). `data.size: N` stretches every
+image to N x N instead (`stretched_images`), a deliberate deviation for speed whose numbers are not
+comparable with StyleID's. Images of different sizes travel as lists (`collate_triples`) and are
+stacked where their sizes agree (`same_size_groups`).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 from PIL import Image
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.functional import InterpolationMode, resize
 
 from diffstyler.errors import MissingFileError, UserError, config_error
 from diffstyler.images import load_image
@@ -110,13 +117,60 @@ def existing(triples: list[ScoredTriple]) -> list[ScoredTriple]:
     return kept
 
 
-def square_image(path: str, size: int) -> torch.Tensor:
-    """[3, size, size] in [0, 1]: the image resized (not cropped) to the metrics' input size."""
-    return pil_to_unit(load_image(path).resize((size, size), Image.Resampling.BICUBIC))
+# --- what each metric sees ------------------------------------------------------------------
+#
+# StyleID's evaluation (github.com/jiwoogit/StyleID, evaluation/eval_artfid.py): LPIPS and FID read
+# every image with `Compose([Resize(512), ToTensor()])`: the shorter side to 512, the aspect kept,
+# torchvision's default interpolation (bilinear, on the PIL image); content and result are resized
+# each on its own. CFSD reads them with `ToTensor()` only, at their own size, one pair per batch.
+# DiffStyler's result is not always the content's size (its sides are rounded to multiples of 8),
+# where StyleID's code would fail on the shapes; the content is then resized to the result's size.
+
+STYLEID_SHORTER_SIDE = 512
+IMAGE_KEYS = ("content", "style", "result", "cfsd_content", "cfsd_result")
+
+
+def styleid_images(content: Image.Image, style: Image.Image, result: Image.Image) -> dict[str, torch.Tensor]:
+    """The triple as StyleID's metrics see it (see above), [3, H, W] in [0, 1] each: `content` and
+    `result` for LPIPS, `style` and `result` for FID, `cfsd_content` and `cfsd_result` for CFSD."""
+    scaled_result = shorter_side_to(result, STYLEID_SHORTER_SIDE)
+    return {
+        # for a content of the result's aspect this is Resize(512) of the content itself
+        "content": pil_to_unit(content.resize(scaled_result.size, Image.Resampling.BILINEAR)),
+        "style": pil_to_unit(shorter_side_to(style, STYLEID_SHORTER_SIDE)),
+        "result": pil_to_unit(scaled_result),
+        "cfsd_content": pil_to_unit(content.resize(result.size, Image.Resampling.BILINEAR)),  # unchanged at equal size
+        "cfsd_result": pil_to_unit(result),
+    }
+
+
+def shorter_side_to(image: Image.Image, length: int) -> Image.Image:
+    """torchvision's `Resize(length)` on a PIL image, as StyleID calls it: the shorter side to `length`,
+    the longer one scaled and truncated to an integer, bilinear."""
+    return resize(image, [length], interpolation=InterpolationMode.BILINEAR)
+
+
+def stretched_images(content: Image.Image, style: Image.Image, result: Image.Image, size: int) -> dict[str, torch.Tensor]:
+    """`data.size`, a deliberate deviation from StyleID: every image stretched (not cropped) to
+    size x size, bicubic, and every metric on these, CFSD included."""
+    content, style, result = (pil_to_unit(image.resize((size, size), Image.Resampling.BICUBIC))
+                              for image in (content, style, result))
+    return {"content": content, "style": style, "result": result, "cfsd_content": content, "cfsd_result": result}
+
+
+def describe_preprocessing(size: Optional[int]) -> str:
+    """What the metrics saw, for metrics.json."""
+    if size is None:
+        return (f"StyleID's: LPIPS and FID at shorter side {STYLEID_SHORTER_SIDE} (aspect kept, bilinear), "
+                "CFSD at the result's own size")
+    return f"data.size {size}: every image stretched to {size}x{size} (bicubic), not comparable with StyleID's numbers"
 
 
 class TripleDataset(Dataset):
-    def __init__(self, triples: list[ScoredTriple], runs: list[str], size: int):
+    """The triples' images as the metrics see them: `styleid_images`, or `stretched_images` when
+    `size` is given."""
+
+    def __init__(self, triples: list[ScoredTriple], runs: list[str], size: Optional[int]):
         self.triples, self.runs, self.size = triples, runs, size
 
     def __len__(self) -> int:
@@ -124,25 +178,49 @@ class TripleDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         triple = self.triples[index]
-        return {
-            "index": index,
-            "run": self.runs.index(triple.run),
-            "content": square_image(triple.content, self.size),
-            "style": square_image(triple.style, self.size),
-            "result": square_image(triple.result, self.size),
-        }
+        content, style, result = load_image(triple.content), load_image(triple.style), load_image(triple.result)
+        if self.size is None:
+            images = styleid_images(content, style, result)
+        else:
+            images = stretched_images(content, style, result, self.size)
+        return {"index": index, "run": self.runs.index(triple.run), **images}
+
+
+def collate_triples(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """`index` and `run` as tensors [B]; the images as lists of [3, H, W], since their sizes may
+    differ from triple to triple (`same_size_groups` stacks those that can be)."""
+    batch: dict[str, Any] = {key: torch.tensor([item[key] for item in items]) for key in ("index", "run")}
+    batch.update({key: [item[key] for item in items] for key in IMAGE_KEYS})
+    return batch
+
+
+def same_size_groups(batch: dict[str, Any]) -> list[dict[str, Any]]:
+    """The batch cut into groups of one run whose images have one size each, stacked [b, 3, H, W],
+    in the order of their first triple (with `data.size` or images of one size: one group per run)."""
+    positions: dict[tuple, list[int]] = {}
+    for position, run in enumerate(batch["run"].tolist()):
+        shapes = tuple(tuple(batch[key][position].shape) for key in IMAGE_KEYS)
+        positions.setdefault((run, shapes), []).append(position)
+    groups = []
+    for (run, _), rows in positions.items():
+        group: dict[str, Any] = {"run": run, "index": batch["index"][rows]}
+        group.update({key: torch.stack([batch[key][row] for row in rows]) for key in IMAGE_KEYS})
+        groups.append(group)
+    return groups
 
 
 class EvaluationDataModule(LightningDataModule):
     """results: output folders of predict runs (several: a comparison of runs); pairs: a CSV
-    `content,style,result` instead. size: every image is resized to size x size for the metrics."""
+    `content,style,result` instead. size: None (default) for StyleID's preprocessing (LPIPS and FID
+    at shorter side 512, aspect kept; CFSD at the result's own size); a number N stretches every image
+    to N x N for all metrics, a deliberate deviation (faster, not comparable with StyleID's numbers)."""
 
-    def __init__(self, results: Optional[list[str]] = None, pairs: Optional[str] = None, size: int = 256,
+    def __init__(self, results: Optional[list[str]] = None, pairs: Optional[str] = None, size: Optional[int] = None,
                  batch_size: int = 8, num_workers: int = 0):
         super().__init__()
         if bool(results) == (pairs is not None):
             raise config_error("data.results", "give data.results (predict output folders) or data.pairs (a CSV), one of them")
-        if size < 16:
+        if size is not None and size < 16:
             raise config_error("data.size", f"must be >= 16, got {size}")
         self.runs = list(results) if results else [pairs]
         listed = [t for folder in results for t in triples_from_results(folder)] if results else triples_from_csv(pairs)
@@ -155,4 +233,4 @@ class EvaluationDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(TripleDataset(self.triples, self.runs, self.size), batch_size=self.batch_size,
-                          shuffle=False, num_workers=self.num_workers)
+                          shuffle=False, num_workers=self.num_workers, collate_fn=collate_triples)

@@ -1,25 +1,28 @@
 """`QualityEvaluator`: the LightningModule that `diffstyler test` runs through Lightning's test loop.
 
-Every test batch holds (content, style, result) triples of one or more runs (`data.EvaluationDataModule`).
-Each run has its own torchmetrics objects (LPIPS, FID, CFSD from `metrics.build_metrics`), all on ONE
-set of feature networks; torchmetrics syncs their states over DDP processes when they are computed,
-so each triple is counted once whichever process scored it. Per-triple LPIPS and CFSD travel in
-`CatMetric`s with the triple's index, so rank zero can write the per-image table in dataset order.
-At the end rank zero writes the reports (`report.write_reports`) and the metrics go to the logger.
+Every test batch holds (content, style, result) triples of one or more runs, each image at the size
+its metric needs (`data.EvaluationDataModule`). Each run has its own metrics (LPIPS, FID, CFSD from
+`metrics.build_metrics`), all on ONE set of feature networks; torchmetrics syncs their states over DDP
+processes when they are computed, so each triple is counted once whichever process scored it.
+Per-triple LPIPS and CFSD travel in `CatMetric`s with the triple's index, so rank zero can write the
+per-image table in dataset order. At the end rank zero writes the reports (`report.write_reports`);
+the metrics go to the logger, and where it is a TensorBoardLogger, the per-image scores too
+(`report.log_per_image`).
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
-import torch
 from lightning import LightningModule
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torchmetrics import CatMetric
 
 from diffstyler.checks import check_writable_folder
-from diffstyler.evaluation.metrics import CFSD, MetricsConfig, OfflineLPIPS, QualityMetrics, feature_networks, fid_metric
-from diffstyler.evaluation.report import describe_networks, write_reports
+from diffstyler.evaluation.data import describe_preprocessing, same_size_groups
+from diffstyler.evaluation.metrics import MetricsConfig, build_metrics, feature_networks
+from diffstyler.evaluation.report import describe_networks, log_per_image, per_image_rows, write_reports
 
 PER_IMAGE_COLUMNS = ("index", "lpips", "cfsd")
 
@@ -47,32 +50,30 @@ class QualityEvaluator(LightningModule):
             return
         runs = len(self.trainer.datamodule.runs) if self._trainer is not None else 1
         networks = feature_networks(self.metrics_config)
-        self.run_metrics = nn.ModuleList(
-            nn.ModuleDict({"lpips": OfflineLPIPS(networks.lpips), "fid": fid_metric(networks.fid), "cfsd": CFSD(networks.cfsd)})
-            for _ in range(runs)
-        )
+        self.run_metrics = nn.ModuleList(build_metrics(networks) for _ in range(runs))
         self.per_image = nn.ModuleDict({name: CatMetric(nan_strategy="disable") for name in PER_IMAGE_COLUMNS})
 
-    def quality_metrics(self, run: int) -> QualityMetrics:
-        modules = self.run_metrics[run]
-        return QualityMetrics(lpips=modules["lpips"], fid=modules["fid"], cfsd=modules["cfsd"])
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int = 0) -> None:
-        for run in batch["run"].unique().tolist():
-            rows = batch["run"] == run
-            metrics = self.quality_metrics(run)
-            metrics.update(batch["content"][rows], batch["style"][rows], batch["result"][rows])
-            # this batch's values are the last entries of the metrics' list states
-            self.per_image["index"].update(batch["index"][rows].double())
-            self.per_image["lpips"].update(metrics.lpips.all_scores[-1].flatten().double())
-            self.per_image["cfsd"].update(metrics.cfsd.values[-1].flatten().double())
+    def test_step(self, batch: dict[str, Any], batch_idx: int = 0) -> None:
+        for group in same_size_groups(batch):
+            values = self.run_metrics[group["run"]].update(
+                group["content"], group["style"], group["result"],
+                cfsd_content=group["cfsd_content"], cfsd_result=group["cfsd_result"])
+            self.per_image["index"].update(group["index"].double())
+            self.per_image["lpips"].update(values["lpips"].double())
+            self.per_image["cfsd"].update(values["cfsd"].double())
 
     def on_test_epoch_end(self) -> None:
         data = self.trainer.datamodule
-        runs = {name: self.quality_metrics(run).compute() for run, name in enumerate(data.runs)}  # with artfid
+        runs = {name: self.run_metrics[run].compute() for run, name in enumerate(data.runs)}  # with artfid
         per_image = {name: metric.compute().cpu() for name, metric in self.per_image.items()}
+        labels = {name: name if len(runs) > 1 else "test" for name in runs}
         for name, scores in runs.items():
-            label = name if len(runs) > 1 else "test"
-            self.log_dict({f"{label}/{key}": value for key, value in scores.items()}, rank_zero_only=True)
-        if self.trainer.is_global_zero:
-            self.scores = write_reports(self.output, data, runs, per_image, describe_networks(self.metrics_config))
+            self.log_dict({f"{labels[name]}/{key}": value for key, value in scores.items()}, rank_zero_only=True)
+        if not self.trainer.is_global_zero:
+            return
+        rows = per_image_rows(data, per_image)
+        self.scores = write_reports(self.output, data, runs, rows, describe_networks(self.metrics_config),
+                                    describe_preprocessing(data.size))
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                log_per_image(logger.experiment, rows, labels, self.global_step)

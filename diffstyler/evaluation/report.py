@@ -1,13 +1,16 @@
 """The reports of `diffstyler test`, written by rank zero into the output folder (atomically):
 
 - `metrics.json`: `lpips`, `fid`, `artfid`, `cfsd`, `count` (triples scored), `listed` (triples named
-  by the inputs) and `networks` (the feature extractor of each metric); with several runs, one such
-  entry per run under `runs`;
+  by the inputs), `networks` (the feature extractor of each metric) and `preprocessing` (the sizes
+  the metrics saw); with several runs, one entry of scores and counts per run under `runs`;
 - `metrics_per_image.csv`: run, content, style, result, LPIPS, CFSD, in the inputs' order;
 - `metrics_per_style.csv`: run, style, count, mean LPIPS, mean CFSD;
 - `metrics.png` (matplotlib): with several runs, LPIPS against FID per run (the settings compared);
   with one run, mean LPIPS against mean CFSD per style (FID needs a set of results per point: one
   style's 20 results against its one image say little).
+
+`log_per_image` puts the per-image scores into TensorBoard (a histogram per metric and the table as
+text), for the evaluator to call where the run has a TensorBoardLogger.
 """
 
 from __future__ import annotations
@@ -97,16 +100,16 @@ def write_plot(path: Path, runs: dict[str, dict[str, float]], styles: list[dict[
     atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
 
 
-def write_reports(folder: str, data, runs: dict[str, dict[str, float]], per_image: dict[str, torch.Tensor],
-                  networks: dict[str, str]) -> dict[str, Any]:
-    """Write every report; returns what metrics.json holds."""
+def write_reports(folder: str, data, runs: dict[str, dict[str, float]], rows: list[dict[str, Any]],
+                  networks: dict[str, str], preprocessing: str) -> dict[str, Any]:
+    """Write every report from the runs' scores and the per-image rows (`per_image_rows`); returns what
+    metrics.json holds."""
     folder_path = Path(folder)
-    rows = per_image_rows(data, per_image)
     counts = {name: sum(row["run"] == name for row in rows) for name in runs}
     listed = {name: sum(t.run == name for t in data.all_triples) for name in runs}
     entries = {name: {**scores, "count": counts[name], "listed": listed[name]} for name, scores in runs.items()}
     summary = next(iter(entries.values())) if len(entries) == 1 else {"runs": entries}
-    summary = {**summary, "networks": networks}
+    summary = {**summary, "networks": networks, "preprocessing": preprocessing}
     text = json.dumps(summary, indent=2) + "\n"
     atomic_write(folder_path / METRICS_NAME, lambda handle: handle.write(text.encode("utf-8")))
     write_csv(folder_path / PER_IMAGE_NAME, rows, ["run", "content", "style", "result", "lpips", "cfsd"])
@@ -114,3 +117,25 @@ def write_reports(folder: str, data, runs: dict[str, dict[str, float]], per_imag
     write_csv(folder_path / PER_STYLE_NAME, styles, ["run", "style", "count", "lpips", "cfsd"])
     write_plot(folder_path / PLOT_NAME, runs, styles)
     return summary
+
+
+def log_per_image(experiment, rows: list[dict[str, Any]], labels: dict[str, str], step: int) -> None:
+    """Per run (tags `<label>/...`, `labels`: run -> label): a histogram of the per-image LPIPS and one
+    of the CFSD, and the per-image table as a markdown table (TensorBoard's text tab renders it).
+    `experiment` is a TensorBoard `SummaryWriter`."""
+    for run, label in labels.items():
+        mine = [row for row in rows if row["run"] == run]
+        if not mine:
+            continue
+        for metric in ("lpips", "cfsd"):
+            experiment.add_histogram(f"{label}/{metric}_per_image", torch.tensor([row[metric] for row in mine]), step)
+        experiment.add_text(f"{label}/per_image", markdown_table(mine), step)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Per-image rows as a markdown table: result, content, style, LPIPS, CFSD."""
+    lines = ["| result | content | style | LPIPS | CFSD |", "|---|---|---|---|---|"]
+    for row in rows:
+        paths = [str(row[key]).replace("|", "\\|") for key in ("result", "content", "style")]  # | ends a cell
+        lines.append("| " + " | ".join([*paths, f"{row['lpips']:.4f}", f"{row['cfsd']:.4f}"]) + " |")
+    return "\n".join(lines)

@@ -1,6 +1,6 @@
 """`diffstyler test` end to end on the smoke config (random feature networks): the results of a
 product predict run scored, on one process and on two, a CSV of triples with a missing file, two
-runs compared, and a missing weights file."""
+runs compared, a missing weights file, and the per-image scores in TensorBoard."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from diffstyler.cli import USER_ERROR_STATUS, main
 from diffstyler.results import read_json_lines
@@ -23,6 +24,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CONTENT = REPO_ROOT / "data" / "content_shapes.png"
 STYLE_IMAGE = REPO_ROOT / "data" / "style_stripes.png"
 ENVIRONMENT = {**os.environ, "HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1"}
+
+pytestmark = pytest.mark.slow  # every test here runs `diffstyler predict` or `diffstyler test` end to end
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +61,15 @@ def read_metrics(out: Path) -> dict:
 def per_image(out: Path) -> list[dict]:
     with open(out / "evaluation" / "metrics_per_image.csv", newline="") as handle:
         return list(csv.DictReader(handle))
+
+
+def tensorboard_events(out: Path) -> EventAccumulator:
+    """The TensorBoard events the run wrote under out/logs (the one version folder of `test`)."""
+    folders = sorted((out / "logs" / "test").glob("version_*"))
+    assert len(folders) == 1, folders
+    events = EventAccumulator(str(folders[0]), size_guidance={"histograms": 0, "tensors": 0, "scalars": 0})
+    events.Reload()
+    return events
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +109,9 @@ def test_two_ddp_processes_give_the_metrics_of_one(predicted, one_process, tmp_p
     for key in ("lpips", "fid", "artfid", "cfsd"):
         assert metrics[key] == pytest.approx(expected[key], abs=1e-5, rel=1e-5), key
     assert [row["result"] for row in per_image(tmp_path)] == [row["result"] for row in per_image(one_process)]
+    # rank zero logs the per-image scores of both processes, once
+    histograms = tensorboard_events(tmp_path).Histograms("test/lpips_per_image")
+    assert [event.histogram_value.num for event in histograms] == [6]
 
 
 def test_a_csv_row_with_a_missing_file_is_reported_and_the_rest_scored(predicted, tmp_path, monkeypatch, capsys, caplog):
@@ -129,3 +144,35 @@ def test_a_missing_weights_file_is_one_line_naming_it(predicted, tmp_path, monke
     assert status == USER_ERROR_STATUS
     lines = [line for line in output.splitlines() if line.startswith("diffstyler test: error: ")]
     assert len(lines) == 1 and str(missing) in lines[0] and "Traceback" not in output, output[-2000:]
+
+
+def test_the_per_image_scores_are_in_tensorboard(one_process):
+    """A histogram of the per-image LPIPS and one of the CFSD, and the per-image table as text, read back
+    from the event file. Catches: per-image scores not logged, logged for some images only, or another
+    metric's values under a tag."""
+    events = tensorboard_events(one_process)
+    rows = per_image(one_process)
+    for metric in ("lpips", "cfsd"):
+        [event] = events.Histograms(f"test/{metric}_per_image")
+        values = [float(row[metric]) for row in rows]
+        assert event.histogram_value.num == 6
+        assert event.histogram_value.sum == pytest.approx(sum(values), rel=1e-5)
+        assert (event.histogram_value.min, event.histogram_value.max) == pytest.approx((min(values), max(values)), rel=1e-5)
+    [text] = events.Tensors("test/per_image/text_summary")
+    table = text.tensor_proto.string_val[0].decode().splitlines()
+    assert table[0].startswith("| result | content | style | LPIPS | CFSD |") and len(table) == 2 + 6
+    for row, line in zip(rows, table[2:]):
+        assert line.startswith(f"| {row['result']} |") and f"| {float(row['lpips']):.4f} | {float(row['cfsd']):.4f} |" in line
+    assert "test/lpips" in events.Tags()["scalars"]  # the run's metrics, as before
+
+
+def test_without_a_logger_nothing_is_written_for_tensorboard(predicted, tmp_path, monkeypatch, capsys):
+    """`--trainer.logger false`: the reports, and no event file anywhere (the run starts in tmp_path, so a
+    writer falling back to a default folder such as ./runs or ./lightning_logs would land there).
+    Catches: a SummaryWriter of its own when the run has no TensorBoardLogger."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["diffstyler"])
+    main(["test", "--config", str(REPO_ROOT / "configs/smoke/evaluate.yaml"), "--model.output", str(tmp_path / "evaluation"),
+          "--data.results", json.dumps([str(predicted)]), "--trainer.logger", "false"])
+    assert read_metrics(tmp_path)["count"] == 6
+    assert not list(tmp_path.rglob("*tfevents*"))
