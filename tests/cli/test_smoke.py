@@ -141,7 +141,7 @@ def test_a_file_read_interrupted_by_another_ranks_failure_is_not_reported_as_a_b
     LoRA read, the read's handler wraps it as "LoRA file unreadable". Catches that line shown in
     place of the rank that really failed."""
     from diffstyler.callbacks.first_failure import AnotherRankFailed
-    from diffstyler.cli import interrupted_by_another_rank
+    from diffstyler.cli.reporting import interrupted_by_another_rank
     from diffstyler.errors import UserError
 
     try:

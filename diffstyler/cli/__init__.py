@@ -1,0 +1,69 @@
+"""The `diffstyler` command: one LightningCLI whose subcommands share trainer, logger and seed settings.
+
+    diffstyler fit --config configs/style.yaml          # learn a style LoRA
+    diffstyler fit --config configs/style.yaml --print_config > my.yaml
+    diffstyler fit --config my.yaml --model.lora.rank 8
+    diffstyler predict --config configs/stylize.yaml       # stylize content images
+    diffstyler fit --config configs/style.yaml --data.images '[styles/]' --data.one_lora_per_image true
+    diffstyler test --config configs/protocols/styleid.yaml  # a protocol file: one section per subcommand
+
+The parts:
+- `app`: `DiffStylerCLI` and `MODES` (each subcommand's LightningModule and DataModule; `main` picks
+  the pair from the subcommand before building the parser), the shared trainer defaults;
+- `checks`: the config checks that run after parsing, before anything is instantiated;
+- `protocol`: protocol files (a section per subcommand; the subcommand gets only its section);
+- `command_line`: the subcommand and `--debug`, read before any parser exists;
+- `reporting`: one-line errors and the first failure of a multi-process run; `status`: exit statuses.
+The loop of a fit over a folder (one LoRA per style image) is `diffstyler.lora_per_image`.
+
+Order of work (LightningCLI in lightning 2.6): parse → check → seed → instantiate data and model →
+Trainer → `trainer.fit`. The checks (`check_inputs`: every config dataclass built once so a bad
+value is reported with its key, the `fit --ckpt_path` checkpoint read weights-only) and the data
+module (which reads its images) run before the model loads its weights in `configure_model`, so
+a bad input fails in seconds. The resolved config of a run is saved as `config.yaml` next to its
+TensorBoard logs.
+
+Errors in the user's input or environment (`reporting.USER_ERRORS`) are printed as one line,
+`diffstyler <subcommand>: error: <what> (<file or key>): <why>`, with exit status 2 (as argparse
+uses for a bad command line); `--debug` or DIFFSTYLER_DEBUG=1 shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+from diffstyler.cli.app import MODES, DiffStylerCLI
+from diffstyler.cli.command_line import DEBUG_VARIABLE, find_subcommand, split_debug_flag
+from diffstyler.cli.protocol import protocol_stage
+from diffstyler.cli.reporting import exit_for
+from diffstyler.cli.status import JOBS_FAILED_STATUS, USER_ERROR_STATUS
+
+__all__ = ["JOBS_FAILED_STATUS", "USER_ERROR_STATUS", "main", "protocol_stage"]
+
+
+def main(args: Optional[list[str]] = None) -> None:
+    """Entry point of the `diffstyler` console script (returns None: its value becomes the exit code).
+
+    A user error ends the process with one line on stderr and status 2; with --debug it is raised.
+    """
+    if args is None:
+        # LightningCLI reads sys.argv itself, and DDP relaunches sys.argv for the other ranks.
+        debug, sys.argv[1:] = split_debug_flag(sys.argv[1:])
+    else:
+        debug, args = split_debug_flag(list(args))
+    if debug:
+        os.environ[DEBUG_VARIABLE] = "1"  # for the ranks that DDP starts
+    subcommand = find_subcommand(sys.argv[1:] if args is None else args)
+    model_class, datamodule_class = MODES[subcommand]
+    try:
+        if args is None:
+            sys.argv[1:] = protocol_stage(sys.argv[1:], subcommand)
+        else:
+            args = protocol_stage(args, subcommand)
+        DiffStylerCLI(model_class, datamodule_class, subcommand=subcommand, args=args)
+    except Exception as error:  # not BaseException: Ctrl-C and sys.exit keep their meaning
+        if not debug:
+            exit_for(subcommand, error)
+        raise

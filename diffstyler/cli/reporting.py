@@ -1,0 +1,81 @@
+"""One-line errors and exit statuses of the `diffstyler` command, and the first failure of a
+multi-process run (see `diffstyler.callbacks.first_failure`)."""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Optional
+
+from jsonargparse import ArgumentError
+
+from diffstyler.callbacks import first_failure
+from diffstyler.callbacks.first_failure import AnotherRankFailed, failure_of_another_rank, wait_for_launcher_exit
+from diffstyler.cli.status import USER_ERROR_STATUS
+from diffstyler.errors import UserError, config_error, first_line
+from diffstyler.images import ImageLoadError
+from diffstyler.masks import MaskError
+from diffstyler.models import ModelLoadError
+
+# Errors about the user's inputs: shown as one line instead of a traceback. ImageLoadError,
+# MaskError and ModelLoadError predate UserError; ArgumentError is jsonargparse's (exit_on_error off).
+USER_ERRORS = (UserError, FileNotFoundError, ImageLoadError, MaskError, ModelLoadError, ArgumentError)
+MODEL_HINT = "set model.model.name to a hub id, a local diffusers folder, a .safetensors/.ckpt file or 'tiny'"
+
+
+def user_error_line(error: BaseException) -> str:
+    """What `main` prints after `diffstyler <subcommand>: error: `."""
+    if isinstance(error, UserError):
+        return first_line(error.line())
+    if isinstance(error, ArgumentError):
+        return argument_error_line(str(error))
+    if isinstance(error, ModelLoadError):
+        return f"{first_line(error)} ({MODEL_HINT}; --debug for the full message)"
+    return first_line(error)
+
+
+def argument_error_line(message: str) -> str:
+    """jsonargparse's 'Parser key "a.b":\n  reason' as `invalid config value (a.b): reason`."""
+    found = re.match(r'\s*Parser key "([^"]+)":\s*(.*)', message, re.DOTALL)
+    if found is None:
+        return first_line(message)
+    reasons = [line.strip(" -") for line in found.group(2).splitlines() if line.strip(" -")]
+    return config_error(found.group(1), "; ".join(reasons)).line()
+
+
+def failure_line(subcommand: str, error: BaseException, rank: Optional[int]) -> tuple[str, int]:
+    """The line and exit status for `error`; user errors are one line, others point at their traceback."""
+    place = f"[rank {rank}] " if rank is not None else ""
+    if isinstance(error, USER_ERRORS):
+        return f"diffstyler {subcommand}: error: {place}{user_error_line(error)}", USER_ERROR_STATUS
+    return f"diffstyler {subcommand}: error: {place}{type(error).__name__}: {first_line(error)} (traceback above)", 1
+
+
+def interrupted_by_another_rank(error: BaseException) -> bool:
+    """Whether `AnotherRankFailed` (raised by the signal another rank sends) is in the error's chain:
+    it can strike inside a file read, whose handler then reports it as a broken file."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, AnotherRankFailed):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def exit_for(subcommand: str, error: BaseException) -> None:
+    """Print the one line for a user error and exit; in a multi-process run, show the first failing
+    rank's error in place of a broken connection. Returns (the caller re-raises) for anything else."""
+    current_run = first_failure.current_run  # set by ReportFirstFailure in a multi-process run
+    rank = current_run.rank if current_run is not None else None
+    earlier = failure_of_another_rank(current_run) if current_run is not None else None
+    if earlier is not None and (not isinstance(error, USER_ERRORS) or interrupted_by_another_rank(error)):
+        if rank == 0:
+            print(earlier["line"], file=sys.stderr)
+        sys.exit(earlier["status"])
+    if isinstance(error, USER_ERRORS):
+        print(failure_line(subcommand, error, rank)[0], file=sys.stderr)
+        if current_run is not None and not current_run.is_launcher:
+            wait_for_launcher_exit(current_run)
+        sys.exit(USER_ERROR_STATUS)
+

@@ -1,0 +1,5 @@
+"""Exit statuses of the `diffstyler` command (a module of their own: `main` needs them before it
+imports torch, and the parts that import torch need them too)."""
+
+JOBS_FAILED_STATUS = 1  # some jobs of a predict run failed (each recorded in results.jsonl); the rest are done
+USER_ERROR_STATUS = 2  # an error in the user's input or environment, as argparse uses for a bad command line
