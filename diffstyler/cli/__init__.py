@@ -11,7 +11,9 @@ The parts:
 - `app`: `DiffStylerCLI` and `MODES` (each subcommand's LightningModule and DataModule; `main` picks
   the pair from the subcommand before building the parser), the shared trainer defaults;
 - `checks`: the config checks that run after parsing, before anything is instantiated;
-- `protocol`: protocol files (a section per subcommand; the subcommand gets only its section);
+- `config_files`: the `--config` files, read before the parser (missing files, YAML errors), and
+  protocol files (a section per subcommand; the subcommand gets only its section);
+- `parsing`: exact parsing (no abbreviations, single values as lists, unknown keys named);
 - `command_line`: the subcommand and `--debug`, read before any parser exists;
 - `reporting`: one-line errors and the first failure of a multi-process run; `status`: exit statuses.
 The loop of a fit over a folder (one LoRA per style image) is `diffstyler.lora_per_image`.
@@ -22,6 +24,11 @@ value is reported with its key, the `fit --ckpt_path` checkpoint read weights-on
 module (which reads its images) run before the model loads its weights in `configure_model`, so
 a bad input fails in seconds. The resolved config of a run is saved as `config.yaml` next to its
 TensorBoard logs.
+
+What needs no parser is checked first, before torch, lightning and diffusers are imported (seconds):
+the subcommand's name, and that each `--config` file exists and is YAML holding a mapping (with a
+protocol file's section). Unknown keys and bad values need the parser, which is built from the
+classes' signatures, hence after those imports.
 
 Errors in the user's input or environment (`reporting.USER_ERRORS`) are printed as one line,
 `diffstyler <subcommand>: error: <what> (<file or key>): <why>`, with exit status 2 (as argparse
@@ -34,11 +41,10 @@ import os
 import sys
 from typing import Optional
 
-from diffstyler.cli.app import MODES, DiffStylerCLI
 from diffstyler.cli.command_line import DEBUG_VARIABLE, find_subcommand, split_debug_flag
-from diffstyler.cli.protocol import protocol_stage
-from diffstyler.cli.reporting import exit_for
+from diffstyler.cli.config_files import config_sources, protocol_stage
 from diffstyler.cli.status import JOBS_FAILED_STATUS, USER_ERROR_STATUS
+from diffstyler.errors import UserError
 
 __all__ = ["JOBS_FAILED_STATUS", "USER_ERROR_STATUS", "main", "protocol_stage"]
 
@@ -48,22 +54,26 @@ def main(args: Optional[list[str]] = None) -> None:
 
     A user error ends the process with one line on stderr and status 2; with --debug it is raised.
     """
-    if args is None:
-        # LightningCLI reads sys.argv itself, and DDP relaunches sys.argv for the other ranks.
-        debug, sys.argv[1:] = split_debug_flag(sys.argv[1:])
-    else:
-        debug, args = split_debug_flag(list(args))
+    from_console = args is None
+    debug, args = split_debug_flag(sys.argv[1:] if from_console else list(args))
     if debug:
         os.environ[DEBUG_VARIABLE] = "1"  # for the ranks that DDP starts
-    subcommand = find_subcommand(sys.argv[1:] if args is None else args)
-    model_class, datamodule_class = MODES[subcommand]
+    subcommand = None
     try:
-        if args is None:
-            sys.argv[1:] = protocol_stage(sys.argv[1:], subcommand)
-        else:
-            args = protocol_stage(args, subcommand)
-        DiffStylerCLI(model_class, datamodule_class, subcommand=subcommand, args=args)
-    except Exception as error:  # not BaseException: Ctrl-C and sys.exit keep their meaning
-        if not debug:
-            exit_for(subcommand, error)
-        raise
+        subcommand = find_subcommand(args)
+        sources = config_sources(args, subcommand)
+        args = protocol_stage(args, subcommand)
+    except UserError as error:
+        if debug:
+            raise
+        program = f"diffstyler {subcommand}" if subcommand else "diffstyler"
+        print(f"{program}: error: {error.line()}", file=sys.stderr)
+        sys.exit(USER_ERROR_STATUS)
+    if from_console:
+        # LightningCLI reads sys.argv itself, and DDP relaunches sys.argv for the other ranks.
+        sys.argv[1:], args = args, None
+    # Imported only now: torch, lightning and diffusers take seconds to import, and the errors
+    # above need none of them.
+    from diffstyler.cli.app import run_subcommand
+
+    run_subcommand(subcommand, args, sources, debug)

@@ -1,20 +1,28 @@
-"""`DiffStylerCLI`: LightningCLI with the subcommands of `MODES` and the project's shared defaults."""
+"""`DiffStylerCLI`: LightningCLI with the subcommands of `MODES` and the project's shared defaults,
+and `run_subcommand`, which runs it and turns its errors into one line and an exit status.
+
+- Without a logger (`--trainer.logger false`) the run's own files, which Lightning would write into
+  the working folder (the resolved config; fit's checkpoints), go next to its outputs.
+"""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional, Sequence
 
+from jsonargparse import ArgumentError
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from diffstyler.callbacks.first_failure import ReportFirstFailure
 from diffstyler.callbacks.progress import JobProgressBar
-from diffstyler.cli.checks import check_inputs
+from diffstyler.cli.checks import check_fit_steps, check_inputs
 from diffstyler.cli.command_line import DEFAULT_SUBCOMMAND, SUBCOMMANDS
-from diffstyler.cli.reporting import failure_line
+from diffstyler.cli.config_files import ConfigSource
+from diffstyler.cli.parsing import PARSER_SETTINGS, accept_single_values_as_lists, parse_error
+from diffstyler.cli.reporting import exit_for, failure_line
 from diffstyler.cli.status import JOBS_FAILED_STATUS
 from diffstyler.data import StyleDataModule, StylizeDataModule
 from diffstyler.evaluation.data import EvaluationDataModule
@@ -36,12 +44,20 @@ assert tuple(MODES) == SUBCOMMANDS, "command_line.SUBCOMMANDS must name the subc
 LOG_DIR = "outputs/logs"
 DESCRIPTION = "DiffStyler: learn style LoRAs on Stable Diffusion 2.1-base and stylize image regions with them."
 MAX_FAILURES_SHOWN = 20
+# Each subcommand's output folder (of its instantiated LightningModule).
+OUTPUT_FOLDERS: dict[str, Callable[[Any], str]] = {
+    "fit": lambda model: model.output_dir,  # the LoRA
+    "predict": lambda model: model.output.folder,  # the stylized images
+    "test": lambda model: model.output,  # the reports
+}
 
 
 class DiffStylerCLI(LightningCLI):
     """LightningCLI with the subcommands of `MODES` and the project's shared defaults:
     a TensorBoardLogger under `outputs/logs/<subcommand>`, `seed_everything` 0, the resolved config
-    saved (overwriting) next to the logs, and each module's own optimizer (no `--optimizer`)."""
+    saved (overwriting) next to the logs, each module's own optimizer (no `--optimizer`), and the
+    parsing rules of `diffstyler.cli.parsing`. `config_sources` are the `--config` files as read
+    by `main`, to name the file of an unknown key."""
 
     def __init__(
         self,
@@ -49,17 +65,25 @@ class DiffStylerCLI(LightningCLI):
         datamodule_class: type[LightningDataModule],
         subcommand: str = DEFAULT_SUBCOMMAND,
         args: ArgsType = None,
+        config_sources: Sequence[ConfigSource] = (),
         **kwargs: Any,
     ) -> None:
+        self.config_sources = config_sources
+        self.subcommand_name = subcommand  # LightningCLI sets `self.subcommand` only after parsing
         kwargs.setdefault("trainer_defaults", shared_trainer_defaults(subcommand))
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
-        # exit_on_error off: jsonargparse raises ArgumentError, which `main` prints as one line.
-        kwargs.setdefault("parser_kwargs", {"description": DESCRIPTION, "exit_on_error": False})
+        # jsonargparse gives each subcommand's parser the main parser's exit_on_error and allow_abbrev.
+        kwargs.setdefault("parser_kwargs", {"prog": "diffstyler", "description": DESCRIPTION, **PARSER_SETTINGS})
         super().__init__(model_class, datamodule_class, args=args, **kwargs)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer_config = self.config[self.subcommand].trainer
+        if not trainer_config.get("logger") and trainer_config.get("default_root_dir") is None:
+            # Without a logger, Lightning writes the run's own files (the resolved config, fit's
+            # checkpoints) into default_root_dir, the working folder: they go next to the outputs.
+            kwargs.setdefault("default_root_dir", OUTPUT_FOLDERS[self.subcommand](self.model))
         trainer = super().instantiate_trainer(**kwargs)
         subcommand = self.subcommand
         trainer.callbacks.append(ReportFirstFailure(lambda error, rank: failure_line(subcommand, error, rank)))
@@ -105,12 +129,23 @@ class DiffStylerCLI(LightningCLI):
                   f"FID {entry['fid']:.2f}, ArtFID {entry['artfid']:.2f}, CFSD {entry['cfsd']:.4f}", file=sys.stderr)
         print(f"diffstyler test: reports in {Path(self.model.output) / METRICS_NAME} (and the CSV and PNG beside it)", file=sys.stderr)
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Called for each subcommand's parser, once it has the trainer's, model's and data's keys.
+        accept_single_values_as_lists(parser)
+
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         # Runs before LightningCLI reads the checkpoint's hyper-parameters and instantiates anything.
-        super().parse_arguments(parser, args)
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as error:
+            # LightningCLI keeps the subcommands' parsers in `_subcommand_parsers` (lightning 2.6).
+            subcommand_parser = self._subcommand_parsers[self.subcommand_name]
+            raise parse_error(error, subcommand_parser, self.config_sources, sys.argv[1:] if args is None else args) from error
         subcommand = self.config.get("subcommand")
         if subcommand is not None:
             check_inputs(self.config[subcommand], *MODES[subcommand])
+        if subcommand == "fit":
+            check_fit_steps(self.config.fit.trainer)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -147,3 +182,17 @@ def shared_trainer_defaults(subcommand: str) -> dict[str, Any]:
         },
         **PAPER_TRAINER_DEFAULTS[subcommand],
     }
+
+
+# --- running a subcommand ------------------------------------------------------------------------
+
+def run_subcommand(subcommand: str, args: Optional[list[str]], sources: Sequence[ConfigSource], debug: bool) -> None:
+    """The subcommand run by `DiffStylerCLI` (`args` None: from sys.argv). A user error ends the
+    process with one line on stderr and status 2; with `debug` it is raised."""
+    model_class, datamodule_class = MODES[subcommand]
+    try:
+        DiffStylerCLI(model_class, datamodule_class, subcommand=subcommand, args=args, config_sources=sources)
+    except Exception as error:  # not BaseException: Ctrl-C and sys.exit keep their meaning
+        if not debug:
+            exit_for(subcommand, error)
+        raise

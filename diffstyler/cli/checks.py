@@ -26,6 +26,14 @@ def check_inputs(config: Namespace, model_class: type, datamodule_class: type) -
         config.weights_only = True
 
 
+def check_fit_steps(trainer: Namespace) -> None:
+    """A fit trains `trainer.max_steps` LoRA steps: 0 would export an untrained LoRA, and -1
+    (Lightning's "no limit") would train until `max_epochs`, 1000 by default (one step per epoch)."""
+    max_steps = trainer.get("max_steps")
+    if max_steps is not None and max_steps < 1:
+        raise config_error("trainer.max_steps", f"must be >= 1 (the LoRA's training steps), got {max_steps}")
+
+
 def check_dataclass_values(values: Optional[Namespace], component: type, group: str) -> None:
     """Build every dataclass argument of `component` from `values` once, naming the key that fails.
 

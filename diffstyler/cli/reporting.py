@@ -1,5 +1,5 @@
-"""One-line errors and exit statuses of the `diffstyler` command, and the first failure of a
-multi-process run (see `diffstyler.callbacks.first_failure`)."""
+"""The lines the `diffstyler` command ends with: one line per user error, and the first failure of
+a multi-process run (see `diffstyler.callbacks.first_failure`). The exit statuses are in `status`."""
 
 from __future__ import annotations
 
