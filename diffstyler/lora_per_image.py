@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from jsonargparse import Namespace
 from lightning.pytorch import Trainer, seed_everything
 
+from diffstyler.callbacks.interrupt import SaveOnInterrupt, fit_until_interrupted
 from diffstyler.errors import UserError, config_error
 from diffstyler.lora import LORA_INFO_NAME, LORA_WEIGHTS_NAME
 
@@ -81,8 +82,13 @@ def fit_one_lora_per_image(cli: DiffStylerCLI, ckpt_path: Optional[str]) -> None
         if seed is not False and seed is not None:
             seed_everything(seed, workers=True, verbose=False)
         cli.instantiate_classes()  # LightningCLI's own: data module, model and trainer from cli.config
+        # Stopped by a signal, a rerun continues (the finished LoRAs are skipped); --ckpt_path is
+        # refused in this mode, so a checkpoint of the image's fit would be of no use.
+        for callback in cli.trainer.callbacks:
+            if isinstance(callback, SaveOnInterrupt):
+                callback.save_checkpoint = False
         gc.collect()  # the previous image's model (trainer and module refer to each other) before this one loads
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        fit_until_interrupted(cli.trainer, cli.model, datamodule=cli.datamodule)
     cli.config = whole_config
     if todo:
         print(f"diffstyler fit: {len(todo)} LoRA{'' if len(todo) == 1 else 's'} trained, "

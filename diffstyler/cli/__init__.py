@@ -15,7 +15,8 @@ The parts:
   protocol files (a section per subcommand; the subcommand gets only its section);
 - `parsing`: exact parsing (no abbreviations, single values as lists, unknown keys named);
 - `command_line`: the subcommand and `--debug`, read before any parser exists;
-- `reporting`: one-line errors and the first failure of a multi-process run; `status`: exit statuses.
+- `reporting`: one-line errors, the first failure of a multi-process run, the resume line of an
+  interrupted fit; `status`: exit statuses.
 The loop of a fit over a folder (one LoRA per style image) is `diffstyler.lora_per_image`.
 
 Order of work (LightningCLI in lightning 2.6): parse → check → seed → instantiate data and model →
@@ -32,18 +33,20 @@ classes' signatures, hence after those imports.
 
 Errors in the user's input or environment (`reporting.USER_ERRORS`) are printed as one line,
 `diffstyler <subcommand>: error: <what> (<file or key>): <why>`, with exit status 2 (as argparse
-uses for a bad command line); `--debug` or DIFFSTYLER_DEBUG=1 shows the traceback instead.
+uses for a bad command line); `--debug` or DIFFSTYLER_DEBUG=1 shows the traceback instead. A fit
+stopped by Ctrl-C or SIGTERM ends with the command that resumes it and status 130 / 143.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Optional
 
 from diffstyler.cli.command_line import DEBUG_VARIABLE, find_subcommand, split_debug_flag
 from diffstyler.cli.config_files import config_sources, protocol_stage
-from diffstyler.cli.status import JOBS_FAILED_STATUS, USER_ERROR_STATUS
+from diffstyler.cli.status import JOBS_FAILED_STATUS, USER_ERROR_STATUS, interrupted_status
 from diffstyler.errors import UserError
 
 __all__ = ["JOBS_FAILED_STATUS", "USER_ERROR_STATUS", "main", "protocol_stage"]
@@ -55,7 +58,8 @@ def main(args: Optional[list[str]] = None) -> None:
     A user error ends the process with one line on stderr and status 2; with --debug it is raised.
     """
     from_console = args is None
-    debug, args = split_debug_flag(sys.argv[1:] if from_console else list(args))
+    command = sys.argv[1:] if from_console else list(args)  # as given: what a resume line repeats
+    debug, args = split_debug_flag(command)
     if debug:
         os.environ[DEBUG_VARIABLE] = "1"  # for the ranks that DDP starts
     subcommand = None
@@ -72,8 +76,14 @@ def main(args: Optional[list[str]] = None) -> None:
     if from_console:
         # LightningCLI reads sys.argv itself, and DDP relaunches sys.argv for the other ranks.
         sys.argv[1:], args = args, None
-    # Imported only now: torch, lightning and diffusers take seconds to import, and the errors
-    # above need none of them.
-    from diffstyler.cli.app import run_subcommand
+    try:
+        # Imported only now: torch, lightning and diffusers take seconds to import, and the errors
+        # above need none of them.
+        from diffstyler.cli.app import run_subcommand
 
-    run_subcommand(subcommand, args, sources, debug)
+        run_subcommand(subcommand, args, sources, command, debug)
+    except KeyboardInterrupt:  # Ctrl-C before a fit's own handling starts (imports, parsing, reading the data)
+        if debug:
+            raise
+        print(f"diffstyler {subcommand}: interrupted", file=sys.stderr)
+        sys.exit(interrupted_status(signal.SIGINT))

@@ -3,6 +3,8 @@ and `run_subcommand`, which runs it and turns its errors into one line and an ex
 
 - Without a logger (`--trainer.logger false`) the run's own files, which Lightning would write into
   the working folder (the resolved config; fit's checkpoints), go next to its outputs.
+- A fit stopped by Ctrl-C or SIGTERM saves a checkpoint of its last completed step
+  (`diffstyler.callbacks.interrupt`) and ends with the command that resumes it, status 130 / 143.
 """
 
 from __future__ import annotations
@@ -15,15 +17,17 @@ from jsonargparse import ArgumentError
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from diffstyler.callbacks.first_failure import ReportFirstFailure
+from diffstyler.callbacks.interrupt import FitInterrupted, SaveOnInterrupt, fit_until_interrupted
 from diffstyler.callbacks.progress import JobProgressBar
 from diffstyler.cli.checks import check_fit_steps, check_inputs
 from diffstyler.cli.command_line import DEFAULT_SUBCOMMAND, SUBCOMMANDS
 from diffstyler.cli.config_files import ConfigSource
 from diffstyler.cli.parsing import PARSER_SETTINGS, accept_single_values_as_lists, parse_error
-from diffstyler.cli.reporting import exit_for, failure_line
-from diffstyler.cli.status import JOBS_FAILED_STATUS
+from diffstyler.cli.reporting import exit_for, failure_line, interrupted_line
+from diffstyler.cli.status import JOBS_FAILED_STATUS, interrupted_status
 from diffstyler.data import StyleDataModule, StylizeDataModule
 from diffstyler.evaluation.data import EvaluationDataModule
 from diffstyler.evaluation.evaluator import QualityEvaluator
@@ -87,16 +91,19 @@ class DiffStylerCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         subcommand = self.subcommand
         trainer.callbacks.append(ReportFirstFailure(lambda error, rank: failure_line(subcommand, error, rank)))
+        if subcommand == "fit":
+            trainer.callbacks.append(SaveOnInterrupt())
         if subcommand == "predict":
             count_jobs_in_progress_bar(trainer)
         return trainer
 
     def fit(self, **kwargs: Any) -> None:
-        """`trainer.fit`; with `data.one_lora_per_image`, one fresh fit per style image."""
+        """`trainer.fit`; with `data.one_lora_per_image`, one fresh fit per style image. Stopped by
+        SIGINT or SIGTERM (`SaveOnInterrupt`), it raises FitInterrupted."""
         if getattr(self.datamodule, "one_lora_per_image", False):
             fit_one_lora_per_image(self, kwargs.get("ckpt_path"))
         else:
-            self.trainer.fit(**kwargs)
+            fit_until_interrupted(self.trainer, **kwargs)
 
     def predict(self, **kwargs: Any) -> None:
         """`trainer.predict`, keeping no per-job results in memory unless `--return_predictions true`:
@@ -186,13 +193,20 @@ def shared_trainer_defaults(subcommand: str) -> dict[str, Any]:
 
 # --- running a subcommand ------------------------------------------------------------------------
 
-def run_subcommand(subcommand: str, args: Optional[list[str]], sources: Sequence[ConfigSource], debug: bool) -> None:
+def run_subcommand(subcommand: str, args: Optional[list[str]], sources: Sequence[ConfigSource], command: list[str],
+                   debug: bool) -> None:
     """The subcommand run by `DiffStylerCLI` (`args` None: from sys.argv). A user error ends the
-    process with one line on stderr and status 2; with `debug` it is raised."""
+    process with one line on stderr and status 2; with `debug` it is raised. A fit stopped by a
+    signal ends it with the line that continues it (`command`: the arguments as the user gave
+    them) and status 128 + the signal."""
     model_class, datamodule_class = MODES[subcommand]
     try:
         DiffStylerCLI(model_class, datamodule_class, subcommand=subcommand, args=args, config_sources=sources)
-    except Exception as error:  # not BaseException: Ctrl-C and sys.exit keep their meaning
+    except FitInterrupted as stop:
+        if rank_zero_only.rank == 0:
+            print(interrupted_line(stop.interruption, command), file=sys.stderr)
+        sys.exit(interrupted_status(stop.interruption.signum))
+    except Exception as error:  # not BaseException: sys.exit keeps its meaning
         if not debug:
             exit_for(subcommand, error)
         raise

@@ -1,9 +1,12 @@
-"""The lines the `diffstyler` command ends with: one line per user error, and the first failure of
-a multi-process run (see `diffstyler.callbacks.first_failure`). The exit statuses are in `status`."""
+"""The lines the `diffstyler` command ends with: one line per user error, the first failure of a
+multi-process run (see `diffstyler.callbacks.first_failure`), and the resume command of an
+interrupted fit. The exit statuses are in `status`."""
 
 from __future__ import annotations
 
 import re
+import shlex
+import signal
 import sys
 from typing import Optional
 
@@ -11,6 +14,7 @@ from jsonargparse import ArgumentError
 
 from diffstyler.callbacks import first_failure
 from diffstyler.callbacks.first_failure import AnotherRankFailed, failure_of_another_rank, wait_for_launcher_exit
+from diffstyler.callbacks.interrupt import Interruption
 from diffstyler.cli.status import USER_ERROR_STATUS
 from diffstyler.errors import UserError, config_error, first_line
 from diffstyler.images import ImageLoadError
@@ -79,3 +83,33 @@ def exit_for(subcommand: str, error: BaseException) -> None:
             wait_for_launcher_exit(current_run)
         sys.exit(USER_ERROR_STATUS)
 
+
+# --- an interrupted fit -----------------------------------------------------------------------------
+
+def interrupted_line(interruption: Interruption, command: list[str]) -> str:
+    """The line for a fit stopped by a signal, with the command that continues it: `command` (the
+    arguments as given, without the program) plus `--ckpt_path` of the checkpoint it saved."""
+    stopped = f"diffstyler fit: interrupted by {signal.Signals(interruption.signum).name}"
+    stopped += f" after step {interruption.step}" if interruption.step > 0 else " before its first step"
+    if interruption.checkpoint is not None:
+        return f"{stopped}; resume with: {shell_command(with_checkpoint(command, str(interruption.checkpoint)))}"
+    if not interruption.resumable:
+        return f"{stopped}; the LoRAs already trained are kept, continue with: {shell_command(command)}"
+    return f"{stopped}; no checkpoint of it was saved, start again with: {shell_command(command)}"
+
+
+def with_checkpoint(command: list[str], checkpoint: str) -> list[str]:
+    """`command` with `--ckpt_path checkpoint` in place of any `--ckpt_path` it had."""
+    kept, skip = [], False
+    for arg in command:
+        if skip:
+            skip = False
+        elif arg == "--ckpt_path":
+            skip = True
+        elif not arg.startswith("--ckpt_path="):
+            kept.append(arg)
+    return [*kept, "--ckpt_path", checkpoint]
+
+
+def shell_command(args: list[str]) -> str:
+    return shlex.join(["diffstyler", *args])
