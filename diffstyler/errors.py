@@ -6,7 +6,7 @@ prints it as one line,
     diffstyler <subcommand>: error: <what> (<where>): <why>
 
 exits with status 2, and shows the traceback only with `--debug` (or DIFFSTYLER_DEBUG=1); see
-`diffstyler.cli.USER_ERRORS` for the older exception types it treats the same way. Raise it (or a subclass)
+`diffstyler.cli.reporting.USER_ERRORS` for the older exception types it treats the same way. Raise it (or a subclass)
 for every error caused by the user's input or environment; anything else is a bug and keeps its
 traceback.
 """

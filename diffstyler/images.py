@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from diffstyler.errors import UserError
+from diffstyler.errors import MissingFileError, UserError
 
 LATENT_FACTOR = 8  # VAE downsampling factor of Stable Diffusion
 
@@ -55,12 +55,12 @@ def max_image_pixels() -> int:
 def open_image_file(path: str | os.PathLike) -> Image.Image:
     """The decoded image at `path` as stored (mode and orientation untouched).
 
-    Raises FileNotFoundError for a missing file and ImageLoadError for anything Pillow cannot
+    Raises MissingFileError (a FileNotFoundError too) for a missing file and ImageLoadError for anything Pillow cannot
     decode and for images of more than `max_image_pixels()` pixels; all messages name the file.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {path}")
+        raise MissingFileError("image file not found", str(path))
     limit = max_image_pixels()
     pillow_limit = Image.MAX_IMAGE_PIXELS
     try:
@@ -94,7 +94,7 @@ def check_image_header(path: str | os.PathLike) -> None:
     is checked when the image is decoded, by `open_image_file`."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {path}")
+        raise MissingFileError("image file not found", str(path))
     pillow_limit = Image.MAX_IMAGE_PIXELS
     try:
         Image.MAX_IMAGE_PIXELS = None
@@ -162,6 +162,8 @@ def sha256_file(path: str | os.PathLike) -> str:
     Remembered per (path, size, modification time): every job hashes its content and each LoRA
     for its settings, and community LoRAs weigh hundreds of MB. A rewritten file is hashed again.
     """
+    if not os.path.isfile(path):
+        raise MissingFileError("file not found", str(path))
     status = os.stat(path)
     return _sha256_of(os.path.realpath(path), status.st_size, status.st_mtime_ns)
 

@@ -37,10 +37,10 @@ from diffstyler.sampling import ddim_schedule
 from diffstyler.stylize import DenoiseJob, SamplingConfig, StepCallback, StyleRows, denoise_jobs
 from diffstyler.sweep import SweepConfig, ablation_grid
 
-# What fails one job (its input: an unreadable image, an empty mask, a LoRA that does not fit,
-# non-finite latents) and, with data.on_error "continue", not the run. Anything else is a bug or
-# the machine's (out of memory) and stops the run.
-JOB_ERRORS = (UserError, FileNotFoundError)
+# What fails one job (a user error about its input: an unreadable image, an empty mask, a LoRA that
+# does not fit, non-finite latents) and, with data.on_error "continue", not the run. Anything else
+# is a bug or the machine's (out of memory) and stops the run.
+JOB_ERRORS = (UserError,)
 
 
 @dataclass

@@ -10,6 +10,8 @@ os.environ["YOLO_OFFLINE"] = "1"  # ultralytics: no DNS look-ups at import
 from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
 
+import lightning.pytorch  # noqa: E402, F401  (its log handler takes sys.stderr when imported: before any test captures it;
+#                                        `diffstyler.cli.main` imports lightning only when a command gets that far)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from diffusers import StableDiffusionPipeline  # noqa: E402

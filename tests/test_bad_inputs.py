@@ -1,9 +1,10 @@
 """The catalogue of bad inputs: one row per case, each run through `diffstyler.cli.main` in-process.
 
 Every row asserts what the README's "Bad input" table promises: exit status 2, one line
-`diffstyler <cmd>: error: ...` on stderr naming the file or config key and no traceback, no
-model loaded when the check needs none, and no file left in the output folder. Two cases run as
-real subprocesses to check the console output itself (one of them on two DDP processes).
+`diffstyler <cmd>: error: ...` (`diffstyler: error: ...` for a bad subcommand) on stderr naming the
+file or config key and no traceback, no model loaded when the check needs none, and no file left
+in the output folder. Two cases run as real subprocesses to check the console output itself (one
+of them on two DDP processes).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from safetensors.torch import save_file
 import diffstyler.checks
 import diffstyler.models
 from diffstyler.cli import main
+from diffstyler.cli.command_line import SUBCOMMANDS
 from diffstyler.images import sha256_file
 from tests.helpers import write_random_lora
 
@@ -69,6 +71,14 @@ class BadFiles:
             write_random_lora(self.lora_collection / name, seed=4)
         self.protocol_without_fit = folder / "protocol.yaml"
         self.protocol_without_fit.write_text("predict:\n  data:\n    content: [x.png]\ntest:\n  data:\n    results: [out]\n")
+        self.protocol_with_a_typo = folder / "protocol_typo.yaml"
+        self.protocol_with_a_typo.write_text("fit:\n  trainer:\n    max_stepz: 3\npredict:\n  data:\n    content: [x.png]\n")
+        self.config_with_a_typo = folder / "typo.yaml"
+        self.config_with_a_typo.write_text("model:\n  sampling:\n    stepz: 3\n")
+        self.config_not_yaml = folder / "broken.yaml"
+        self.config_not_yaml.write_text("model:\n  sampling: [3,\n")
+        self.config_not_a_mapping = folder / "list.yaml"
+        self.config_not_a_mapping.write_text("- model\n- data\n")
 
     @staticmethod
     def write(path: Path, data: bytes) -> Path:
@@ -154,7 +164,30 @@ ROWS = [
     Row("fit_resolution_not_multiple_of_8", lambda t, b: fit_args(t, "--data.resolution", "60"), ["data.resolution"]),
     Row("bad_dtype", lambda t, b: predict_args(t, b.lora, "--model.model.dtype", "float64"), ["model.model", "dtype"]),
     Row("lora_rank_below_1", lambda t, b: fit_args(t, "--model.lora.rank", "0"), ["model.lora.rank"]),
-    Row("unknown_option", lambda t, b: predict_args(t, b.lora, "--model.sampling.stepz", "3"), ["stepz"]),
+    Row("max_steps_below_1", lambda t, b: fit_args(t, "--trainer.max_steps", "0"), ["trainer.max_steps", ">= 1"]),
+    # keys: exact, named with their option or file and the nearest known key
+    Row("unknown_option", lambda t, b: predict_args(t, b.lora, "--model.sampling.stepz", "3"),
+        ["unknown option (--model.sampling.stepz)", "did you mean --model.sampling.steps?"]),
+    Row("abbreviated_option", lambda t, b: predict_args(t, b.lora, "--model.sampling.step", "20"),
+        ["unknown option (--model.sampling.step)", "did you mean --model.sampling.steps?"]),
+    Row("abbreviated_trainer_option", lambda t, b: fit_args(t, "--trainer.max_step", "20"),
+        ["unknown option (--trainer.max_step)", "did you mean --trainer.max_steps?"]),
+    Row("unknown_key_in_a_config_file", lambda t, b: predict_args(t, b.lora, "--config", str(b.config_with_a_typo)),
+        ["unknown config key (model.sampling.stepz in /", "typo.yaml)", "did you mean model.sampling.steps?"]),
+    Row("unknown_key_in_a_protocol_section", lambda t, b: ["fit", "--config", str(b.protocol_with_a_typo)],
+        ["trainer.max_stepz in", "protocol_typo.yaml (fit section)", "did you mean trainer.max_steps?"]),
+    Row("unknown_key_in_a_style_entry", lambda t, b: predict_args(t, b.lora, "--data.styles", json.dumps([{"lroa": str(b.lora)}])),
+        ["unknown config key (data.styles[].lroa)", "did you mean lora?"]),
+    Row("style_value_of_the_wrong_type", lambda t, b: predict_args(t, b.lora, "--data.styles", json.dumps(
+        [{"lora": str(b.lora), "scale": "big"}])), ["invalid config value (data.styles[].scale)", "expected float, got big"]),
+    Row("single_value_of_the_wrong_type", lambda t, b: predict_args(t, b.lora, "--model.injection.feature_layers", "abc"),
+        ["model.injection.feature_layers", "expected int, got abc"]),
+    Row("unknown_subcommand", lambda t, b: ["predcit", "--config", STYLIZE_CONFIG], ["unknown subcommand 'predcit'", "did you mean predict?"]),
+    # config files
+    Row("config_file_missing", lambda t, b: predict_args(t, b.lora, "--config", str(t / "nope.yaml")), ["config file not found", "nope.yaml"]),
+    Row("config_file_not_yaml", lambda t, b: predict_args(t, b.lora, "--config", str(b.config_not_yaml)),
+        ["config file is not valid YAML", "broken.yaml:3"]),
+    Row("config_file_not_a_mapping", lambda t, b: fit_args(t, "--config", str(b.config_not_a_mapping)), ["list.yaml", "mapping"]),
     Row("mask_with_two_sources", lambda t, b: masked_predict_args(t, b, {"box": [1, 2], "file": "y.png"}), ["data.styles[0].mask"]),
     Row("mask_without_source", lambda t, b: masked_predict_args(t, b, {"grow": 1}), ["data.styles[0].mask"]),
     Row("box_of_three_numbers", lambda t, b: masked_predict_args(t, b, {"box": [1, 2, 3]}), ["data.styles[0].mask", "box"]),
@@ -232,7 +265,8 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
 
 
 def error_lines(stderr: str, subcommand: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith(f"diffstyler {subcommand}: error: ")]
+    command = f"diffstyler {subcommand}" if subcommand in SUBCOMMANDS else "diffstyler"
+    return [line for line in stderr.splitlines() if line.startswith(f"{command}: error: ")]
 
 
 def files_under(folder: Path) -> list[Path]:

@@ -8,7 +8,7 @@ or Lightning's process observer kills rank 0 when a child exits with an error. S
   break), and a child rank then interrupts the launcher (rank 0 of the node) with SIGUSR1 and
   stays alive, so that the observer does not kill the launcher, until the launcher has exited;
 - a rank whose error is not a user error but follows another rank's report shows that report
-  instead (`diffstyler.cli.exit_for`): rank 0 prints its line last and exits with its status; the
+  instead (`diffstyler.cli.reporting.exit_for`): rank 0 prints its line last and exits with its status; the
   others exit quietly.
 """
 

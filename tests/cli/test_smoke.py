@@ -141,7 +141,7 @@ def test_a_file_read_interrupted_by_another_ranks_failure_is_not_reported_as_a_b
     LoRA read, the read's handler wraps it as "LoRA file unreadable". Catches that line shown in
     place of the rank that really failed."""
     from diffstyler.callbacks.first_failure import AnotherRankFailed
-    from diffstyler.cli import interrupted_by_another_rank
+    from diffstyler.cli.reporting import interrupted_by_another_rank
     from diffstyler.errors import UserError
 
     try:
@@ -152,3 +152,19 @@ def test_a_file_read_interrupted_by_another_ranks_failure_is_not_reported_as_a_b
     except UserError as wrapped:
         assert interrupted_by_another_rank(wrapped)
     assert not interrupted_by_another_rank(UserError("LoRA file unreadable", "x.safetensors", "truncated"))
+
+
+@pytest.mark.slow
+def test_fit_without_a_logger_writes_nothing_into_the_working_folder(tmp_path, repo_root, monkeypatch, style_image):
+    """`--trainer.logger false`: Lightning would write the resolved config and the checkpoints into
+    its default_root_dir, the working folder. Catches them written there, and not next to the LoRA."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(sys, "argv", ["diffstyler"])
+    main(["fit", "--config", str(repo_root / "configs/smoke/style.yaml"), "--data.images", str(style_image),
+          "--trainer.logger", "false", "--model.output_dir", str(tmp_path / "lora"), "--trainer.enable_progress_bar", "false"])
+    assert list(work.iterdir()) == []
+    assert_exported(tmp_path / "lora")
+    assert (tmp_path / "lora" / "config.yaml").is_file()
+    assert sorted(path.name for path in (tmp_path / "lora" / "checkpoints").iterdir()) == ["step=2.ckpt", "step=4.ckpt"]

@@ -1,0 +1,213 @@
+"""`DiffStylerCLI`: LightningCLI with the subcommands of `MODES` and the project's shared defaults,
+and `run_subcommand`, which runs it and turns its errors into one line and an exit status.
+
+- Without a logger (`--trainer.logger false`) the run's own files, which Lightning would write into
+  the working folder (the resolved config; fit's checkpoints), go next to its outputs.
+- A fit stopped by Ctrl-C or SIGTERM saves a checkpoint of its last completed step
+  (`diffstyler.callbacks.interrupt`) and ends with the command that resumes it, status 130 / 143.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from jsonargparse import ArgumentError
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from diffstyler.callbacks.first_failure import ReportFirstFailure
+from diffstyler.callbacks.interrupt import FitInterrupted, SaveOnInterrupt, fit_until_interrupted
+from diffstyler.callbacks.progress import JobProgressBar
+from diffstyler.cli.checks import check_fit_steps, check_inputs
+from diffstyler.cli.command_line import DEFAULT_SUBCOMMAND, SUBCOMMANDS
+from diffstyler.cli.config_files import ConfigSource
+from diffstyler.cli.parsing import PARSER_SETTINGS, accept_single_values_as_lists, parse_error
+from diffstyler.cli.reporting import exit_for, failure_line, interrupted_line
+from diffstyler.cli.status import JOBS_FAILED_STATUS, interrupted_status
+from diffstyler.data import StyleDataModule, StylizeDataModule
+from diffstyler.evaluation.data import EvaluationDataModule
+from diffstyler.evaluation.evaluator import QualityEvaluator
+from diffstyler.evaluation.report import METRICS_NAME
+from diffstyler.lora_per_image import fit_one_lora_per_image
+from diffstyler.predictor import StylizePredictor
+from diffstyler.results import DONE, FAILED, RESULTS_NAME, SKIPPED
+from diffstyler.training import StyleLoRAModule
+
+# subcommand -> (LightningModule class, LightningDataModule class). A new one is added here and its
+# name in `command_line.SUBCOMMANDS` (which `main` reads before importing this module).
+MODES: dict[str, tuple[type[LightningModule], type[LightningDataModule]]] = {
+    "fit": (StyleLoRAModule, StyleDataModule),
+    "predict": (StylizePredictor, StylizeDataModule),
+    "test": (QualityEvaluator, EvaluationDataModule),
+}
+assert tuple(MODES) == SUBCOMMANDS, "command_line.SUBCOMMANDS must name the subcommands of MODES, in order"
+LOG_DIR = "outputs/logs"
+DESCRIPTION = "DiffStyler: learn style LoRAs on Stable Diffusion 2.1-base and stylize image regions with them."
+MAX_FAILURES_SHOWN = 20
+# Each subcommand's output folder (of its instantiated LightningModule).
+OUTPUT_FOLDERS: dict[str, Callable[[Any], str]] = {
+    "fit": lambda model: model.output_dir,  # the LoRA
+    "predict": lambda model: model.output.folder,  # the stylized images
+    "test": lambda model: model.output,  # the reports
+}
+
+
+class DiffStylerCLI(LightningCLI):
+    """LightningCLI with the subcommands of `MODES` and the project's shared defaults:
+    a TensorBoardLogger under `outputs/logs/<subcommand>`, `seed_everything` 0, the resolved config
+    saved (overwriting) next to the logs, each module's own optimizer (no `--optimizer`), and the
+    parsing rules of `diffstyler.cli.parsing`. `config_sources` are the `--config` files as read
+    by `main`, to name the file of an unknown key."""
+
+    def __init__(
+        self,
+        model_class: type[LightningModule],
+        datamodule_class: type[LightningDataModule],
+        subcommand: str = DEFAULT_SUBCOMMAND,
+        args: ArgsType = None,
+        config_sources: Sequence[ConfigSource] = (),
+        **kwargs: Any,
+    ) -> None:
+        self.config_sources = config_sources
+        self.subcommand_name = subcommand  # LightningCLI sets `self.subcommand` only after parsing
+        kwargs.setdefault("trainer_defaults", shared_trainer_defaults(subcommand))
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("auto_configure_optimizers", False)
+        # jsonargparse gives each subcommand's parser the main parser's exit_on_error and allow_abbrev.
+        kwargs.setdefault("parser_kwargs", {"prog": "diffstyler", "description": DESCRIPTION, **PARSER_SETTINGS})
+        super().__init__(model_class, datamodule_class, args=args, **kwargs)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer_config = self.config[self.subcommand].trainer
+        if not trainer_config.get("logger") and trainer_config.get("default_root_dir") is None:
+            # Without a logger, Lightning writes the run's own files (the resolved config, fit's
+            # checkpoints) into default_root_dir, the working folder: they go next to the outputs.
+            kwargs.setdefault("default_root_dir", OUTPUT_FOLDERS[self.subcommand](self.model))
+        trainer = super().instantiate_trainer(**kwargs)
+        subcommand = self.subcommand
+        trainer.callbacks.append(ReportFirstFailure(lambda error, rank: failure_line(subcommand, error, rank)))
+        if subcommand == "fit":
+            trainer.callbacks.append(SaveOnInterrupt())
+        if subcommand == "predict":
+            count_jobs_in_progress_bar(trainer)
+        return trainer
+
+    def fit(self, **kwargs: Any) -> None:
+        """`trainer.fit`; with `data.one_lora_per_image`, one fresh fit per style image. Stopped by
+        SIGINT or SIGTERM (`SaveOnInterrupt`), it raises FitInterrupted."""
+        if getattr(self.datamodule, "one_lora_per_image", False):
+            fit_one_lora_per_image(self, kwargs.get("ckpt_path"))
+        else:
+            fit_until_interrupted(self.trainer, **kwargs)
+
+    def predict(self, **kwargs: Any) -> None:
+        """`trainer.predict`, keeping no per-job results in memory unless `--return_predictions true`:
+        they are in results.jsonl, and a 100k-job run would hold them all until the end."""
+        if kwargs.get("return_predictions") is None:
+            kwargs["return_predictions"] = False
+        self.trainer.predict(**kwargs)
+
+    def after_predict(self) -> None:
+        """The run's summary on rank zero; exit status 1 when a job failed (the others are done)."""
+        writer = self.model.writer
+        summary = writer.summary
+        if not summary:
+            return
+        folder = writer.folder
+        if self.trainer.is_global_zero:
+            for line in writer.failures[:MAX_FAILURES_SHOWN]:
+                print(f"diffstyler predict: job failed: {line}", file=sys.stderr)
+            print(summary_line(summary, folder / RESULTS_NAME), file=sys.stderr)
+        if summary[FAILED]:
+            sys.exit(JOBS_FAILED_STATUS)
+
+    def after_test(self) -> None:
+        """The scores on rank zero: how many results were scored, and the metrics."""
+        scores = getattr(self.model, "scores", None)
+        if not scores or not self.trainer.is_global_zero:
+            return
+        for name, entry in (scores.get("runs") or {"": scores}).items():
+            label = f" {name}:" if name else ""
+            print(f"diffstyler test:{label} scored {entry['count']} of {entry['listed']} results: LPIPS {entry['lpips']:.4f}, "
+                  f"FID {entry['fid']:.2f}, ArtFID {entry['artfid']:.2f}, CFSD {entry['cfsd']:.4f}", file=sys.stderr)
+        print(f"diffstyler test: reports in {Path(self.model.output) / METRICS_NAME} (and the CSV and PNG beside it)", file=sys.stderr)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Called for each subcommand's parser, once it has the trainer's, model's and data's keys.
+        accept_single_values_as_lists(parser)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        # Runs before LightningCLI reads the checkpoint's hyper-parameters and instantiates anything.
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as error:
+            # LightningCLI keeps the subcommands' parsers in `_subcommand_parsers` (lightning 2.6).
+            subcommand_parser = self._subcommand_parsers[self.subcommand_name]
+            raise parse_error(error, subcommand_parser, self.config_sources, sys.argv[1:] if args is None else args) from error
+        subcommand = self.config.get("subcommand")
+        if subcommand is not None:
+            check_inputs(self.config[subcommand], *MODES[subcommand])
+        if subcommand == "fit":
+            check_fit_steps(self.config.fit.trainer)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        lightning_subcommands = LightningCLI.subcommands()
+        return {name: lightning_subcommands[name] for name in MODES}
+
+
+# --- defaults and progress -------------------------------------------------------------------
+
+def count_jobs_in_progress_bar(trainer: Trainer) -> None:
+    """Lightning's own progress bar (tqdm, or rich where it is installed), if the trainer has one,
+    replaced by one that counts jobs; a progress bar the user configured is kept."""
+    for index, callback in enumerate(trainer.callbacks):
+        if type(callback) in (TQDMProgressBar, RichProgressBar):
+            trainer.callbacks[index] = JobProgressBar()
+
+
+def summary_line(summary: dict[str, int], results: Path) -> str:
+    total = sum(summary.values())
+    return (f"diffstyler predict: {total} job{'' if total == 1 else 's'}: {summary[DONE]} done, "
+            f"{summary[SKIPPED]} already done (skipped), {summary[FAILED]} failed; results in {results}")
+
+
+# Trainer defaults that make a run without --config follow the paper (section IV): 200 LoRA steps.
+# Without max_steps Lightning would fall back to max_epochs=1000, and an epoch is one step here.
+PAPER_TRAINER_DEFAULTS: dict[str, dict[str, Any]] = {"fit": {"max_steps": 200}, "predict": {}, "test": {}}
+
+
+def shared_trainer_defaults(subcommand: str) -> dict[str, Any]:
+    return {
+        "logger": {
+            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": LOG_DIR, "name": subcommand},
+        },
+        **PAPER_TRAINER_DEFAULTS[subcommand],
+    }
+
+
+# --- running a subcommand ------------------------------------------------------------------------
+
+def run_subcommand(subcommand: str, args: Optional[list[str]], sources: Sequence[ConfigSource], command: list[str],
+                   debug: bool) -> None:
+    """The subcommand run by `DiffStylerCLI` (`args` None: from sys.argv). A user error ends the
+    process with one line on stderr and status 2; with `debug` it is raised. A fit stopped by a
+    signal ends it with the line that continues it (`command`: the arguments as the user gave
+    them) and status 128 + the signal."""
+    model_class, datamodule_class = MODES[subcommand]
+    try:
+        DiffStylerCLI(model_class, datamodule_class, subcommand=subcommand, args=args, config_sources=sources)
+    except FitInterrupted as stop:
+        if rank_zero_only.rank == 0:
+            print(interrupted_line(stop.interruption, command), file=sys.stderr)
+        sys.exit(interrupted_status(stop.interruption.signum))
+    except Exception as error:  # not BaseException: sys.exit keeps its meaning
+        if not debug:
+            exit_for(subcommand, error)
+        raise
