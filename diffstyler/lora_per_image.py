@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from lightning.pytorch import Trainer, seed_everything
 
 from diffstyler.callbacks.interrupt import SaveOnInterrupt, fit_until_interrupted
 from diffstyler.errors import UserError, config_error
-from diffstyler.lora import LORA_INFO_NAME, LORA_WEIGHTS_NAME
+from diffstyler.lora import LORA_WEIGHTS_NAME, lora_info_path, read_lora_info
 
 if TYPE_CHECKING:
     from diffstyler.cli.app import DiffStylerCLI
@@ -135,10 +134,10 @@ def expected_record(recipe: dict[str, Any], steps: int, prompt: str, resolution:
 def already_trained(lora: ImageLoRA, expected: dict[str, Any]) -> bool:
     """True when `lora.folder` holds this image's LoRA with the expected recipe; False when there is
     no finished LoRA there (no info file, or no weights); UserError when there is a different one."""
-    info = lora.folder / LORA_INFO_NAME
-    if not info.is_file() or not (lora.folder / LORA_WEIGHTS_NAME).is_file():
+    info = lora_info_path(lora.folder)
+    recorded = read_lora_info(lora.folder) if (lora.folder / LORA_WEIGHTS_NAME).is_file() else None
+    if recorded is None:
         return False
-    recorded = read_record(info)
     images = [entry.get("sha256") for entry in recorded.get("style_images") or [] if isinstance(entry, dict)]
     if images != [lora.sha256]:
         raise UserError("a LoRA of another image is there", str(info),
@@ -152,16 +151,6 @@ def already_trained(lora: ImageLoRA, expected: dict[str, Any]) -> bool:
                         f"{f' (and {len(differing) - 1} more)' if len(differing) > 1 else ''}; "
                         "delete the folder to train it again, or choose another model.output_dir")
     return True
-
-
-def read_record(info: Path) -> dict[str, Any]:
-    try:
-        recorded = json.loads(info.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError("unreadable LoRA info file", str(info), f"{error}; delete the folder to train it again") from error
-    if not isinstance(recorded, dict):
-        raise UserError("unreadable LoRA info file", str(info), "not a JSON object; delete the folder to train it again")
-    return recorded
 
 
 def describe_images(recorded: dict[str, Any]) -> str:

@@ -29,6 +29,7 @@ from safetensors import safe_open
 from torchvision.utils import make_grid
 
 from diffstyler.errors import UserError
+from diffstyler.images import sha256_file
 
 PARAMETERS_KEY = "parameters"
 SETTINGS_KEY = "diffstyler"
@@ -155,7 +156,7 @@ SINGLE_FILE_CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
 def a1111_model_hash(path: str | os.PathLike) -> str:
     """A1111's `Model hash` of a single-file checkpoint: the sha256 of the whole file, 10 hex digits."""
-    return _sha256_of_file(path)[:A1111_MODEL_HASH_LENGTH]
+    return sha256_file(path)[:A1111_MODEL_HASH_LENGTH]
 
 
 def a1111_lora_hash(path: str | os.PathLike) -> str:
@@ -168,7 +169,7 @@ def a1111_lora_hash(path: str | os.PathLike) -> str:
     """
     path = Path(path)
     if path.suffix != ".safetensors":
-        return _sha256_of_file(path)[:A1111_LORA_HASH_LENGTH]
+        return sha256_file(path)[:A1111_LORA_HASH_LENGTH]
     with safe_open(str(path), framework="pt") as file:
         recorded = (file.metadata() or {}).get("sshs_model_hash")
     return (recorded or _sha256_after_header(path))[:A1111_LORA_HASH_LENGTH]
@@ -205,25 +206,18 @@ def _number(value: float) -> str:
     return str(int(value)) if value.is_integer() else repr(value)
 
 
-def _sha256_of_file(path: str | os.PathLike) -> str:
-    stat = os.stat(path)
-    return _cached_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, after_header=False)
-
-
 def _sha256_after_header(path: str | os.PathLike) -> str:
     stat = os.stat(path)
-    return _cached_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, after_header=True)
+    return _cached_sha256_after_header(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_sha256(path: str, size: int, mtime_ns: int, after_header: bool) -> str:
-    """Hashing a checkpoint takes seconds: once per file version (path, size, modification time),
-    as A1111 caches it."""
+def _cached_sha256_after_header(path: str, size: int, mtime_ns: int) -> str:
+    """Once per file version (path, size, modification time), as `images.sha256_file` for whole files."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        if after_header:
-            # a safetensors file starts with the header's length (8 bytes, little-endian), then the header
-            handle.seek(8 + int.from_bytes(handle.read(8), "little"))
+        # a safetensors file starts with the header's length (8 bytes, little-endian), then the header
+        handle.seek(8 + int.from_bytes(handle.read(8), "little"))
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

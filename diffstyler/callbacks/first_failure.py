@@ -5,7 +5,8 @@ closed by peer"), and rank 0, whose output the user reads last, would end with t
 or Lightning's process observer kills rank 0 when a child exits with an error. So:
 - each rank reports its own failure to a folder shared by the ranks of the run, in
   `on_exception` (before Lightning tears anything down, hence before the others' connections
-  break), and a child rank then interrupts the launcher (rank 0 of the node) with SIGUSR1 and
+  break), and a child rank then interrupts the launcher (rank 0 of the node) with SIGUSR2 (not SIGUSR1: SLURM's
+  requeue signal, which Lightning handles) and
   stays alive, so that the observer does not kill the launcher, until the launcher has exited;
 - a rank whose error is not a user error but follows another rank's report shows that report
   instead (`diffstyler.cli.reporting.exit_for`): rank 0 prints its line last and exits with its status; the
@@ -25,6 +26,8 @@ from typing import Any, Callable, NoReturn, Optional
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from diffstyler.outputs import atomic_write
+
 @dataclass
 class DistributedRun:
     rank: int  # this process's global rank
@@ -37,7 +40,7 @@ class DistributedRun:
 
 
 class AnotherRankFailed(RuntimeError):
-    """Raised in the launcher when a child rank has reported its failure (SIGUSR1)."""
+    """Raised in the launcher when a child rank has reported its failure (SIGUSR2)."""
 
 
 def raise_another_rank_failed(signum: int, frame: Any) -> NoReturn:
@@ -59,10 +62,8 @@ def failure_reports_folder(launcher_pid: int) -> Path:
 
 
 def report_failure(run: DistributedRun, line: str, status: int) -> None:
-    run.reports.mkdir(parents=True, exist_ok=True)
-    temporary = run.reports / f".rank{run.rank}.tmp"
-    temporary.write_text(json.dumps({"rank": run.rank, "line": line, "status": status}))
-    os.replace(temporary, run.reports / f"rank{run.rank}.json")  # readers never see half a report
+    report = json.dumps({"rank": run.rank, "line": line, "status": status}).encode()
+    atomic_write(run.reports / f"rank{run.rank}.json", lambda handle: handle.write(report))  # never half a report
 
 
 def failure_of_another_rank(run: DistributedRun) -> Optional[dict[str, Any]]:
@@ -91,15 +92,15 @@ class ReportFirstFailure(Callback):
             return
         launcher_pid = os.getpid() if trainer.local_rank == 0 else os.getppid()
         current_run = DistributedRun(trainer.global_rank, launcher_pid, failure_reports_folder(launcher_pid))
-        if current_run.is_launcher and hasattr(signal, "SIGUSR1"):
-            signal.signal(signal.SIGUSR1, raise_another_rank_failed)
+        if current_run.is_launcher and hasattr(signal, "SIGUSR2"):
+            signal.signal(signal.SIGUSR2, raise_another_rank_failed)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if current_run is None or failure_of_another_rank(current_run) is not None:
             return
         report_failure(current_run, *self.failure_line(exception, current_run.rank))
-        if not current_run.is_launcher and hasattr(signal, "SIGUSR1"):
-            os.kill(current_run.launcher_pid, signal.SIGUSR1)
+        if not current_run.is_launcher and hasattr(signal, "SIGUSR2"):
+            os.kill(current_run.launcher_pid, signal.SIGUSR2)
 
 
 def wait_for_launcher_exit(run: DistributedRun) -> None:

@@ -20,7 +20,6 @@ stacked where their sizes agree (`same_size_groups`).
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from torchvision.transforms.functional import InterpolationMode, resize
 
 from diffstyler.errors import MissingFileError, UserError, config_error
 from diffstyler.images import load_image
-from diffstyler.lora import LORA_INFO_NAME
+from diffstyler.lora import read_lora_info
 from diffstyler.outputs import pil_to_unit
 from diffstyler.results import DONE, RESULTS_NAME, SKIPPED, read_json_lines
 
@@ -75,12 +74,12 @@ def triples_from_results(folder: str) -> list[ScoredTriple]:
 def recorded_style_image(lora: str) -> Optional[str]:
     """The first style image recorded in the LoRA's `diffstyler_lora.json` (`diffstyler fit` writes
     `{path, sha256, size}` per image, the path as given to fit: relative to where it ran), or None."""
-    folder = Path(lora).parent if Path(lora).suffix == ".safetensors" else Path(lora)
-    info = folder / LORA_INFO_NAME
     try:
-        images = json.loads(info.read_text()).get("style_images") or []
-    except (OSError, ValueError, AttributeError):
+        info = read_lora_info(lora)
+    except UserError as error:
+        log.warning("%s", error)
         return None
+    images = (info or {}).get("style_images") or []
     if not images:
         return None
     return str(images[0]["path"] if isinstance(images[0], dict) else images[0])
