@@ -1,14 +1,14 @@
-"""The one exception type for what the user can fix.
+"""`UserError`: the base of every exception for what the user can fix.
 
 A `UserError` says what failed, where (a file or a config key) and why. The `diffstyler` command
 prints it as one line,
 
     diffstyler <subcommand>: error: <what> (<where>): <why>
 
-exits with status 2, and shows the traceback only with `--debug` (or DIFFSTYLER_DEBUG=1); see
-`diffstyler.cli.reporting.USER_ERRORS` for the older exception types it treats the same way. Raise it (or a subclass)
-for every error caused by the user's input or environment; anything else is a bug and keeps its
-traceback.
+exits with status 2, and shows the traceback only with `--debug` (or DIFFSTYLER_DEBUG=1). Raise
+it (or a subclass: `MissingFileError`, `images.ImageLoadError`, `masks.MaskError`,
+`models.ModelLoadError`) for every error caused by the user's input or environment; anything else
+is a bug and keeps its traceback.
 """
 
 from __future__ import annotations

@@ -34,11 +34,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from diffstyler.errors import MissingFileError, UserError, first_line
+from diffstyler.lora import LORA_WEIGHTS_NAME, read_lora_info
 from diffstyler.outputs import atomic_write
 
 FORMATS = ("kohya",)
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # the file `diffstyler fit` writes (diffstyler.lora)
-LORA_INFO_NAME = "diffstyler_lora.json"  # written next to it: prompt, steps, style images, ...
 PEFT_METADATA_KEY = "lora_adapter_metadata"  # where diffusers stores the LoraConfig in the file
 KOHYA_UNET_PREFIX = "lora_unet_"
 KOHYA_NETWORK_MODULE = "networks.lora"  # sd-scripts' module for plain LoRA
@@ -307,7 +306,7 @@ def export_lora(lora: str | os.PathLike, format: str = "kohya", output: str | os
     source = _lora_file(lora)
     target = _output_file(output, source)
     tensors, file_metadata = _read_safetensors(source)
-    info = _read_info(source.parent / LORA_INFO_NAME)
+    info = read_lora_info(source) or {}  # {} for a LoRA made elsewhere: no ss_* fields from it
     converted, metadata = _kohya_file_contents(tensors, file_metadata, info, name or target.stem, source)
     return atomic_write(target, lambda handle: handle.write(safetensors_bytes(converted, metadata)))
 
@@ -370,12 +369,3 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise UserError("LoRA unreadable", "--lora", f"{path} is not a valid safetensors file ({first_line(error)})") from error
 
 
-def _read_info(path: Path) -> dict[str, Any]:
-    """The LoRA's `diffstyler_lora.json`, or {} for a LoRA made elsewhere (no ss_* fields from it)."""
-    if not path.is_file():
-        return {}
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError("LoRA info file unreadable", str(path), f"not JSON ({first_line(error)})") from error
-    return info if isinstance(info, dict) else {}

@@ -182,7 +182,7 @@ def build_tiny_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline:
 
 
 def build_random_pipeline(sizes: RandomModelSizes, seed: int) -> StableDiffusionPipeline:
-    """A randomly initialised pipeline with SD 2.1-base's topology (see tests and NOTES).
+    """A randomly initialised pipeline with SD 2.1-base's topology (tiny sizes: `TINY_SIZES`).
 
     4 down / 4 up blocks, 2 layers per block, cross-attention where SD has it, linear projections,
     epsilon prediction and SD 2.1-base's DDIM schedule; the tokenizer is the tiny one. The global

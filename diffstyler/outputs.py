@@ -299,9 +299,13 @@ def save_result(
     negative_prompt: str,
     settings: dict[str, Any],
     settings_hash: str | None = None,
+    tags: str = "",
 ) -> Path:
+    """Save a PNG with its `parameters` text (A1111's: the prompt followed by `tags`, e.g. the
+    `<lora:name:scale>` tags of its LoRAs) and its settings as JSON (the exact prompt)."""
+    shown_prompt = f"{prompt} {tags}" if tags else prompt
     chunks = {
-        PARAMETERS_KEY: format_parameters(prompt, negative_prompt, settings),
+        PARAMETERS_KEY: format_parameters(shown_prompt, negative_prompt, settings),
         SETTINGS_KEY: json.dumps({"prompt": prompt, "negative_prompt": negative_prompt, **settings}),
     }
     if settings_hash is not None:

@@ -43,7 +43,7 @@ from diffstyler.inversion import InversionKey, TrajectoryStore, invert_batch
 from diffstyler.lora import BASE_ROW
 from diffstyler.masks import FastSAMSegmenter, MaskSpec, SegmenterConfig, hard_mask_from_image, mask_to_latent, resolve_mask, shape_mask
 from diffstyler.models import DEFAULT_MODEL, ModelSpec, decode_latents, encode_images, load_pipeline
-from diffstyler.outputs import pil_to_unit, to_pil
+from diffstyler.outputs import a1111_fields, pil_to_unit, to_pil
 from diffstyler.sampling import ddim_schedule
 from diffstyler.stylize import DenoiseJob, SamplingConfig, StepCallback, StyleRows, check_finite, denoise_jobs, fuse_styles
 from diffstyler.torch_utils import base_model
@@ -336,6 +336,7 @@ class DiffStylerPipeline:
             "Seed": seed,
             "Size": f"{content.width}x{content.height}",
             "Model": self.model_name,
+            **a1111_fields(self.model_name, [(entry.name, entry.lora) for entry in styles]),
             "Content": content_path,
             "Job": job,
             "Styles": [{**asdict(entry), "lora_sha256": sha256_file(entry.lora)} for entry in styles],

@@ -100,7 +100,7 @@ class StylizePredictor(LightningModule):
         self.sampling = sampling
         self.segmenter_config = segmenter
         self.output = output
-        self.writer = StylizationWriter(output)  # checks the folder now, not after the first job's work
+        self.writer = StylizationWriter(output)
         self.inversion_cache = inversion_cache
         self.progress = progress
         self.sweep = sweep

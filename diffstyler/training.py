@@ -33,7 +33,8 @@ from diffstyler.checks import check_writable_folder
 from diffstyler.data.style import DEFAULT_STYLE_PROMPT, StyleDataModule
 from diffstyler.errors import UserError, config_error
 from diffstyler.conditioning import Conditioning
-from diffstyler.lora import LORA_INFO_NAME, LORA_WEIGHTS_NAME, StyleLoRAConfig, add_style_adapter, save_lora, write_lora_info
+from diffstyler.export import export_lora
+from diffstyler.lora import LORA_INFO_NAME, LORA_WEIGHTS_NAME, StyleLoRAConfig, add_style_adapter, model_family, save_lora, write_lora_info
 from diffstyler.models import ModelSpec, encode_images, encode_prompts, load_pipeline
 from diffstyler.torch_utils import eval_mode
 
@@ -56,6 +57,8 @@ class StyleLoRAModule(LightningModule):
         adapter_name: name of the PEFT adapter inside the UNet.
         seed: seeds each step's noise, timesteps and augmentation. None: the seed given to
             `seed_everything` (the CLI's `seed_everything`, default 0).
+        export_kohya: also write `<output_dir>/<folder name>.safetensors` in the kohya / A1111
+            layout (`diffstyler.export`), the file A1111, ComfyUI and sd-scripts load.
     """
 
     def __init__(
@@ -70,6 +73,7 @@ class StyleLoRAModule(LightningModule):
         output_dir: str = "outputs/lora",
         adapter_name: str = "style",
         seed: Optional[int] = None,
+        export_kohya: bool = False,
     ) -> None:
         super().__init__()
         if seed is not None and seed < 0:
@@ -86,6 +90,7 @@ class StyleLoRAModule(LightningModule):
         self.output_dir = output_dir
         self.adapter_name = adapter_name
         self.seed = seed
+        self.export_kohya = export_kohya
         # Checkpoints hold only the LoRA; the frozen base comes from `model` again.
         self.strict_loading = False
         # Filled by configure_model(): loading is deferred so that the data is validated first
@@ -247,18 +252,37 @@ class StyleLoRAModule(LightningModule):
             self.export(self.output_dir)
 
     def export(self, output_dir: str | os.PathLike) -> Path:
-        """Write `pytorch_lora_weights.safetensors` (diffusers format) and `diffstyler_lora.json`."""
+        """Write `pytorch_lora_weights.safetensors` (diffusers format) and `diffstyler_lora.json`
+        (and with `export_kohya`, the kohya-layout file)."""
         output_dir = Path(output_dir)
         save_lora(self.unet, self.adapter_name, output_dir)
         write_lora_info(output_dir, self.export_metadata())
+        if self.export_kohya:
+            export_lora(output_dir, "kohya", output_dir / f"{output_dir.resolve().name}.safetensors")
         return output_dir
 
     def export_metadata(self) -> dict[str, Any]:
+        style = self._style_metadata()
         return {
             **self.recipe(),
             "prediction_type": self.noise_scheduler.config.prediction_type,
             "steps": self.global_step,
-            **self._style_metadata(),
+            **style,
+            "model_card": self.model_card(style),
+        }
+
+    def model_card(self, style: dict[str, Any]) -> dict[str, Any]:
+        """The fields a model page (civitai and the like) asks of a LoRA."""
+        width = self.unet.config.cross_attention_dim
+        prompts = style.get("prompt")
+        return {
+            "type": "LORA",
+            "base_model": model_family(width) or f"cross-attention width {width}",
+            "base_model_name": self.model_spec.name,
+            "trigger_words": [prompts] if isinstance(prompts, str) else list(prompts or []),
+            "rank": self.lora_config.rank,
+            "steps": self.global_step,
+            "training_images_sha256": [image.get("sha256") for image in style.get("style_images", [])],
         }
 
     def recipe(self) -> dict[str, Any]:

@@ -320,3 +320,18 @@ def test_a_lora_with_nan_weights_fails_the_job_and_writes_no_image(tmp_path):
     with pytest.raises(UserError, match=r"non-finite.*style 'broken'"):
         stylize_one(predictor, _job([StyleEntry(lora=str(lora))]))
     assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_a_result_reads_in_a1111_with_its_lora_tag_and_hash(tmp_path, loras):
+    """What A1111's own parsing reads from a predict result: the prompt with `<lora:name:scale>`, the
+    LoRA's short hash as A1111 computes it for that file, and no `Model hash` for a model that is not
+    one file. Caught: tags or hashes missing from the text written; the hash of the wrong bytes."""
+    from diffstyler.outputs import a1111_lora_hash
+    from tests.a1111 import a1111_lora_hashes, a1111_parse_generation_parameters
+
+    record = stylize_one(_predictor(tmp_path), _job([StyleEntry(lora=str(loras[0]), scale=0.5)]))
+    read = a1111_parse_generation_parameters(Image.open(record.outputs[0]).text["parameters"])
+    assert read["Prompt"] == "painting of sss <lora:first:0.5>"
+    assert a1111_lora_hashes(read["Lora hashes"]) == {"first": a1111_lora_hash(loras[0])}
+    assert "Model hash" not in read and read["Steps"] == "6"
+    assert read_settings(record.outputs[0])["prompt"] == "painting of sss"  # the JSON keeps the exact prompt

@@ -27,11 +27,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from torchmetrics.functional.image import structural_similarity_index_measure
 
+from diffstyler.checks import check_writable_folder
 from diffstyler.data.jobs import Job, StylizeDataModule
 from diffstyler.errors import first_line
 from diffstyler.images import load_image
 from diffstyler.masks import save_mask_png
-from diffstyler.outputs import SETTINGS_HASH_KEY, image_grid, path_inside, pil_to_unit, save_result, to_pil
+from diffstyler.outputs import SETTINGS_HASH_KEY, image_grid, lora_tag, path_inside, pil_to_unit, save_result, to_pil
 from diffstyler.results import DONE, FAILED, SKIPPED, ResultsLog, job_is_done, merge_results
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ class JobPaths:
 class StylizationWriter(BasePredictionWriter):
     def __init__(self, output: OutputConfig, on_error: str = "stop") -> None:
         super().__init__(write_interval="batch")
+        check_writable_folder(output.folder, "model.output.folder")  # now, not after the first job's work
         self.output = output
         self.folder = Path(output.folder).resolve()
         self.on_error = on_error
@@ -207,17 +209,18 @@ class StylizationWriter(BasePredictionWriter):
                 save_mask_png(mask, path, chunks)
         styles = result.job.styles
         prompt = " | ".join(entry.prompt for entry in styles)
+        tags = " ".join(lora_tag(entry.name, entry.scale) for entry in styles)
         negative = result.settings["Sampling"]["negative_prompt"]
         written = []
         for image, path in zip(result.images, paths.results):
             # An ablation grid has one similarity per cell, already in its settings.
             settings = result.settings if result.sweep else {**result.settings, "Content SSIM": round(content_ssim(result.content, image), 4)}
-            written.append(save_result(image, path, prompt, negative, settings, result.settings_hash))
+            written.append(save_result(image, path, prompt, negative, settings, result.settings_hash, tags))
         if paths.grid is not None:
             extras = [load_image(entry.image) for entry in styles if entry.image]
             mask_tiles = [to_pil(mask[None].expand(3, -1, -1)) for mask in result.masks if mask is not None]
             grid = image_grid([result.content, *extras, *result.images, *mask_tiles], height=result.content.height)
-            save_result(grid, paths.grid, prompt, negative, result.settings, result.settings_hash)
+            save_result(grid, paths.grid, prompt, negative, result.settings, result.settings_hash, tags)
         return tuple(written)
 
 

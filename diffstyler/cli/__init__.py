@@ -44,7 +44,7 @@ import signal
 import sys
 from typing import Optional
 
-from diffstyler.cli.command_line import DEBUG_VARIABLE, find_subcommand, split_debug_flag
+from diffstyler.cli.command_line import DEBUG_VARIABLE, TOOL_COMMANDS, find_subcommand, split_debug_flag
 from diffstyler.cli.config_files import config_sources, protocol_stage
 from diffstyler.cli.status import JOBS_FAILED_STATUS, USER_ERROR_STATUS, interrupted_status
 from diffstyler.errors import UserError
@@ -65,6 +65,8 @@ def main(args: Optional[list[str]] = None) -> None:
     subcommand = None
     try:
         subcommand = find_subcommand(args)
+        if subcommand in TOOL_COMMANDS:
+            run_tool(subcommand, args)
         sources = config_sources(args, subcommand)
         args = protocol_stage(args, subcommand)
     except UserError as error:
@@ -87,3 +89,12 @@ def main(args: Optional[list[str]] = None) -> None:
             raise
         print(f"diffstyler {subcommand}: interrupted", file=sys.stderr)
         sys.exit(interrupted_status(signal.SIGINT))
+
+
+def run_tool(name: str, args: list[str]) -> None:
+    """Run a non-Lightning subcommand (`tools.TOOLS`) and exit with its status (a UserError it
+    raises is `main`'s one line)."""
+    from diffstyler.cli.tools import TOOLS
+
+    position = args.index(name)
+    sys.exit(TOOLS[name](args[:position] + args[position + 1 :]))

@@ -10,6 +10,7 @@ from typing import Optional
 from diffstyler.errors import UserError
 
 SUBCOMMANDS = ("fit", "predict", "test")  # the keys of `app.MODES`, known before its imports
+TOOL_COMMANDS = ("export",)  # the keys of `tools.TOOLS`: argparse commands, no Lightning
 DEFAULT_SUBCOMMAND = "fit"
 DEBUG_FLAG = "--debug"
 DEBUG_VARIABLE = "DIFFSTYLER_DEBUG"
@@ -29,14 +30,14 @@ def find_subcommand(args: list[str]) -> str:
     LightningCLI's main parser reads it; `fit` for a plain `--help` (its help lists the subcommands).
     UserError when it is missing or unknown, so that the error needs no parser (and no torch)."""
     given = first_positional(args)
-    if given in SUBCOMMANDS:
+    if given in SUBCOMMANDS + TOOL_COMMANDS:
         return given
-    choices = ", ".join(SUBCOMMANDS)
+    choices = ", ".join(SUBCOMMANDS + TOOL_COMMANDS)
     if given is None:
         if any(arg in HELP_FLAGS for arg in args):
             return DEFAULT_SUBCOMMAND
         raise UserError("no subcommand", None, f"choose one of {choices} (e.g. diffstyler fit --config configs/style.yaml)")
-    nearest = difflib.get_close_matches(given, SUBCOMMANDS, n=1)
+    nearest = difflib.get_close_matches(given, SUBCOMMANDS + TOOL_COMMANDS, n=1)
     hint = f"did you mean {nearest[0]}? " if nearest else ""
     raise UserError(f"unknown subcommand {given!r}", None, f"{hint}choose one of {choices}")
 

@@ -1,0 +1,32 @@
+"""Subcommands that are not a Lightning stage, each a plain argparse command:
+
+    diffstyler export --lora outputs/lora_mine --format kohya --output mine.safetensors
+
+`TOOLS` maps a name to its function(argv) -> exit status. Their errors are one line like the
+Lightning subcommands' (`diffstyler <tool>: error: <what> (<where>): <why>`, status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+
+def export(argv: list[str]) -> int:
+    """A LoRA from `diffstyler fit` in the kohya / A1111 layout (A1111, ComfyUI, kohya's sd-scripts)."""
+    parser = argparse.ArgumentParser(prog="diffstyler export", allow_abbrev=False, description=export.__doc__)
+    parser.add_argument("--lora", required=True, help="a LoRA folder from `diffstyler fit`, or its .safetensors file")
+    parser.add_argument("--format", default="kohya", help="the layout to write (kohya: A1111, ComfyUI, sd-scripts)")
+    parser.add_argument("--output", required=True, help="the .safetensors file to write")
+    parser.add_argument("--name", default=None, help="the LoRA's name in A1111 (ss_output_name; default: the output's stem)")
+    arguments = parser.parse_args(argv)
+    from diffstyler.export import export_lora  # torch and safetensors: only once the arguments parse
+    from diffstyler.outputs import a1111_lora_hash
+
+    written = export_lora(arguments.lora, arguments.format, arguments.output, arguments.name)
+    print(f"diffstyler export: {arguments.format} LoRA written to {written} (A1111 hash {a1111_lora_hash(written)})", file=sys.stderr)
+    return 0
+
+
+TOOLS: dict[str, Callable[[list[str]], int]] = {"export": export}
