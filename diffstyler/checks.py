@@ -14,13 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import is_offline_mode, try_to_load_from_cache
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from safetensors import safe_open
 
 from diffstyler.errors import MissingFileError, UserError, config_error, first_line
+from diffstyler.lora import describe_width, lora_cross_attention_width, model_family
+from diffstyler.models import TINY_MODEL, ModelSpec, model_load_error
 
 LATENT_FACTOR = 8  # the VAE downsamples by 8 (same constant as diffstyler.images)
 
 
-def check_writable_folder(path: str | os.PathLike, key: str) -> None:
+def check_writable_folder(path: str | os.PathLike, key: str, what: str = "output folder") -> None:
     """`path` is a folder that exists and is writable, or one that can be created.
 
     Nothing is created here: the check must not leave folders behind when a later check fails.
@@ -28,12 +33,12 @@ def check_writable_folder(path: str | os.PathLike, key: str) -> None:
     where = f"{key}={path}"
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
-        raise UserError("output folder is a file", where, "give a folder path")
+        raise UserError(f"{what} is a file", where, "give a folder path")
     existing = next((parent for parent in (folder, *folder.parents) if parent.exists()), Path.cwd())
     if not existing.is_dir():
-        raise UserError("output folder cannot be created", where, f"{existing} is a file")
+        raise UserError(f"{what} cannot be created", where, f"{existing} is a file")
     if not folder_is_writable(existing):
-        raise UserError("output folder not writable", where, f"no write permission in {existing}")
+        raise UserError(f"{what} not writable", where, f"no write permission in {existing}")
 
 
 def folder_is_writable(folder: Path) -> bool:
@@ -68,3 +73,58 @@ def check_checkpoint_file(path: str | os.PathLike, key: str = "ckpt_path") -> di
         raise UserError("not a checkpoint", where, "it has no state_dict (is it a Lightning checkpoint from `diffstyler fit`?)")
     return checkpoint
 
+
+
+# --- what is the same for every job of a predict run (`StylizePredictor.check_run`) ---------------
+
+def check_model_reference(spec: ModelSpec) -> None:
+    """`model.model.name` names a model that can be loaded, without reading its weights: `tiny`, a
+    local diffusers folder (with model_index.json), a `.safetensors` / `.ckpt` file, or a Hugging
+    Face model id (in the local cache when HF_HUB_OFFLINE is set; otherwise it is downloaded when
+    the model loads, and nothing is checked now)."""
+    if spec.name == TINY_MODEL:
+        return
+    path = Path(spec.name).expanduser()
+    if spec.is_single_file:
+        if not path.is_file():
+            raise model_load_error(spec.name, FileNotFoundError(f"no such checkpoint file: {spec.name}"))
+        return
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise model_load_error(spec.name, FileNotFoundError(f"the folder {spec.name} has no model_index.json"))
+        return
+    if path.exists():
+        raise model_load_error(spec.name, ValueError(f"{spec.name} is a file, but neither a .safetensors nor a .ckpt file"))
+    try:
+        validate_repo_id(spec.name)
+    except HFValidationError:
+        raise model_load_error(spec.name, FileNotFoundError(f"no such folder: {spec.name}")) from None
+    if is_offline_mode() and not isinstance(try_to_load_from_cache(spec.name, "model_index.json", revision=spec.revision), str):
+        raise model_load_error(spec.name, FileNotFoundError("not cached"))
+
+
+def check_lora_width(file: Path, model_width: int) -> None:
+    """A LoRA made for another model family (its cross-attention reads text of another width) is
+    refused with the words of `lora.check_lora_fits`, the same check when the LoRA is loaded."""
+    width = lora_cross_attention_width(file)
+    if width is not None and width != model_width:
+        raise UserError(
+            "LoRA does not fit the model", str(file),
+            f"it seems made for {model_family(width) or 'another model'} (cross-attention width {width}), "
+            f"not for this model ({describe_width(model_width)})",
+        )
+
+
+def check_lora_finite(file: Path) -> None:
+    """Every tensor of the LoRA is finite: NaN or inf weights would fail each job using it, after
+    its inversion. LoRA files are small: every tensor is read."""
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                if not torch.isfinite(handle.get_tensor(key)).all():
+                    raise UserError("LoRA has non-finite weights", str(file),
+                                    f"{key} holds NaN or inf values; train the LoRA again or use another file")
+    except UserError:
+        raise
+    except Exception as error:  # safetensors' own error types: a truncated or damaged file
+        raise UserError("LoRA file unreadable", str(file), f"its tensors cannot be read ({first_line(error)})") from error

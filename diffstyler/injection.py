@@ -132,6 +132,21 @@ def injection_config(value: "InjectionConfig | str", argument: str = "injection"
     return INJECTION_PRESETS[value]
 
 
+INJECTION_WINDOWS = ("feature_steps", "attention_steps")
+
+
+def check_injection_window(injection: InjectionConfig, steps: int, prefix: str = "model.injection.") -> None:
+    """Refuse an injection window longer than the sampling (`feature_steps: 99` with 50 steps): the
+    config only knows the window, the caller the number of steps. `prefix` names the keys."""
+    for key in INJECTION_WINDOWS:
+        check_window_steps(getattr(injection, key), steps, prefix + key)
+
+
+def check_window_steps(window: int, steps: int, key: str) -> None:
+    if window > steps:
+        raise config_error(key, f"must be in 0..{steps} (the number of sampling steps), got {window}")
+
+
 # --- which configured sites can have an effect ------------------------------------------------
 
 def decoder_execution_order(num_layers: int = NUM_DECODER_LAYERS) -> list[tuple[int, str]]:

@@ -176,6 +176,20 @@ TINY_SIZES = RandomModelSizes(
 )
 
 
+def unet_cross_attention_width(spec: ModelSpec) -> Optional[int]:
+    """The width of the text embeddings the model's cross-attention reads, from the UNet's config
+    alone (no weights, nothing downloaded); None when that config is not on this machine."""
+    if spec.name == TINY_MODEL:
+        return TINY_SIZES.text_width
+    source, revision = (spec.config or DEFAULT_MODEL, None) if spec.is_single_file else (spec.name, spec.revision)
+    try:
+        config = UNet2DConditionModel.load_config(source, subfolder="unet", revision=revision, local_files_only=True)
+    except (OSError, ValueError):  # not a folder, not cached (OSError); not a valid model id (ValueError)
+        return None
+    width = config.get("cross_attention_dim")
+    return width if isinstance(width, int) else None
+
+
 def build_tiny_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline:
     """The `tiny` model: SD 2.1-base's topology at `TINY_SIZES`, seeded (same seed, same weights)."""
     return build_random_pipeline(TINY_SIZES, seed)

@@ -38,7 +38,7 @@ from diffstyler.conditioning import Conditioning
 from diffstyler.data.jobs import StyleEntry, check_styles, expand_lora_folders
 from diffstyler.errors import UserError, config_error
 from diffstyler.images import DEFAULT_RESOLUTION, as_rgb_image, resize_to_multiple_of_8, sha256_file, to_tensor
-from diffstyler.injection import InjectionConfig, injection_config
+from diffstyler.injection import InjectionConfig, check_injection_window, injection_config
 from diffstyler.inversion import InversionKey, TrajectoryStore, invert_batch
 from diffstyler.lora import BASE_ROW
 from diffstyler.masks import FastSAMSegmenter, MaskSpec, SegmenterConfig, hard_mask_from_image, mask_to_latent, resolve_mask, shape_mask
@@ -199,6 +199,7 @@ class DiffStylerPipeline:
         mask_inputs = masks_per_style(masks, len(entries))
         sampling = sampling_for_call(num_inference_steps, guidance_scale, negative_prompt, inversion_prompt, inversion_substeps)
         injection = injection_config(injection)
+        check_injection_window(injection, sampling.steps, prefix="injection.")
         if output_type not in ("pil", "np", "latent"):
             raise config_error("output_type", f"must be 'pil', 'np' or 'latent', got {output_type!r}")
         seed = seed if seed is not None else (generator.initial_seed() if generator is not None else 0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -24,12 +25,19 @@ from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 
 from diffstyler.callbacks.writer import JobResult, OutputConfig, StylizationWriter, content_ssim
+from diffstyler.checks import check_lora_finite, check_lora_width, check_model_reference, check_writable_folder
 from diffstyler.data.jobs import Job, StyleEntry, StylizeDataModule
 from diffstyler.errors import UserError, config_error
 from diffstyler.images import load_image, resize_to_multiple_of_8, sha256_file
-from diffstyler.injection import InjectionConfig, describe_ineffective_sites
-from diffstyler.masks import SegmenterConfig
-from diffstyler.models import ModelSpec, load_pipeline
+from diffstyler.injection import (
+    INJECTION_WINDOWS,
+    InjectionConfig,
+    check_injection_window,
+    check_window_steps,
+    describe_ineffective_sites,
+)
+from diffstyler.masks import SegmenterConfig, check_segmenter
+from diffstyler.models import ModelSpec, load_pipeline, unet_cross_attention_width
 from diffstyler.pipeline import DiffStylerPipeline
 from diffstyler.results import DONE, FAILED, SKIPPED, settings_hash
 from diffstyler.rows import rows_per_job
@@ -109,7 +117,32 @@ class StylizePredictor(LightningModule):
         # Called after every denoising step with a `stylize.StepState` (observers: previews, tests).
         self.step_callback: Optional[StepCallback] = None
         self.pipeline: Optional[DiffStylerPipeline] = None
+        check_injection_windows(injection, sweep, sampling.steps)
         warn_about_ineffective_sites(injection)
+        self._run_checked = False
+
+    def check_run(self, datamodule: Any) -> None:
+        """Check, before the model loads, everything that is the same for every job, so that its
+        error stops the run in one line instead of failing each job: the model reference, the
+        inversion cache folder (the output folder: `StylizationWriter`), each LoRA of `data.styles`
+        (made for this model family, every weight finite), FastSAM's weights and, for text prompts,
+        the CLIP model. What differs per job (its content, a manifest row's mask or LoRA, a box
+        against its image) fails that job only. Runs once; `setup` calls it, and the CLI earlier,
+        before a multi-process run starts its processes."""
+        if self._run_checked:
+            return
+        check_model_reference(self.model_spec)
+        if self.inversion_cache is not None:
+            check_writable_folder(self.inversion_cache, "model.inversion_cache", "inversion cache folder")
+        if isinstance(datamodule, StylizeDataModule):
+            model_width = unet_cross_attention_width(self.model_spec)  # None: not known without a download
+            for lora in dict.fromkeys(Path(entry.lora) for entry in datamodule.styles):
+                if model_width is not None:
+                    check_lora_width(lora, model_width)
+                check_lora_finite(lora)
+            if datamodule.needs_segmenter():
+                check_segmenter(self.segmenter_config, datamodule.needs_text_prompts())
+        self._run_checked = True
 
     def configure_model(self) -> None:
         if self.pipeline is not None:
@@ -124,6 +157,10 @@ class StylizePredictor(LightningModule):
         return [self.writer]
 
     # -- Lightning ------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        # Before `configure_model`: nothing is loaded yet.
+        self.check_run(self.trainer.datamodule)
 
     def on_predict_start(self) -> None:
         datamodule = self.trainer.datamodule
@@ -272,6 +309,15 @@ def import_ultralytics() -> None:
     process has no such job (one job on two processes; a resumed run whose jobs there are done).
     """
     import ultralytics  # noqa: F401
+
+
+def check_injection_windows(injection: InjectionConfig, sweep: SweepConfig, steps: int) -> None:
+    """The injection windows, and the swept ones, fit in the sampling's `steps`."""
+    check_injection_window(injection, steps)
+    for key, values in sweep.axes():
+        if key in INJECTION_WINDOWS:
+            for window in values:
+                check_window_steps(window, steps, f"model.sweep.{key}")
 
 
 def warn_about_ineffective_sites(injection: InjectionConfig) -> None:

@@ -18,6 +18,7 @@ its own full image.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
@@ -54,6 +55,8 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise config_error("model.sampling.steps", f"must be >= 1, got {self.steps}")
+        if not math.isfinite(self.guidance_scale):
+            raise config_error("model.sampling.guidance_scale", f"must be a finite number, got {self.guidance_scale}")
         if self.inversion_substeps < 1:
             raise config_error("model.sampling.inversion_substeps", f"must be >= 1, got {self.inversion_substeps}")
         if self.reference not in ("batch", "separate"):

@@ -20,7 +20,7 @@ from typing import Callable
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import diffstyler.checks
 import diffstyler.models
@@ -79,6 +79,14 @@ class BadFiles:
         self.config_not_yaml.write_text("model:\n  sampling: [3,\n")
         self.config_not_a_mapping = folder / "list.yaml"
         self.config_not_a_mapping.write_text("- model\n- data\n")
+        self.fastsam_with_code = folder / "FastSAM-crafted.pt"
+        torch.save({"model": RunsCodeWhenUnpickled(self.code_ran_marker)}, self.fastsam_with_code)
+        self.nan_lora = self.lora_folder_with_info(folder / "nan_lora", json.dumps({"prompt": "painting"}))
+        weights = load_file(self.nan_lora / "pytorch_lora_weights.safetensors")
+        weights[sorted(weights)[-1]][0, 0] = float("nan")
+        save_file(weights, str(self.nan_lora / "pytorch_lora_weights.safetensors"))
+        self.model_folder_without_index = folder / "not_a_model"
+        self.model_folder_without_index.mkdir()
 
     @staticmethod
     def write(path: Path, data: bytes) -> Path:
@@ -211,7 +219,10 @@ ROWS = [
     Row("lora_broken_header", lambda t, b: predict_args(t, b.broken_lora), ["broken.safetensors"]),
     Row("lora_without_lora_keys", lambda t, b: predict_args(t, b.not_a_lora), ["weights.safetensors", "LoRA"]),
     Row("lora_for_another_model", lambda t, b: predict_args(t, b.sd1_lora, "--data.styles", json.dumps(
-        [{"lora": str(b.sd1_lora), "prompt": "p"}])), ["sd1_style.safetensors", "SD 1.x"], before_model=False),
+        [{"lora": str(b.sd1_lora), "prompt": "p"}])), ["sd1_style.safetensors", "SD 1.x"]),
+    Row("lora_with_nan_weights", lambda t, b: predict_args(t, b.nan_lora), ["nan_lora", "NaN"]),
+    Row("style_scale_not_finite", lambda t, b: predict_args(t, b.lora, "--data.styles", f"[{{lora: {b.lora}, scale: .inf}}]"),
+        ["data.styles[0].scale", "finite"]),
     Row("lora_info_not_json", lambda t, b: predict_args(t, b.lora_with_broken_info), ["diffstyler_lora.json", "JSON"]),
     Row("lora_info_without_prompt", lambda t, b: predict_args(t, b.lora_without_prompt), ["diffstyler_lora.json", "prompt"]),
     Row("lora_folder_given_one_name", lambda t, b: predict_args(t, b.lora, "--data.styles", json.dumps(
@@ -234,7 +245,25 @@ ROWS = [
     Row("fit_output_dir_not_writable", lambda t, b: fit_args(t), ["model.output_dir"], setup=refuse_writes),
     # the base model
     Row("model_not_found", lambda t, b: predict_args(t, b.lora, "--model.model.name", str(t / "no_model")),
-        ["no_model", "model.model.name"], before_model=False),
+        ["no_model", "model.model.name"]),
+    Row("model_folder_without_model_index", lambda t, b: predict_args(t, b.lora, "--model.model.name", str(b.model_folder_without_index)),
+        ["not_a_model", "model.model.name", "model_index.json"]),
+    # the rest of what is the same for every job: checked before the model loads, however many jobs
+    Row("fastsam_weights_missing", lambda t, b: masked_predict_args(t, b, {"box": [0, 0, 8, 8]}) + [
+        "--model.segmenter.weights", str(t / "FastSAM-s.pt")], ["model.segmenter.weights", "FastSAM-s.pt"]),
+    Row("fastsam_weights_running_code", lambda t, b: masked_predict_args(t, b, {"box": [0, 0, 8, 8]}) + [
+        "--model.segmenter.weights", str(b.fastsam_with_code)], ["model.segmenter.weights", "FastSAM-crafted.pt", "refused"]),
+    Row("clip_model_not_cached_offline", lambda t, b: masked_predict_args(t, b, {"text": "the square"}) + [
+        "--model.segmenter.weights", "tiny", "--model.segmenter.clip_model", "nobody/no-such-clip"],
+        ["model.segmenter.clip_model", "nobody/no-such-clip"]),
+    Row("guidance_scale_not_finite", lambda t, b: predict_args(t, b.lora, "--model.sampling.guidance_scale", ".nan"),
+        ["model.sampling.guidance_scale", "finite"]),
+    Row("inversion_cache_is_a_file", lambda t, b: predict_args(t, b.lora, "--model.inversion_cache", str(b.plain_file)),
+        ["model.inversion_cache", "a_file"]),
+    Row("injection_window_longer_than_sampling", lambda t, b: predict_args(t, b.lora, "--model.injection.feature_steps", "99"),
+        ["model.injection.feature_steps", "0..10", "99"]),
+    Row("swept_window_longer_than_sampling", lambda t, b: predict_args(t, b.lora, "--model.sweep.attention_steps", "[0, 11]"),
+        ["model.sweep.attention_steps", "0..10", "11"]),
 ]
 
 
@@ -365,3 +394,44 @@ def test_ddp_job_failing_on_one_rank_is_the_last_line(bad, tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("diffstyler predict: error: [rank 1] ") and "square.png" in last and "empty" in last, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
+
+
+# --- what is the same for every job stops the run, whatever the number of jobs ---------------------
+
+def three_boxed_jobs(tmp_path: Path, bad: BadFiles, *extra: str) -> list[str]:
+    """Three contents, each with a FastSAM box mask, failures recorded and the run going on."""
+    contents = []
+    for k in range(3):
+        contents.append(tmp_path / f"photo{k}.png")
+        Image.open(CONTENT).rotate(30 * k).save(contents[-1])
+    return masked_predict_args(tmp_path, bad, {"box": [0, 0, 8, 8]}) + [
+        "--data.on_error", "continue", "--data.content", json.dumps([str(path) for path in contents]), *extra]
+
+
+def test_missing_fastsam_weights_stop_a_run_of_three_jobs_in_one_line(bad, tmp_path, capsys, monkeypatch, model_loads):
+    """Catches the weights checked per job: three "job failed" lines, a summary naming neither key
+    nor file, exit status 1, after the base model loaded."""
+    monkeypatch.chdir(REPO_ROOT)
+    monkeypatch.setattr(sys, "argv", ["diffstyler"])
+    monkeypatch.setenv("DIFFSTYLER_DEBUG", "0")
+    status, stderr = run_cli(three_boxed_jobs(tmp_path, bad, "--model.segmenter.weights", str(tmp_path / "FastSAM-s.pt")), capsys)
+    assert status == USER_ERROR_STATUS, stderr[-2000:]
+    lines = error_lines(stderr, "predict")
+    assert len(lines) == 1 and stderr.rstrip().endswith(lines[0]), stderr[-2000:]
+    assert "(model.segmenter.weights)" in lines[0] and "FastSAM-s.pt" in lines[0]
+    assert "job failed" not in stderr and " jobs: " not in stderr  # no job counted
+    assert model_loads == []
+    assert files_under(tmp_path / "out") == []
+
+
+@pytest.mark.slow
+def test_on_two_processes_an_error_of_the_run_is_one_line_without_a_rank(bad, tmp_path):
+    """The run-wide checks run before the processes start: catches the checks left to each rank
+    (`[rank 1] ...`, or a rank's broken connection as the last line) and processes started for nothing."""
+    args = three_boxed_jobs(tmp_path, bad, "--model.segmenter.weights", str(tmp_path / "FastSAM-s.pt"),
+                            "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    result = run_console(args)
+    assert result.returncode == USER_ERROR_STATUS, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("diffstyler predict: error: FastSAM weights file") and "(model.segmenter.weights)" in last, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Initializing distributed" not in result.stderr

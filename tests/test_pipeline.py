@@ -129,10 +129,12 @@ def test_a_preset_name_equals_its_config_and_the_paper_code_yaml():
     (dict(content=CONTENT, injection="papers"), "injection"),
     (dict(content=CONTENT, resolution=60), "resolution"),
     (dict(content=CONTENT, masks=[{"box": [0, 0, 10]}]), r"masks\[0\]"),
+    (dict(content=CONTENT, injection=InjectionConfig(feature_steps=3)), r"injection\.feature_steps"),
 ])
 def test_bad_arguments_are_one_line_naming_the_argument(pipe, call, key):
     with pytest.raises(UserError, match=rf"\({key}\)") as error:
-        pipe(**{"styles": ["ink"], **call, "num_inference_steps": call.get("num_inference_steps", 2)})
+        pipe(**{"styles": ["ink"], "injection": InjectionConfig(feature_steps=2, attention_steps=2), **call,
+                "num_inference_steps": call.get("num_inference_steps", 2)})
     assert "\n" not in str(error.value)
 
 

@@ -26,6 +26,7 @@ from typing import Any, Callable, NoReturn, Optional
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from diffstyler.callbacks.stop import PredictInterrupted
 from diffstyler.outputs import atomic_write
 
 @dataclass
@@ -96,6 +97,8 @@ class ReportFirstFailure(Callback):
             signal.signal(signal.SIGUSR2, raise_another_rank_failed)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, PredictInterrupted):  # not a failure: every rank stops and finishes the run together
+            return
         if current_run is None or failure_of_another_rank(current_run) is not None:
             return
         report_failure(current_run, *self.failure_line(exception, current_run.rank))

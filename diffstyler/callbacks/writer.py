@@ -9,14 +9,17 @@ nothing written). The writer, after each chunk:
   counts it (done, skipped, failed);
 - applies the failure policy (`data.on_error`): "continue" records a failed job and goes on,
   "stop" raises its error (the run's one error line).
-At the end of the run it sums the counts of every process and rank zero merges results.jsonl.
-Whether a job is already done (`is_done`: every file there, decoding, with the current settings
+At the end of the run it sums the counts of every process and rank zero merges results.jsonl; so it
+does when a signal stopped the run between two chunks (`callbacks.stop`: the stop requests of the
+run go through the writer, whose folder every process shares). Whether a job is already done (`is_done`: every file there, decoding, with the current settings
 hash) is asked by the predictor before it does any work for the job.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
+import signal
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -27,13 +30,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from torchmetrics.functional.image import structural_similarity_index_measure
 
+from diffstyler.callbacks.stop import PredictInterrupted
 from diffstyler.checks import check_writable_folder
 from diffstyler.data.jobs import Job, StylizeDataModule
 from diffstyler.errors import first_line
 from diffstyler.images import load_image
 from diffstyler.masks import save_mask_png
-from diffstyler.outputs import SETTINGS_HASH_KEY, image_grid, lora_tag, path_inside, pil_to_unit, save_result, to_pil
-from diffstyler.results import DONE, FAILED, SKIPPED, ResultsLog, job_is_done, merge_results
+from diffstyler.outputs import SETTINGS_HASH_KEY, atomic_write, image_grid, lora_tag, path_inside, pil_to_unit, save_result, to_pil
+from diffstyler.results import DONE, FAILED, PARTS_FOLDER, SKIPPED, ResultsLog, job_is_done, merge_results
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +127,11 @@ class StylizationWriter(BasePredictionWriter):
         self.counts: dict[str, int] = {DONE: 0, SKIPPED: 0, FAILED: 0}  # this process's, in this run
         self.failures: list[str] = []
         self.summary: dict[str, int] = {}  # the whole run's counts, after the run
+        self.jobs_in_run: Optional[int] = None  # every process's jobs (None: not a StylizeDataModule's)
+        self.stopped_by: Optional[int] = None  # after the run: the signal that stopped it, on any process
         self._log: Optional[ResultsLog] = None
+        self._stop_signum: Optional[int] = None  # this process's stop request
+        self._stop_file: Optional[Path] = None  # the stop requests of a multi-process run, while it runs
 
     # -- Lightning ------------------------------------------------------------------------------
 
@@ -133,23 +141,66 @@ class StylizationWriter(BasePredictionWriter):
 
     def on_predict_start(self, trainer, pl_module) -> None:
         self.start()
+        datamodule = trainer.datamodule
+        self.jobs_in_run = len(datamodule.job_ids()) if isinstance(datamodule, StylizeDataModule) else None
+        self.stopped_by = None
+        if trainer.world_size > 1:  # one name for the run's stop requests, that every process knows
+            self._stop_file = self.folder / PARTS_FOLDER / f"stop-{trainer.strategy.broadcast(secrets.token_hex(8))}"
 
     def write_on_batch_end(self, trainer, pl_module, prediction: Sequence[JobResult], batch_indices, batch, batch_idx: int,
                            dataloader_idx: int = 0) -> None:
         self.write(prediction)
 
     def on_predict_end(self, trainer, pl_module) -> None:
-        """Sum the job counts of every process; rank zero merges results.jsonl and says how many
-        jobs were skipped. `summary` is the whole run's counts on every process."""
+        self.finish(trainer, pl_module)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # Every process of a stopped run comes here or to `on_predict_end`, so they finish together.
+        if isinstance(exception, PredictInterrupted):
+            self.finish(trainer, pl_module, exception.signum)
+
+    def finish(self, trainer, pl_module, signum: int = 0) -> None:
+        """Sum the job counts of every process and find whether a signal stopped any (`signum`: this
+        one's, 0 for none); then rank zero merges results.jsonl (every process has flushed its part
+        by the barrier) and says how many jobs were skipped. `summary` and `stopped_by` are the
+        whole run's on every process."""
+        stop_file, self._stop_file = self._stop_file, None  # the run is over: no more stop requests
         counts = torch.tensor([self.counts[DONE], self.counts[SKIPPED], self.counts[FAILED]], device=pl_module.device)
         total = trainer.strategy.reduce(counts, reduce_op="sum")
         self.summary = dict(zip((DONE, SKIPPED, FAILED), (int(n) for n in total)))
+        self.stopped_by = int(trainer.strategy.reduce(torch.tensor(signum, device=pl_module.device), reduce_op="max")) or None
         trainer.strategy.barrier("results")
-        if trainer.is_global_zero and isinstance(trainer.datamodule, StylizeDataModule):
-            merge_results(self.folder, trainer.datamodule.job_ids())
+        if trainer.is_global_zero:
+            if stop_file is not None:
+                stop_file.unlink(missing_ok=True)
+            if isinstance(trainer.datamodule, StylizeDataModule):
+                merge_results(self.folder, trainer.datamodule.job_ids())
         skipped = self.summary[SKIPPED]
         if skipped:
             rank_zero_info(f"{skipped} job{'' if skipped == 1 else 's'} already done, skipped")
+
+    @property
+    def not_started(self) -> int:
+        """Jobs of the run that no process started (after the run; 0 when the run's jobs are unknown)."""
+        return 0 if self.jobs_in_run is None else self.jobs_in_run - sum(self.summary.values())
+
+    # -- stopping the run (`callbacks.stop`) -----------------------------------------------------
+
+    def request_stop(self, signum: int) -> None:
+        """Ask every process of the run to stop before its next chunk: this one at once, the others
+        through a file next to the results' part files (written whole, by `atomic_write`)."""
+        if self._stop_signum is None:
+            self._stop_signum = signum
+        if self._stop_file is not None and not self._stop_file.exists():
+            self._stop_file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self._stop_file, lambda handle: handle.write(str(signum).encode()))
+
+    def stop_requested(self) -> Optional[int]:
+        """The signal that asked this process or another to stop; None while none did."""
+        if self._stop_signum is None and self._stop_file is not None and self._stop_file.is_file():
+            text = self._stop_file.read_text().strip()
+            self._stop_signum = int(text) if text.isdigit() else int(signal.SIGTERM)
+        return self._stop_signum
 
     # -- what the predictor asks ----------------------------------------------------------------
 
@@ -174,6 +225,7 @@ class StylizationWriter(BasePredictionWriter):
         """A new run: counts from zero and a fresh part file of results.jsonl."""
         self.counts = {DONE: 0, SKIPPED: 0, FAILED: 0}
         self.failures = []
+        self._stop_signum = None
         self._log = ResultsLog(self.folder)
 
     def write(self, results: Sequence[JobResult]) -> list[JobRecord]:

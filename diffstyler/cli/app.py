@@ -5,10 +5,14 @@ and `run_subcommand`, which runs it and turns its errors into one line and an ex
   the working folder (the resolved config; fit's checkpoints), go next to its outputs.
 - A fit stopped by Ctrl-C or SIGTERM saves a checkpoint of its last completed step
   (`diffstyler.callbacks.interrupt`) and ends with the command that resumes it, status 130 / 143.
+- A predict run stopped by Ctrl-C or SIGTERM finishes the chunk of jobs in progress on every
+  process (`diffstyler.callbacks.stop`), merges results.jsonl and ends with its summary (the jobs
+  not started), status 130 / 143; the same command does the rest.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -19,9 +23,12 @@ from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from diffstyler.callbacks.first_failure import ReportFirstFailure
+from diffstyler.callbacks import first_failure
+from diffstyler.callbacks.first_failure import ReportFirstFailure, wait_for_launcher_exit
 from diffstyler.callbacks.interrupt import FitInterrupted, SaveOnInterrupt, fit_until_interrupted
 from diffstyler.callbacks.progress import JobProgressBar
+from diffstyler.callbacks.stop import PredictInterrupted, StopOnSignal
+from diffstyler.callbacks.writer import StylizationWriter
 from diffstyler.cli.checks import check_fit_steps, check_inputs
 from diffstyler.cli.command_line import DEFAULT_SUBCOMMAND, SUBCOMMANDS
 from diffstyler.cli.config_files import ConfigSource
@@ -95,6 +102,7 @@ class DiffStylerCLI(LightningCLI):
             trainer.callbacks.append(SaveOnInterrupt())
         if subcommand == "predict":
             count_jobs_in_progress_bar(trainer)
+            trainer.callbacks.append(StopOnSignal(self.model.writer))
         return trainer
 
     def fit(self, **kwargs: Any) -> None:
@@ -107,24 +115,35 @@ class DiffStylerCLI(LightningCLI):
 
     def predict(self, **kwargs: Any) -> None:
         """`trainer.predict`, keeping no per-job results in memory unless `--return_predictions true`:
-        they are in results.jsonl, and a 100k-job run would hold them all until the end."""
+        they are in results.jsonl, and a 100k-job run would hold them all until the end.
+
+        What is the same for every job is checked first (`StylizePredictor.check_run`; its `setup`
+        would, but only once a multi-process run has started all its processes). A run stopped by a
+        signal (`PredictInterrupted`) was finished by its writer: `after_predict` reports it."""
         if kwargs.get("return_predictions") is None:
             kwargs["return_predictions"] = False
-        self.trainer.predict(**kwargs)
+        self.model.check_run(self.datamodule)
+        try:
+            self.trainer.predict(**kwargs)
+        except PredictInterrupted:
+            pass
 
     def after_predict(self) -> None:
-        """The run's summary on rank zero; exit status 1 when a job failed (the others are done)."""
+        """The run's summary on rank zero; exit status 128 + the signal when a signal stopped the run
+        (on any process), else 1 when a job failed (the others are done)."""
         writer = self.model.writer
-        summary = writer.summary
-        if not summary:
+        if not writer.summary:
             return
-        folder = writer.folder
         if self.trainer.is_global_zero:
-            for line in writer.failures[:MAX_FAILURES_SHOWN]:
+            why_it_failed = only_failure(writer)
+            for line in [] if why_it_failed else writer.failures[:MAX_FAILURES_SHOWN]:
                 print(f"diffstyler predict: job failed: {line}", file=sys.stderr)
-            print(summary_line(summary, folder / RESULTS_NAME), file=sys.stderr)
-        if summary[FAILED]:
-            sys.exit(JOBS_FAILED_STATUS)
+            print(summary_line(writer.summary, writer.folder / RESULTS_NAME, writer.not_started, writer.stopped_by,
+                               why_it_failed), file=sys.stderr)
+        if writer.stopped_by:
+            exit_after_the_launcher(interrupted_status(writer.stopped_by))
+        if writer.summary[FAILED]:
+            exit_after_the_launcher(JOBS_FAILED_STATUS)
 
     def after_test(self) -> None:
         """The scores on rank zero: how many results were scored, and the metrics."""
@@ -171,10 +190,32 @@ def count_jobs_in_progress_bar(trainer: Trainer) -> None:
             trainer.callbacks[index] = JobProgressBar()
 
 
-def summary_line(summary: dict[str, int], results: Path) -> str:
-    total = sum(summary.values())
-    return (f"diffstyler predict: {total} job{'' if total == 1 else 's'}: {summary[DONE]} done, "
-            f"{summary[SKIPPED]} already done (skipped), {summary[FAILED]} failed; results in {results}")
+def summary_line(summary: dict[str, int], results: Path, not_started: int = 0, stopped_by: Optional[int] = None,
+                 why_it_failed: Optional[str] = None) -> str:
+    """The last line of a predict run: its jobs by outcome; `stopped_by` the signal that stopped it;
+    `why_it_failed` the failure of a run whose one job failed (no need to look further up)."""
+    total = sum(summary.values()) + not_started
+    stopped = f"interrupted by {signal.Signals(stopped_by).name}: " if stopped_by else ""
+    failed = f"{summary[FAILED]} failed" + (f" ({why_it_failed})" if why_it_failed else "")
+    rest = f", {not_started} not started" if not_started else ""
+    again = "; the same command does the rest" if stopped_by and not_started else ""
+    return (f"diffstyler predict: {stopped}{total} job{'' if total == 1 else 's'}: {summary[DONE]} done, "
+            f"{summary[SKIPPED]} already done (skipped), {failed}{rest}; results in {results}{again}")
+
+
+def only_failure(writer: StylizationWriter) -> Optional[str]:
+    """The failure of a run whose one job failed (this process's: the one job is rank zero's)."""
+    one_job = sum(writer.summary.values()) + writer.not_started == 1
+    return writer.failures[0] if one_job and writer.summary[FAILED] and writer.failures else None
+
+
+def exit_after_the_launcher(status: int) -> None:
+    """sys.exit(status); a process started by the launcher of a multi-process run first waits for it
+    to exit: Lightning's launcher kills itself when one of its processes ends with an error."""
+    run = first_failure.current_run
+    if run is not None and not run.is_launcher:
+        wait_for_launcher_exit(run)
+    sys.exit(status)
 
 
 # Trainer defaults that make a run without --config follow the paper (section IV): 200 LoRA steps.

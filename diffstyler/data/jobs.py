@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -98,6 +99,12 @@ def lora_folders_in(path: str) -> list[Path]:
     if not folder.is_dir() or (folder / LORA_WEIGHTS_NAME).exists():
         return []
     return sorted(sub for sub in folder.iterdir() if not sub.name.startswith(".") and (sub / LORA_WEIGHTS_NAME).is_file())
+
+
+def check_scales(styles: list[StyleEntry]) -> None:
+    for index, entry in enumerate(styles):
+        if not math.isfinite(entry.scale):
+            raise config_error(f"data.styles[{index}].scale", f"must be a finite number, got {entry.scale}")
 
 
 def check_styles(styles: list[StyleEntry]) -> list[StyleEntry]:
@@ -295,6 +302,7 @@ class StylizeDataModule(LightningDataModule):
         if manifest is not None and content:
             raise config_error("data.manifest", "give data.content or data.manifest, not both")
         content, styles = list(content or []), list(styles or [])
+        check_scales(styles)
         self.styles = check_styles(expand_lora_folders(styles)) if styles or manifest is None else []
         if manifest is not None:
             specs = manifest_jobs(read_manifest(manifest), self.styles, manifest)
@@ -323,7 +331,14 @@ class StylizeDataModule(LightningDataModule):
 
     def needs_segmenter(self) -> bool:
         """Whether any job's mask comes from FastSAM (a text, box or points prompt, not a file)."""
-        return any(entry.mask is not None and entry.mask.file is None for spec, _ in self.outputs for entry in spec.styles)
+        return any(entry.mask is not None and entry.mask.file is None for entry in self._style_entries())
+
+    def needs_text_prompts(self) -> bool:
+        """Whether any job's mask is a text prompt (FastSAM then needs a CLIP model)."""
+        return any(entry.mask is not None and entry.mask.text is not None for entry in self._style_entries())
+
+    def _style_entries(self) -> list[StyleEntry]:
+        return [entry for spec, _ in self.outputs for entry in spec.styles]
 
     def job_ids(self) -> list[str]:
         return [spec.name for spec, _ in self.outputs]
