@@ -9,7 +9,8 @@ The method is `DiffStylerPipeline`'s; this module only orchestrates it for chunk
    (`stylize.denoise_jobs`), decode them, and return one `JobResult` per job;
 4. a job whose input fails (a user error) fails alone: a failing group is run again job by job.
 Writing the results, results.jsonl, the counts and the failure policy are the `StylizationWriter`
-callback's (`callbacks.writer`), which this module declares (`configure_callbacks`).
+callback's (`callbacks.writer`), which this module declares (`configure_callbacks`). Before the
+model loads, `check_run` checks what is the same for every job, so that its error stops the run.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from diffstyler.sweep import SweepConfig, ablation_grid
 # does not fit, non-finite latents) and, with data.on_error "continue", not the run. Anything else
 # is a bug or the machine's (out of memory) and stops the run.
 JOB_ERRORS = (UserError,)
+NOT_CHECKED = object()  # `StylizePredictor.check_run` has not run yet
 
 
 @dataclass
@@ -119,7 +121,7 @@ class StylizePredictor(LightningModule):
         self.pipeline: Optional[DiffStylerPipeline] = None
         check_injection_windows(injection, sweep, sampling.steps)
         warn_about_ineffective_sites(injection)
-        self._run_checked = False
+        self._checked_datamodule: Any = NOT_CHECKED
 
     def check_run(self, datamodule: Any) -> None:
         """Check, before the model loads, everything that is the same for every job, so that its
@@ -127,9 +129,9 @@ class StylizePredictor(LightningModule):
         inversion cache folder (the output folder: `StylizationWriter`), each LoRA of `data.styles`
         (made for this model family, every weight finite), FastSAM's weights and, for text prompts,
         the CLIP model. What differs per job (its content, a manifest row's mask or LoRA, a box
-        against its image) fails that job only. Runs once; `setup` calls it, and the CLI earlier,
-        before a multi-process run starts its processes."""
-        if self._run_checked:
+        against its image) fails that job only. Runs once per data module; `setup` calls it, and
+        the CLI earlier, before a multi-process run starts its processes."""
+        if datamodule is self._checked_datamodule:
             return
         check_model_reference(self.model_spec)
         if self.inversion_cache is not None:
@@ -142,7 +144,7 @@ class StylizePredictor(LightningModule):
                 check_lora_finite(lora)
             if datamodule.needs_segmenter():
                 check_segmenter(self.segmenter_config, datamodule.needs_text_prompts())
-        self._run_checked = True
+        self._checked_datamodule = datamodule
 
     def configure_model(self) -> None:
         if self.pipeline is not None:

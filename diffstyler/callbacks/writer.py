@@ -10,9 +10,10 @@ nothing written). The writer, after each chunk:
 - applies the failure policy (`data.on_error`): "continue" records a failed job and goes on,
   "stop" raises its error (the run's one error line).
 At the end of the run it sums the counts of every process and rank zero merges results.jsonl; so it
-does when a signal stopped the run between two chunks (`callbacks.stop`: the stop requests of the
-run go through the writer, whose folder every process shares). Whether a job is already done (`is_done`: every file there, decoding, with the current settings
-hash) is asked by the predictor before it does any work for the job.
+does when a signal stopped the run between two chunks (`callbacks.stop`: the run's stop requests go
+through the writer, whose folder every process shares). Whether a job is already done (`is_done`:
+every file there, decoding, with the current settings hash) is asked by the predictor before it
+does any work for the job.
 """
 
 from __future__ import annotations

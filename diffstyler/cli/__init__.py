@@ -23,7 +23,9 @@ Order of work (LightningCLI in lightning 2.6): parse → check → seed → inst
 Trainer → `trainer.fit`. The checks (`check_inputs`: every config dataclass built once so a bad
 value is reported with its key, the `fit --ckpt_path` checkpoint read weights-only) and the data
 module (which reads its images) run before the model loads its weights in `configure_model`, so
-a bad input fails in seconds. The resolved config of a run is saved as `config.yaml` next to its
+a bad input fails in seconds; so does, for predict, the check of what is the same for every job
+(`StylizePredictor.check_run`: model reference, LoRAs, FastSAM, CLIP), before the trainer starts
+any other process. The resolved config of a run is saved as `config.yaml` next to its
 TensorBoard logs.
 
 What needs no parser is checked first, before torch, lightning and diffusers are imported (seconds):
@@ -34,7 +36,9 @@ classes' signatures, hence after those imports.
 Errors in the user's input or environment (`reporting.USER_ERRORS`) are printed as one line,
 `diffstyler <subcommand>: error: <what> (<file or key>): <why>`, with exit status 2 (as argparse
 uses for a bad command line); `--debug` or DIFFSTYLER_DEBUG=1 shows the traceback instead. A fit
-stopped by Ctrl-C or SIGTERM ends with the command that resumes it and status 130 / 143.
+stopped by Ctrl-C or SIGTERM ends with the command that resumes it and status 130 / 143; a predict
+run so stopped ends with its summary (the jobs not started: the same command does them) and the
+same statuses.
 """
 
 from __future__ import annotations

@@ -119,30 +119,33 @@ class DiffStylerCLI(LightningCLI):
 
         What is the same for every job is checked first (`StylizePredictor.check_run`; its `setup`
         would, but only once a multi-process run has started all its processes). A run stopped by a
-        signal (`PredictInterrupted`) was finished by its writer: `after_predict` reports it."""
+        signal (`PredictInterrupted`) was finished by its writer on every process: it is reported
+        and the process exits here."""
         if kwargs.get("return_predictions") is None:
             kwargs["return_predictions"] = False
         self.model.check_run(self.datamodule)
         try:
             self.trainer.predict(**kwargs)
-        except PredictInterrupted:
-            pass
+        except PredictInterrupted as stop:
+            self.end_predict(self.model.writer.stopped_by or stop.signum)
 
     def after_predict(self) -> None:
-        """The run's summary on rank zero; exit status 128 + the signal when a signal stopped the run
-        (on any process), else 1 when a job failed (the others are done)."""
+        # A process whose jobs were all done may end here while another process stopped the run.
+        self.end_predict(self.model.writer.stopped_by)
+
+    def end_predict(self, stopped_by: Optional[int]) -> None:
+        """The run's summary on rank zero; exit status 128 + the signal that stopped the run (on any
+        process), else 1 when a job failed (the others are done)."""
         writer = self.model.writer
-        if not writer.summary:
-            return
-        if self.trainer.is_global_zero:
+        if writer.summary and self.trainer.is_global_zero:
             why_it_failed = only_failure(writer)
             for line in [] if why_it_failed else writer.failures[:MAX_FAILURES_SHOWN]:
                 print(f"diffstyler predict: job failed: {line}", file=sys.stderr)
-            print(summary_line(writer.summary, writer.folder / RESULTS_NAME, writer.not_started, writer.stopped_by,
-                               why_it_failed), file=sys.stderr)
-        if writer.stopped_by:
-            exit_after_the_launcher(interrupted_status(writer.stopped_by))
-        if writer.summary[FAILED]:
+            print(summary_line(writer.summary, writer.folder / RESULTS_NAME, writer.not_started, stopped_by, why_it_failed),
+                  file=sys.stderr)
+        if stopped_by:
+            exit_after_the_launcher(interrupted_status(stopped_by))
+        if writer.summary.get(FAILED):
             exit_after_the_launcher(JOBS_FAILED_STATUS)
 
     def after_test(self) -> None:
