@@ -246,8 +246,8 @@ ROWS = [
     # the base model
     Row("model_not_found", lambda t, b: predict_args(t, b.lora, "--model.model.name", str(t / "no_model")),
         ["no_model", "model.model.name"]),
-    Row("model_folder_without_model_index", lambda t, b: predict_args(t, b.lora, "--model.model.name", str(b.model_folder_without_index)),
-        ["not_a_model", "model.model.name", "model_index.json"]),
+    Row("model_folder_without_model_index", lambda t, b: predict_args(
+        t, b.lora, "--model.model.name", str(b.model_folder_without_index)), ["not_a_model", "model.model.name", "model_index.json"]),
     # the rest of what is the same for every job: checked before the model loads, however many jobs
     Row("fastsam_weights_missing", lambda t, b: masked_predict_args(t, b, {"box": [0, 0, 8, 8]}) + [
         "--model.segmenter.weights", str(t / "FastSAM-s.pt")], ["model.segmenter.weights", "FastSAM-s.pt"]),
@@ -433,5 +433,6 @@ def test_on_two_processes_an_error_of_the_run_is_one_line_without_a_rank(bad, tm
     result = run_console(args)
     assert result.returncode == USER_ERROR_STATUS, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("diffstyler predict: error: FastSAM weights file") and "(model.segmenter.weights)" in last, result.stderr[-3000:]
+    assert last.startswith("diffstyler predict: error: FastSAM weights file"), result.stderr[-3000:]
+    assert "(model.segmenter.weights)" in last
     assert "Traceback" not in result.stderr and "Initializing distributed" not in result.stderr
