@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -114,7 +113,7 @@ class DemoActions:
         if content is None:
             raise UserError("no content photo", "Content photo", "upload a photo first")
         clicks = add_click(clicks, evt.index, kind)
-        return clicks, preview(content, self.region_mask(content, clicks, mode, text, mask_file), clicks, mode)
+        return clicks, self.show_region(content, clicks, mode, text, mask_file)
 
     @shown_in_page
     def clear_clicks(self, content: Optional[Image.Image], mode: str, text: Optional[str],
@@ -146,8 +145,7 @@ class DemoActions:
                         resolution=self.config.train_resolution, lora=StyleLoRAConfig(rank=self.config.train_rank),
                         accelerator=self.config.training_accelerator,
                         callbacks=[TrainingProgress(progress, cancel, self.config.train_steps, name)], progress=False)
-        except TrainingCancelled as stop:
-            shutil.rmtree(folder, ignore_errors=True)  # our own new folder: a half-trained LoRA is not offered
+        except TrainingCancelled as stop:  # the LoRA is written only when training ends: nothing to remove
             return f"Training of {name} cancelled at step {stop.step}; nothing was saved.", *self.style_menus()
         finally:
             self.cancel_requests.pop(request.session_hash, None)

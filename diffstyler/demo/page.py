@@ -89,6 +89,7 @@ def build_page(actions: DemoActions, config: DemoConfig) -> gr.Blocks:
         run_button.click(actions.run, [content, steps, guidance, feature_steps, attention_steps, preset, seed,
                                        *[value for tab in tabs for value in tab.inputs]],
                          [results, downloads], **ONE_AT_A_TIME)
+    page.queue()  # concurrent requests wait their turn (ONE_AT_A_TIME: one model event at once)
     return page
 
 
