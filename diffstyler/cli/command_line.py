@@ -10,7 +10,7 @@ from typing import Optional
 from diffstyler.errors import UserError
 
 SUBCOMMANDS = ("fit", "predict", "test")  # the keys of `app.MODES`, known before its imports
-TOOL_COMMANDS = ("export",)  # the keys of `tools.TOOLS`: argparse commands, no Lightning
+TOOL_COMMANDS = ("export", "demo")  # the keys of `tools.TOOLS`: argparse commands, no Lightning
 DEFAULT_SUBCOMMAND = "fit"
 DEBUG_FLAG = "--debug"
 DEBUG_VARIABLE = "DIFFSTYLER_DEBUG"

@@ -1,6 +1,7 @@
 """Subcommands that are not a Lightning stage, each a plain argparse command:
 
     diffstyler export --lora outputs/lora_mine --format kohya --output mine.safetensors
+    diffstyler demo --config configs/smoke/demo.yaml       # a Gradio page (pip install -e ".[demo]")
 
 `TOOLS` maps a name to its function(argv) -> exit status. Their errors are one line like the
 Lightning subcommands' (`diffstyler <tool>: error: <what> (<where>): <why>`, status 2).
@@ -29,4 +30,21 @@ def export(argv: list[str]) -> int:
     return 0
 
 
-TOOLS: dict[str, Callable[[list[str]], int]] = {"export": export}
+def demo(argv: list[str]) -> int:
+    """DiffStyler in the browser: a Gradio page served on this machine until Ctrl-C."""
+    parser = argparse.ArgumentParser(prog="diffstyler demo", allow_abbrev=False, description=demo.__doc__)
+    parser.add_argument("--config", default=None, help="a demo YAML file (configs/demo.yaml; configs/smoke/demo.yaml for the tiny model)")
+    parser.add_argument("--host", default=None, help="the address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=None, help="the port to serve on (default 7860)")
+    arguments = parser.parse_args(argv)
+    from diffstyler.demo import require_gradio
+
+    require_gradio()  # before the model loads: a missing extra is one line in a second
+    from diffstyler.demo.config import read_demo_config  # torch and diffusers: only once the extra is there
+    from diffstyler.demo.page import serve
+
+    serve(read_demo_config(arguments.config, host=arguments.host, port=arguments.port))
+    return 0
+
+
+TOOLS: dict[str, Callable[[list[str]], int]] = {"export": export, "demo": demo}
