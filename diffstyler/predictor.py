@@ -26,6 +26,7 @@ from PIL import Image
 from diffstyler.callbacks.writer import JobResult, OutputConfig, StylizationWriter, content_ssim
 from diffstyler.data.jobs import Job, StyleEntry, StylizeDataModule
 from diffstyler.errors import UserError, config_error
+from diffstyler.families import DecoderLayers
 from diffstyler.images import load_image, resize_to_multiple_of_8, sha256_file
 from diffstyler.injection import InjectionConfig, describe_ineffective_sites
 from diffstyler.masks import SegmenterConfig
@@ -109,7 +110,6 @@ class StylizePredictor(LightningModule):
         # Called after every denoising step with a `stylize.StepState` (observers: previews, tests).
         self.step_callback: Optional[StepCallback] = None
         self.pipeline: Optional[DiffStylerPipeline] = None
-        warn_about_ineffective_sites(injection)
 
     def configure_model(self) -> None:
         if self.pipeline is not None:
@@ -117,8 +117,12 @@ class StylizePredictor(LightningModule):
         self.pipeline = DiffStylerPipeline(load_pipeline(self.model_spec), self.model_spec, self.segmenter_config,
                                            self.inversion_cache, self.max_loaded_adapters, progress=self.progress)
         pipe = self.pipeline.pipe
-        # Registered as submodules so that Lightning moves them to the device.
+        # Registered as submodules so that Lightning moves them to the device (SDXL has two text encoders).
         self.unet, self.vae, self.text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+        self.text_encoder_2 = getattr(pipe, "text_encoder_2", None)
+        # The layer rules become this UNet's layer numbers (checked against it): what the run records.
+        self.injection = self.pipeline.resolve_injection(self.injection)
+        warn_about_ineffective_sites(self.injection, self.pipeline.decoder)
 
     def configure_callbacks(self) -> list[StylizationWriter]:
         return [self.writer]
@@ -250,7 +254,7 @@ class StylizePredictor(LightningModule):
         not by path), stored in each PNG: a rerun keeps a file only when it matches."""
         has_masks = job.styles[0].mask is not None
         return settings_hash({
-            "model": asdict(self.model_spec),
+            "model": self.model_spec.fingerprint(),
             "dtype": str(self.pipeline.unet.dtype),
             "sampling": asdict(self.sampling),
             "injection": asdict(self.injection),
@@ -274,9 +278,9 @@ def import_ultralytics() -> None:
     import ultralytics  # noqa: F401
 
 
-def warn_about_ineffective_sites(injection: InjectionConfig) -> None:
-    """Warn once, at config time, when the injection settings make configured layers irrelevant."""
-    message = describe_ineffective_sites(injection)
+def warn_about_ineffective_sites(injection: InjectionConfig, decoder: DecoderLayers) -> None:
+    """Warn once, when the model is loaded, when the injection settings make configured layers irrelevant."""
+    message = describe_ineffective_sites(injection, decoder)
     if message:
         rank_zero_warn(message)
 
