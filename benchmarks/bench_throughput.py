@@ -1,6 +1,7 @@
 """Throughput of dataset stylization, as ratios against baselines run in the same process.
 
     .venv/bin/python benchmarks/bench_throughput.py                          # tiny model, CPU
+    .venv/bin/python benchmarks/bench_throughput.py --model tiny-sdxl        # the family's tiny model
     .venv/bin/python benchmarks/bench_throughput.py --model sd21-random --resolution 128 --steps 3 --contents 2
     .venv/bin/python benchmarks/bench_throughput.py --model sd21-random --device cuda --dtype float16 \
         --resolution 512 --steps 50 --contents 8                           # on a GPU (benchmarks/gpu_check.sh)
@@ -16,7 +17,8 @@ Measures
    resident set size from the moment the model is built (Linux VmHWM, reset then), and the UNet's
    parameter bytes. Target: 3 styles within 5% of 1 style.
 
-`sd21-random` is SD 2.1-base's architecture with random weights (see bench_stylize.py).
+The family comes with the model: `tiny`, `tiny-sd15`, `tiny-sdxl`, or each family's real sizes with
+random weights, `sd15-random`, `sd21-random`, `sdxl-random` (see bench_stylize.py).
 """
 
 from __future__ import annotations
@@ -34,35 +36,26 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_stylize import load_benchmark_pipeline  # noqa: E402
-
-from diffstyler.data.jobs import Job, StyleEntry, StylizeDataModule, chunked  # noqa: E402
-from diffstyler.injection import InjectionConfig  # noqa: E402
-from diffstyler.lora import StyleLoRAConfig, add_style_adapter, save_lora  # noqa: E402
-from diffstyler.models import ModelSpec  # noqa: E402
-from diffstyler.pipeline import DiffStylerPipeline  # noqa: E402
-from diffstyler.predictor import OutputConfig, StylizePredictor  # noqa: E402
-from diffstyler.stylize import SamplingConfig  # noqa: E402
+from diffstyler.data.jobs import Job, StyleEntry, StylizeDataModule, chunked
+from diffstyler.injection import InjectionConfig
+from diffstyler.lora import StyleLoRAConfig, add_style_adapter, save_lora
+from diffstyler.models import ModelSpec
+from diffstyler.predictor import OutputConfig, StylizePredictor
+from diffstyler.stylize import SamplingConfig
 
 CONTENT = Path(__file__).resolve().parents[1] / "data" / "content_shapes.png"
 
 
 def make_predictor(args, folder: Path) -> StylizePredictor:
     predictor = StylizePredictor(
-        model=ModelSpec(name="tiny", dtype=args.dtype),
+        model=ModelSpec(name=args.model, dtype=args.dtype),
         injection=InjectionConfig(feature_steps=max(1, args.steps * 3 // 5), attention_steps=max(1, args.steps // 2)),
         sampling=SamplingConfig(steps=args.steps),
         output=OutputConfig(folder=str(folder / "out"), grid=False, overwrite=True),
         inversion_cache=None,
         max_loaded_adapters=16,
     )
-    if args.model == "tiny":
-        predictor.configure_model()
-    else:
-        predictor.pipeline = DiffStylerPipeline(load_benchmark_pipeline(args.model, args.dtype), progress=False)
-        pipe = predictor.pipeline.pipe
-        predictor.unet, predictor.vae, predictor.text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+    predictor.configure_model()
     return predictor.to(args.device)
 
 
@@ -198,7 +191,7 @@ def memory(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="tiny or sd21-random")
+    parser.add_argument("--model", default="tiny", help="the family's model: tiny, tiny-sd15, tiny-sdxl, sd15-random, sd21-random or sdxl-random")
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--contents", type=int, default=4)

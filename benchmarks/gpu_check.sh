@@ -43,3 +43,16 @@ $PY benchmarks/bench_throughput.py --model sd21-random --device cuda --dtype flo
 .venv/bin/diffstyler fit --config configs/smoke/protocols/styleid.yaml --trainer.accelerator gpu --trainer.precision 16-mixed \
   --model.output_dir "$OUT/loras" --trainer.logger.init_args.save_dir "$OUT/logs" 2>&1 | grep "diffstyler fit" | tee "$OUT/fit_folder.txt"
 ls "$OUT/loras"
+
+# 6. SDXL (tiny-sdxl smoke configs): fit in 16-mixed, predict with float16 weights (the VAE decodes in
+#    float32: no black image), then real SDXL sizes with random weights at 1024 px: speed ratios,
+#    one style's LoRA bytes and peak CUDA memory for 1/2/4 styles, and dataset throughput
+.venv/bin/diffstyler fit --config configs/smoke/sdxl/style.yaml --trainer.accelerator gpu --trainer.precision 16-mixed \
+  --model.output_dir "$OUT/sdxl_lora" --trainer.logger.init_args.save_dir "$OUT/logs" 2>&1 | tail -3 | tee "$OUT/sdxl_fit.txt"
+.venv/bin/diffstyler predict --config configs/smoke/sdxl/stylize.yaml --trainer.accelerator gpu --trainer.precision 16-mixed \
+  --model.model.dtype float16 --data.styles "[{lora: $OUT/sdxl_lora}]" --model.output.folder "$OUT/sdxl_stylized" \
+  --model.inversion_cache "$OUT/cache" --trainer.logger.init_args.save_dir "$OUT/logs" 2>&1 | tail -3 | tee "$OUT/sdxl_predict.txt"
+$PY benchmarks/bench_stylize.py --model sdxl-random --device cuda --dtype float16 --resolution 1024 --steps 20 \
+  2>&1 | grep -v -i warn | tee "$OUT/bench_sdxl.txt"
+$PY benchmarks/bench_throughput.py --model sdxl-random --device cuda --dtype float16 --resolution 1024 --steps 20 \
+  --contents 4 2>&1 | grep -v -i warn | tee "$OUT/throughput_sdxl.txt"

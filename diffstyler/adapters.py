@@ -24,10 +24,11 @@ from diffstyler.lora import (
     load_style_adapter,
     set_adapter_scales,
     set_text_encoder_scales,
+    text_encoders,
 )
 
 MAX_LOADED_ADAPTERS = 16
-MAX_CONDITIONINGS = 1024  # (prompt, adapter) pairs kept (300 KB each for SD 2.1)
+MAX_CONDITIONINGS = 1024  # (prompt, adapter) pairs kept (300 KB each for SD 2.1, 600 KB for SDXL)
 
 
 class StyleAdapters:
@@ -92,7 +93,8 @@ class StyleAdapters:
         missing = list(dict.fromkeys(key for key in keys if key not in self.conditionings))
         if missing:
             loaded = sorted({adapter for _, adapter in missing if adapter != BASE_ROW})
-            set_text_encoder_scales(self.pipe.text_encoder, {name: self.scales[name] for name in loaded})
+            for encoder in text_encoders(self.pipe):  # SDXL's two
+                set_text_encoder_scales(encoder, {name: self.scales[name] for name in loaded})
             encoded = encode_prompts_per_adapter(self.pipe, [p for p, _ in missing], [a for _, a in missing])
             for key, conditioning in zip(missing, encoded.split()):
                 self.conditionings[key] = conditioning

@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from diffstyler.errors import MissingFileError, UserError, config_error, first_line
 from diffstyler.lora import describe_width, lora_cross_attention_width, model_family
-from diffstyler.models import TINY_MODEL, ModelSpec, model_load_error
+from diffstyler.models import ModelSpec, model_load_error, random_model_sizes
 
 LATENT_FACTOR = 8  # the VAE downsamples by 8 (same constant as diffstyler.images)
 
@@ -78,11 +78,11 @@ def check_checkpoint_file(path: str | os.PathLike, key: str = "ckpt_path") -> di
 # --- what is the same for every job of a predict run (`StylizePredictor.check_run`) ---------------
 
 def check_model_reference(spec: ModelSpec) -> None:
-    """`model.model.name` names a model that can be loaded, without reading its weights: `tiny`, a
+    """`model.model.name` names a model that can be loaded, without reading its weights: a model built here (`tiny`, ...), a
     local diffusers folder (with model_index.json), a `.safetensors` / `.ckpt` file, or a Hugging
     Face model id (in the local cache when HF_HUB_OFFLINE is set; otherwise it is downloaded when
     the model loads, and nothing is checked now)."""
-    if spec.name == TINY_MODEL:
+    if random_model_sizes(spec.name) is not None:
         return
     path = Path(spec.name).expanduser()
     if spec.is_single_file:

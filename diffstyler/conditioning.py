@@ -55,6 +55,9 @@ class Conditioning:
         """The keyword arguments of `UNet2DConditionModel.forward` for these rows."""
         kwargs: dict[str, Any] = {"encoder_hidden_states": self.hidden}
         if self.pooled is not None:
+            if self.time_ids is None:
+                # SDXL's UNet would fail deep inside its embedding; the size is known where rows are built.
+                raise ValueError("SDXL rows need time ids: attach them with with_time_ids(families.time_ids_for(...))")
             kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
         return kwargs
 

@@ -1,8 +1,11 @@
 """Cross-LoRA feature and attention injection (paper section III-C, eq. 4 and 5).
 
-Decoder layer i of SD's UNet is `up_blocks[i // 3]`, resnet and attention `i % 3`: 12 layers, the
-first three (up_blocks[0]) without attention. The paper injects features in layers 4-11 and
-self- and cross-attention in all decoder layers.
+Decoder layer i is the i-th resnet of the UNet's up blocks in execution order, an attention layer
+one followed by a transformer (`families.decoder_layers`, derived from the loaded UNet). SD 1.x and
+2.x have 12 (up_blocks[i // 3].resnets[i % 3]; the first three without attention), SDXL 9 (the last
+three without attention). The paper injects features in layers 4-11 and self- and cross-attention
+in all decoder layers; `InjectionConfig`'s defaults are these as rules over the map (`paper`, `all`),
+which give the paper's numbers on SD 1.x / 2.x and layers 1-8 / 0-5 on SDXL.
 
 Everything is done with forward hooks, installed for a run and removed afterwards:
 - feature injection: a hook on the layer's resnet (site "output") or on its last convolution
@@ -26,25 +29,22 @@ Where the reference rows come from:
 Dominated settings: replacing a resnet's whole *output* erases everything the style rows computed
 before it in the decoder (the decoder is a chain: apart from the encoder's skip connections, a
 decoder module's only input is the hidden state of the module before it). `ineffective_sites`
-derives, from that execution order, which configured sites then have no effect at all.
+derives, from the map's execution order, which configured sites then have no effect at all.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
-from dataclasses import dataclass, field
-from typing import Iterator, Literal, Optional
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Literal, Optional, Union
 
 import torch
 from diffusers import UNet2DConditionModel
 
 from diffstyler.errors import config_error
+from diffstyler.families import ATTENTION_RULES, FEATURE_RULES, DecoderLayers, check_layer_selection, decoder_layers
 from diffstyler.rows import RowLayout
-
-NUM_DECODER_LAYERS = 12
-LAYERS_PER_UP_BLOCK = 3
-ATTENTION_DECODER_LAYERS = list(range(3, 12))  # up_blocks[0] has no attention in SD
 
 FeatureSite = Literal["output", "residual"]
 ReferenceModel = Literal["base", "style"]
@@ -65,13 +65,18 @@ class InjectionConfig:
     reference_model "base" runs the reference row with the base model (the paper's text: features
       "from the original model"); "style" gives each style its own reference row run through its
       own LoRA, as the paper's public code does.
+    feature_layers / attention_layers: decoder layer numbers, or one rule of the loaded UNet's map
+      (`families.DecoderLayers`): features `paper` (default; SD 1.x / 2.x: 4-11, SDXL: 1-8) or
+      `pnp` (Plug-and-Play's layer; SD: 4, SDXL: 1); attention `all` (default: every decoder
+      layer with attention; SD: 3-11, SDXL: 0-5) or `from_pnp` (SD: 4-11, SDXL: 1-5). Numbers are
+      checked against the UNet when it is loaded (`resolved`).
     """
 
     features: bool = True
     self_attention: bool = True
     cross_attention: bool = True
-    feature_layers: list[int] = field(default_factory=lambda: list(range(4, 12)))
-    attention_layers: list[int] = field(default_factory=lambda: list(ATTENTION_DECODER_LAYERS))
+    feature_layers: list[Union[int, str]] = field(default_factory=lambda: ["paper"])
+    attention_layers: list[Union[int, str]] = field(default_factory=lambda: ["all"])
     feature_steps: int = 30
     attention_steps: int = 25
     qk_mix: Literal["replace", "timestep_rate"] = "replace"
@@ -79,16 +84,11 @@ class InjectionConfig:
     reference_model: ReferenceModel = "base"
 
     def __post_init__(self) -> None:
-        for layer in self.feature_layers:
-            if not 0 <= layer < NUM_DECODER_LAYERS:
-                raise config_error("model.injection.feature_layers", f"decoder layer {layer} does not exist (0-11)")
-        for layer in self.attention_layers:
-            if layer not in ATTENTION_DECODER_LAYERS:
-                raise config_error(
-                    "model.injection.attention_layers",
-                    f"decoder layer {layer} has no attention "
-                    f"(layers with attention: {ATTENTION_DECODER_LAYERS[0]}-{ATTENTION_DECODER_LAYERS[-1]})",
-                )
+        # A single layer or rule name stands for a list of one, as on the command line.
+        self.feature_layers = as_layer_list(self.feature_layers)
+        self.attention_layers = as_layer_list(self.attention_layers)
+        check_layer_selection(self.feature_layers, FEATURE_RULES, "model.injection.feature_layers")
+        check_layer_selection(self.attention_layers, ATTENTION_RULES, "model.injection.attention_layers")
         for key in ("feature_steps", "attention_steps"):
             if getattr(self, key) < 0:
                 raise config_error(f"model.injection.{key}", f"must be >= 0, got {getattr(self, key)}")
@@ -97,6 +97,12 @@ class InjectionConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise config_error(f"model.injection.{key}", f"must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
+
+    def resolved(self, decoder: DecoderLayers) -> "InjectionConfig":
+        """This config with layer numbers for the rules, every layer checked against `decoder` (a
+        one-line error naming the valid range). A resolved config is what the run records."""
+        return replace(self, feature_layers=decoder.feature_layers(self.feature_layers),
+                       attention_layers=decoder.attention_layer_numbers(self.attention_layers))
 
     def features_on(self, step: int) -> bool:
         return self.features and bool(self.feature_layers) and step < self.feature_steps
@@ -109,15 +115,20 @@ class InjectionConfig:
         return self.features_on(step) or self.attention_on(step)
 
 
+def as_layer_list(selection: "list[Union[int, str]] | int | str | None") -> Optional[list[Union[int, str]]]:
+    return [selection] if isinstance(selection, (int, str)) else None if selection is None else list(selection)
+
+
 # Named injection settings for the Python API (`DiffStylerPipeline(..., injection="paper_code")`);
 # the CLI's presets are YAML overlays (configs/presets/), tested equal to these.
 INJECTION_PRESETS: dict[str, InjectionConfig] = {
     # the paper's text: features in decoder layers 4-11 for 30 of 50 steps, SA and CA everywhere for 25
     "paper": InjectionConfig(),
     # the paper's public code (configs/presets/paper_code.yaml; it also inverts with 1000 steps:
-    # inversion_substeps 20)
+    # inversion_substeps 20): features in PnP's layer (SD: 4, SDXL: 1), self-attention from there on
+    # (SD: 4-11, SDXL: 1-5)
     "paper_code": InjectionConfig(
-        cross_attention=False, feature_layers=[4], attention_layers=list(range(4, 12)), feature_steps=25,
+        cross_attention=False, feature_layers=["pnp"], attention_layers=["from_pnp"], feature_steps=25,
         attention_steps=25, qk_mix="timestep_rate", reference_model="style",
     ),
 }
@@ -149,22 +160,13 @@ def check_window_steps(window: int, steps: int, key: str) -> None:
 
 # --- which configured sites can have an effect ------------------------------------------------
 
-def decoder_execution_order(num_layers: int = NUM_DECODER_LAYERS) -> list[tuple[int, str]]:
-    """(layer, "resnet" | "attention") in the order the decoder runs them.
-
-    Inside an up block, diffusers runs resnet j, then attention j, then resnet j + 1 (and the
-    upsampler last); up blocks run in order. The test suite checks this order against the hooks
-    of a real forward pass.
-    """
-    order = []
-    for layer in range(num_layers):
-        order.append((layer, "resnet"))
-        if layer in ATTENTION_DECODER_LAYERS:
-            order.append((layer, "attention"))
-    return order
+def decoder_execution_order(unet: UNet2DConditionModel) -> list[tuple[int, str]]:
+    """(layer, "resnet" | "attention") in the order the UNet's decoder runs them. The test suite
+    checks this order against the hooks of a real forward pass."""
+    return decoder_layers(unet).execution_order()
 
 
-def ineffective_sites(config: InjectionConfig) -> dict[str, list[int]]:
+def ineffective_sites(config: InjectionConfig, decoder: DecoderLayers) -> dict[str, list[int]]:
     """Configured injection layers that cannot change the result, by kind ("features", "attention").
 
     Rule: while an output-site feature injection at decoder layer L is active, the style rows'
@@ -174,9 +176,10 @@ def ineffective_sites(config: InjectionConfig) -> dict[str, list[int]]:
     before the last one is listed; an attention layer before it is listed when its window ends no
     later than the feature window.
     """
+    config = config.resolved(decoder)
     if not (config.features and config.feature_site == "output" and config.feature_layers and config.feature_steps > 0):
         return {}
-    order = decoder_execution_order()
+    order = decoder.execution_order()
     last_output = order.index((max(config.feature_layers), "resnet"))
     before = set(order[:last_output])
     dominated = {"features": sorted(l for l in config.feature_layers if (l, "resnet") in before)}
@@ -186,32 +189,27 @@ def ineffective_sites(config: InjectionConfig) -> dict[str, list[int]]:
     return {kind: layers for kind, layers in dominated.items() if layers}
 
 
-def describe_ineffective_sites(config: InjectionConfig) -> Optional[str]:
+def describe_ineffective_sites(config: InjectionConfig, decoder: DecoderLayers) -> Optional[str]:
     """A one-paragraph warning naming the layers that have no effect, or None."""
-    dominated = ineffective_sites(config)
+    dominated = ineffective_sites(config, decoder)
     if not dominated:
         return None
     kinds = {"features": "feature", "attention": "attention"}
     named = " and ".join(f"{kinds[kind]} layers {layers}" for kind, layers in dominated.items())
     return (
-        f"injection: with feature_site 'output', decoder layer {max(config.feature_layers)}'s injected "
+        f"injection: with feature_site 'output', decoder layer {max(config.resolved(decoder).feature_layers)}'s injected "
         f"output replaces everything the style rows computed before it, so {named} have no effect "
         "(use feature_site 'residual', or drop those layers)"
     )
 
 
 def decoder_resnet(unet: UNet2DConditionModel, layer: int) -> torch.nn.Module:
-    return unet.up_blocks[layer // 3].resnets[layer % 3]
+    return decoder_layers(unet).resnet(unet, layer)
 
 
 def decoder_attentions(unet: UNet2DConditionModel, layer: int, kind: Literal["self", "cross"]) -> list[torch.nn.Module]:
     """The attention modules (attn1 = self, attn2 = cross) of every transformer block of a layer."""
-    block = unet.up_blocks[layer // 3]
-    attentions = getattr(block, "attentions", None)
-    if not attentions:
-        raise ValueError(f"decoder layer {layer} has no attention")
-    name = "attn1" if kind == "self" else "attn2"
-    return [getattr(t, name) for t in attentions[layer % 3].transformer_blocks]
+    return decoder_layers(unet).attentions(unet, layer, kind)
 
 
 class ReferenceMode(enum.Enum):
@@ -229,7 +227,8 @@ class Injector:
 
     def __init__(self, unet: UNet2DConditionModel, config: InjectionConfig):
         self.unet = unet
-        self.config = config
+        self.decoder = decoder_layers(unet)
+        self.config = config.resolved(self.decoder)
         self.step = 0
         self.timestep = 0
         self.mode = ReferenceMode.BATCH_ROW
@@ -248,12 +247,12 @@ class Injector:
         config = self.config
         if config.features:
             for layer in config.feature_layers:
-                resnet = decoder_resnet(self.unet, layer)
+                resnet = self.decoder.resnet(self.unet, layer)
                 yield f"feature.{layer}", "feature", resnet if config.feature_site == "output" else resnet.conv2
         kinds = [k for k, on in (("self", config.self_attention), ("cross", config.cross_attention)) if on]
         for kind in kinds:
             for layer in config.attention_layers:
-                for block, attention in enumerate(decoder_attentions(self.unet, layer, kind)):
+                for block, attention in enumerate(self.decoder.attentions(self.unet, layer, kind)):
                     for projection in ("to_q", "to_k"):
                         key = f"{kind}.{layer}.{block}.{projection}"
                         yield key, "attention", getattr(attention, projection)

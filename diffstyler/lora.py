@@ -2,9 +2,9 @@
 
 - `StyleLoRAConfig`: the paper's defaults (rank 16 on the attention's Q/K/V projections).
 - `add_style_adapter`: a fresh trainable adapter for `fit`.
-- `save_lora` / `load_style_adapter`: `pytorch_lora_weights.safetensors` that
-  `StableDiffusionPipeline.load_lora_weights` reads, and community LoRAs read by diffusers' own
-  converters (kohya, A1111, ...).
+- `save_lora` / `load_style_adapter`: `pytorch_lora_weights.safetensors` that the family's
+  pipeline (`StableDiffusionPipeline` / `StableDiffusionXLPipeline`) reads with `load_lora_weights`,
+  and community LoRAs read by diffusers' own converters (kohya, A1111, ...).
 - `route_adapters`: per-row adapter choice inside one batch (PEFT's mixed-adapter forward), so that
   the reference row runs the base model while the style rows run their own LoRA, in one UNet call.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.loaders.lora_base import set_adapters_for_text_encoder
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
@@ -30,7 +30,8 @@ from peft.utils import get_peft_model_state_dict
 
 from diffstyler.errors import MissingFileError, UserError, config_error, first_line
 from diffstyler.conditioning import Conditioning
-from diffstyler.models import encode_prompts
+from diffstyler.families import describe_width, family_for_width, reads_time_ids
+from diffstyler.models import AnyPipeline, encode_prompts
 from diffstyler.outputs import atomic_write
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -38,8 +39,6 @@ LORA_INFO_NAME = "diffstyler_lora.json"  # written by `diffstyler fit` next to t
 BASE_ROW = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 # Key fragments of LoRA weights in the formats diffusers reads (diffusers/PEFT, kohya/A1111, ...).
 LORA_KEY_MARKERS = ("lora_down", "lora_up", "lora.down", "lora.up", "lora_A", "lora_B", "lora_unet_", "lora_te")
-# Width of the text embeddings that cross-attention reads, by model family.
-MODEL_FAMILY_BY_CROSS_ATTENTION_WIDTH = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
 
 
 @dataclass
@@ -88,15 +87,17 @@ def adapter_state_dict(unet: UNet2DConditionModel, name: str) -> dict[str, torch
 def save_lora(unet: UNet2DConditionModel, name: str, output_dir: str | os.PathLike) -> Path:
     """Write `<output_dir>/pytorch_lora_weights.safetensors` atomically, with the adapter metadata.
 
-    diffusers' own `save_lora_weights` writes the file (its key names and metadata layout are what
-    `load_lora_weights` reads back); it writes into a scratch folder, and the bytes then go into
-    place through `atomic_write`. Without the metadata (`unet_lora_adapter_metadata`) a reload
-    guesses alpha = rank and gets the scaling wrong, so it is always written.
+    diffusers' own `save_lora_weights` of the UNet's family (`StableDiffusionXLPipeline`'s for an
+    SDXL UNet) writes the file (its key names and metadata layout are what `load_lora_weights`
+    reads back); it writes into a scratch folder, and the bytes then go into place through
+    `atomic_write`. Without the metadata (`unet_lora_adapter_metadata`) a reload guesses alpha =
+    rank and gets the scaling wrong, so it is always written.
     """
     layers = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter_state_dict(unet, name).items()}
     metadata = unet.peft_config[name].to_dict()
+    pipeline_class = StableDiffusionXLPipeline if reads_time_ids(unet) else StableDiffusionPipeline
     with tempfile.TemporaryDirectory(prefix="diffstyler-lora-") as staging:
-        StableDiffusionPipeline.save_lora_weights(
+        pipeline_class.save_lora_weights(
             staging,
             unet_lora_layers=layers,
             safe_serialization=True,
@@ -146,28 +147,19 @@ def lora_cross_attention_width(path: Path) -> Optional[int]:
     return None
 
 
-def model_family(cross_attention_width: Optional[int]) -> Optional[str]:
-    return MODEL_FAMILY_BY_CROSS_ATTENTION_WIDTH.get(cross_attention_width)
-
-
-def describe_width(cross_attention_width: int) -> str:
-    family = model_family(cross_attention_width)
-    return f"{family}, width {cross_attention_width}" if family else f"width {cross_attention_width}"
-
-
 def check_lora_fits(unet: UNet2DConditionModel, file: Path) -> None:
     """A LoRA made for another model family (SD 1.x on SD 2.x, ...) says so, instead of a shape error."""
     width = lora_cross_attention_width(file)
     model_width = unet.config.cross_attention_dim
     if width is not None and width != model_width:
-        made_for = model_family(width) or "another model"
+        made_for = family_for_width(width) or "another model"
         raise UserError(
             "LoRA does not fit the model", str(file),
             f"it seems made for {made_for} (cross-attention width {width}), not for this model ({describe_width(model_width)})",
         )
 
 
-def load_style_adapter(pipe: StableDiffusionPipeline, path: str | os.PathLike, name: str) -> None:
+def load_style_adapter(pipe: AnyPipeline, path: str | os.PathLike, name: str) -> None:
     """Load a LoRA file as the named adapter `name` on the pipeline's UNet (no copy of the UNet).
 
     Goes through `load_lora_weights`, so diffusers' converters accept community formats too.
@@ -235,14 +227,22 @@ def set_text_encoder_scales(text_encoder: torch.nn.Module, scales: dict[str, flo
         set_adapters_for_text_encoder(list(present), text_encoder, list(present.values()))
 
 
-def encode_prompts_per_adapter(pipe: StableDiffusionPipeline, prompts: list[str], adapters: list[str]) -> Conditioning:
-    """Text embeddings where prompt i goes through the text-encoder LoRA of `adapters[i]`.
+def text_encoders(pipe: AnyPipeline) -> list[torch.nn.Module]:
+    """The pipeline's text encoders: one, or SDXL's two."""
+    return [encoder for encoder in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if encoder is not None]
+
+
+def encode_prompts_per_adapter(pipe: AnyPipeline, prompts: list[str], adapters: list[str]) -> Conditioning:
+    """Text embeddings where prompt i goes through the text-encoder LoRA of `adapters[i]` (on
+    both of SDXL's text encoders).
 
     Only community LoRAs carry text-encoder layers; `BASE_ROW` (and any adapter without such
     layers) gives the base text encoder, so the reference and inversion prompts stay the base
     model's whatever LoRAs are loaded.
     """
-    with route_adapters(pipe.text_encoder, adapters):
+    with contextlib.ExitStack() as routes:
+        for encoder in text_encoders(pipe):
+            routes.enter_context(route_adapters(encoder, adapters))
         return encode_prompts(pipe, prompts)
 
 

@@ -14,10 +14,12 @@ features and attention are injected (eq. 4-5), each style kept inside its mask (
 styles fused (eq. 7). Its parts (`prepare_styles`, `make_mask`, `trajectories`, `decode`,
 `fused_image`, `settings`) are what `StylizePredictor` runs for many jobs per UNet call; the
 denoising loop itself is `stylize.denoise_jobs`. Defaults are the CLI's (`SamplingConfig`,
-`InjectionConfig`, `images.DEFAULT_RESOLUTION`): the same settings give the same pixels.
+`InjectionConfig`) but the resolution, the model's native size: the same settings give the same pixels.
 
-One UNet holds every style as a named PEFT adapter (`adapters.StyleAdapters`); nothing here uses
-Lightning.
+Every family works the same way (SD 1.x, SD 2.x, SDXL: `families`): the injection's layer rules
+are resolved against the loaded UNet, and SDXL's rows carry its pooled embedding and the content's
+size as time ids. One UNet holds every style as a named PEFT adapter (`adapters.StyleAdapters`);
+nothing here uses Lightning.
 """
 
 from __future__ import annotations
@@ -30,19 +32,20 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler
 from PIL import Image
 
 from diffstyler.adapters import MAX_LOADED_ADAPTERS, StyleAdapters
 from diffstyler.conditioning import Conditioning
 from diffstyler.data.jobs import StyleEntry, check_styles, expand_lora_folders
 from diffstyler.errors import UserError, config_error
-from diffstyler.images import DEFAULT_RESOLUTION, as_rgb_image, resize_to_multiple_of_8, sha256_file, to_tensor
+from diffstyler.families import DecoderLayers, decoder_layers, native_resolution, time_ids_for
+from diffstyler.images import as_rgb_image, resize_to_multiple_of_8, sha256_file, to_tensor
 from diffstyler.injection import InjectionConfig, check_injection_window, injection_config
 from diffstyler.inversion import InversionKey, TrajectoryStore, invert_batch
 from diffstyler.lora import BASE_ROW
 from diffstyler.masks import FastSAMSegmenter, MaskSpec, SegmenterConfig, hard_mask_from_image, mask_to_latent, resolve_mask, shape_mask
-from diffstyler.models import DEFAULT_MODEL, ModelSpec, decode_latents, encode_images, load_pipeline
+from diffstyler.models import DEFAULT_MODEL, AnyPipeline, ModelSpec, decode_latents, encode_images, load_pipeline
 from diffstyler.outputs import a1111_fields, pil_to_unit, to_pil
 from diffstyler.sampling import ddim_schedule
 from diffstyler.stylize import DenoiseJob, SamplingConfig, StepCallback, StyleRows, check_finite, denoise_jobs, fuse_styles
@@ -84,7 +87,7 @@ class DiffStylerPipeline:
         progress: show progress bars for inversion and denoising.
     """
 
-    def __init__(self, pipe: StableDiffusionPipeline, model: Optional[ModelSpec] = None,
+    def __init__(self, pipe: AnyPipeline, model: Optional[ModelSpec] = None,
                  segmenter: SegmenterConfig = SegmenterConfig(), inversion_cache: Optional[str | os.PathLike] = None,
                  max_loaded_adapters: int = MAX_LOADED_ADAPTERS, progress: bool = True):
         if max_loaded_adapters < 1:
@@ -97,8 +100,9 @@ class DiffStylerPipeline:
         self.styles: dict[str, StyleEntry] = {}  # by name, in the order loaded
         self.progress = progress
         self._segmenter: Optional[FastSAMSegmenter] = None
-        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-            module.requires_grad_(False).eval()
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+            if module is not None:
+                module.requires_grad_(False).eval()
 
     # -- building ---------------------------------------------------------------------------------
 
@@ -106,17 +110,20 @@ class DiffStylerPipeline:
     def from_pretrained(cls, model: str = DEFAULT_MODEL, dtype: Optional[str | torch.dtype] = None,
                         device: Optional[str | torch.device] = None, *, revision: Optional[str] = None,
                         variant: Optional[str] = None, config: Optional[str] = None,
-                        prediction_type: Optional[str] = None, **options: Any) -> "DiffStylerPipeline":
-        """Load a model: a hub id, a local diffusers folder, a single `.safetensors`/`.ckpt` file (its
-        configs from `config`), or `tiny` (a seeded random model for trying things without weights).
-        `options` go to the constructor (segmenter, inversion_cache, max_loaded_adapters, progress)."""
+                        prediction_type: Optional[str] = None, vae: Optional[str] = None,
+                        **options: Any) -> "DiffStylerPipeline":
+        """Load a model of any family (SD 1.x, SD 2.x, SDXL): a hub id, a local diffusers folder, a
+        single `.safetensors`/`.ckpt` file (its configs from `config`, default its family's base
+        model), or `tiny` / `tiny-sd15` / `tiny-sdxl` (seeded random models for trying things without
+        weights). `vae`: another VAE (e.g. SDXL's fp16-fixed one). `options` go to the constructor
+        (segmenter, inversion_cache, max_loaded_adapters, progress)."""
         spec = ModelSpec(name=model, revision=revision, variant=variant, dtype=dtype_name(dtype), config=config,
-                         prediction_type=prediction_type)
+                         prediction_type=prediction_type, vae=vae)
         pipeline = cls(load_pipeline(spec), spec, **options)
         return pipeline.to(device) if device is not None else pipeline
 
     @classmethod
-    def from_pipe(cls, pipe: StableDiffusionPipeline, **options: Any) -> "DiffStylerPipeline":
+    def from_pipe(cls, pipe: AnyPipeline, **options: Any) -> "DiffStylerPipeline":
         """Wrap a diffusers pipeline you already have (its scheduler becomes a DDIM scheduler of the
         same config). Its inversion cache key is its `name_or_path` and UNet config: give another
         `inversion_cache` folder after changing its weights."""
@@ -136,13 +143,31 @@ class DiffStylerPipeline:
         return self.pipe.unet.device
 
     @property
+    def decoder(self) -> DecoderLayers:
+        """The UNet's decoder layer map (`families.decoder_layers`)."""
+        return decoder_layers(self.unet)
+
+    def resolve_injection(self, injection: InjectionConfig | str) -> InjectionConfig:
+        """An injection config or preset with this UNet's layer numbers for its rules, every layer
+        checked against the UNet (one line naming the valid range)."""
+        return injection_config(injection).resolved(self.decoder)
+
+    @property
+    def native_resolution(self) -> int:
+        return native_resolution(self.pipe)
+
+    def time_ids(self, content: Image.Image) -> Optional[torch.Tensor]:
+        """SDXL's time ids for a content image (its size twice, no crop); None for SD 1.x / 2.x."""
+        return time_ids_for(self.unet, (content.height, content.width))
+
+    @property
     def model_name(self) -> str:
         return self.model_spec.name if self.model_spec else str(self.pipe.config.get("_name_or_path", "") or "in-memory pipeline")
 
     def model_id(self) -> str:
         """Everything about the weights and schedule that an inversion depends on, but the dtype."""
         if self.model_spec is not None:
-            return json.dumps({k: v for k, v in asdict(self.model_spec).items() if k != "dtype"}, sort_keys=True)
+            return json.dumps({k: v for k, v in self.model_spec.fingerprint().items() if k != "dtype"}, sort_keys=True)
         unet_config = json.dumps(dict(self.pipe.unet.config), sort_keys=True, default=str)
         return json.dumps({"name_or_path": self.model_name, "unet": hashlib.sha256(unet_config.encode()).hexdigest()})
 
@@ -178,7 +203,7 @@ class DiffStylerPipeline:
         injection: InjectionConfig | str = "paper",
         inversion_prompt: str = SamplingConfig.inversion_prompt,
         inversion_substeps: int = SamplingConfig.inversion_substeps,
-        resolution: int = DEFAULT_RESOLUTION,
+        resolution: Optional[int] = None,
         composite: bool = True,
         inversion_cache: Optional[str | os.PathLike] = None,
         callback_on_step_end: Optional[StepCallback] = None,
@@ -191,14 +216,17 @@ class DiffStylerPipeline:
         `InjectionConfig` or a preset name ("paper", "paper_code"). seed / generator: recorded in
         the settings and seeding torch's generator; the method itself is deterministic (DDIM, eta 0).
         inversion_cache: a folder of trajectories for this call (default: the pipeline's).
+        resolution: the longer side the content is resized to (a multiple of 8); None: the model's
+        native size (512 for SD 1.5 and SD 2.1-base, 1024 for SDXL).
         callback_on_step_end: called with a `stylize.StepState` after every denoising step.
         """
         # 1. Check the inputs: each error is one line naming the argument.
+        resolution = self.native_resolution if resolution is None else resolution
         image = resize_to_multiple_of_8(as_rgb_image(content, "content"), check_resolution_argument(resolution))
         entries = self._entries_for_call(styles, prompt)
         mask_inputs = masks_per_style(masks, len(entries))
         sampling = sampling_for_call(num_inference_steps, guidance_scale, negative_prompt, inversion_prompt, inversion_substeps)
-        injection = injection_config(injection)
+        injection = self.resolve_injection(injection)
         check_injection_window(injection, sampling.steps, prefix="injection.")
         if output_type not in ("pil", "np", "latent"):
             raise config_error("output_type", f"must be 'pil', 'np' or 'latent', got {output_type!r}")
@@ -261,14 +289,16 @@ class DiffStylerPipeline:
                        sampling: SamplingConfig) -> tuple[Conditioning, list[StyleRows]]:
         """The inversion prompt's conditioning (base text encoder) and each style's rows: its adapter
         (loaded now), the conditionings of its prompt and of the negative prompt (through its LoRA's
-        text-encoder layers where it has them), and its mask on the latent grid."""
+        text-encoder layers where it has them), and its mask on the latent grid. On SDXL every one
+        carries the content's size as its time ids."""
         names = [self.adapters.adapter_for(entry.lora, entry.scale) for entry in styles]
         prompts, adapters = [sampling.inversion_prompt], [BASE_ROW]
         for name, entry in zip(names, styles):
             prompts += [entry.prompt, sampling.negative_prompt]
             adapters += [name, name]
         device, dtype = self.unet.device, self.unet.dtype
-        encoded = [c.to(device, dtype) for c in self.adapters.encode(prompts, adapters)]
+        time_ids = self.time_ids(content)
+        encoded = [c.to(device, dtype).with_time_ids(time_ids) for c in self.adapters.encode(prompts, adapters)]
         rows = []
         for k, (name, entry, mask) in enumerate(zip(names, styles, masks)):
             latent_mask = None if mask is None else mask_to_latent(mask, self.latent_size(content))[None, None].to(device, dtype)
@@ -296,14 +326,16 @@ class DiffStylerPipeline:
                      store: Optional[TrajectoryStore] = None, max_batch: Optional[int] = None) -> list[torch.Tensor]:
         """Each content's inversion trajectory [N + 1, C, h, w] (trajectory[i] is the latent at
         sampling step i, trajectory[N] the clean latent): stored ones as they are, the others
-        inverted together, several of one size per UNet call (at most `max_batch`)."""
+        inverted together, several of one size per UNet call (at most `max_batch`). `reference` is the
+        inversion prompt's conditioning; on SDXL each group gets its own size's time ids."""
         schedule = ddim_schedule(self.pipe.scheduler, sampling.steps)
         channels = self.unet.config.in_channels
 
         def invert_many(images: list[Image.Image]) -> list[torch.Tensor]:
             latents = encode_images(self.pipe, torch.stack([to_tensor(i) for i in images])).to(self.unet.dtype)
+            conditioning = reference.with_time_ids(self.time_ids(images[0]))  # one size per group
             with base_model(self.unet):
-                return invert_batch(self.unet, latents, reference, schedule, sampling.inversion_substeps, progress=self.progress)
+                return invert_batch(self.unet, latents, conditioning, schedule, sampling.inversion_substeps, progress=self.progress)
 
         factor = self.pipe.vae_scale_factor
         requests = [(self.inversion_key(content, sampling), content) for content in contents]

@@ -29,6 +29,7 @@ from diffstyler.callbacks.writer import JobResult, OutputConfig, StylizationWrit
 from diffstyler.checks import check_lora_finite, check_lora_width, check_model_reference, check_writable_folder
 from diffstyler.data.jobs import Job, StyleEntry, StylizeDataModule
 from diffstyler.errors import UserError, config_error
+from diffstyler.families import DecoderLayers
 from diffstyler.images import load_image, resize_to_multiple_of_8, sha256_file
 from diffstyler.injection import (
     INJECTION_WINDOWS,
@@ -120,7 +121,6 @@ class StylizePredictor(LightningModule):
         self.step_callback: Optional[StepCallback] = None
         self.pipeline: Optional[DiffStylerPipeline] = None
         check_injection_windows(injection, sweep, sampling.steps)
-        warn_about_ineffective_sites(injection)
         self._checked_datamodule: Any = NOT_CHECKED
 
     def check_run(self, datamodule: Any) -> None:
@@ -152,8 +152,12 @@ class StylizePredictor(LightningModule):
         self.pipeline = DiffStylerPipeline(load_pipeline(self.model_spec), self.model_spec, self.segmenter_config,
                                            self.inversion_cache, self.max_loaded_adapters, progress=self.progress)
         pipe = self.pipeline.pipe
-        # Registered as submodules so that Lightning moves them to the device.
+        # Registered as submodules so that Lightning moves them to the device (SDXL has two text encoders).
         self.unet, self.vae, self.text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+        self.text_encoder_2 = getattr(pipe, "text_encoder_2", None)
+        # The layer rules become this UNet's layer numbers (checked against it): what the run records.
+        self.injection = self.pipeline.resolve_injection(self.injection)
+        warn_about_ineffective_sites(self.injection, self.pipeline.decoder)
 
     def configure_callbacks(self) -> list[StylizationWriter]:
         return [self.writer]
@@ -289,7 +293,7 @@ class StylizePredictor(LightningModule):
         not by path), stored in each PNG: a rerun keeps a file only when it matches."""
         has_masks = job.styles[0].mask is not None
         return settings_hash({
-            "model": asdict(self.model_spec),
+            "model": self.model_spec.fingerprint(),
             "dtype": str(self.pipeline.unet.dtype),
             "sampling": asdict(self.sampling),
             "injection": asdict(self.injection),
@@ -322,9 +326,9 @@ def check_injection_windows(injection: InjectionConfig, sweep: SweepConfig, step
                 check_window_steps(window, steps, f"model.sweep.{key}")
 
 
-def warn_about_ineffective_sites(injection: InjectionConfig) -> None:
-    """Warn once, at config time, when the injection settings make configured layers irrelevant."""
-    message = describe_ineffective_sites(injection)
+def warn_about_ineffective_sites(injection: InjectionConfig, decoder: DecoderLayers) -> None:
+    """Warn once, when the model is loaded, when the injection settings make configured layers irrelevant."""
+    message = describe_ineffective_sites(injection, decoder)
     if message:
         rank_zero_warn(message)
 

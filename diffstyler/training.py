@@ -6,7 +6,9 @@ projections learns the style:
     L = E_{z0, eps, t} || eps - eps_theta(z_t, t, c) ||²      (or the v-target for v-prediction)
 
 with z0 the VAE latent of a style image, c the prompt's text embedding and t uniform in
-[0, num_train_timesteps).
+[0, num_train_timesteps). On SDXL, c also holds text_encoder_2's pooled embedding and the time ids
+of each image (its size, the corner of its crop and the crop's size: `families.time_ids_for`);
+both text encoders stay frozen.
 
 Reproducibility: the noise, timesteps and augmentation of step k come from a generator seeded with
 (seed, k, rank), never from the global RNG. A run resumed from a checkpoint therefore computes
@@ -34,7 +36,8 @@ from diffstyler.data.style import DEFAULT_STYLE_PROMPT, StyleDataModule
 from diffstyler.errors import UserError, config_error
 from diffstyler.conditioning import Conditioning
 from diffstyler.export import export_lora
-from diffstyler.lora import LORA_INFO_NAME, LORA_WEIGHTS_NAME, StyleLoRAConfig, add_style_adapter, model_family, save_lora, write_lora_info
+from diffstyler.families import model_family, native_resolution, time_ids_for
+from diffstyler.lora import LORA_INFO_NAME, LORA_WEIGHTS_NAME, StyleLoRAConfig, add_style_adapter, save_lora, write_lora_info
 from diffstyler.models import ModelSpec, encode_images, encode_prompts, load_pipeline
 from diffstyler.torch_utils import eval_mode
 
@@ -96,7 +99,7 @@ class StyleLoRAModule(LightningModule):
         # Filled by configure_model(): loading is deferred so that the data is validated first
         # and every DDP process builds its own copy.
         self.pipe = None
-        self.unet = self.vae = self.text_encoder = None
+        self.unet = self.vae = self.text_encoder = self.text_encoder_2 = None
         self.noise_scheduler: Optional[DDPMScheduler] = None
         # Encoded once and reused for every step (not saved: recomputed identically on resume).
         self.latent_cache: dict[int, torch.Tensor] = {}
@@ -110,6 +113,9 @@ class StyleLoRAModule(LightningModule):
         pipe = load_pipeline(self.model_spec)
         pipe.vae.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
+        text_encoder_2 = getattr(pipe, "text_encoder_2", None)  # SDXL's second, frozen too
+        if text_encoder_2 is not None:
+            text_encoder_2.requires_grad_(False)
         add_style_adapter(pipe.unet, self.lora_config, self.adapter_name)
         if self.gradient_checkpointing:
             pipe.unet.enable_gradient_checkpointing()
@@ -118,6 +124,7 @@ class StyleLoRAModule(LightningModule):
         self.unet = pipe.unet
         self.vae = pipe.vae
         self.text_encoder = pipe.text_encoder
+        self.text_encoder_2 = text_encoder_2  # registered, so that Lightning moves it to the device
         # The paper trains with the DDPM forward process; same schedule as the model's DDIM.
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
@@ -159,8 +166,9 @@ class StyleLoRAModule(LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         generator = self.step_generator()
-        latents = self.augment_latents(self.style_latents(batch), batch, generator)
-        prompt = self.prompt_conditioning(batch["prompt"])
+        whole = self.style_latents(batch)
+        latents, corners = self.augment_latents(whole, batch, generator)
+        prompt = self.prompt_conditioning(batch["prompt"]).with_time_ids(self.time_ids(whole, latents, corners))
         num_timesteps = self.noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, num_timesteps, (len(latents),), generator=generator)
         noise = torch.randn(latents.shape, generator=generator)
@@ -204,20 +212,32 @@ class StyleLoRAModule(LightningModule):
                 self.prompt_cache[prompt] = encode_prompts(self.pipe, [prompt])
         return Conditioning.cat([self.prompt_cache[prompt] for prompt in prompts])
 
-    def augment_latents(self, latents: torch.Tensor, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        """Optional random crops and left-right flips of the cached latents (data.crop / data.flip).
+    def augment_latents(self, latents: torch.Tensor, batch: dict,
+                        generator: torch.Generator) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Optional random crops and left-right flips of the cached latents (data.crop / data.flip),
+        and each crop's top-left corner on the latent grid ((0, 0) uncropped).
 
         Augmenting latents instead of pixels keeps the single VAE pass; a flip or crop of an
         SD latent decodes to (very nearly) the flipped or cropped image.
         """
-        augmented = []
+        augmented, corners = [], []
         for latent, crop, flip in zip(latents, batch["crop"].tolist(), batch["flip"].tolist()):
+            corner = (0, 0)
             if crop:
-                latent = _random_crop(latent, CROP_FRACTION, generator)
+                latent, corner = _random_crop(latent, CROP_FRACTION, generator)
             if flip and torch.rand((), generator=generator) < 0.5:
                 latent = latent.flip(-1)
             augmented.append(latent)
-        return torch.stack(augmented)
+            corners.append(corner)
+        return torch.stack(augmented), corners
+
+    def time_ids(self, whole: torch.Tensor, latents: torch.Tensor, corners: list[tuple[int, int]]) -> Optional[torch.Tensor]:
+        """SDXL's time ids [B, 6] of a batch: each image's size, its crop's corner and the crop's size, in
+        pixels (uncropped: the image's size twice and (0, 0), as stylization gives them); None for SD 1.x / 2.x."""
+        factor = self.pipe.vae_scale_factor
+        original, target = tuple(factor * side for side in whole.shape[-2:]), tuple(factor * side for side in latents.shape[-2:])
+        ids = [time_ids_for(self.unet, original, (factor * top, factor * left), target) for top, left in corners]
+        return None if ids[0] is None else torch.cat(ids)
 
     # --- optimisation and checkpoints -----------------------------------------------------------
 
@@ -273,11 +293,11 @@ class StyleLoRAModule(LightningModule):
 
     def model_card(self, style: dict[str, Any]) -> dict[str, Any]:
         """The fields a model page (civitai and the like) asks of a LoRA."""
-        width = self.unet.config.cross_attention_dim
+        family = model_family(self.pipe)
         prompts = style.get("prompt")
         return {
             "type": "LORA",
-            "base_model": model_family(width) or f"cross-attention width {width}",
+            "base_model": family.name or f"cross-attention width {family.cross_attention_width}",
             "base_model_name": self.model_spec.name,
             "trigger_words": [prompts] if isinstance(prompts, str) else list(prompts or []),
             "rank": self.lora_config.rank,
@@ -313,12 +333,12 @@ class StyleLoRAModule(LightningModule):
         return {"prompt": sorted(self.prompt_cache), "style_images": []}
 
 
-def _random_crop(latent: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
+def _random_crop(latent: torch.Tensor, fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, tuple[int, int]]:
     height, width = latent.shape[-2:]
     crop_height, crop_width = max(1, round(height * fraction)), max(1, round(width * fraction))
     top = int(torch.randint(0, height - crop_height + 1, (), generator=generator))
     left = int(torch.randint(0, width - crop_width + 1, (), generator=generator))
-    return latent[..., top : top + crop_height, left : left + crop_width]
+    return latent[..., top : top + crop_height, left : left + crop_width], (top, left)
 
 
 def train_style(
@@ -330,7 +350,7 @@ def train_style(
     prompt: str = DEFAULT_STYLE_PROMPT,
     lora: StyleLoRAConfig = StyleLoRAConfig(),
     learning_rate: float = 2e-4,
-    resolution: int = 512,
+    resolution: Optional[int] = None,
     seed: int = 0,
     accelerator: str = "auto",
     precision: str = "32-true",
@@ -340,17 +360,22 @@ def train_style(
     """Learn a style LoRA from one image (or several) and write it to `output_dir`; returns the folder.
 
     The same `StyleLoRAModule` and data module as `diffstyler fit`, with the paper's defaults (rank
-    16 on Q/K/V, 200 steps, AdamW at 2e-4, 512 px), seeded as the CLI seeds (`seed_everything`), so
-    the same settings give the LoRA `diffstyler fit` gives. No logger and no checkpoints; pass
-    Lightning `callbacks` to watch or stop the training (an exception raised in one ends it).
+    16 on Q/K/V, 200 steps, AdamW at 2e-4), seeded as the CLI seeds (`seed_everything`), so the same
+    settings give the LoRA `diffstyler fit` gives. `resolution` None: the model's native size (512
+    for SD 1.5 and SD 2.1-base, 1024 for SDXL; the model is then loaded before the images are read).
+    No logger and no checkpoints; pass Lightning `callbacks` to watch or stop the training (an
+    exception raised in one ends it).
     """
     if steps < 1:
         raise config_error("steps", f"must be >= 1, got {steps}")
     seed_everything(seed, workers=True, verbose=False)
-    data = StyleDataModule(images=[str(i) for i in (images if isinstance(images, list) else [images])], prompt=prompt,
-                           resolution=resolution)
     module = StyleLoRAModule(model=model if isinstance(model, ModelSpec) else ModelSpec(name=model), lora=lora,
                              learning_rate=learning_rate, output_dir=str(output_dir))
+    if resolution is None:
+        module.configure_model()
+        resolution = native_resolution(module.pipe)
+    data = StyleDataModule(images=[str(i) for i in (images if isinstance(images, list) else [images])], prompt=prompt,
+                           resolution=resolution)
     trainer = Trainer(max_steps=steps, accelerator=accelerator, devices=1, precision=precision, logger=False,
                       enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
                       callbacks=list(callbacks or []))

@@ -25,19 +25,19 @@ def randomize_adapter(unet, name: str, seed: int, std: float = 0.3) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 
-def tiny_pipe_with_adapter(name: str = "style", seed: int = 1, rank: int = 4):
-    pipe = load_pipeline(ModelSpec(name="tiny"))
+def tiny_pipe_with_adapter(name: str = "style", seed: int = 1, rank: int = 4, model: str = "tiny"):
+    pipe = load_pipeline(ModelSpec(name=model))
     add_style_adapter(pipe.unet, StyleLoRAConfig(rank=rank), name)
     randomize_adapter(pipe.unet, name, seed)
     pipe.unet.requires_grad_(False)
     return pipe
 
 
-def write_random_lora(folder: Path, seed: int, prompt: str = "painting of sss") -> Path:
-    """A LoRA file as `diffstyler fit` writes it, with random weights, plus its info file."""
-    pipe = tiny_pipe_with_adapter("style", seed)
+def write_random_lora(folder: Path, seed: int, prompt: str = "painting of sss", model: str = "tiny") -> Path:
+    """A LoRA file as `diffstyler fit` writes it for the tiny `model`, with random weights, plus its info file."""
+    pipe = tiny_pipe_with_adapter("style", seed, model=model)
     save_lora(pipe.unet, "style", folder)
-    (folder / "diffstyler_lora.json").write_text(json.dumps({"prompt": prompt, "base_model": "tiny"}))
+    (folder / "diffstyler_lora.json").write_text(json.dumps({"prompt": prompt, "base_model": model}))
     return folder / "pytorch_lora_weights.safetensors"
 
 
@@ -107,14 +107,14 @@ CONTENT = REPO_ROOT / "data" / "content_shapes.png"  # 64 x 48, not square
 MASK = REPO_ROOT / "data" / "content_shapes_mask.png"
 
 
-def make_predictor(tmp_path: Path, **output):
-    """A `StylizePredictor` on `tiny` with short windows (6 steps), writing to `tmp_path/out`, model loaded."""
+def make_predictor(tmp_path: Path, model: str = "tiny", **output):
+    """A `StylizePredictor` on a tiny `model` with short windows (6 steps), writing to `tmp_path/out`, model loaded."""
     from diffstyler.injection import InjectionConfig
     from diffstyler.predictor import OutputConfig, StylizePredictor
     from diffstyler.stylize import SamplingConfig
 
     predictor = StylizePredictor(
-        model=ModelSpec(name="tiny"),
+        model=ModelSpec(name=model),
         injection=InjectionConfig(feature_steps=4, attention_steps=3),
         sampling=SamplingConfig(steps=6),
         output=OutputConfig(folder=str(tmp_path / "out"), **output),

@@ -164,10 +164,13 @@ ROWS = [
     Row("steps_not_a_number", lambda t, b: predict_args(t, b.lora, "--model.sampling.steps", "many"), ["model.sampling.steps"]),
     Row("injection_window_below_0", lambda t, b: predict_args(t, b.lora, "--model.injection.feature_steps", "-1"),
         ["model.injection.feature_steps"]),
+    # layer numbers are checked against the loaded UNet's decoder (families.decoder_layers)
     Row("injection_layer_missing", lambda t, b: predict_args(t, b.lora, "--model.injection.feature_layers", "[12]"),
-        ["model.injection.feature_layers"]),
+        ["model.injection.feature_layers", "decoder layers: 0-11"], before_model=False),
     Row("attention_layer_without_attention", lambda t, b: predict_args(t, b.lora, "--model.injection.attention_layers", "[1]"),
-        ["model.injection.attention_layers"]),
+        ["model.injection.attention_layers", "layers with attention: 3-11"], before_model=False),
+    Row("injection_layer_rule_unknown", lambda t, b: predict_args(t, b.lora, "--model.injection.attention_layers", "every"),
+        ["model.injection.attention_layers", "unknown layer rule 'every'", "all, from_pnp"]),
     Row("predict_resolution_not_multiple_of_8", lambda t, b: predict_args(t, b.lora, "--data.resolution", "60"), ["data.resolution"]),
     Row("fit_resolution_not_multiple_of_8", lambda t, b: fit_args(t, "--data.resolution", "60"), ["data.resolution"]),
     Row("bad_dtype", lambda t, b: predict_args(t, b.lora, "--model.model.dtype", "float64"), ["model.model", "dtype"]),
@@ -188,8 +191,8 @@ ROWS = [
         ["unknown config key (data.styles[].lroa)", "did you mean lora?"]),
     Row("style_value_of_the_wrong_type", lambda t, b: predict_args(t, b.lora, "--data.styles", json.dumps(
         [{"lora": str(b.lora), "scale": "big"}])), ["invalid config value (data.styles[].scale)", "expected float, got big"]),
-    Row("single_value_of_the_wrong_type", lambda t, b: predict_args(t, b.lora, "--model.injection.feature_layers", "abc"),
-        ["model.injection.feature_layers", "expected int, got abc"]),
+    Row("single_value_of_the_wrong_type", lambda t, b: predict_args(t, b.lora, "--model.sweep.feature_steps", "abc"),
+        ["model.sweep.feature_steps", "expected int, got abc"]),
     Row("unknown_subcommand", lambda t, b: ["predcit", "--config", STYLIZE_CONFIG], ["unknown subcommand 'predcit'", "did you mean predict?"]),
     # config files
     Row("config_file_missing", lambda t, b: predict_args(t, b.lora, "--config", str(t / "nope.yaml")), ["config file not found", "nope.yaml"]),

@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
+from diffstyler.families import decoder_layers
 from diffstyler.injection import (
-    ATTENTION_DECODER_LAYERS,
     InjectionConfig,
     Injector,
     ReferenceMode,
@@ -27,6 +27,7 @@ from diffstyler.rows import JobRows, RowLayout
 from tests.helpers import denoise_with_injection, tiny_pipe_with_adapter
 
 STEPS = 8
+ATTENTION_DECODER_LAYERS = list(range(3, 12))  # SD 1.x / 2.x: up_blocks[0] has no attention
 EVERYWHERE = dict(feature_site="output", feature_layers=list(range(12)), attention_layers=ATTENTION_DECODER_LAYERS, feature_steps=STEPS, attention_steps=STEPS)
 NOTHING = dict(features=False, self_attention=False, cross_attention=False)
 NOTHING_BUT_FEATURES = dict(self_attention=False, cross_attention=False)
@@ -69,11 +70,17 @@ def test_decoder_layer_mapping_follows_sd_numbering(setup):
         decoder_attentions(unet, 2, "self")
 
 
-def test_config_rejects_layers_that_do_not_exist():
-    with pytest.raises(ValueError, match="layer 12 does not exist"):
-        InjectionConfig(feature_layers=[12])
-    with pytest.raises(ValueError, match="layer 1 has no attention"):
-        InjectionConfig(attention_layers=[1, 4])
+def test_config_rejects_layers_that_do_not_exist(setup):
+    """Checked against the loaded UNet, one line naming the valid range."""
+    decoder = decoder_layers(setup[0].unet)
+    with pytest.raises(ValueError, match=r"feature_layers.*layer 12 does not exist \(this UNet's decoder layers: 0-11\)"):
+        InjectionConfig(feature_layers=[12]).resolved(decoder)
+    with pytest.raises(ValueError, match=r"attention_layers.*layer 1 has no attention \(this UNet's layers with attention: 3-11\)"):
+        InjectionConfig(attention_layers=[1, 4]).resolved(decoder)
+    with pytest.raises(ValueError, match="does not exist"):
+        InjectionConfig(feature_layers=[-1])
+    with pytest.raises(ValueError, match="unknown layer rule 'every'"):
+        InjectionConfig(attention_layers=["every"])
     with pytest.raises(ValueError, match="qk_mix"):
         InjectionConfig(qk_mix="blend")
 
@@ -189,35 +196,38 @@ def test_decoder_execution_order_is_the_order_of_a_real_forward_pass(setup):
     finally:
         for handle in handles:
             handle.remove()
-    assert seen == decoder_execution_order()
+    assert seen == decoder_execution_order(unet)
 
 
-def test_default_configuration_has_no_dominated_layer():
-    assert ineffective_sites(InjectionConfig()) == {}
-    assert describe_ineffective_sites(InjectionConfig()) is None
+def test_default_configuration_has_no_dominated_layer(setup):
+    decoder = decoder_layers(setup[0].unet)
+    assert ineffective_sites(InjectionConfig(), decoder) == {}
+    assert describe_ineffective_sites(InjectionConfig(), decoder) is None
 
 
-def test_output_site_names_exactly_the_layers_its_last_layer_erases():
+def test_output_site_names_exactly_the_layers_its_last_layer_erases(setup):
     """The defect of the old default: output-site features 4-11 make features 4-10 and attention 3-10 idle."""
-    dominated = ineffective_sites(InjectionConfig(feature_site="output"))
+    decoder = decoder_layers(setup[0].unet)
+    dominated = ineffective_sites(InjectionConfig(feature_site="output"), decoder)
     assert dominated == {"features": list(range(4, 11)), "attention": list(range(3, 11))}
     # attention open longer than the features: it acts in the later steps, so it is not listed
-    assert ineffective_sites(InjectionConfig(feature_site="output", feature_steps=3, attention_steps=5)) == {
+    assert ineffective_sites(InjectionConfig(feature_site="output", feature_steps=3, attention_steps=5), decoder) == {
         "features": list(range(4, 11))}
     # a single output-site layer dominates only what runs before it
-    assert ineffective_sites(InjectionConfig(feature_site="output", feature_layers=[4])) == {"attention": [3]}
-    message = describe_ineffective_sites(InjectionConfig(feature_site="output"))
+    assert ineffective_sites(InjectionConfig(feature_site="output", feature_layers=[4]), decoder) == {"attention": [3]}
+    message = describe_ineffective_sites(InjectionConfig(feature_site="output"), decoder)
     assert "feature layers [4, 5, 6, 7, 8, 9, 10] and attention layers [3, 4, 5, 6, 7, 8, 9, 10]" in message
 
 
-def test_the_predictor_warns_once_at_config_time_about_dominated_layers():
+def test_the_predictor_warns_once_at_load_time_about_dominated_layers():
     from diffstyler.predictor import StylizePredictor
 
+    predictor = StylizePredictor(model=ModelSpec(name="tiny"), injection=InjectionConfig(feature_site="output"), inversion_cache=None)
     with pytest.warns(UserWarning, match=r"feature layers \[4, 5, 6, 7, 8, 9, 10\] and attention layers \[3, 4, 5, 6, 7, 8, 9, 10\] have no effect"):
-        StylizePredictor(model=ModelSpec(name="tiny"), injection=InjectionConfig(feature_site="output"), inversion_cache=None)
+        predictor.configure_model()
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        StylizePredictor(model=ModelSpec(name="tiny"), inversion_cache=None)
+        warnings.simplefilter("error", UserWarning)
+        StylizePredictor(model=ModelSpec(name="tiny"), inversion_cache=None).configure_model()
 
 
 WINDOWS = dict(feature_steps=5, attention_steps=4)  # 30 and 25 of 50, scaled to 8 steps
@@ -225,8 +235,8 @@ WINDOWS = dict(feature_steps=5, attention_steps=4)  # 30 and 25 of 50, scaled to
 
 def test_the_layers_the_warning_names_really_have_no_effect(setup):
     """Checks the rule against the model: dominated layers removed, the result is the same to the bit."""
-    full = InjectionConfig(feature_site="output", **WINDOWS)
-    dominated = ineffective_sites(full)
+    full = InjectionConfig(feature_site="output", **WINDOWS).resolved(decoder_layers(setup[0].unet))
+    dominated = ineffective_sites(full, decoder_layers(setup[0].unet))
     kept_features = [l for l in full.feature_layers if l not in dominated["features"]]
     kept_attention = [l for l in full.attention_layers if l not in dominated["attention"]]
     assert kept_features == [11] and kept_attention == [11]
@@ -242,13 +252,13 @@ def default_result(setup):
 @pytest.mark.parametrize("layer", range(4, 12))
 def test_default_every_feature_layer_changes_the_result(setup, default_result, layer):
     """Non-degeneracy: removing any one feature layer of the default changes the result."""
-    layers = [l for l in InjectionConfig().feature_layers if l != layer]
+    layers = [l for l in range(4, 12) if l != layer]  # the default's layers on SD 1.x / 2.x
     assert (_run(setup, InjectionConfig(feature_layers=layers, **WINDOWS)) - default_result).abs().max().item() > 1e-5
 
 
 @pytest.mark.parametrize("layer", ATTENTION_DECODER_LAYERS)
 def test_default_every_attention_layer_changes_the_result(setup, default_result, layer):
-    layers = [l for l in InjectionConfig().attention_layers if l != layer]
+    layers = [l for l in ATTENTION_DECODER_LAYERS if l != layer]
     assert (_run(setup, InjectionConfig(attention_layers=layers, **WINDOWS)) - default_result).abs().max().item() > 1e-5
 
 
@@ -416,7 +426,7 @@ def test_attention_injection_keeps_the_style_rows_own_values(setup, monkeypatch)
 
 def _all_sites(unet) -> dict[str, torch.nn.Module]:
     sites = {}
-    for layer, kind in decoder_execution_order():
+    for layer, kind in decoder_execution_order(unet):
         if kind == "resnet":
             sites[f"conv2.{layer}"] = decoder_resnet(unet, layer).conv2
             sites[f"resnet.{layer}"] = decoder_resnet(unet, layer)

@@ -132,9 +132,10 @@ def test_a_lora_for_another_model_family_says_which_it_seems_made_for(tmp_path, 
 
 
 def test_model_families_by_cross_attention_width(tmp_path):
-    from diffstyler.lora import lora_cross_attention_width, model_family
+    from diffstyler.families import family_for_width
+    from diffstyler.lora import lora_cross_attention_width
 
-    assert [model_family(width) for width in (768, 1024, 2048, 32)] == ["SD 1.x", "SD 2.x", "SDXL", None]
+    assert [family_for_width(width) for width in (768, 1024, 2048, 32)] == ["SD 1.x", "SD 2.x", "SDXL", None]
     write_lora_for_width(tmp_path / "sd2.safetensors", 1024)
     assert lora_cross_attention_width(tmp_path / "sd2.safetensors") == 1024
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from diffstyler.errors import UserError
 from diffstyler.models import DEFAULT_MODEL, ModelLoadError, ModelSpec, build_tiny_pipeline, load_pipeline
@@ -206,21 +206,26 @@ def write_original_layout_checkpoint(pipe, path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_folder_and_single_file(tmp_path_factory):
-    """The tiny model as a diffusers folder (its configs) and as one original-layout file (its weights)."""
+@pytest.fixture(scope="module", params=["tiny", "tiny-sd15"])
+def tiny_folder_and_single_file(request, tmp_path_factory):
+    """A tiny model as a diffusers folder (its configs) and as one original-layout file (its weights):
+    `tiny` (SD 2.1-base's topology) and `tiny-sd15` (SD 1.5's layout: 8 heads, convolutional
+    projections, 768-wide text: the layout of most community single files)."""
     base = tmp_path_factory.mktemp("single_file")
-    pipe = build_tiny_pipeline()
-    pipe.save_pretrained(str(base / "tiny_folder"))
-    return base / "tiny_folder", write_original_layout_checkpoint(pipe, base / "tiny.safetensors")
+    pipe = build_tiny_pipeline(name=request.param)
+    pipe.save_pretrained(str(base / "folder"))
+    return base / "folder", write_original_layout_checkpoint(pipe, base / f"{request.param}.safetensors")
 
 
 def test_single_file_loads_offline_with_the_configs_of_the_named_folder(
     tiny_folder_and_single_file, no_network, unet_probe
 ):
+    """Caught: a single file loaded with other configs than `model.model.config` names (another
+    layout, head count or projection), or weights not converted from the original layout."""
     folder, single_file = tiny_folder_and_single_file
     from_file = load_pipeline(ModelSpec(name=str(single_file), config=str(folder)))
     from_folder = load_pipeline(ModelSpec(name=str(folder)))
+    assert type(from_file) is type(from_folder) is StableDiffusionPipeline
     for component in ("unet", "vae", "text_encoder"):
         weights, expected = getattr(from_file, component).state_dict(), getattr(from_folder, component).state_dict()
         assert weights.keys() == expected.keys(), component
@@ -231,24 +236,50 @@ def test_single_file_loads_offline_with_the_configs_of_the_named_folder(
     assert no_network == []
 
 
-def test_single_file_without_config_uses_the_sd21_base_configs(tmp_path, monkeypatch):
-    # Without `config`, diffusers would guess from the weights and take SD 2's 768-px v-prediction
-    # configs for any SD 2.x file: the wrong prediction type for SD 2.1-base.
+def write_cross_attention_only_file(path: Path, width: int) -> Path:
+    """A single file holding one original-layout cross-attention key of this text width (all the
+    family detection reads); the name says nothing about the family."""
+    from safetensors.torch import save_file
+
+    save_file({"model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(2, width)}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("width, pipeline_class, config", [
+    (768, StableDiffusionPipeline, "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+    (1024, StableDiffusionPipeline, DEFAULT_MODEL),
+    (2048, StableDiffusionXLPipeline, "stabilityai/stable-diffusion-xl-base-1.0"),
+])
+def test_single_file_without_config_uses_its_familys_configs_read_from_its_tensors(width, pipeline_class, config, tmp_path,
+                                                                                  monkeypatch):
+    """Caught: the family guessed from the file name, or SD 2's 768-px v-prediction configs (what
+    diffusers would guess for any SD 2.x file, from a repository that no longer exists) for SD 2.1-base."""
     calls = []
 
-    def record(path, **kwargs):
-        calls.append(kwargs)
+    def record(cls, path, **kwargs):
+        calls.append((cls, kwargs))
         raise OSError("stop after recording the call")
 
-    monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", record)
+    for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline):
+        monkeypatch.setattr(cls, "from_single_file", classmethod(record))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    checkpoint = tmp_path / "sd21-base-finetune.safetensors"
-    checkpoint.write_bytes(b"")
+    checkpoint = write_cross_attention_only_file(tmp_path / "model.safetensors", width)
     with pytest.raises(ModelLoadError):
         load_pipeline(ModelSpec(name=str(checkpoint)))
-    (kwargs,) = calls
-    assert kwargs["config"] == DEFAULT_MODEL
+    ((cls, kwargs),) = calls
+    assert cls is pipeline_class and kwargs["config"] == config
     assert kwargs["local_files_only"] is True
+
+
+def test_single_file_of_no_known_family_asks_for_its_configs(tmp_path):
+    checkpoint = write_cross_attention_only_file(tmp_path / "model.safetensors", 32)
+    with pytest.raises(ModelLoadError, match=r"cross-attention width 32.*model\.model\.config") as error:
+        load_pipeline(ModelSpec(name=str(checkpoint)))
+    assert "\n" not in str(error.value)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelLoadError, match="cannot read the checkpoint file"):
+        load_pipeline(ModelSpec(name=str(broken)))
 
 
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])

@@ -209,12 +209,13 @@ def test_latent_augmentation_is_seeded_and_keeps_shapes_batchable():
     module = StyleLoRAModule(ModelSpec("tiny"))
     latents = torch.arange(2 * 4 * 8 * 8, dtype=torch.float32).reshape(2, 4, 8, 8)
     switches = {"crop": torch.tensor([True, True]), "flip": torch.tensor([True, True])}
-    first = module.augment_latents(latents, switches, torch.Generator().manual_seed(3))
-    again = module.augment_latents(latents, switches, torch.Generator().manual_seed(3))
-    assert first.shape == (2, 4, 6, 6) and torch.equal(first, again)
-    untouched = module.augment_latents(latents, {"crop": torch.tensor([False] * 2), "flip": torch.tensor([False] * 2)},
-                                torch.Generator())
-    assert torch.equal(untouched, latents)
+    first, corners = module.augment_latents(latents, switches, torch.Generator().manual_seed(3))
+    again, same_corners = module.augment_latents(latents, switches, torch.Generator().manual_seed(3))
+    assert first.shape == (2, 4, 6, 6) and torch.equal(first, again) and corners == same_corners
+    assert all(0 <= top <= 2 and 0 <= left <= 2 for top, left in corners)
+    untouched, none = module.augment_latents(latents, {"crop": torch.tensor([False] * 2), "flip": torch.tensor([False] * 2)},
+                                             torch.Generator())
+    assert torch.equal(untouched, latents) and none == [(0, 0), (0, 0)]
 
 
 def test_half_precision_base_needs_a_mixed_precision_trainer(tmp_path, style_image):

@@ -13,20 +13,21 @@ from typing import Optional, Union
 
 import torch
 import torchvision
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from diffstyler.conditioning import Conditioning
-from diffstyler.models import decode_latents, encode_prompts
+from diffstyler.families import native_resolution, time_ids_for
+from diffstyler.models import AnyPipeline, decode_latents, encode_prompts
 from diffstyler.sampling import classifier_free_guidance, ddim_schedule, ddim_step
 from diffstyler.torch_utils import eval_mode
 
 
 @torch.no_grad()
 def sample_text_to_image(
-    pipe: StableDiffusionPipeline,
+    pipe: AnyPipeline,
     prompt: Union[str, list[str]],
     negative_prompt: Union[str, list[str]],
     height: int,
@@ -51,6 +52,7 @@ def sample_text_to_image(
     unet = pipe.unet
     device, dtype = unet.device, unet.dtype
     text = Conditioning.cat([encode_prompts(pipe, negatives), encode_prompts(pipe, prompts)]).to(device, dtype)
+    text = text.with_time_ids(time_ids_for(unet, (height, width)))  # SDXL: the image's size, no crop
     schedule = ddim_schedule(DDIMScheduler.from_config(pipe.scheduler.config), steps)
 
     shape = (len(prompts), unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
@@ -76,7 +78,7 @@ class PreviewGrid(Callback):
         steps: DDIM steps per sample.
         guidance_scale: classifier-free guidance scale.
         negative_prompt: the unconditional prompt.
-        height / width: image size in pixels; None: the UNet's native size (512 for SD 2.1-base).
+        height / width: image size in pixels; None: the UNet's native size (512 for SD 2.1-base, 1024 for SDXL).
         seed: seed of the initial noise; the same for every grid.
     """
 
@@ -130,7 +132,7 @@ class PreviewGrid(Callback):
     def make_grid(self, trainer: Trainer, pl_module: LightningModule) -> torch.Tensor:
         """One row per prompt, `images_per_prompt` columns; a float tensor [3, H, W] in [0, 1]."""
         pipe = pl_module.pipe
-        native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        native = native_resolution(pipe)
         prompts = [p for p in self._preview_prompts(trainer) for _ in range(self.images_per_prompt)]
         generator = torch.Generator().manual_seed(self.seed)
         with eval_mode(pipe.unet), trainer.precision_plugin.forward_context():

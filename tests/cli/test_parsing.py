@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from diffstyler.cli import main
 from diffstyler.cli.command_line import SUBCOMMANDS, find_subcommand
 from diffstyler.cli.config_files import ConfigSource, source_of
 from diffstyler.errors import UserError
