@@ -9,7 +9,8 @@ The method is `DiffStylerPipeline`'s; this module only orchestrates it for chunk
    (`stylize.denoise_jobs`), decode them, and return one `JobResult` per job;
 4. a job whose input fails (a user error) fails alone: a failing group is run again job by job.
 Writing the results, results.jsonl, the counts and the failure policy are the `StylizationWriter`
-callback's (`callbacks.writer`), which this module declares (`configure_callbacks`). Before the
+callback's (`callbacks.writer`), which this module declares (`configure_callbacks`) with
+`callbacks.tensorboard.PredictionLogger` (result grids, settings and throughput in TensorBoard). Before the
 model loads, `check_run` checks what is the same for every job, so that its error stops the run.
 """
 
@@ -25,6 +26,7 @@ from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 
+from diffstyler.callbacks.tensorboard import PredictionLogger
 from diffstyler.callbacks.writer import JobResult, OutputConfig, StylizationWriter, content_ssim
 from diffstyler.checks import check_lora_finite, check_lora_width, check_model_reference, check_writable_folder
 from diffstyler.data.jobs import Job, StyleEntry, StylizeDataModule
@@ -159,8 +161,8 @@ class StylizePredictor(LightningModule):
         self.injection = self.pipeline.resolve_injection(self.injection)
         warn_about_ineffective_sites(self.injection, self.pipeline.decoder)
 
-    def configure_callbacks(self) -> list[StylizationWriter]:
-        return [self.writer]
+    def configure_callbacks(self) -> list[Any]:
+        return [self.writer, PredictionLogger()]
 
     # -- Lightning ------------------------------------------------------------------------------
 
