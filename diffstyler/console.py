@@ -1,13 +1,17 @@
 """A quiet console: a run prints its progress bar, diffstyler's own one-line notices and its summary.
 
-The libraries' tips, environment reports and deprecations are silenced at their source (their
-loggers' levels, warning filters), unless `--verbose` (or DIFFSTYLER_VERBOSE=1) asks for them:
-Lightning's "GPU available" / "TPU available" lines, its litlogger / litmodels tips, "Seed set to",
-"`Trainer.fit` stopped: `max_steps=...` reached", the model summary table; diffusers' "No LoRA keys
-associated to CLIPTextModel found" (once per LoRA); PEFT's "Already found a `peft_config`
-attribute" (from the second adapter on); torch's `LeafSpec` deprecation; jsonargparse's
-deprecations from Lightning's own CLI code. Warnings and errors of our own, and anything at
-warning level or above that these libraries log, still show.
+The libraries' tips, environment reports and deprecations are silenced at their source, unless
+`--verbose` (or DIFFSTYLER_VERBOSE=1, which is how DDP's other ranks learn it) asks for them:
+- Lightning's info lines ("GPU available" / "TPU available", the litlogger / litmodels tips,
+  "Seed set to", "`Trainer.fit` stopped: `max_steps=...` reached", DDP's start-up lines): its
+  loggers' level, so that its warnings still show;
+- diffusers' "No LoRA keys associated to CLIPTextModel found" (once per LoRA: our LoRAs train the
+  UNet only): that one message of that one logger;
+- PEFT's "Already found a `peft_config` attribute" (from the second adapter on: several named
+  adapters on one UNet is the design) and torch's `LeafSpec` deprecation (raised inside
+  Lightning's utilities): warning filters on their exact messages.
+The model summary table is off in the CLI's trainer defaults (`cli.app.shared_trainer_defaults`).
+Warnings and errors of our own, and any other warning these libraries give, still show.
 """
 
 from __future__ import annotations
@@ -19,31 +23,47 @@ import warnings
 VERBOSE_FLAG = "--verbose"
 VERBOSE_VARIABLE = "DIFFSTYLER_VERBOSE"
 
-# Loggers whose info-level chatter is noise for a user (their warnings still show).
-CHATTY_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning")
-# Loggers (and, for diffusers / transformers, their own verbosity switches) whose warnings are notes
-# about things we do on purpose.
-NOTE_LOGGERS = ("diffusers", "transformers")
-# (message regex, category) of warnings that are about the libraries' own code or our deliberate use.
+# Loggers whose info-level lines are noise for a user (their warnings still show).
+CHATTY_LOGGERS = ("lightning.pytorch", "lightning.fabric")
+# logger -> the starts of the messages it gives that are notes about what we do on purpose.
+DROPPED_LOG_MESSAGES = {
+    "diffusers.loaders.lora_base": ("No LoRA keys associated to CLIPTextModel",),  # also CLIPTextModelWithProjection (SDXL)
+}
+# (message regex, matched from the start, and category) of warnings about the libraries' own code
+# or our deliberate use of them.
 WARNINGS = (
-    (r".*Already found a `peft_config` attribute", UserWarning),  # several named adapters on one UNet: the design
-    (r".*isinstance\(treespec, LeafSpec\)", Warning),  # inside Lightning's utilities
-    (r".*(was deprecated in v4|skip_none parameter was deprecated)", Warning),  # jsonargparse, called by Lightning's CLI
-    (r".*You have overridden `transfer_batch_to_device`", UserWarning),
+    (r"Already found a `peft_config` attribute in the model", UserWarning),
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", Warning),
 )
 
 
 def verbose_requested(args: list[str]) -> tuple[bool, list[str]]:
-    """(verbose?, args without --verbose): the flag is ours; DDP ranks get it from the environment."""
+    """(verbose?, args without --verbose): the flag is ours, LightningCLI must not see it."""
     verbose = VERBOSE_FLAG in args or os.environ.get(VERBOSE_VARIABLE, "") not in ("", "0")
     return verbose, [arg for arg in args if arg != VERBOSE_FLAG]
 
 
+class DropMessages(logging.Filter):
+    """Drops the records whose message starts with one of `starts`."""
+
+    def __init__(self, starts: tuple[str, ...]) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.starts)
+
+
+# One filter object per logger, so that quieting twice adds nothing (`addFilter` skips a filter it has).
+_MESSAGE_FILTERS = {name: DropMessages(starts) for name, starts in DROPPED_LOG_MESSAGES.items()}
+
+
 def quiet_libraries() -> None:
-    """Silence the libraries' notices for this process (see the module's docstring)."""
+    """Silence the libraries' notices for this process (see the module's docstring). Call it after
+    lightning is imported: its import sets its loggers' level to INFO."""
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
-    for name in NOTE_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+    for name, message_filter in _MESSAGE_FILTERS.items():
+        logging.getLogger(name).addFilter(message_filter)
     for message, category in WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)

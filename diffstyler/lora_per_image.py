@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import gc
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -27,6 +28,7 @@ from jsonargparse import Namespace
 from lightning.pytorch import Trainer, seed_everything
 
 from diffstyler.callbacks.interrupt import SaveOnInterrupt, fit_until_interrupted
+from diffstyler.cli.reporting import lora_written_line
 from diffstyler.errors import UserError, config_error
 from diffstyler.lora import LORA_WEIGHTS_NAME, lora_info_path, read_lora_info
 
@@ -73,7 +75,6 @@ def fit_one_lora_per_image(cli: DiffStylerCLI, ckpt_path: Optional[str]) -> None
           f"{len(todo)} to train, one LoRA each in {model.output_dir}/<image stem>", file=sys.stderr)
     whole_config = cli.config
     for number, lora in enumerate(todo, start=1):
-        print(f"diffstyler fit: [{number}/{len(todo)}] {lora.image} -> {lora.folder}", file=sys.stderr)
         cli.config = config_for_image(whole_config, cli.subcommand, lora)  # also what SaveConfigCallback saves
         # The LoRA's initial weights come from the global RNG: seeded again, each image starts as
         # it would in a fit of its own, wherever it is in the list.
@@ -87,7 +88,10 @@ def fit_one_lora_per_image(cli: DiffStylerCLI, ckpt_path: Optional[str]) -> None
             if isinstance(callback, SaveOnInterrupt):
                 callback.save_checkpoint = False
         gc.collect()  # the previous image's model (trainer and module refer to each other) before this one loads
+        started = time.perf_counter()
         fit_until_interrupted(cli.trainer, cli.model, datamodule=cli.datamodule)
+        print(lora_written_line(str(lora.folder), cli.trainer.global_step, time.perf_counter() - started, (number, len(todo))),
+              file=sys.stderr)
     cli.config = whole_config
     if todo:
         print(f"diffstyler fit: {len(todo)} LoRA{'' if len(todo) == 1 else 's'} trained, "

@@ -35,7 +35,9 @@ classes' signatures, hence after those imports.
 
 Errors in the user's input or environment (`reporting.USER_ERRORS`) are printed as one line,
 `diffstyler <subcommand>: error: <what> (<file or key>): <why>`, with exit status 2 (as argparse
-uses for a bad command line); `--debug` or DIFFSTYLER_DEBUG=1 shows the traceback instead. A fit
+uses for a bad command line); `--debug` or DIFFSTYLER_DEBUG=1 shows the traceback instead.
+`--verbose` or DIFFSTYLER_VERBOSE=1 shows the libraries' notices that a run hides by default
+(`diffstyler.console`). A fit
 stopped by Ctrl-C or SIGTERM ends with the command that resumes it and status 130 / 143; a predict
 run so stopped ends with its summary (the jobs not started: the same command does them) and the
 same statuses.
@@ -51,6 +53,7 @@ from typing import Optional
 from diffstyler.cli.command_line import DEBUG_VARIABLE, TOOL_COMMANDS, find_subcommand, split_debug_flag
 from diffstyler.cli.config_files import config_sources, protocol_stage
 from diffstyler.cli.status import JOBS_FAILED_STATUS, USER_ERROR_STATUS, interrupted_status
+from diffstyler.console import VERBOSE_VARIABLE, quiet_libraries, verbose_requested
 from diffstyler.errors import UserError
 
 __all__ = ["JOBS_FAILED_STATUS", "USER_ERROR_STATUS", "main", "protocol_stage"]
@@ -60,12 +63,17 @@ def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the `diffstyler` console script (returns None: its value becomes the exit code).
 
     A user error ends the process with one line on stderr and status 2; with --debug it is raised.
+    From the console (`args` None) the libraries' notices are silenced unless --verbose is given
+    (`diffstyler.console`); called with `args`, the process's logging is left as it is.
     """
     from_console = args is None
     command = sys.argv[1:] if from_console else list(args)  # as given: what a resume line repeats
     debug, args = split_debug_flag(command)
     if debug:
         os.environ[DEBUG_VARIABLE] = "1"  # for the ranks that DDP starts
+    verbose, args = verbose_requested(args)
+    if verbose:
+        os.environ[VERBOSE_VARIABLE] = "1"  # for the ranks that DDP starts
     subcommand = None
     try:
         subcommand = find_subcommand(args)
@@ -87,6 +95,8 @@ def main(args: Optional[list[str]] = None) -> None:
         # above need none of them.
         from diffstyler.cli.app import run_subcommand
 
+        if from_console and not verbose:
+            quiet_libraries()
         run_subcommand(subcommand, args, sources, command, debug)
     except KeyboardInterrupt:  # Ctrl-C before a fit's own handling starts (imports, parsing, reading the data)
         if debug:

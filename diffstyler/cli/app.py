@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -26,14 +27,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from diffstyler.callbacks import first_failure
 from diffstyler.callbacks.first_failure import ReportFirstFailure, wait_for_launcher_exit
 from diffstyler.callbacks.interrupt import FitInterrupted, SaveOnInterrupt, fit_until_interrupted
-from diffstyler.callbacks.progress import JobProgressBar
+from diffstyler.callbacks.progress import JobProgressBar, StepProgressBar
 from diffstyler.callbacks.stop import PredictInterrupted, StopOnSignal
 from diffstyler.callbacks.writer import StylizationWriter
 from diffstyler.cli.checks import check_fit_steps, check_inputs
 from diffstyler.cli.command_line import DEFAULT_SUBCOMMAND, SUBCOMMANDS
 from diffstyler.cli.config_files import ConfigSource
 from diffstyler.cli.parsing import PARSER_SETTINGS, accept_single_values_as_lists, parse_error
-from diffstyler.cli.reporting import exit_for, failure_line, interrupted_line
+from diffstyler.cli.reporting import exit_for, failure_line, interrupted_line, lora_written_line
 from diffstyler.cli.status import JOBS_FAILED_STATUS, interrupted_status
 from diffstyler.data import StyleDataModule, StylizeDataModule
 from diffstyler.evaluation.data import EvaluationDataModule
@@ -99,9 +100,10 @@ class DiffStylerCLI(LightningCLI):
         subcommand = self.subcommand
         trainer.callbacks.append(ReportFirstFailure(lambda error, rank: failure_line(subcommand, error, rank)))
         if subcommand == "fit":
+            replace_default_progress_bar(trainer, StepProgressBar)
             trainer.callbacks.append(SaveOnInterrupt())
         if subcommand == "predict":
-            count_jobs_in_progress_bar(trainer)
+            replace_default_progress_bar(trainer, JobProgressBar)
             trainer.callbacks.append(StopOnSignal(self.model.writer))
         return trainer
 
@@ -110,8 +112,11 @@ class DiffStylerCLI(LightningCLI):
         SIGINT or SIGTERM (`SaveOnInterrupt`), it raises FitInterrupted."""
         if getattr(self.datamodule, "one_lora_per_image", False):
             fit_one_lora_per_image(self, kwargs.get("ckpt_path"))
-        else:
-            fit_until_interrupted(self.trainer, **kwargs)
+            return
+        started = time.perf_counter()
+        fit_until_interrupted(self.trainer, **kwargs)
+        if self.trainer.is_global_zero:
+            print(lora_written_line(self.model.output_dir, self.trainer.global_step, time.perf_counter() - started), file=sys.stderr)
 
     def predict(self, **kwargs: Any) -> None:
         """`trainer.predict`, keeping no per-job results in memory unless `--return_predictions true`:
@@ -185,12 +190,13 @@ class DiffStylerCLI(LightningCLI):
 
 # --- defaults and progress -------------------------------------------------------------------
 
-def count_jobs_in_progress_bar(trainer: Trainer) -> None:
+def replace_default_progress_bar(trainer: Trainer, progress_bar: type[TQDMProgressBar]) -> None:
     """Lightning's own progress bar (tqdm, or rich where it is installed), if the trainer has one,
-    replaced by one that counts jobs; a progress bar the user configured is kept."""
+    replaced by ours (`callbacks.progress`: jobs for predict, steps for fit); a progress bar the
+    user configured is kept."""
     for index, callback in enumerate(trainer.callbacks):
         if type(callback) in (TQDMProgressBar, RichProgressBar):
-            trainer.callbacks[index] = JobProgressBar()
+            trainer.callbacks[index] = progress_bar()
 
 
 def summary_line(summary: dict[str, int], results: Path, not_started: int = 0, stopped_by: Optional[int] = None,
@@ -227,11 +233,14 @@ PAPER_TRAINER_DEFAULTS: dict[str, dict[str, Any]] = {"fit": {"max_steps": 200}, 
 
 
 def shared_trainer_defaults(subcommand: str) -> dict[str, Any]:
+    """A TensorBoardLogger under `outputs/logs/<subcommand>`; no model summary table (a quiet
+    console: `diffstyler.console`; `--trainer.enable_model_summary true` shows it); the paper's steps."""
     return {
         "logger": {
             "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
             "init_args": {"save_dir": LOG_DIR, "name": subcommand},
         },
+        "enable_model_summary": False,
         **PAPER_TRAINER_DEFAULTS[subcommand],
     }
 

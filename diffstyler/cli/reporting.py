@@ -1,6 +1,6 @@
 """The lines the `diffstyler` command ends with: one line per user error, the first failure of a
-multi-process run (see `diffstyler.callbacks.first_failure`), and the resume command of an
-interrupted fit. The exit statuses are in `status`."""
+multi-process run (see `diffstyler.callbacks.first_failure`), the resume command of an
+interrupted fit, and where a finished fit wrote its LoRA. The exit statuses are in `status`."""
 
 from __future__ import annotations
 
@@ -76,6 +76,12 @@ def exit_for(subcommand: str, error: BaseException) -> None:
         if current_run is not None and not current_run.is_launcher:
             wait_for_launcher_exit(current_run)
         sys.exit(USER_ERROR_STATUS)
+
+
+def lora_written_line(folder: str, steps: int, seconds: float, image: Optional[tuple[int, int]] = None) -> str:
+    """The last line of a fit; `image` (number, count) for one LoRA of a fit over a folder."""
+    place = f"[{image[0]}/{image[1]}] " if image else ""
+    return f"diffstyler fit: {place}LoRA written to {folder} ({steps} steps, {seconds:.1f} s)"
 
 
 # --- an interrupted fit -----------------------------------------------------------------------------
