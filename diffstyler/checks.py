@@ -19,7 +19,8 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import safe_open
 
 from diffstyler.errors import MissingFileError, UserError, config_error, first_line
-from diffstyler.lora import describe_width, lora_cross_attention_width, model_family
+from diffstyler.families import describe_width, family_for_width
+from diffstyler.lora import lora_cross_attention_width
 from diffstyler.models import ModelSpec, model_load_error, random_model_sizes
 
 LATENT_FACTOR = 8  # the VAE downsamples by 8 (same constant as diffstyler.images)
@@ -110,7 +111,7 @@ def check_lora_width(file: Path, model_width: int) -> None:
     if width is not None and width != model_width:
         raise UserError(
             "LoRA does not fit the model", str(file),
-            f"it seems made for {model_family(width) or 'another model'} (cross-attention width {width}), "
+            f"it seems made for {family_for_width(width) or 'another model'} (cross-attention width {width}), "
             f"not for this model ({describe_width(model_width)})",
         )
 
