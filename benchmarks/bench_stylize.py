@@ -99,7 +99,9 @@ def memory_section(args) -> None:
             pipeline = DiffStylerPipeline.from_pretrained(args.model, args.dtype, args.device, progress=False, **option)
             pipeline.load_style(folder, name="style", prompt="painting of sss")
             substeps = {"inversion_substeps": args.inversion_substeps} if args.inversion_substeps else {}
-            call = lambda: pipeline(content, num_inference_steps=args.steps, resolution=args.resolution, **substeps)  # noqa: E731
+            injection = InjectionConfig(feature_steps=args.steps * 3 // 5, attention_steps=args.steps // 2)  # the paper's windows, scaled
+            call = lambda: pipeline(content, num_inference_steps=args.steps, injection=injection, resolution=args.resolution,  # noqa: E731
+                                    **substeps)
             seconds = timed(args.device, call, repeats=1, warm_up=False)
             if not args.device.startswith("cuda"):
                 print(f"{label}: {seconds:.2f} s")
