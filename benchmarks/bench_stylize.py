@@ -23,11 +23,17 @@ Measures
 4. two styles with `reference_model: style` (one reference row per style, the authors' code)
    against `base` (one shared base-model row), and the residual-branch feature site (default)
    against the resnet-output site.
+5. with --memory (instead of 1-4): low VRAM (`diffstyler.memory`): one `DiffStylerPipeline` call
+   (one style, the paper's inversion) with nothing, VAE slicing, VAE tiling, offload model and
+   offload sequential: seconds and, on CUDA, peak allocated memory (`max_memory_allocated`) and its
+   ratio to nothing. On the CPU only the seconds mean something (offload needs CUDA and is skipped;
+   tiling applies only above the VAE's sample size: 512 px for SD 1.x / 2.x, 1024 px for SDXL).
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 
 import torch
@@ -68,6 +74,46 @@ def load_benchmark_pipeline(name: str, dtype: str) -> AnyPipeline:
     return load_pipeline(ModelSpec(name=name, dtype=dtype))
 
 
+def memory_section(args) -> None:
+    """Measure 5: one pipeline call per low-VRAM option, each on a freshly loaded pipeline."""
+    import numpy as np
+    from PIL import Image
+
+    from diffstyler.lora import save_lora
+    from diffstyler.pipeline import DiffStylerPipeline
+
+    content = Image.fromarray(np.random.default_rng(0).integers(0, 256, (args.resolution, args.resolution, 3), dtype=np.uint8))
+    options = {"none": {}, "vae_slicing": {"vae_slicing": True}, "vae_tiling": {"vae_tiling": True},
+               "offload model": {"offload": "model"}, "offload sequential": {"offload": "sequential"}}
+    with tempfile.TemporaryDirectory() as folder:
+        lora_pipe = load_benchmark_pipeline(args.model, "float32")
+        add_style_adapter(lora_pipe.unet, StyleLoRAConfig(rank=16), "style")
+        save_lora(lora_pipe.unet, "style", folder)
+        del lora_pipe
+        baseline = None
+        print(f"model={args.model} resolution={args.resolution} steps={args.steps} device={args.device} dtype={args.dtype}")
+        for label, option in options.items():
+            if "offload" in option and not args.device.startswith("cuda"):
+                print(f"{label}: skipped (offload needs a CUDA device)")
+                continue
+            pipeline = DiffStylerPipeline.from_pretrained(args.model, args.dtype, args.device, progress=False, **option)
+            pipeline.load_style(folder, name="style", prompt="painting of sss")
+            substeps = {"inversion_substeps": args.inversion_substeps} if args.inversion_substeps else {}
+            injection = InjectionConfig(feature_steps=args.steps * 3 // 5, attention_steps=args.steps // 2)  # the paper's windows, scaled
+            call = lambda: pipeline(content, num_inference_steps=args.steps, injection=injection, resolution=args.resolution,  # noqa: E731
+                                    **substeps)
+            seconds = timed(args.device, call, repeats=1, warm_up=False)
+            if not args.device.startswith("cuda"):
+                print(f"{label}: {seconds:.2f} s")
+                continue
+            peak = peak_memory(args.device, call)
+            baseline = peak if baseline is None else baseline
+            print(f"{label}: {seconds:.2f} s, peak CUDA memory {peak:.0f} MiB (x{peak / baseline:.2f} of none)")
+            del pipeline
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="tiny, tiny-sd15, tiny-sdxl, sd15-random, sd21-random, sdxl-random, "
@@ -78,7 +124,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--inversion-substeps", type=int, default=None,
                         help="sub-steps of the fine inversion (default 1000 // steps: the paper's 1000-step inversion)")
+    parser.add_argument("--memory", action="store_true",
+                        help="measure 5 only: seconds and peak CUDA memory of one pipeline call with each low-VRAM option")
     args = parser.parse_args()
+    if args.memory:
+        memory_section(args)
+        return
 
     pipe = load_benchmark_pipeline(args.model, args.dtype).to(args.device)
     unet = pipe.unet

@@ -56,3 +56,12 @@ $PY benchmarks/bench_stylize.py --model sdxl-random --device cuda --dtype float1
   2>&1 | grep -v -i warn | tee "$OUT/bench_sdxl.txt"
 $PY benchmarks/bench_throughput.py --model sdxl-random --device cuda --dtype float16 --resolution 1024 --steps 20 \
   --contents 4 2>&1 | grep -v -i warn | tee "$OUT/throughput_sdxl.txt"
+
+# 7. low VRAM: one pipeline call at SD 2.1-base sizes (random weights) with nothing, VAE slicing,
+#    VAE tiling (1024 px: larger than the VAE's 512 px tiles), offload model and offload sequential:
+#    seconds and peak CUDA memory; then the smoke predict with offload through Lightning
+$PY benchmarks/bench_stylize.py --memory --model sd21-random --device cuda --dtype float16 --resolution 1024 --steps 20 \
+  2>&1 | grep -v -i warn | tee "$OUT/memory.txt"
+.venv/bin/diffstyler predict --config configs/smoke/stylize.yaml --trainer.accelerator gpu --model.offload sequential \
+  --model.vae_tiling true --model.vae_slicing true --data.styles "[{lora: $OUT/lora}]" --model.output.folder "$OUT/offload" \
+  --model.inversion_cache "$OUT/cache" --trainer.logger.init_args.save_dir "$OUT/logs" 2>&1 | tail -3 | tee "$OUT/offload.txt"

@@ -113,9 +113,13 @@ class InversionKey:
     substeps: int
     prompt: str
     dtype: str
+    # The VAE's tiles when the content is encoded in tiles (`memory.vae_tiling_setting`); left out
+    # of the digest when None, so that adding it changed no stored trajectory's name.
+    vae_tiling: Optional[str] = None
 
     def digest(self) -> str:
-        text = json.dumps(self.__dict__, sort_keys=True)
+        fields = {k: v for k, v in self.__dict__.items() if not (k == "vae_tiling" and v is None)}
+        text = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 

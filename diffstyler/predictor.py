@@ -41,6 +41,7 @@ from diffstyler.injection import (
     describe_ineffective_sites,
 )
 from diffstyler.masks import SegmenterConfig, check_segmenter
+from diffstyler.memory import check_offload, check_offload_device, vae_tiling_setting
 from diffstyler.models import ModelSpec, load_pipeline, unet_cross_attention_width
 from diffstyler.pipeline import DiffStylerPipeline
 from diffstyler.results import DONE, FAILED, SKIPPED, settings_hash
@@ -88,6 +89,10 @@ class StylizePredictor(LightningModule):
         max_unet_rows: cap on the batch rows of one UNet call (None: no cap); jobs of a chunk
           (`data.batch_size`) beyond it run in further calls.
         max_loaded_adapters: LoRAs kept loaded at once (least recently used deleted first).
+        vae_tiling / vae_slicing / offload: for small GPUs (`memory`): the VAE in tiles (pixels change
+          near tile borders of images larger than the VAE's sample size; recorded in the settings),
+          one image at a time (same pixels); offload "model" / "sequential" keeps the weights in
+          CPU memory, moving each model / layer to the GPU when it runs (same pixels; CUDA only).
     """
 
     def __init__(
@@ -102,6 +107,9 @@ class StylizePredictor(LightningModule):
         sweep: SweepConfig = SweepConfig(),
         max_unet_rows: Optional[int] = None,
         max_loaded_adapters: int = 16,
+        vae_tiling: bool = False,
+        vae_slicing: bool = False,
+        offload: str = "none",
     ):
         super().__init__()
         if max_unet_rows is not None and max_unet_rows < 1:
@@ -119,6 +127,8 @@ class StylizePredictor(LightningModule):
         self.sweep = sweep
         self.max_unet_rows = max_unet_rows
         self.max_loaded_adapters = max_loaded_adapters
+        self.vae_tiling, self.vae_slicing = vae_tiling, vae_slicing
+        self.offload = check_offload(offload, "model.offload")
         # Called after every denoising step with a `stylize.StepState` (observers: previews, tests).
         self.step_callback: Optional[StepCallback] = None
         self.pipeline: Optional[DiffStylerPipeline] = None
@@ -154,9 +164,14 @@ class StylizePredictor(LightningModule):
         self.pipeline = DiffStylerPipeline(load_pipeline(self.model_spec), self.model_spec, self.segmenter_config,
                                            self.inversion_cache, self.max_loaded_adapters, progress=self.progress)
         pipe = self.pipeline.pipe
-        # Registered as submodules so that Lightning moves them to the device (SDXL has two text encoders).
-        self.unet, self.vae, self.text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
-        self.text_encoder_2 = getattr(pipe, "text_encoder_2", None)
+        if self.offload == "none":
+            # Registered as submodules so that Lightning moves them to the device (SDXL has two text encoders).
+            self.unet, self.vae, self.text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+            self.text_encoder_2 = getattr(pipe, "text_encoder_2", None)
+        # Offloaded, they are not: Lightning would move every weight to the GPU (undoing the offload)
+        # or fail on sequential offload's `meta` weights; the offload hooks place them instead.
+        offload_device = self.trainer.strategy.root_device if self.offload != "none" and self._trainer is not None else None
+        self.pipeline.set_memory_options(self.vae_tiling, self.vae_slicing, self.offload, offload_device)
         # The layer rules become this UNet's layer numbers (checked against it): what the run records.
         self.injection = self.pipeline.resolve_injection(self.injection)
         warn_about_ineffective_sites(self.injection, self.pipeline.decoder)
@@ -169,6 +184,7 @@ class StylizePredictor(LightningModule):
     def setup(self, stage: str) -> None:
         # Before `configure_model`: nothing is loaded yet.
         self.check_run(self.trainer.datamodule)
+        check_offload_device(self.offload, self.trainer.strategy.root_device, "model.offload")
 
     def on_predict_start(self) -> None:
         datamodule = self.trainer.datamodule
@@ -294,6 +310,7 @@ class StylizePredictor(LightningModule):
         """The hash of everything that changes the pixels of this job's outputs (files by content,
         not by path), stored in each PNG: a rerun keeps a file only when it matches."""
         has_masks = job.styles[0].mask is not None
+        tiling = vae_tiling_setting(self.pipeline.pipe.vae, job.resolution, job.resolution)  # the longer side is the resolution
         return settings_hash({
             "model": self.model_spec.fingerprint(),
             "dtype": str(self.pipeline.unet.dtype),
@@ -304,6 +321,8 @@ class StylizePredictor(LightningModule):
             "composite": self.output.composite if has_masks else None,
             "seed": job.seed,
             "resolution": job.resolution,
+            # only where tiling changes the pixels (an image longer than a tile): other hashes stay as they were
+            **({"vae_tiling": tiling} if tiling else {}),
             "content_sha256": sha256_file(job.content),
             "styles": [style_fingerprint(entry) for entry in job.styles],
         })
