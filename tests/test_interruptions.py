@@ -2,7 +2,8 @@
 
 - A run over a folder (3 contents x 2 styles, 2 jobs per UNet call) killed (SIGKILL), stopped with
   Ctrl-C (SIGINT) or SIGTERM after its first results, then rerun, leaves exactly the files of an
-  uninterrupted run, byte for byte, no temporary file, and a complete results.jsonl. Stopped by a
+  uninterrupted run (byte for byte but for the pixels of jobs redone in another batch, which may
+  differ by one level: float32 sums depend on the batch), no temporary file, and a complete results.jsonl. Stopped by a
   signal, the run itself finishes the chunk in progress, merges results.jsonl, prints its summary
   with the jobs not started and exits 130 / 143 (`diffstyler.callbacks.stop`).
 - On two DDP processes, SIGTERM to one of them stops both, with one summary.
@@ -11,6 +12,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -20,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from lightning import Callback, Trainer
 from PIL import Image
@@ -103,6 +106,22 @@ def files(folder: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.name != RESULTS_NAME}
 
 
+def assert_same_files(actual: dict[str, bytes], expected: dict[str, bytes]) -> None:
+    """The same files; each byte for byte, but a PNG's pixels may differ by one level (a job redone
+    after the interruption runs in another batch, or another process with fewer CPU threads, and
+    float32 sums depend on both: tests/test_predictor_batches.py); its text chunks (the settings)
+    are equal."""
+    assert sorted(actual) == sorted(expected)
+    for name, data in expected.items():
+        if data == actual[name]:
+            continue
+        assert name.endswith(".png"), name
+        with Image.open(io.BytesIO(data)) as want, Image.open(io.BytesIO(actual[name])) as got:
+            assert got.text == want.text, name
+            difference = np.abs(np.asarray(got).astype(int) - np.asarray(want).astype(int))
+        assert difference.max() <= 1, name
+
+
 def results(folder: Path) -> list[tuple[str, str, list[str]]]:
     return [(line["id"], line["status"], line["outputs"]) for line in read_json_lines(folder / RESULTS_NAME)]
 
@@ -133,16 +152,11 @@ def uninterrupted(inputs, tmp_path_factory):
     return files(run / "out"), results(run / "out")
 
 
-def assert_the_rerun_finishes_like_the_uninterrupted_run(run: Path, inputs, uninterrupted, done_before: list[str], monkeypatch,
-                                                        same_bytes: bool = True) -> None:
-    """`same_bytes` False: only the same files (what other processes made differs in the last bits:
-    each has fewer CPU threads, tests/test_cli_batch.py)."""
+def assert_the_rerun_finishes_like_the_uninterrupted_run(run: Path, inputs, uninterrupted, done_before: list[str], monkeypatch) -> None:
     stamps = {name: (run / "out" / name).stat().st_mtime_ns for name in done_before}
     run_in_process(predict_args(run, inputs), monkeypatch)
     expected_files, expected_results = uninterrupted
-    if same_bytes:
-        assert files(run / "out") == expected_files  # every file, byte for byte, and nothing else
-    assert sorted(files(run / "out")) == sorted(expected_files)
+    assert_same_files(files(run / "out"), expected_files)  # every file, and nothing else
     assert len(expected_results) == JOBS and all(status == "done" for _, status, _ in expected_results)
     # one line per job, in job order, none lost; a job finished just before the kill, but not yet
     # recorded, is found finished by the rerun: "skipped"
@@ -213,7 +227,7 @@ def test_sigterm_to_one_of_two_ddp_processes_stops_both_with_one_summary(inputs,
     # chunks are dealt by stride: rank 0 has the "full" jobs, rank 1 the "half" ones; both stopped early
     for rank_jobs in ({f"photo{k}_{style}" for k in range(CONTENTS)} for style in STYLES):
         assert not rank_jobs <= set(done_ids(done_before)), done_before
-    assert_the_rerun_finishes_like_the_uninterrupted_run(tmp_path, inputs, uninterrupted, done_before, monkeypatch, same_bytes=False)
+    assert_the_rerun_finishes_like_the_uninterrupted_run(tmp_path, inputs, uninterrupted, done_before, monkeypatch)
 
 
 # --- in-process --------------------------------------------------------------------------------------
