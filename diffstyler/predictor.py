@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 
 from diffstyler.callbacks.writer import JobResult, OutputConfig, StylizationWriter, content_ssim
-from diffstyler.checks import check_lora_finite, check_lora_width, check_model_reference, check_writable_folder
+from diffstyler.checks import check_lora_finite, check_model_reference, check_writable_folder
 from diffstyler.data.jobs import Job, StyleEntry, StylizeDataModule
 from diffstyler.errors import UserError, config_error
 from diffstyler.families import DecoderLayers
@@ -38,6 +38,7 @@ from diffstyler.injection import (
     check_window_steps,
     describe_ineffective_sites,
 )
+from diffstyler.lora import check_lora_width
 from diffstyler.masks import SegmenterConfig, check_segmenter
 from diffstyler.models import ModelSpec, load_pipeline, unet_cross_attention_width
 from diffstyler.pipeline import DiffStylerPipeline
