@@ -19,8 +19,6 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import safe_open
 
 from diffstyler.errors import MissingFileError, UserError, config_error, first_line
-from diffstyler.families import describe_width, family_for_width
-from diffstyler.lora import lora_cross_attention_width
 from diffstyler.models import ModelSpec, model_load_error, random_model_sizes
 
 LATENT_FACTOR = 8  # the VAE downsamples by 8 (same constant as diffstyler.images)
@@ -102,18 +100,6 @@ def check_model_reference(spec: ModelSpec) -> None:
         raise model_load_error(spec.name, FileNotFoundError(f"no such folder: {spec.name}")) from None
     if is_offline_mode() and not isinstance(try_to_load_from_cache(spec.name, "model_index.json", revision=spec.revision), str):
         raise model_load_error(spec.name, FileNotFoundError("not cached"))
-
-
-def check_lora_width(file: Path, model_width: int) -> None:
-    """A LoRA made for another model family (its cross-attention reads text of another width) is
-    refused with the words of `lora.check_lora_fits`, the same check when the LoRA is loaded."""
-    width = lora_cross_attention_width(file)
-    if width is not None and width != model_width:
-        raise UserError(
-            "LoRA does not fit the model", str(file),
-            f"it seems made for {family_for_width(width) or 'another model'} (cross-attention width {width}), "
-            f"not for this model ({describe_width(model_width)})",
-        )
 
 
 def check_lora_finite(file: Path) -> None:

@@ -149,8 +149,13 @@ def lora_cross_attention_width(path: Path) -> Optional[int]:
 
 def check_lora_fits(unet: UNet2DConditionModel, file: Path) -> None:
     """A LoRA made for another model family (SD 1.x on SD 2.x, ...) says so, instead of a shape error."""
+    check_lora_width(file, unet.config.cross_attention_dim)
+
+
+def check_lora_width(file: Path, model_width: int) -> None:
+    """The LoRA's cross-attention reads text of `model_width` (a LoRA without cross-attention
+    layers passes); also run before the model loads (`StylizePredictor.check_run`)."""
     width = lora_cross_attention_width(file)
-    model_width = unet.config.cross_attention_dim
     if width is not None and width != model_width:
         made_for = family_for_width(width) or "another model"
         raise UserError(

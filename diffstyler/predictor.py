@@ -28,7 +28,7 @@ from PIL import Image
 
 from diffstyler.callbacks.tensorboard import PredictionLogger
 from diffstyler.callbacks.writer import JobResult, OutputConfig, StylizationWriter, content_ssim
-from diffstyler.checks import check_lora_finite, check_lora_width, check_model_reference, check_writable_folder
+from diffstyler.checks import check_lora_finite, check_model_reference, check_writable_folder
 from diffstyler.data.jobs import Job, StyleEntry, StylizeDataModule
 from diffstyler.errors import UserError, config_error
 from diffstyler.families import DecoderLayers
@@ -40,6 +40,7 @@ from diffstyler.injection import (
     check_window_steps,
     describe_ineffective_sites,
 )
+from diffstyler.lora import check_lora_width
 from diffstyler.masks import SegmenterConfig, check_segmenter
 from diffstyler.memory import check_offload, check_offload_device, vae_tiling_setting
 from diffstyler.models import ModelSpec, load_pipeline, unet_cross_attention_width

@@ -294,7 +294,7 @@ def fit_xl(output: Path, style_image: Path, steps: int, recorder: LossAndTimeIds
     from diffstyler.lora import StyleLoRAConfig
     from diffstyler.training import StyleLoRAModule
 
-    module = StyleLoRAModule(ModelSpec(XL), lora=StyleLoRAConfig(rank=4), learning_rate=5e-3, output_dir=str(output), seed=0,
+    module = StyleLoRAModule(ModelSpec(XL), lora=StyleLoRAConfig(rank=4, alpha=8), learning_rate=5e-3, output_dir=str(output), seed=0,
                              export_kohya=True)
     torch.manual_seed(0)  # PEFT draws the initial lora_A from the global RNG
     module.configure_model()
@@ -311,7 +311,8 @@ def test_an_sdxl_lora_trained_here_loads_into_diffusers_sdxl_pipeline_and_resume
     crop's size in pixels; the exported file loads with `StableDiffusionXLPipeline.load_lora_weights`
     and its kohya export with diffusers' SDXL kohya reader, both with our outputs; a resumed run
     repeats the uninterrupted run's last loss. Caught: the time ids of the whole image for a crop,
-    a file only the SD 1.x / 2.x loader reads, SD 1.x kohya names, checkpoints that miss a LoRA weight."""
+    a file without the adapter's metadata (alpha 8 reloaded as 4), SD 1.x kohya names, checkpoints
+    that miss a LoRA weight."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     recorder = LossAndTimeIds()

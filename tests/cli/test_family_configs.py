@@ -1,7 +1,8 @@
 """The family configs (configs/sdxl/, configs/sd15/) and their smoke twins (configs/smoke/sdxl/,
 configs/smoke/sd15/): they parse with their family's settings, and the smoke twins run end to end,
-SDXL through every path SD 2.x has (masks from files and FastSAM, several styles, data.batch_size
-on two DDP processes, sweeps, `diffstyler test`)."""
+SDXL through every path SD 2.x has (masks from files and FastSAM, several styles, data.batch_size,
+sweeps, `diffstyler test`). Every command runs in this process: CLI subprocesses cost seconds of
+imports each, and the multi-process paths do not depend on the family (tests/test_cli_batch.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from PIL import Image
 from diffstyler.cli import main
 from diffstyler.outputs import SETTINGS_KEY
 from diffstyler.results import RESULTS_NAME, read_json_lines
-from tests.helpers import finished, run_console
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FAMILIES = {  # family: (model, smoke model, resolution)
@@ -55,64 +55,80 @@ def png_settings(path: Path) -> dict:
         return json.loads(image.text[SETTINGS_KEY])
 
 
+def run_main(args: list[str]) -> None:
+    """`diffstyler <args>` in this process, from the repository root (the configs' relative paths)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.chdir(REPO_ROOT)
+        monkeypatch.setattr(sys, "argv", ["diffstyler"])
+        main(args)
+
+
+@pytest.fixture(scope="module")
+def smoke_fit(tmp_path_factory):
+    """`diffstyler fit` with a family's smoke twin (its checkpoints and previews included), once per
+    family for this module: the LoRA folder it writes."""
+    folders: dict[str, Path] = {}
+
+    def fit(family: str) -> Path:
+        if family not in folders:
+            folder = tmp_path_factory.mktemp(f"{family}_fit")
+            run_main(["fit", "--config", f"configs/smoke/{family}/style.yaml", "--model.output_dir", str(folder / "lora"),
+                      "--trainer.logger.init_args.save_dir", str(folder / "logs")])
+            folders[family] = folder / "lora"
+        return folders[family]
+
+    return fit
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_smoke_twins_fit_and_stylize_end_to_end(family, tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO_ROOT)
-    monkeypatch.setattr(sys, "argv", ["diffstyler"])
-    logs = ["--trainer.logger.init_args.save_dir", str(tmp_path / "logs")]
-    main(["fit", "--config", f"configs/smoke/{family}/style.yaml", "--model.output_dir", str(tmp_path / "lora"), *logs])
-    info = json.loads((tmp_path / "lora" / "diffstyler_lora.json").read_text())
+def test_smoke_twins_fit_and_stylize_end_to_end(family, smoke_fit, tmp_path):
+    """Caught: a smoke twin that does not run (a key its family's model refuses), a LoRA recorded
+    for another family, or the layer rules resolved on SD's map for SDXL (features 4-11)."""
+    lora = smoke_fit(family)
+    info = json.loads((lora / "diffstyler_lora.json").read_text())
     assert info["model_card"]["base_model"] == {"sdxl": "SDXL", "sd15": "SD 1.x"}[family]
-    main(["predict", "--config", f"configs/smoke/{family}/stylize.yaml", "--data.styles", f"[{{lora: {tmp_path / 'lora'}}}]",
-          "--model.output.folder", str(tmp_path / "out"), "--model.inversion_cache", str(tmp_path / "cache"), *logs])
+    run_main(["predict", "--config", f"configs/smoke/{family}/stylize.yaml", "--data.styles", f"[{{lora: {lora}}}]",
+              "--model.output.folder", str(tmp_path / "out"), "--model.inversion_cache", str(tmp_path / "cache"),
+              "--trainer.logger", "false"])
     settings = png_settings(tmp_path / "out" / "content_shapes.png")
     expected = {"sdxl": (list(range(1, 9)), list(range(6))), "sd15": (list(range(4, 12)), list(range(3, 12)))}[family]
     assert (settings["Injection"]["feature_layers"], settings["Injection"]["attention_layers"]) == expected
 
 
-@pytest.fixture(scope="module")
-def sdxl_lora(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("sdxl_fit")
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.chdir(REPO_ROOT)
-        monkeypatch.setattr(sys, "argv", ["diffstyler"])
-        main(["fit", "--config", "configs/smoke/sdxl/style.yaml", "--model.output_dir", str(folder / "lora"),
-              "--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false"])
-    return folder / "lora"
-
-
 @pytest.mark.slow
-def test_sdxl_datasets_with_masks_on_two_ddp_processes_then_scored(sdxl_lora, tmp_path):
-    """Every image under data/batch/content x two styles, one in a mask file, one in a FastSAM box,
-    two jobs per UNet call, on two DDP processes; then `diffstyler test` scores the results."""
+def test_an_sdxl_dataset_with_masks_in_batches_then_scored(smoke_fit, tmp_path):
+    """Every image under data/batch/content (two sizes) x two styles, one in a mask file, one in a
+    FastSAM box, one job per (content, style), two jobs per UNet call; then `diffstyler test` scores
+    the six results. Caught: an SDXL path that a batch of jobs or a masked style breaks (time ids or
+    pooled embeddings not following the rows), or results the scorer cannot read."""
+    lora = smoke_fit("sdxl")
     styles = json.dumps([
-        {"lora": str(sdxl_lora), "name": "masked", "mask": {"file": "data/content_shapes_mask.png", "feather": 2}},
-        {"lora": str(sdxl_lora), "name": "boxed", "scale": 0.5, "mask": {"box": [0, 0, 32, 24]}},
+        {"lora": str(lora), "name": "masked", "mask": {"file": "data/content_shapes_mask.png", "feather": 2}},
+        {"lora": str(lora), "name": "boxed", "scale": 0.5, "mask": {"box": [0, 0, 32, 24]}},
     ])
     out = tmp_path / "out"
-    status, output = finished(run_console([
-        "predict", "--config", "configs/smoke/sdxl/stylize.yaml", "--config", "configs/smoke/localized.yaml",
-        "--model.model.name", "tiny-sdxl", "--data.content", "[data/batch/content]", "--data.styles", styles,
-        "--data.batch_size", "2", "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.logger", "false",
-        "--model.output.folder", str(out), "--model.inversion_cache", str(tmp_path / "cache")]))
-    assert status == 0, output[-3000:]
+    run_main(["predict", "--config", "configs/smoke/sdxl/stylize.yaml", "--config", "configs/smoke/localized.yaml",
+              "--model.model.name", "tiny-sdxl", "--data.content", "[data/batch/content]", "--data.styles", styles,
+              "--data.pairing", "product", "--data.batch_size", "2", "--trainer.logger", "false",
+              "--model.sampling.steps", "4", "--model.injection.feature_steps", "3", "--model.injection.attention_steps", "2",
+              "--model.output.folder", str(out), "--model.inversion_cache", str(tmp_path / "cache")])
     jobs = read_json_lines(out / RESULTS_NAME)
-    assert len(jobs) >= 3 and all(job["status"] == "done" for job in jobs), jobs
-    status, output = finished(run_console([
-        "test", "--config", "configs/smoke/evaluate.yaml", "--data.results", json.dumps([str(out)]),
-        "--model.output", str(tmp_path / "evaluation"), "--trainer.logger", "false"]))
-    assert status == 0, output[-3000:]
+    assert len(jobs) == 6 and all(job["status"] == "done" for job in jobs), jobs
+    run_main(["test", "--config", "configs/smoke/evaluate.yaml", "--data.results", json.dumps([str(out)]),
+              "--model.output", str(tmp_path / "evaluation"), "--trainer.logger", "false"])
     assert json.loads((tmp_path / "evaluation" / "metrics.json").read_text())["count"] == len(jobs)
 
 
 @pytest.mark.slow
-def test_an_sdxl_sweep_makes_one_grid(sdxl_lora, tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO_ROOT)
-    monkeypatch.setattr(sys, "argv", ["diffstyler"])
-    main(["predict", "--config", "configs/smoke/sdxl/stylize.yaml", "--data.styles", f"[{{lora: {sdxl_lora}}}]",
-          "--model.sweep.feature_steps", "[0, 6]", "--model.sweep.attention_steps", "[0, 5]", "--trainer.logger", "false",
-          "--model.output.folder", str(tmp_path / "out"), "--model.inversion_cache", str(tmp_path / "cache")])
+def test_an_sdxl_sweep_makes_one_grid(smoke_fit, tmp_path):
+    """Caught: a sweep that SDXL's conditioning breaks (each cell denoises the job's inversion again),
+    or cells that all give one image."""
+    run_main(["predict", "--config", "configs/smoke/sdxl/stylize.yaml", "--data.styles", f"[{{lora: {smoke_fit('sdxl')}}}]",
+              "--model.sampling.steps", "4", "--model.injection.feature_steps", "3", "--model.injection.attention_steps", "2",
+              "--model.sweep.feature_steps", "[0, 3]", "--model.output.grid", "false", "--trainer.logger", "false",
+              "--model.output.folder", str(tmp_path / "out"), "--model.inversion_cache", str(tmp_path / "cache")])
     (grid,) = [path for path in (tmp_path / "out").rglob("*.png")]
     cells = png_settings(grid)["Sweep cells"]
-    assert len(cells) == 4
+    assert [cell["feature_steps"] for cell in cells] == [0, 3]
+    assert cells[0]["Content SSIM"] != cells[1]["Content SSIM"]  # each cell its own denoising
