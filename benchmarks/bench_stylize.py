@@ -109,7 +109,7 @@ def memory_section(args) -> None:
             peak = peak_memory(args.device, call)
             baseline = peak if baseline is None else baseline
             print(f"{label}: {seconds:.2f} s, peak CUDA memory {peak:.0f} MiB (x{peak / baseline:.2f} of none)")
-            del pipeline
+            pipeline = call = None  # frees this pipeline's memory before the next one loads
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
 
