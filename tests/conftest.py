@@ -6,6 +6,11 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # read by huggingface_hub at import time, so set it first
 os.environ["YOLO_OFFLINE"] = "1"  # ultralytics: no DNS look-ups at import
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` (the README's test command): one worker per core, so each worker, and every
+    # process it starts, computes on one thread; two threads each would fight over the two cores.
+    # Read by torch at import, and inherited by the CLI and DDP subprocesses.
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402

@@ -305,6 +305,7 @@ def files_under(folder: Path) -> list[Path]:
     return sorted(path for path in folder.rglob("*") if path.is_file()) if folder.is_dir() else []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("row", ROWS, ids=[row.id for row in ROWS])
 def test_bad_input_is_one_line_naming_it(row: Row, bad, tmp_path, capsys, monkeypatch, model_loads):
     monkeypatch.chdir(REPO_ROOT)
@@ -325,6 +326,7 @@ def test_bad_input_is_one_line_naming_it(row: Row, bad, tmp_path, capsys, monkey
     assert not bad.code_ran_marker.exists()
 
 
+@pytest.mark.slow
 def test_a_corrupt_inversion_cache_file_is_named_ignored_and_recomputed(bad, tmp_path, monkeypatch):
     """Not an error: the cache only saves time. The broken file is replaced by a good one."""
     from safetensors.torch import load_file
@@ -347,6 +349,7 @@ def test_a_corrupt_inversion_cache_file_is_named_ignored_and_recomputed(bad, tmp
     assert load_file(str(cache_file))["trajectory"].shape[0] == 3  # recomputed (2 steps + z_0) and written again
 
 
+@pytest.mark.slow
 def test_debug_flag_shows_the_traceback_instead(bad, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
     monkeypatch.setattr(sys, "argv", ["diffstyler"])
@@ -367,6 +370,7 @@ def run_console(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_console_mask_spec_error_is_one_line_with_status_2(bad, tmp_path):
     """jsonargparse would print a multi-line union report with a traceback for a bad mask spec."""
     result = run_console(masked_predict_args(tmp_path, bad, {"box": [1, 2], "file": "y.png"}))
@@ -377,6 +381,7 @@ def test_console_mask_spec_error_is_one_line_with_status_2(bad, tmp_path):
         "a mask needs exactly one of file, text, box, points (got: file, box)")
 
 
+@pytest.mark.slow
 def test_ddp_job_failing_on_one_rank_is_the_last_line(bad, tmp_path):
     """Job 1 (rank 1) fails: its mask, eroded on a flat content, is empty; job 0 (rank 0) is fine.
     The user must read rank 1's error last, not rank 0's broken connection."""

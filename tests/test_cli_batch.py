@@ -84,6 +84,7 @@ def assert_like_one_process(out: Path, one_process) -> None:
     assert [line["id"] for line in lines] == [name.removesuffix(".png") for name in PRODUCT_OUTPUTS]
 
 
+@pytest.mark.slow
 def test_product_jobs_on_two_ddp_processes_equal_one_process_and_a_rerun_skips_them(inputs, one_process, tmp_path):
     """8 jobs in chunks of 4 dealt to 2 processes. Catches a chunk run on both processes, a
     process's results missing from results.jsonl, and outputs depending on the process."""
@@ -106,6 +107,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_simulated_nodes_run_each_job_once(inputs, one_process, tmp_path):
     """Two launches of the same command, node ranks 0 and 1 on the loopback address, one process
     each: the cluster invocation of the README on one machine."""
@@ -120,6 +122,7 @@ def test_two_simulated_nodes_run_each_job_once(inputs, one_process, tmp_path):
     assert_like_one_process(tmp_path / "out", one_process)
 
 
+@pytest.mark.slow
 def test_one_fastsam_job_on_two_processes_works(inputs, tmp_path):
     """Process 1 gets no chunk. Catches Lightning's sampler refusing fewer items than processes, and
     a hang: importing ultralytics waits in a barrier of every process, so a process that never
@@ -140,6 +143,7 @@ def test_one_fastsam_job_on_two_processes_works(inputs, tmp_path):
     assert sorted(pngs(tmp_path / "out")) == ["p0_full.png", "p0_full_mask0_full.png"]
 
 
+@pytest.mark.slow
 def test_failing_jobs_are_recorded_with_their_file_and_the_others_finish(inputs, tmp_path, monkeypatch, capsys):
     """An unreadable image and an empty mask: with `on_error: continue` (the default) the run goes
     on, results.jsonl names each failure's file, and the exit status says that jobs failed."""
@@ -164,6 +168,7 @@ def test_failing_jobs_are_recorded_with_their_file_and_the_others_finish(inputs,
     assert f"job failed: data.manifest row 2 ({manifest}:3): not a readable image" in output
 
 
+@pytest.mark.slow
 def test_adding_a_file_to_the_folder_runs_exactly_one_new_job(inputs, tmp_path, monkeypatch, capsys):
     folder, styles = inputs
     photos = tmp_path / "photos"
@@ -182,6 +187,7 @@ def test_adding_a_file_to_the_folder_runs_exactly_one_new_job(inputs, tmp_path, 
     assert [line["id"] for line in read_json_lines(tmp_path / "out" / RESULTS_NAME)] == ["a_new_full", "p0_full", "p1_full"]
 
 
+@pytest.mark.slow
 def test_the_progress_bar_counts_jobs_with_their_outcome_and_styles_come_from_a_yaml_file(inputs, tmp_path, monkeypatch, capsys):
     folder, styles = inputs
     styles_file = tmp_path / "styles.yaml"  # --data.styles styles.yaml, as in the README
@@ -208,6 +214,7 @@ def test_zero_jobs_is_one_clear_line(inputs, tmp_path, monkeypatch, capsys, case
     assert f"diffstyler predict: error: {expected}" in output and "Traceback" not in output
 
 
+@pytest.mark.slow
 def test_a_run_whose_one_job_failed_says_why_in_its_last_line(inputs, tmp_path, monkeypatch, capsys):
     """Catches a summary that counts the failure without its reason, which the user would look for
     further up (and would not find in a scheduler's one-line report)."""

@@ -51,6 +51,7 @@ def lora_layer_count(unet: UNet2DConditionModel) -> int:
 
 # --- SD 1.x / 2.x ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_kohya_file_loaded_by_diffusers_gives_the_outputs_of_our_file(tiny_pipe, unet_probe, tmp_path):
     """Mistake caught: the `.alpha` tensors left out (or alpha taken for rank): diffusers then
     scales the update by 1 instead of alpha / rank = 2 and the outputs differ."""
@@ -70,6 +71,7 @@ def test_kohya_file_loaded_by_diffusers_gives_the_outputs_of_our_file(tiny_pipe,
     assert (unet_probe(kohya.unet) - expected).abs().max() < 1e-5
 
 
+@pytest.mark.slow
 def test_every_layer_kind_keeps_its_place_in_the_kohya_layout(tiny_pipe, unet_probe, tmp_path):
     """Mistake caught: a name diffusers' kohya reader does not map back (`to_out` for `to_out.0`, a
     resnet's time projection, a sampler): it drops that layer silently and the outputs change."""
@@ -84,6 +86,7 @@ def test_every_layer_kind_keeps_its_place_in_the_kohya_layout(tiny_pipe, unet_pr
     assert (unet_probe(kohya.unet) - unet_probe(trained.unet)).abs().max() < 1e-5
 
 
+@pytest.mark.slow
 def test_kohya_back_to_diffusers_gives_the_same_tensors_and_alpha(tiny_pipe, tmp_path):
     """Mistake caught: the reverse mapping splitting names at the wrong underscores (`to_out_0`,
     `transformer_blocks`, `time_emb_proj`) or dropping alpha."""
@@ -156,6 +159,7 @@ def sdxl_probe(unet: UNet2DConditionModel) -> torch.Tensor:
     return unet(latents, torch.tensor([10, 700]), encoder_hidden_states=text, added_cond_kwargs=added).sample
 
 
+@pytest.mark.slow
 def test_sdxl_lora_gets_sgm_names_that_diffusers_sdxl_loader_reads_back(tmp_path):
     """Mistake caught: SDXL LoRAs named like SD 1.x ones (kohya trains SDXL on SGM's UNet, so A1111
     and ComfyUI expect input_blocks / middle_block / output_blocks), or SGM block numbers off by

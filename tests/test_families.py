@@ -141,6 +141,7 @@ def test_tiny_sdxl_has_sdxls_block_layout(tiny_pipes):
     assert pipe.vae.config.force_upcast and pipe.vae.config.scaling_factor == 0.13025
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sdxl"])
 def test_tiny_models_are_seeded_and_leave_the_global_rng_alone(name):
     torch.manual_seed(7)
@@ -153,6 +154,7 @@ def test_tiny_models_are_seeded_and_leave_the_global_rng_alone(name):
             assert torch.equal(a, b), f"{component}.{key}"
 
 
+@pytest.mark.slow
 def test_a_saved_sdxl_folder_loads_as_sdxl_with_the_same_outputs(tiny_pipes, tmp_path):
     """Caught: a folder loaded through `StableDiffusionPipeline` (the second text encoder dropped)."""
     tiny_pipes["tiny-sdxl"].save_pretrained(str(tmp_path / "xl"))

@@ -43,6 +43,7 @@ def test_outside_the_mask_the_latent_is_the_content_trajectory_at_every_step(set
         assert not torch.equal(state.latents[0], expected)  # inside, the style acted
 
 
+@pytest.mark.slow
 def test_two_styles_on_disjoint_masks_equal_their_one_style_runs(setup):
     trajectory = setup[3]
     top, bottom = _mask(slice(0, 4), slice(0, 6)), _mask(slice(4, 8), slice(0, 6))
@@ -85,6 +86,7 @@ def _adapter_bytes(module: torch.nn.Module, name: str) -> int:
     return sum(p.numel() * p.element_size() for n, p in module.named_parameters() if f".{name}." in n)
 
 
+@pytest.mark.slow
 def test_unet_memory_grows_only_by_the_adapters_own_size():
     pipe = tiny_pipe_with_adapter("s0", seed=1)
     one = _parameter_bytes(pipe.unet)

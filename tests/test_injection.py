@@ -95,6 +95,7 @@ def test_injection_everywhere_with_lora_off_reproduces_the_reference(setup):
         assert (state.style_outputs[0] - state.reference_output).abs().max().item() < 1e-5
 
 
+@pytest.mark.slow
 def test_one_mixed_batch_equals_separate_forwards(setup):
     injection = InjectionConfig(feature_steps=6, attention_steps=5)
     batch, separate = [], []
@@ -133,6 +134,7 @@ def test_all_switches_off_equals_plain_lora_sampling(setup):
     assert (result - _plain_lora_sampling(setup)).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("switch", ["features", "self_attention", "cross_attention"])
 def test_each_switch_changes_the_output(setup, switch):
     baseline = _run(setup, InjectionConfig(**NOTHING))
@@ -140,6 +142,7 @@ def test_each_switch_changes_the_output(setup, switch):
     assert (switched - baseline).abs().max().item() > 1e-3
 
 
+@pytest.mark.slow
 def test_paper_code_mode_is_a_config_value(setup):
     paper = _run(setup, InjectionConfig())
     paper_code = _run(setup, InjectionConfig(feature_layers=[4], attention_layers=list(range(4, 12)),
@@ -168,6 +171,7 @@ def test_hooks_are_removed_when_the_loop_fails(setup):
     assert len(decoder_resnet(unet, 4)._forward_hooks) == 0
 
 
+@pytest.mark.slow
 def test_residual_site_injects_the_resnet_branch_before_the_skip_connection(setup):
     unet = setup[0].unet
     injector = Injector(unet, InjectionConfig(feature_layers=[4], feature_site="residual", **NOTHING_BUT_FEATURES))
@@ -233,6 +237,7 @@ def test_the_predictor_warns_once_at_load_time_about_dominated_layers():
 WINDOWS = dict(feature_steps=5, attention_steps=4)  # 30 and 25 of 50, scaled to 8 steps
 
 
+@pytest.mark.slow
 def test_the_layers_the_warning_names_really_have_no_effect(setup):
     """Checks the rule against the model: dominated layers removed, the result is the same to the bit."""
     full = InjectionConfig(feature_site="output", **WINDOWS).resolved(decoder_layers(setup[0].unet))
@@ -249,6 +254,7 @@ def default_result(setup):
     return _run(setup, InjectionConfig(**WINDOWS))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer", range(4, 12))
 def test_default_every_feature_layer_changes_the_result(setup, default_result, layer):
     """Non-degeneracy: removing any one feature layer of the default changes the result."""
@@ -256,6 +262,7 @@ def test_default_every_feature_layer_changes_the_result(setup, default_result, l
     assert (_run(setup, InjectionConfig(feature_layers=layers, **WINDOWS)) - default_result).abs().max().item() > 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer", ATTENTION_DECODER_LAYERS)
 def test_default_every_attention_layer_changes_the_result(setup, default_result, layer):
     layers = [l for l in ATTENTION_DECODER_LAYERS if l != layer]

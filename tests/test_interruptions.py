@@ -241,6 +241,7 @@ def predict_in_process(tmp_path: Path, inputs, callbacks: list[Callback]) -> tup
     return trainer, predictor, data
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
 def test_a_signal_stops_the_run_after_the_chunk_in_progress_with_results_merged(inputs, tmp_path, sig):
     """Catches: the signal only logged (all 3 jobs done), the run stopped inside the chunk (its job
@@ -265,6 +266,7 @@ def test_a_signal_stops_the_run_after_the_chunk_in_progress_with_results_merged(
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
 
 
+@pytest.mark.slow
 def test_under_slurm_lightnings_requeue_and_sigterm_handlers_stay_during_predict(inputs, tmp_path, monkeypatch):
     """Lightning's SLURM environment requeues the job on SIGUSR1 and chains a SIGTERM handler of its
     own; during the predict loop only its notifier (which broadcasts from the handler) is replaced.

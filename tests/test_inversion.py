@@ -12,6 +12,7 @@ def _sample(unet, latent, embedding, schedule):
     return latent
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_inversion_reconstructs_better_than_fresh_noise():
     pipe = load_pipeline(ModelSpec(name="tiny"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -24,6 +25,7 @@ def randomize(parameters: list[torch.nn.Parameter], seed: int) -> None:
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
 
 
+@pytest.mark.slow
 def test_exported_lora_reloads_into_a_fresh_pipeline_with_the_same_output(tiny_pipe, unet_probe, tmp_path):
     trained = tiny_pipe()
     parameters = add_style_adapter(trained.unet, StyleLoRAConfig(rank=4, alpha=8), name="style")
@@ -39,6 +41,7 @@ def test_exported_lora_reloads_into_a_fresh_pipeline_with_the_same_output(tiny_p
     assert (unet_probe(fresh.unet) - expected).abs().max() < 1e-5
 
 
+@pytest.mark.slow
 def test_alpha_survives_export(tiny_pipe, unet_probe, tmp_path):
     trained = tiny_pipe()
     randomize(add_style_adapter(trained.unet, StyleLoRAConfig(rank=4, alpha=8), name="style"), seed=1)
@@ -52,6 +55,7 @@ def test_alpha_survives_export(tiny_pipe, unet_probe, tmp_path):
     assert (unet_probe(fresh.unet) - unet_probe(trained.unet)).abs().max() < 1e-5
 
 
+@pytest.mark.slow
 def test_routed_batch_equals_separate_forwards(tiny_pipe):
     unet = tiny_pipe().unet
     randomize(add_style_adapter(unet, StyleLoRAConfig(rank=4), name="a"), seed=2)
@@ -153,6 +157,7 @@ def test_a_safetensors_file_without_lora_weights_is_refused_by_name(tmp_path):
         resolve_lora_file(file)
 
 
+@pytest.mark.slow
 def test_routing_sees_lora_layers_of_adapters_added_after_its_first_use():
     """`lora_layers` is found once per adapter set: an adapter on other modules, added later, must be
     routed too (a stale list would leave its new layers running the active adapters on base rows)."""

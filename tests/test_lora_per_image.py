@@ -57,6 +57,7 @@ def file_states(folder: Path) -> dict[str, tuple[int, bytes]]:
     return {str(path.relative_to(folder)): (path.stat().st_mtime_ns, path.read_bytes()) for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
+@pytest.mark.slow
 def test_each_image_gets_the_lora_its_own_fit_gives(style_folder, tmp_path):
     """Catches: one model, optimizer or latent cache carried from image to image (the later LoRAs
     would start from, or train on, an earlier image), the LoRA init not seeded again per image
@@ -89,6 +90,7 @@ def test_each_image_gets_the_lora_its_own_fit_gives(style_folder, tmp_path):
     assert sorted(path.name for path in (tmp_path / "logs" / "style").iterdir()) == ["checks", "stripes", "waves"]
 
 
+@pytest.mark.slow
 def test_a_rerun_skips_what_is_trained_and_refuses_other_settings(style_folder, tmp_path, monkeypatch, capsys):
     """Catches: a rerun that trains again (or overwrites), and one that takes a LoRA trained with
     other steps, or on another image, for this run's."""
@@ -115,6 +117,7 @@ def test_a_rerun_skips_what_is_trained_and_refuses_other_settings(style_folder, 
     assert file_states(loras) == trained
 
 
+@pytest.mark.slow
 def test_processes_share_the_images_each_trained_once(style_folder, tmp_path, monkeypatch, capsys):
     """Catches: every process training every image, and a split that drops or repeats one."""
     loras, logs = tmp_path / "loras", tmp_path / "logs"
@@ -138,6 +141,7 @@ def recorded_image(folder: Path) -> str:
     return Path(entry["path"]).name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("extra", "line"),
     [

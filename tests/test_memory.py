@@ -48,6 +48,7 @@ def without_offload(lora) -> np.ndarray:
     return styled(plain)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("offload", ["model", "sequential"])
 def test_offload_gives_the_same_pixels(lora, without_offload, offload):
     """The offload hooks move the weights while our loop calls the UNet, the VAE's encode / decode and

@@ -217,6 +217,7 @@ def tiny_folder_and_single_file(request, tmp_path_factory):
     return base / "folder", write_original_layout_checkpoint(pipe, base / f"{request.param}.safetensors")
 
 
+@pytest.mark.slow
 def test_single_file_loads_offline_with_the_configs_of_the_named_folder(
     tiny_folder_and_single_file, no_network, unet_probe
 ):

@@ -62,6 +62,7 @@ def test_the_api_with_a_mask_file_equals_diffstyler_predict(pipe, loras, tmp_pat
     assert result.settings["Sampling"]["negative_prompt"] == SamplingConfig.negative_prompt
 
 
+@pytest.mark.slow
 def test_outside_the_mask_the_composite_and_each_image_are_the_content(pipe):
     """Caught: compositing skipped (the decoded image differs from the content everywhere)."""
     mask = np.zeros((48, 64), dtype=np.uint8)
@@ -77,6 +78,7 @@ def test_outside_the_mask_the_composite_and_each_image_are_the_content(pipe):
     assert np.array_equal(np.asarray(result.masks[0]) > 0, mask > 0)
 
 
+@pytest.mark.slow
 def test_two_styles_in_one_call_equal_their_one_style_calls(pipe):
     """Disjoint masks; latents compared. Caught: rows of one style read by the other (its uncond row,
     its reference, its mask or its adapter)."""
@@ -90,6 +92,7 @@ def test_two_styles_in_one_call_equal_their_one_style_calls(pipe):
     assert close(alone[0], alone[1]) > 1e-2  # the two styles really differ
 
 
+@pytest.mark.slow
 def test_the_batched_predictor_equals_the_pipeline_job_by_job(pipe, loras, tmp_path):
     """Six jobs (three contents, two of one size, x two styles) in one chunk, every step of a size in
     one UNet call, against `__call__` per job. Caught: a row layout off by one (a style row injected

@@ -25,6 +25,7 @@ from diffstyler.callbacks.writer import content_ssim
 from diffstyler.torch_utils import base_model
 from tests.helpers import CONTENT, MASK, make_job as _job, make_predictor as _predictor, stylize_one, write_random_lora
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_output_and_the_metadata_parses_back(tmp_path, loras):
     predictor = _predictor(tmp_path, overwrite=True)
     job = _job([StyleEntry(lora=str(loras[0]))])
@@ -52,6 +53,7 @@ def test_same_seed_gives_identical_output_and_the_metadata_parses_back(tmp_path,
     assert settings["Content SSIM"] < 0.99
 
 
+@pytest.mark.slow
 def test_outputs_are_written_once_and_inversion_is_cached(tmp_path, loras, monkeypatch):
     calls = []
     real_invert = pipeline_module.invert_batch
@@ -70,6 +72,7 @@ def test_outputs_are_written_once_and_inversion_is_cached(tmp_path, loras, monke
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
 
 
+@pytest.mark.slow
 def test_several_styles_without_masks_give_one_image_each_from_one_unet(tmp_path, loras):
     predictor = _predictor(tmp_path)
     unet = predictor.pipeline.pipe.unet
@@ -81,6 +84,7 @@ def test_several_styles_without_masks_give_one_image_each_from_one_unet(tmp_path
     assert not np.array_equal(images[0], images[1])
 
 
+@pytest.mark.slow
 def test_masked_style_keeps_the_content_outside_the_feathered_mask(tmp_path, loras):
     predictor = _predictor(tmp_path)
     entry = StyleEntry(lora=str(loras[0]), mask=MaskSpec(file=str(MASK), feather=2))
@@ -114,6 +118,7 @@ def test_bad_inputs_fail_when_the_data_is_built(tmp_path, loras):
             StyleEntry(lora=str(loras[0]), mask=MaskSpec(file=str(not_an_image))), StyleEntry(lora=str(loras[1]))])
 
 
+@pytest.mark.slow
 def test_lightning_predict_loop_writes_every_job_and_restores_the_unet(tmp_path, loras):
     second_content = tmp_path / "second.png"
     Image.open(CONTENT).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(second_content)
@@ -142,6 +147,7 @@ def test_a_broken_lora_file_is_named_before_any_model_is_loaded(tmp_path):
         StylizeDataModule(content=[str(CONTENT)], styles=[StyleEntry(lora=str(pickled), prompt="p")])
 
 
+@pytest.mark.slow
 def test_a_lora_with_text_encoder_layers_leaves_the_reference_prompt_alone(tmp_path):
     """Text-encoder LoRA layers (community LoRAs have them) apply to their own style's prompts only."""
     from diffusers import StableDiffusionPipeline
@@ -221,6 +227,7 @@ def test_a_job_edited_to_leave_the_output_folder_writes_nothing_outside(tmp_path
     assert not (tmp_path / "escaped.png").exists()
 
 
+@pytest.mark.slow
 def test_the_same_lora_at_two_scales_writes_two_results(tmp_path, loras):
     """Mistake caught: two unnamed styles from one LoRA share a name, so one result overwrites the other."""
     styles = [StyleEntry(lora=str(loras[0])), StyleEntry(lora=str(loras[0]), scale=0.5)]
@@ -232,6 +239,7 @@ def test_the_same_lora_at_two_scales_writes_two_results(tmp_path, loras):
     assert job.files.results == ("content_shapes_first-0.png", "content_shapes_first-1.png")
 
 
+@pytest.mark.slow
 def test_a_content_named_like_another_jobs_grid_is_not_skipped(tmp_path, loras):
     """Mistake caught: content `x_grid.png` after `x.png`: its result is `x.png`'s grid, so it counts as done."""
     (tmp_path / "in").mkdir()
@@ -255,6 +263,7 @@ def test_colliding_output_names_are_refused_when_the_data_is_built(tmp_path, lor
         StylizeDataModule(content=[str(CONTENT)], styles=[StyleEntry(lora=str(loras[0]), name="grid"), StyleEntry(lora=str(loras[1]))])
 
 
+@pytest.mark.slow
 def test_a_245_character_content_stem_is_stylized(tmp_path, loras):
     """Mistake caught: temporary names made from the stem, over the 255-byte file name limit."""
     content = tmp_path / ("c" * 245 + ".png")
@@ -266,6 +275,7 @@ def test_a_245_character_content_stem_is_stylized(tmp_path, loras):
         StylizeDataModule(content=[str(content)], styles=[StyleEntry(lora=str(loras[0]), mask=MaskSpec(file=str(MASK)))])
 
 
+@pytest.mark.slow
 def test_a_rerun_says_how_many_jobs_it_skipped(tmp_path, loras, caplog):
     """Mistake caught: finished jobs skipped without a word."""
     data = StylizeDataModule(content=[str(CONTENT)], styles=[StyleEntry(lora=str(loras[0]))], resolution=64)
@@ -278,6 +288,7 @@ def test_a_rerun_says_how_many_jobs_it_skipped(tmp_path, loras, caplog):
     assert caplog.text.count("1 job already done, skipped") == 1
 
 
+@pytest.mark.slow
 def test_outside_the_mask_every_steps_latent_is_the_content_trajectory_before_compositing(tmp_path, loras):
     """Eq. 6 inside the loop, seen from the predictor with pixel compositing on: compositing alone
     would hide a missing latent blend in the final image, so the latents of every step are checked."""
@@ -306,6 +317,7 @@ def test_outside_the_mask_every_steps_latent_is_the_content_trajectory_before_co
         assert not torch.equal(state.latents[0][~outside], expected[~outside])
 
 
+@pytest.mark.slow
 def test_a_lora_with_nan_weights_fails_the_job_and_writes_no_image(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
@@ -322,6 +334,7 @@ def test_a_lora_with_nan_weights_fails_the_job_and_writes_no_image(tmp_path):
     assert not list((tmp_path / "out").glob("*.png"))
 
 
+@pytest.mark.slow
 def test_a_result_reads_in_a1111_with_its_lora_tag_and_hash(tmp_path, loras):
     """What A1111's own parsing reads from a predict result: the prompt with `<lora:name:scale>`, the
     LoRA's short hash as A1111 computes it for that file, and no `Model hash` for a model that is not

@@ -74,6 +74,7 @@ def assert_same_results(one: FinalLatents, other: FinalLatents, folders: tuple[P
         assert difference.max() <= 1, path.name
 
 
+@pytest.mark.slow
 def test_jobs_batched_four_at_a_time_equal_jobs_run_one_by_one(inputs, tmp_path):
     """Mixed styles and content sizes in one chunk. Catches style rows injected from another job's
     reference row (the row offset of each job), fused with another job's trajectory, or guided
@@ -91,6 +92,7 @@ def test_jobs_batched_four_at_a_time_equal_jobs_run_one_by_one(inputs, tmp_path)
     assert_same_results(one_by_one, together, (tmp_path / "alone" / "out", tmp_path / "batched" / "out"))
 
 
+@pytest.mark.slow
 def test_masked_jobs_batched_are_fused_with_their_own_contents(inputs, tmp_path):
     """Catches eq. 6 taking the content outside the mask from another job of the call."""
     from diffstyler.masks import MaskSpec
@@ -104,6 +106,7 @@ def test_masked_jobs_batched_are_fused_with_their_own_contents(inputs, tmp_path)
         assert (latents[0] - together.latents[job_id][0]).abs().max() < RELATIVE_TOLERANCE * latents[0].abs().max()
 
 
+@pytest.mark.slow
 def test_reference_rows_per_style_batched_equal_one_by_one(inputs, tmp_path):
     """`reference_model: style`: each job has one reference row per style; catches their offsets."""
     from diffstyler.injection import InjectionConfig
@@ -118,6 +121,7 @@ def test_reference_rows_per_style_batched_equal_one_by_one(inputs, tmp_path):
                         (tmp_path / "alone" / "out", tmp_path / "batched" / "out"))
 
 
+@pytest.mark.slow
 def test_a_cap_on_rows_per_call_splits_the_group_and_changes_nothing(inputs, tmp_path):
     jobs = product_jobs(inputs)
     uncapped = run(_predictor(tmp_path / "uncapped"), chunked(jobs, 6))
@@ -129,6 +133,7 @@ def test_a_cap_on_rows_per_call_splits_the_group_and_changes_nothing(inputs, tmp
     assert_same_results(uncapped, capped, (tmp_path / "uncapped" / "out", tmp_path / "capped" / "out"))
 
 
+@pytest.mark.slow
 def test_at_most_max_loaded_adapters_stay_loaded_but_never_one_the_chunk_still_needs(inputs, tmp_path):
     """With room for one adapter: a chunk needing two loads the second beside the first (catches
     deleting an adapter a job of the chunk still needs); the next new style evicts the least
@@ -158,6 +163,7 @@ def test_at_most_max_loaded_adapters_stay_loaded_but_never_one_the_chunk_still_n
         assert torch.equal(latents[0], final["bounded"].latents[job_id][0]), job_id
 
 
+@pytest.mark.slow
 def test_a_failing_job_in_a_batch_fails_alone_and_the_others_are_done(inputs, tmp_path):
     """Non-finite latents of one job (a NaN LoRA) fail the shared call; each job is then run alone,
     so only that job is recorded as failed, and the good job equals its run by itself."""

@@ -39,6 +39,7 @@ def scores_of(folder: Path) -> dict:
     return json.loads((folder / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_the_smoke_protocol_runs_fit_predict_and_test_from_one_file(tmp_path, repo_root, monkeypatch, capsys):
     """Catches: all styles in one LoRA, a LoRA folder of LoRAs not read as one style each, a
     result scored against another style's image, and a stage that redoes its work on a rerun."""
@@ -76,6 +77,7 @@ def test_the_smoke_protocol_runs_fit_predict_and_test_from_one_file(tmp_path, re
     assert all(again[key] == pytest.approx(scores[key], abs=1e-9) for key in ("lpips", "fid", "artfid", "cfsd"))
 
 
+@pytest.mark.slow
 def test_a_stage_on_two_ddp_processes_runs_its_own_section(tmp_path, repo_root, monkeypatch, capsys):
     """The full protocol's predict runs on every GPU. Catches: the section picked only for an
     in-process call, not from the console's sys.argv (both ranks would read the whole protocol
@@ -89,6 +91,7 @@ def test_a_stage_on_two_ddp_processes_runs_its_own_section(tmp_path, repo_root, 
         f"{c}_{s}.png" for c in CONTENTS for s in STYLES)
 
 
+@pytest.mark.slow
 def test_the_full_protocol_parses_for_every_stage(repo_root, monkeypatch, capsys):
     """configs/protocols/styleid.yaml, as printed by each stage: the LoRA folder the fit writes is
     the styles of predict, whose folder is the results of test."""

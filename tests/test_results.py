@@ -4,6 +4,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from diffstyler.data.jobs import StyleEntry
@@ -35,6 +36,7 @@ def test_the_settings_hash_depends_on_values_not_on_key_order():
     assert settings_hash({"a": 1}) != settings_hash({"a": 2})
 
 
+@pytest.mark.slow
 def test_every_output_png_carries_the_same_settings_hash(tmp_path, loras):
     predictor = _predictor(tmp_path)
     stylize_one(predictor, _job([StyleEntry(lora=str(loras[0]), mask=MaskSpec(file=str(MASK)))]))
@@ -44,6 +46,7 @@ def test_every_output_png_carries_the_same_settings_hash(tmp_path, loras):
     assert len(hashes) == 1 and len(hashes.pop()) == 64
 
 
+@pytest.mark.slow
 def test_a_truncated_result_is_removed_and_the_job_redone(tmp_path, loras):
     """Mistake caught: "done" meaning "the file exists" (a crash mid-write on a full disk leaves half a PNG)."""
     predictor = _predictor(tmp_path)
@@ -56,6 +59,7 @@ def test_a_truncated_result_is_removed_and_the_job_redone(tmp_path, loras):
     assert np.array_equal(np.array(Image.open(result)), pixels)
 
 
+@pytest.mark.slow
 def test_leftover_temporary_files_are_removed(tmp_path, loras):
     """Mistake caught: temporaries of interrupted writes left in the output folder forever."""
     predictor = _predictor(tmp_path)
@@ -76,6 +80,7 @@ def test_leftover_temporary_files_are_removed(tmp_path, loras):
     assert unrelated.exists()
 
 
+@pytest.mark.slow
 def test_a_rerun_with_other_settings_redoes_the_job_and_says_so(tmp_path, loras, caplog):
     """Mistake caught: a rerun after a config change keeps the old result without a word."""
     job = _job([StyleEntry(lora=str(loras[0]))])
@@ -88,6 +93,7 @@ def test_a_rerun_with_other_settings_redoes_the_job_and_says_so(tmp_path, loras,
     assert Image.open(result).text[SETTINGS_HASH_KEY] == changed.settings_hash(job)
 
 
+@pytest.mark.slow
 def test_a_retrained_lora_at_the_same_path_redoes_the_job(tmp_path, loras):
     """Mistake caught: settings compared by LoRA path instead of the LoRA's content (sha256)."""
     lora = write_random_lora(tmp_path / "lora", seed=1)
@@ -98,6 +104,7 @@ def test_a_retrained_lora_at_the_same_path_redoes_the_job(tmp_path, loras):
     assert not stylize_one(predictor, job).status == "skipped"
 
 
+@pytest.mark.slow
 def test_a_missing_mask_file_output_makes_the_job_unfinished(tmp_path, loras):
     """Mistake caught: only the results checked, so a job interrupted before its mask PNG counts as done."""
     predictor = _predictor(tmp_path)
@@ -117,6 +124,7 @@ def test_files_without_the_settings_hash_or_missing_do_not_count_as_done(tmp_pat
     assert job_is_done([path], "h") and not job_is_done([path], "other")
 
 
+@pytest.mark.slow
 def test_overwrite_redoes_a_finished_job(tmp_path, loras):
     predictor = _predictor(tmp_path, overwrite=True)
     job = _job([StyleEntry(lora=str(loras[0]))])

@@ -52,6 +52,7 @@ def close(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # --- conditioning -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_prompts_are_encoded_as_diffusers_sdxl_pipeline_encodes_them(xl_pipe):
     """Caught: the last hidden states instead of the penultimate, one encoder's states only, or the
     pooled embedding of the wrong encoder."""
@@ -72,6 +73,7 @@ def test_time_ids_are_diffusers_own_for_the_size(xl_pipe):
     assert time_ids_for(load_pipeline(ModelSpec("tiny")).unet, (48, 64)) is None
 
 
+@pytest.mark.slow
 def test_the_reference_and_inversion_rows_carry_the_contents_time_ids_and_pooled_embedding(xl_pipe, tmp_path):
     """Every UNet call of a stylization, recorded: the inversion's rows and the reference row get the
     inversion prompt's pooled embedding and the content's size (48 x 64, height first) as a
@@ -98,6 +100,7 @@ def test_the_reference_and_inversion_rows_carry_the_contents_time_ids_and_pooled
     assert (style_prompt - pooled).abs().max() > 1e-2 and (denoising[0][1]["text_embeds"][2:] - style_prompt).abs().max() < 1e-5
 
 
+@pytest.mark.slow
 def test_batched_sdxl_jobs_equal_jobs_one_by_one(xl_pipe, xl_loras, tmp_path):
     """Three contents (two sizes) in one chunk: inverted together by size, denoised together where of
     one size, against `__call__` per job. Caught: time ids not expanded per row, or the first job's
@@ -146,6 +149,7 @@ def xl_default(xl_setup):
     return run_xl(xl_setup, InjectionConfig(**WINDOWS))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, layer", [("features", layer) for layer in range(1, 9)] + [("attention", layer) for layer in range(6)])
 def test_removing_any_default_sdxl_layer_changes_the_result(xl_setup, xl_default, kind, layer):
     """Non-degeneracy of the SDXL defaults (features 1-8, attention 0-5). Caught: a collapsed or idle
@@ -160,6 +164,7 @@ def test_removing_any_default_sdxl_layer_changes_the_result(xl_setup, xl_default
 
 # --- LoRAs --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_loras_of_another_family_give_the_one_line_family_error(xl_loras, tmp_path):
     """An SDXL LoRA on an SD 2.x-layout model, and an SD 2.x LoRA on SDXL. Caught: a shape error from
     deep inside diffusers instead of the family."""
@@ -175,6 +180,7 @@ def test_loras_of_another_family_give_the_one_line_family_error(xl_loras, tmp_pa
         load_style_adapter(load_pipeline(ModelSpec(XL)), sd2, "sd2")
 
 
+@pytest.mark.slow
 def test_text_encoder_layers_of_an_sdxl_lora_apply_to_its_own_prompts_on_both_encoders(tmp_path):
     """A LoRA with layers on both text encoders (community SDXL LoRAs have them): its style's prompt
     goes through both; the inversion prompt through neither. Caught: routing on the first encoder only."""
@@ -242,6 +248,7 @@ def test_float16_sdxl_vae_decodes_and_encodes_in_float32_never_a_black_image():
     assert pipe.vae.dtype == torch.float16  # the VAE goes back to the precision it had
 
 
+@pytest.mark.slow
 def test_a_configured_vae_replaces_the_models_own(tmp_path):
     """`model.model.vae`: e.g. SDXL's VAE fixed for float16 (`force_upcast` false in its config) runs in float16."""
     from diffusers import AutoencoderKL
@@ -306,6 +313,7 @@ def fit_xl(output: Path, style_image: Path, steps: int, recorder: LossAndTimeIds
     return module
 
 
+@pytest.mark.slow
 def test_an_sdxl_lora_trained_here_loads_into_diffusers_sdxl_pipeline_and_resumes(tmp_path, style_image):
     """Training on tiny-sdxl with crops: each image's time ids are its size, its crop's corner and the
     crop's size in pixels; the exported file loads with `StableDiffusionXLPipeline.load_lora_weights`
@@ -345,6 +353,7 @@ def test_an_sdxl_lora_trained_here_loads_into_diffusers_sdxl_pipeline_and_resume
     assert torch.equal(resumed.time_ids[-1], training_ids[-1])
 
 
+@pytest.mark.slow
 def test_preview_samples_on_sdxl_carry_time_ids():
     from diffstyler.callbacks import sample_text_to_image
 

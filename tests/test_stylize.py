@@ -98,6 +98,7 @@ def _authors_loop(setup, adapter: str, prompt: int) -> torch.Tensor:
     return latent
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reference", ["batch", "separate"])
 def test_style_reference_model_reproduces_the_authors_loop_for_each_style(setup, reference):
     """Two styles in one batch, each with its own LoRA reference row. Catches style b injected from
@@ -117,6 +118,7 @@ def _mask(rows: slice) -> torch.Tensor:
     return mask
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reference_model", ["base", "style"])
 def test_several_styles_with_guidance_equal_their_one_style_runs(setup, reference_model):
     """Guidance 10.5 (uncond rows in the batch): each style's latent in a two-style run equals its run
@@ -147,6 +149,7 @@ def test_a_lora_with_nan_weights_fails_naming_its_style(setup):
         pipe.unet.delete_adapters("broken")
 
 
+@pytest.mark.slow
 def test_a_half_precision_step_that_overflows_is_run_again_in_float32():
     """A LoRA with huge weights overflows float16 (inf) but not float32: every such UNet call is
     redone in float32, the result is finite, and the UNet's dtypes are restored. Catches a missing

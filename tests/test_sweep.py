@@ -61,6 +61,7 @@ def _job(styles):
     return StylizeDataModule(content=[str(CONTENT)], styles=styles, seed=3, resolution=64).jobs()[0]
 
 
+@pytest.mark.slow
 def test_each_cell_is_the_run_with_that_setting_and_the_content_is_inverted_once(tmp_path, lora, monkeypatch):
     """Catches a cell run with the base settings, cells in the wrong place, or one inversion per cell."""
     grids, inversions = [], []
@@ -81,6 +82,7 @@ def test_each_cell_is_the_run_with_that_setting_and_the_content_is_inverted_once
     assert settings["Sweep"]["feature_steps"] == [0, 4] and len(settings["Sweep cells"]) == 4
 
 
+@pytest.mark.slow
 def test_a_sweep_over_several_unmasked_styles_is_refused(tmp_path, lora):
     predictor = _predictor(tmp_path, sweep=SweepConfig(feature_steps=[0, 4]))
     job = _job([StyleEntry(lora=str(lora), name="a"), StyleEntry(lora=str(lora), name="b", scale=0.5)])

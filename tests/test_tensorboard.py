@@ -28,6 +28,7 @@ def read_events(folder) -> EventAccumulator:
     return events
 
 
+@pytest.mark.slow
 def test_predict_logs_each_result_grid_its_settings_and_the_throughput(tmp_path, loras):
     """Mistakes caught: the PredictionLogger not declared by the predictor (an empty event folder),
     the grid without the content beside the result, the settings or the throughput not logged."""

@@ -119,6 +119,7 @@ def trained_run(tmp_path_factory, style_image) -> TrainedRun:
     )
 
 
+@pytest.mark.slow
 def test_only_lora_parameters_are_trainable(trained_run):
     module = trained_run.module
     trainable = module.trainable_parameter_names()
@@ -148,6 +149,7 @@ def test_checkpoint_holds_only_the_lora_and_is_small(trained_run):
     assert checkpoint_file.stat().st_size < 0.1 * unet_bytes
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_saved_step_with_the_same_losses(trained_run, tmp_path):
     module = make_module(tmp_path / "lora")
     recorder = LossRecorder()
@@ -187,6 +189,7 @@ def lora_gradients(module: StyleLoRAModule, datamodule: StyleDataModule) -> dict
     return {name: p.grad.clone() for name, p in module.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, style_image):
     datamodule = StyleDataModule([str(style_image)], resolution=64)
     gradients = []
@@ -226,6 +229,7 @@ def test_half_precision_base_needs_a_mixed_precision_trainer(tmp_path, style_ima
         trainer.fit(module, StyleDataModule([str(style_image)], resolution=64))
 
 
+@pytest.mark.slow
 def test_preview_grids_are_logged_without_changing_training(tmp_path, style_image):
     losses = {}
     for with_preview in (False, True):
@@ -348,6 +352,7 @@ def test_v_prediction_models_train_on_the_velocity(tmp_path):
     assert loss.item() != pytest.approx(torch.nn.functional.mse_loss(prediction, noise).item(), rel=1e-2)
 
 
+@pytest.mark.slow
 def test_fit_without_a_config_trains_the_papers_200_steps(tmp_path, style_image, monkeypatch):
     """Every default of `diffstyler fit` is the paper's (only the model and image size are made small)."""
     monkeypatch.chdir(tmp_path)  # the default logs go to outputs/logs under the working folder

@@ -33,6 +33,7 @@ def printed(args: list[str], capsys) -> dict:
     return yaml.safe_load(capsys.readouterr().out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_configs_parse_with_their_familys_model_resolution_and_layer_rules(family, capsys, monkeypatch):
     """Caught: a typo in a config (an unknown key fails the parse), a config naming another family's

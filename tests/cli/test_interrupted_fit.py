@@ -80,6 +80,7 @@ def uninterrupted(tmp_path_factory, style_image) -> dict[str, torch.Tensor]:
         return lora_of(fit_tiny(tmp_path_factory.mktemp("uninterrupted"), style_image, []))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
 def test_a_signal_mid_step_saves_that_step_once_finished_and_the_resume_matches(signum, uninterrupted, tmp_path, style_image):
     """Catches: a checkpoint of a step that did not finish (saved in the signal handler: step 2
@@ -120,6 +121,7 @@ def test_the_line_repeats_the_command_with_the_checkpoint_and_the_status_is_128_
         "diffstyler fit --data.one_lora_per_image true")
 
 
+@pytest.mark.slow
 def test_under_slurm_lightnings_requeue_and_sigterm_handlers_stay(monkeypatch, tmp_path, style_image):
     """Lightning's SLURM environment requeues the job on SIGUSR1 (saving its hpc checkpoint) and
     handles SIGTERM; both are set when training starts. Catches SaveOnInterrupt replacing either

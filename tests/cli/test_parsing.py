@@ -28,6 +28,7 @@ def printed_config(args: list[str], monkeypatch, capsys) -> dict:
     return yaml.safe_load(output[output.index("seed_everything"):])
 
 
+@pytest.mark.slow
 def test_a_single_value_is_a_list_of_one_on_the_command_line_and_in_a_file(tmp_path, monkeypatch, capsys):
     """Catches: a single value refused, a string taken as a list of its characters, the rule only
     on the command line (or only in files), and a single style entry (a mapping) not wrapped."""

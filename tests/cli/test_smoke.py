@@ -31,6 +31,7 @@ def assert_exported(output_dir: Path) -> None:
     assert metadata["steps"] == SMOKE_STEPS and metadata["base_model"]["name"] == "tiny"
 
 
+@pytest.mark.slow
 def test_fit_smoke_config_end_to_end(tmp_path, repo_root):
     command = [str(Path(sys.executable).parent / "diffstyler"), "fit", "--config", "configs/smoke/style.yaml",
                *tmp_output_args(tmp_path)]
@@ -53,6 +54,7 @@ def print_config(args: list[str], capsys) -> str:
     return capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_printed_config_is_stable_and_runs(tmp_path, repo_root, capsys, monkeypatch):
     monkeypatch.chdir(repo_root)  # the smoke config names data/style_stripes.png relative to the repo
     monkeypatch.setattr(sys, "argv", ["diffstyler"])
@@ -85,6 +87,7 @@ def smoke_lora(tmp_path_factory) -> Path:
     return write_random_lora(tmp_path_factory.mktemp("smoke_lora"), seed=5).parent
 
 
+@pytest.mark.slow
 def test_predict_smoke_config_end_to_end(tmp_path, repo_root, smoke_lora):
     command = [str(Path(sys.executable).parent / "diffstyler"), "predict", "--config", "configs/smoke/stylize.yaml",
                "--data.styles", json.dumps([{"lora": str(smoke_lora)}]), *predict_output_args(tmp_path)]
@@ -100,6 +103,7 @@ def test_predict_smoke_config_end_to_end(tmp_path, repo_root, smoke_lora):
     assert (tmp_path / "logs" / "predict" / "version_0" / "config.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_localized_smoke_config_with_a_mask_file_and_a_box(tmp_path, repo_root, smoke_lora, monkeypatch):
     monkeypatch.chdir(repo_root)
     monkeypatch.setattr(sys, "argv", ["diffstyler"])

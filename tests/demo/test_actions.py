@@ -94,6 +94,7 @@ def test_bad_uploads_and_missing_choices_are_one_line_in_the_page(actions, tmp_p
     assert page_message(actions.load_content, str(CONTENT)).startswith(f"image too large ({CONTENT})")
 
 
+@pytest.mark.slow
 def test_training_in_the_page_counts_its_steps_offers_the_style_and_can_be_cancelled(actions):
     """Caught: the progress bar not moving with the steps; a trained style not offered in the menus;
     the cancel button ignored (training runs to the end), or a cancelled half-trained LoRA offered

@@ -83,6 +83,7 @@ def test_artfid_formula():
     assert metrics.artfid(0.25, 3.0) == pytest.approx(5.0)
 
 
+@pytest.mark.slow
 def test_build_metrics_random_config_reports_all_four():
     quality = metrics.build_metrics(metrics.feature_networks(metrics.MetricsConfig(random=True, seed=3)))
     content, style = images(20, seed=11), images(20, seed=12)

@@ -122,6 +122,7 @@ def test_vgg_features_refuse_the_other_architecture(tmp_path):
     assert networks.vgg16_features(str(tmp_path / "vgg16.pth"))[1][0].weight.shape == (64, 3, 3, 3)
 
 
+@pytest.mark.slow
 def test_lpips_metric_loads_alexnet_and_the_torchmetrics_linear_layers(tmp_path):
     with networks.seeded(21):
         alexnet = torchvision.models.alexnet(weights=None)

@@ -66,6 +66,7 @@ def score(pairs: str, output: Path, monkeypatch, size=None) -> dict[str, list[tu
     return seen
 
 
+@pytest.mark.slow
 def test_each_metric_sees_styleids_sizes_on_non_square_images(tmp_path, monkeypatch):
     """LPIPS and FID get the shorter side at 512 with the aspect kept, CFSD the result at its own size.
     Catches: a stretch to a square, CFSD fed the resized images, the aspect lost (or width and height
@@ -77,6 +78,7 @@ def test_each_metric_sees_styleids_sizes_on_non_square_images(tmp_path, monkeypa
     assert seen["cfsd"] == [(64, 96), (64, 96)]  # content and result as they are
 
 
+@pytest.mark.slow
 def test_a_content_of_another_size_is_resized_to_the_results_size(tmp_path, monkeypatch):
     """DiffStyler's results have sides rounded to multiples of 8, so the content's size and aspect
     differ a little (100x67 for a 96x64 result). Catches: the content resized on its own (LPIPS would
@@ -108,6 +110,7 @@ def test_lpips_and_fid_inputs_are_styleids_transform_pixel_for_pixel(tmp_path):
     torch.testing.assert_close(item["cfsd_result"], ToTensor()(read(triple.result)), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_triples_of_different_sizes_in_one_batch_keep_their_own_scores(tmp_path, monkeypatch):
     """Three triples of different sizes in one batch of 8: each is scored at its own size and its
     per-image LPIPS is its own. Catches: images of different sizes forced into one tensor, the
@@ -130,6 +133,7 @@ def test_triples_of_different_sizes_in_one_batch_keep_their_own_scores(tmp_path,
     assert len({row["lpips"] for row in rows}) == len(rows)  # distinct triples, distinct scores
 
 
+@pytest.mark.slow
 def test_an_explicit_size_stretches_every_image_to_a_square(tmp_path, monkeypatch):
     """`data.size: 32`, the documented deviation: all three networks see 32x32, CFSD included.
     Catches: data.size ignored, or applied to LPIPS and FID only."""

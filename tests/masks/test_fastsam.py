@@ -248,6 +248,7 @@ def test_scorer_gives_cosine_similarities(clip_folder):
     assert float(again[0, 0]) == pytest.approx(float(scores[0, 1]), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_injected_clip_is_used_without_loading(seg_weights, clip_folder, image, monkeypatch):
     model, processor = load_clip(clip_folder)
     config = tiny_config(seg_weights, clip_model="/does/not/exist")
