@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from diffstyler.inversion import InversionCache, InversionKey, invert, inversion_timesteps
