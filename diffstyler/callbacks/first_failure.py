@@ -44,7 +44,14 @@ class AnotherRankFailed(RuntimeError):
     """Raised in the launcher when a child rank has reported its failure (SIGUSR2)."""
 
 
+# Set when the signal arrives: raised inside a C extension (torch making a tensor of a LoRA file),
+# AnotherRankFailed can come out as that extension's own error, without a chain leading back to it.
+another_rank_signalled = False
+
+
 def raise_another_rank_failed(signum: int, frame: Any) -> NoReturn:
+    global another_rank_signalled
+    another_rank_signalled = True
     raise AnotherRankFailed("another rank failed")
 
 

@@ -50,8 +50,11 @@ def failure_line(subcommand: str, error: BaseException, rank: Optional[int]) -> 
 
 
 def interrupted_by_another_rank(error: BaseException) -> bool:
-    """Whether `AnotherRankFailed` (raised by the signal another rank sends) is in the error's chain:
-    it can strike inside a file read, whose handler then reports it as a broken file."""
+    """Whether the signal another rank sends has arrived, or `AnotherRankFailed` (which it raises)
+    is in the error's chain: it can strike inside a file read, whose handler then reports it as a
+    broken file, or inside torch, which then raises an error of its own without the chain."""
+    if first_failure.another_rank_signalled:
+        return True
     seen = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, AnotherRankFailed):

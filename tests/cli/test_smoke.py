@@ -172,3 +172,23 @@ def test_fit_without_a_logger_writes_nothing_into_the_working_folder(tmp_path, r
     assert_exported(tmp_path / "lora")
     assert (tmp_path / "lora" / "config.yaml").is_file()
     assert sorted(path.name for path in (tmp_path / "lora" / "checkpoints").iterdir()) == ["step=2.ckpt", "step=4.ckpt"]
+
+
+def test_the_signal_of_another_rank_counts_even_when_torch_drops_the_chain(monkeypatch):
+    """The handler's AnotherRankFailed, raised while torch converts a LoRA tensor, comes out as
+    torch's own ValueError ("could not determine the shape of object type ...") with no chain; the
+    loader then says "LoRA does not fit the model". Catches that line shown in place of the rank
+    that really failed (seen on a two-process run whose rank 1 failed during rank 0's LoRA load)."""
+    import signal
+
+    from diffstyler.callbacks import first_failure
+    from diffstyler.cli.reporting import interrupted_by_another_rank
+    from diffstyler.errors import UserError
+
+    monkeypatch.setattr(first_failure, "another_rank_signalled", False)
+    unchained = UserError("LoRA does not fit the model", "x.safetensors",
+                          "could not determine the shape of object type 'torch.storage.UntypedStorage'")
+    assert not interrupted_by_another_rank(unchained)
+    with pytest.raises(first_failure.AnotherRankFailed):  # in the run, torch swallows it and raises its own error
+        first_failure.raise_another_rank_failed(signal.SIGUSR2, None)
+    assert interrupted_by_another_rank(unchained)
