@@ -25,11 +25,10 @@ from pathlib import Path
 
 import torch
 
-from diffstyler.families import native_resolution, time_ids_for
+from diffstyler.backbones import backbone_for
 from diffstyler.injection import InjectionConfig
 from diffstyler.lora import StyleLoRAConfig, add_style_adapter, set_adapter_scales
 from diffstyler.models import ModelSpec, encode_prompts, load_pipeline
-from diffstyler.sampling import ddim_schedule
 from diffstyler.stylize import DenoiseJob, SamplingConfig, StyleRows, denoise_jobs
 
 MIB = 2**20
@@ -56,20 +55,21 @@ def main() -> None:
 
     started = time.perf_counter()
     pipe = load_pipeline(ModelSpec(name=args.model))
-    resolution = args.resolution or native_resolution(pipe)
-    unet = pipe.unet.requires_grad_(False)
+    backbone = backbone_for(pipe)
+    resolution = args.resolution or backbone.native_resolution
+    unet = backbone.denoiser.requires_grad_(False)
     unet_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
     for k in range(2):
         add_style_adapter(unet, StyleLoRAConfig(rank=16), f"s{k}")
     unet.requires_grad_(False)
     style_bytes = sum(p.numel() * p.element_size() for name, p in unet.named_parameters() if ".s0." in name)
-    prompts = encode_prompts(pipe, ["", "painting of sss", "ugly"]).with_time_ids(time_ids_for(unet, (resolution, resolution)))
-    pipe.text_encoder = pipe.text_encoder_2 = pipe.vae = None  # the UNet call needs none of them
+    prompts = backbone.size_conditioning(encode_prompts(pipe, ["", "painting of sss", "ugly"]), (resolution, resolution))
+    pipe.text_encoder = pipe.text_encoder_2 = pipe.vae = None  # the denoiser's call needs none of them
     gc.collect()
 
-    side = resolution // pipe.vae_scale_factor
-    trajectory = torch.randn(2, unet.config.in_channels, side, side, generator=torch.Generator().manual_seed(0))
-    schedule = ddim_schedule(pipe.scheduler, 1)
+    side = resolution // backbone.latent_factor
+    trajectory = torch.randn(2, backbone.latent_channels, side, side, generator=torch.Generator().manual_seed(0))
+    schedule = backbone.schedule(1, backbone.image_tokens(side, side))
     injection = InjectionConfig(feature_steps=1, attention_steps=1)  # the paper's layers, injected in this step
     print(f"model={args.model} resolution={resolution} px (latent {side}x{side}) float32 cpu, threads {torch.get_num_threads()}, "
           f"built in {time.perf_counter() - started:.0f} s")
@@ -85,7 +85,7 @@ def main() -> None:
         reset_peak_rss()
         started = time.perf_counter()
         with torch.no_grad():
-            denoise_jobs(unet, [job], schedule, injection, SamplingConfig(steps=1), progress=False)
+            denoise_jobs(backbone, [job], schedule, injection, SamplingConfig(steps=1), progress=False)
         peaks[styles] = resident_bytes("VmHWM") - before
         print(f"styles={styles} ({1 + 2 * styles} rows): peak RSS above the loaded model {peaks[styles] / MIB:.0f} MiB "
               f"({time.perf_counter() - started:.0f} s)")

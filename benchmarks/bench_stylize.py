@@ -37,12 +37,11 @@ import tempfile
 import time
 
 import torch
-from diffstyler.families import decoder_layers, time_ids_for
+from diffstyler.backbones import backbone_for
 from diffstyler.injection import InjectionConfig
 from diffstyler.inversion import invert
 from diffstyler.lora import StyleLoRAConfig, add_style_adapter, set_adapter_scales
 from diffstyler.models import AnyPipeline, ModelSpec, encode_prompts, load_pipeline
-from diffstyler.sampling import ddim_schedule
 from diffstyler.stylize import DenoiseJob, SamplingConfig, StyleRows, denoise_jobs
 
 
@@ -87,8 +86,9 @@ def memory_section(args) -> None:
                "offload model": {"offload": "model"}, "offload sequential": {"offload": "sequential"}}
     with tempfile.TemporaryDirectory() as folder:
         lora_pipe = load_benchmark_pipeline(args.model, "float32")
-        add_style_adapter(lora_pipe.unet, StyleLoRAConfig(rank=16), "style")
-        save_lora(lora_pipe.unet, "style", folder)
+        denoiser = backbone_for(lora_pipe).denoiser
+        add_style_adapter(denoiser, StyleLoRAConfig(rank=16), "style")
+        save_lora(denoiser, "style", folder)
         del lora_pipe
         baseline = None
         print(f"model={args.model} resolution={args.resolution} steps={args.steps} device={args.device} dtype={args.dtype}")
@@ -99,7 +99,7 @@ def memory_section(args) -> None:
             pipeline = DiffStylerPipeline.from_pretrained(args.model, args.dtype, args.device, progress=False, **option)
             pipeline.load_style(folder, name="style", prompt="painting of sss")
             substeps = {"inversion_substeps": args.inversion_substeps} if args.inversion_substeps else {}
-            injection = InjectionConfig(feature_steps=args.steps * 3 // 5, attention_steps=args.steps // 2)  # the paper's windows, scaled
+            injection = InjectionConfig()  # the paper's windows, as fractions of the steps
             call = lambda: pipeline(content, num_inference_steps=args.steps, injection=injection, resolution=args.resolution,  # noqa: E731
                                     **substeps)
             seconds = timed(args.device, call, repeats=1, warm_up=False)
@@ -132,25 +132,26 @@ def main() -> None:
         return
 
     pipe = load_benchmark_pipeline(args.model, args.dtype).to(args.device)
-    unet = pipe.unet
+    backbone = backbone_for(pipe)
+    unet = backbone.denoiser
     base_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
     for k in range(4):
         add_style_adapter(unet, StyleLoRAConfig(rank=16), f"s{k}")
     unet.requires_grad_(False)
-    unet.to(pipe.unet.dtype)
-    side = args.resolution // 8
+    unet.to(backbone.dtype)
+    side = args.resolution // backbone.latent_factor
     dtype = unet.dtype
-    latent = torch.randn(1, 4, side, side, device=args.device, dtype=dtype)
-    schedule = ddim_schedule(pipe.scheduler, args.steps)
-    prompts = encode_prompts(pipe, ["", "painting of sss", "ugly"]).to(dtype).with_time_ids(time_ids_for(unet, (args.resolution,) * 2))
+    latent = torch.randn(1, backbone.latent_channels, side, side, device=args.device, dtype=dtype)
+    schedule = backbone.schedule(args.steps, backbone.image_tokens(side, side))
+    prompts = backbone.size_conditioning(encode_prompts(pipe, ["", "painting of sss", "ugly"]).to(dtype), (args.resolution,) * 2)
     pipe.text_encoder = pipe.text_encoder_2 = None  # not needed any more: SDXL's weigh 3 GB in float32
 
     unet.disable_adapters()
-    t_inv_1 = timed(args.device, lambda: invert(unet, latent, prompts[:1], schedule, 1, progress=False), repeats=3)
+    t_inv_1 = timed(args.device, lambda: invert(backbone, latent, prompts[:1], schedule, 1, progress=False), repeats=3)
     substeps = args.inversion_substeps or max(1, 1000 // args.steps)
-    t_inv_full = timed(args.device, lambda: invert(unet, latent, prompts[:1], schedule, substeps, progress=False),
+    t_inv_full = timed(args.device, lambda: invert(backbone, latent, prompts[:1], schedule, substeps, progress=False),
                        repeats=1, warm_up=False)
-    trajectory = invert(unet, latent, prompts[:1], schedule, 1, progress=False)
+    trajectory = invert(backbone, latent, prompts[:1], schedule, 1, progress=False)
     unet.enable_adapters()
 
     def run(styles: int, reference: str, **injection_fields):
@@ -159,9 +160,9 @@ def main() -> None:
         rows = [StyleRows(n, prompts[1:2], prompts[2:3]) for n in names]
         sampling = SamplingConfig(steps=args.steps, reference=reference)
         injection = InjectionConfig(feature_steps=args.steps * 3 // 5, attention_steps=args.steps // 2, **injection_fields)
-        return lambda: denoise_jobs(unet, [DenoiseJob(trajectory, prompts[:1], rows)], schedule, injection, sampling, progress=False)
+        return lambda: denoise_jobs(backbone, [DenoiseJob(trajectory, prompts[:1], rows)], schedule, injection, sampling, progress=False)
 
-    decoder = decoder_layers(unet)
+    decoder = backbone.layer_map()
     print(f"model={args.model} resolution={args.resolution} steps={args.steps} device={args.device} dtype={args.dtype} "
           f"({decoder.describe()}; features {InjectionConfig().resolved(decoder).feature_layers})")
     print(f"inversion: substeps 1 {t_inv_1:.3f} s, substeps {substeps} {t_inv_full:.3f} s, ratio {t_inv_full / t_inv_1:.1f}x")

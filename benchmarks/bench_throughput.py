@@ -61,7 +61,7 @@ def make_predictor(args, folder: Path) -> StylizePredictor:
 
 def write_loras(predictor: StylizePredictor, folder: Path, count: int) -> list[Path]:
     """`count` random rank-16 LoRAs for the predictor's UNet, saved as `diffstyler fit` saves them."""
-    unet = predictor.pipeline.unet
+    unet = predictor.pipeline.denoiser
     paths = []
     for k in range(count):
         add_style_adapter(unet, StyleLoRAConfig(rank=16), "bench")
@@ -169,7 +169,7 @@ def memory_child(args) -> None:
         job = StylizeDataModule(content=write_contents(folder, 1), styles=[StyleEntry(lora=str(loras[0]))],
                                 resolution=args.resolution).jobs()[0]
         assert predictor.writer.write(predictor.stylize_jobs([job]))[0].status == "done"
-        unet_bytes = sum(p.numel() * p.element_size() for p in predictor.pipeline.unet.parameters())
+        unet_bytes = sum(p.numel() * p.element_size() for p in predictor.pipeline.denoiser.parameters())
         peak = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else peak_rss()
         print(json.dumps({"styles": args.memory_child, "peak_bytes": peak, "unet_bytes": unet_bytes}))
 

@@ -1,4 +1,4 @@
-"""Style LoRAs loaded on the pipeline's ONE UNet, and the text conditionings they give, both cached.
+"""Style LoRAs loaded on the pipeline's ONE denoiser, and the text conditionings they give, both cached.
 
 `StyleAdapters` names each (LoRA file, scale) pair's adapter (`style0`, `style1`, ...: never reused,
 so a cached conditioning can never be mistaken for another adapter's), keeps at most
@@ -17,6 +17,7 @@ from typing import Iterator
 
 from diffusers import DiffusionPipeline
 
+from diffstyler.backbones import backbone_for
 from diffstyler.conditioning import Conditioning
 from diffstyler.lora import (
     BASE_ROW,
@@ -82,8 +83,8 @@ class StyleAdapters:
             self.conditionings = OrderedDict((k, v) for k, v in self.conditionings.items() if k[1] != name)
 
     def activate(self, names: set[str] | list[str]) -> None:
-        """Make exactly these adapters active on the UNet, each at its LoRA scale."""
-        set_adapter_scales(self.pipe.unet, {name: self.scales[name] for name in sorted(set(names))})
+        """Make exactly these adapters active on the denoiser, each at its LoRA scale."""
+        set_adapter_scales(backbone_for(self.pipe).denoiser, {name: self.scales[name] for name in sorted(set(names))})
 
     def encode(self, prompts: list[str], adapters: list[str]) -> list[Conditioning]:
         """The conditioning of each (prompt, adapter) pair: prompt i through the text-encoder layers

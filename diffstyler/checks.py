@@ -19,7 +19,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import safe_open
 
 from diffstyler.errors import MissingFileError, UserError, config_error, first_line
-from diffstyler.models import ModelSpec, model_load_error, random_model_sizes
+from diffstyler.models import ModelSpec, model_load_error, random_kind
 
 LATENT_FACTOR = 8  # the VAE downsamples by 8 (same constant as diffstyler.images)
 
@@ -81,7 +81,7 @@ def check_model_reference(spec: ModelSpec) -> None:
     local diffusers folder (with model_index.json), a `.safetensors` / `.ckpt` file, or a Hugging
     Face model id (in the local cache when HF_HUB_OFFLINE is set; otherwise it is downloaded when
     the model loads, and nothing is checked now)."""
-    if random_model_sizes(spec.name) is not None:
+    if random_kind(spec.name) is not None:
         return
     path = Path(spec.name).expanduser()
     if spec.is_single_file:

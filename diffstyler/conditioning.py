@@ -1,10 +1,11 @@
-"""What a UNet row is conditioned on besides its latent and timestep.
+"""What a row of a denoiser call is conditioned on besides its latent and timestep.
 
-Stable Diffusion 1.x and 2.x read one tensor, the prompt's hidden states (`encoder_hidden_states`,
-[n, 77, d]). SDXL also reads the pooled embedding of its second text encoder and six "time ids"
-(original size, crop corner, target size) through `added_cond_kwargs`. `Conditioning` carries all of
-it for n rows, so the inversion, the reference rows and the style rows are built the same way for
-every model family, and rows of one UNet call are concatenated in one place (`cat`).
+Every family reads the prompt's hidden states ([n, tokens, d]: SD 1.x / 2.x and SDXL's 77 CLIP
+tokens, SD 3.5's CLIP and T5 tokens, FLUX.1's T5 tokens). SDXL, SD 3.5 and FLUX.1 also read a
+pooled text embedding, and SDXL six "time ids" (original size, crop corner, target size).
+`Conditioning` carries all of it for n rows, so the inversion, the reference rows and the style
+rows are built the same way for every family, and rows of one call are concatenated in one place
+(`cat`). How a denoiser reads it is its backbone's (`Backbone.predict`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 @dataclass(frozen=True)
 class Conditioning:
-    """Conditioning of n rows: hidden states [n, 77, d]; for SDXL also pooled [n, p] and time ids [n, 6]."""
+    """Conditioning of n rows: hidden states [n, tokens, d]; pooled [n, p] where the family has one; SDXL's time ids [n, 6]."""
 
     hidden: torch.Tensor
     pooled: Optional[torch.Tensor] = None
@@ -50,16 +51,6 @@ class Conditioning:
         if time_ids is None:
             return self
         return replace(self, time_ids=time_ids.to(self.hidden.device).expand(len(self), -1))
-
-    def unet_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of `UNet2DConditionModel.forward` for these rows."""
-        kwargs: dict[str, Any] = {"encoder_hidden_states": self.hidden}
-        if self.pooled is not None:
-            if self.time_ids is None:
-                # SDXL's UNet would fail deep inside its embedding; the size is known where rows are built.
-                raise ValueError("SDXL rows need time ids: attach them with with_time_ids(families.time_ids_for(...))")
-            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
-        return kwargs
 
     def equals(self, other: "Conditioning") -> bool:
         pairs = zip((self.hidden, self.pooled, self.time_ids), (other.hidden, other.pooled, other.time_ids))

@@ -1,6 +1,6 @@
 """Reading and preparing images for Stable Diffusion, shared by training and stylization.
 
-Size rule (`resize_to_multiple_of_8`): the LONGER side becomes `resolution` and the shorter side
+Size rule (`resize_to_multiple`): the LONGER side becomes `resolution` and the shorter side
 keeps the aspect ratio, rounded to the nearest multiple of 8 (the VAE downsamples by 8). For the
 square images of the paper this equals its `Resize(512)`; for other shapes it bounds memory by
 `resolution`² and never asks the model for a size larger than the one it was trained at.
@@ -134,20 +134,21 @@ def to_8_bit_rgb(image: Image.Image) -> Image.Image:
     return Image.fromarray(grey).convert("RGB")
 
 
-def resize_to_multiple_of_8(image: Image.Image, resolution: int) -> Image.Image:
-    """Resize so the longer side is `resolution` and both sides are multiples of 8 (aspect kept)."""
-    if resolution < LATENT_FACTOR or resolution % LATENT_FACTOR:
-        raise ValueError(f"resolution must be a positive multiple of {LATENT_FACTOR}, got {resolution}")
+def resize_to_multiple(image: Image.Image, resolution: int, multiple: int = LATENT_FACTOR) -> Image.Image:
+    """Resize so the longer side is `resolution` and both sides are multiples of `multiple` (aspect
+    kept): 8 for a UNet's latent grid, 16 for a transformer's 2x2 patches of it."""
+    if resolution < multiple or resolution % multiple:
+        raise ValueError(f"resolution must be a positive multiple of {multiple}, got {resolution}")
     width, height = image.size
     scale = resolution / max(width, height)
-    size = (_round_to_multiple_of_8(width * scale), _round_to_multiple_of_8(height * scale))
+    size = (_round_to_multiple(width * scale, multiple), _round_to_multiple(height * scale, multiple))
     if size == image.size:
         return image.copy()
     return image.resize(size, Image.Resampling.BICUBIC)
 
 
-def _round_to_multiple_of_8(length: float) -> int:
-    return max(LATENT_FACTOR, int(round(length / LATENT_FACTOR)) * LATENT_FACTOR)
+def _round_to_multiple(length: float, multiple: int) -> int:
+    return max(multiple, int(round(length / multiple)) * multiple)
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

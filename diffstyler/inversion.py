@@ -1,7 +1,8 @@
-"""Deterministic DDIM inversion of a content latent, at exactly the sampler's timesteps.
+"""Deterministic inversion of a content latent, at exactly the sampler's timesteps.
 
-`invert` climbs the schedule from the clean latent z_0 to z_T with the base UNet and returns the
-whole trajectory, indexed like the sampler: trajectory[i] is the latent at sampling step i
+`invert` climbs the schedule from the clean latent z_0 to z_T with the denoiser of a backbone
+(DDIM for a UNet; the flow-matching ODE backwards for a transformer: `sampling.invert`) and returns
+the whole trajectory, indexed like the sampler: trajectory[i] is the latent at sampling step i
 (timestep timesteps[i]) and trajectory[N] is z_0. The reference row of the stylization batch and
 the mask fusion read from it. `substeps` > 1 inserts finer steps between the sampler's timesteps
 (the paper inverts with 1000 steps: 20 sub-steps for a 50-step sampler); only the sampler's
@@ -25,78 +26,32 @@ from typing import Callable, Hashable, Optional, Sequence, TypeVar
 
 import torch
 from safetensors.torch import load_file, save
-from tqdm.auto import tqdm
 
+from diffstyler.backbones import Backbone
 from diffstyler.conditioning import Conditioning
 from diffstyler.errors import first_line
 from diffstyler.outputs import atomic_write
-from diffstyler.sampling import DDIMSchedule, ddim_step
+from diffstyler.sampling import InversionCallback, Schedule
+from diffstyler.sampling import invert as invert_latents
 
-# callback(step, timestep, latent) after each inversion move; `step` counts UNet evaluations.
-InversionCallback = Callable[[int, int, torch.Tensor], None]
-
-
-def inversion_timesteps(schedule: DDIMSchedule, substeps: int = 1) -> list[tuple[int, int, bool]]:
-    """The (from, to, keep) moves of the climb; -1 stands for the clean end of the schedule.
-
-    `keep` marks moves that land on one of the sampler's timesteps.
-    """
-    if substeps < 1:
-        raise ValueError(f"inversion substeps must be >= 1, got {substeps}")
-    levels = [-1] + schedule.timesteps.flip(0).tolist()
-    moves = []
-    for low, high in zip(levels[:-1], levels[1:]):
-        inner = torch.linspace(low, high, substeps + 1)[1:].round().long().tolist()
-        stops = [t for t in dict.fromkeys(inner) if t > low]
-        current = low
-        for stop in stops:
-            moves.append((current, stop, stop == high))
-            current = stop
-    return moves
 
 
 @torch.no_grad()
-def invert(
-    unet: torch.nn.Module,
-    latent: torch.Tensor,
-    conditioning: Conditioning,
-    schedule: DDIMSchedule,
-    substeps: int = 1,
-    callback: Optional[InversionCallback] = None,
-    progress: bool = True,
-) -> torch.Tensor:
-    """Trajectory [N + 1, C, h, w] of the DDIM inversion of `latent` [1, C, h, w].
-
-    The noise at each move is predicted at the current latent and the *target* timestep (the
-    convention of null-text inversion), with the UNet as given: disable LoRA adapters before.
-    """
-    return invert_batch(unet, latent, conditioning, schedule, substeps, callback, progress)[0]
+def invert(backbone: Backbone, latent: torch.Tensor, conditioning: Conditioning, schedule: Schedule, substeps: int = 1,
+           callback: Optional[InversionCallback] = None, progress: bool = True, guidance: Optional[float] = None) -> torch.Tensor:
+    """Trajectory [N + 1, C, h, w] of the inversion of `latent` [1, C, h, w] with the denoiser as
+    given: run it inside `torch_utils.base_model` to invert with the base model."""
+    return invert_batch(backbone, latent, conditioning, schedule, substeps, callback, progress, guidance)[0]
 
 
 @torch.no_grad()
-def invert_batch(
-    unet: torch.nn.Module,
-    latents: torch.Tensor,
-    conditioning: Conditioning,
-    schedule: DDIMSchedule,
-    substeps: int = 1,
-    callback: Optional[InversionCallback] = None,
-    progress: bool = True,
-) -> list[torch.Tensor]:
-    """`invert` of several latents [B, C, h, w] of one size in one UNet call per move; one
-    trajectory [N + 1, C, h, w] per latent. `conditioning` (one row) is shared by all of them."""
-    moves = inversion_timesteps(schedule, substeps)
-    unet_kwargs = conditioning.expand(latents.shape[0]).unet_kwargs()
-    kept = [latents]
-    x = latents
-    for index, (low, high, keep) in enumerate(tqdm(moves, desc="DDIM inversion", disable=not progress, leave=False)):
-        model_output = unet(x, high, **unet_kwargs).sample
-        x = ddim_step(x, model_output, schedule.alpha_at(low), schedule.alpha_at(high), schedule.prediction_type)
-        if keep:
-            kept.append(x)
-        if callback is not None:
-            callback(index, high, x)
-    return list(torch.stack(kept[::-1], dim=1).unbind(0))
+def invert_batch(backbone: Backbone, latents: torch.Tensor, conditioning: Conditioning, schedule: Schedule, substeps: int = 1,
+                 callback: Optional[InversionCallback] = None, progress: bool = True,
+                 guidance: Optional[float] = None) -> list[torch.Tensor]:
+    """`invert` of several latents [B, C, h, w] of one size in one call per move; one trajectory
+    [N + 1, C, h, w] per latent. `conditioning` (one row) is shared by all of them."""
+    rows = conditioning.expand(latents.shape[0])
+    return invert_latents(lambda x, t: backbone.predict(x, t, rows, guidance), latents, schedule, substeps, callback, progress)
 
 
 # --- cache ------------------------------------------------------------------------------------
@@ -113,12 +68,14 @@ class InversionKey:
     substeps: int
     prompt: str
     dtype: str
-    # The VAE's tiles when the content is encoded in tiles (`memory.vae_tiling_setting`); left out
-    # of the digest when None, so that adding it changed no stored trajectory's name.
+    # The VAE's tiles when the content is encoded in tiles (`memory.vae_tiling_setting`), and a
+    # flow-matching inversion's solver other than Euler; each left out of the digest when None, so
+    # that adding them changed no stored trajectory's name.
     vae_tiling: Optional[str] = None
+    solver: Optional[str] = None
 
     def digest(self) -> str:
-        fields = {k: v for k, v in self.__dict__.items() if not (k == "vae_tiling" and v is None)}
+        fields = {k: v for k, v in self.__dict__.items() if not (k in ("vae_tiling", "solver") and v is None)}
         text = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 

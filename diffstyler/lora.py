@@ -1,12 +1,13 @@
 """Style LoRAs as named PEFT adapters on ONE UNet, stored in the standard diffusers format.
 
 - `StyleLoRAConfig`: the paper's defaults (rank 16 on the attention's Q/K/V projections).
-- `add_style_adapter`: a fresh trainable adapter for `fit`.
+- `add_style_adapter`: a fresh trainable adapter for `fit`, on a UNet or a transformer.
 - `save_lora` / `load_style_adapter`: `pytorch_lora_weights.safetensors` that the family's
-  pipeline (`StableDiffusionPipeline` / `StableDiffusionXLPipeline`) reads with `load_lora_weights`,
-  and community LoRAs read by diffusers' own converters (kohya, A1111, ...).
+  pipeline (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`, ...: its backbone kind's)
+  reads with `load_lora_weights`, and community LoRAs read by diffusers' own converters (kohya,
+  A1111, ...).
 - `route_adapters`: per-row adapter choice inside one batch (PEFT's mixed-adapter forward), so that
-  the reference row runs the base model while the style rows run their own LoRA, in one UNet call.
+  the reference row runs the base model while the style rows run their own LoRA, in one call.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.loaders.lora_base import set_adapters_for_text_encoder
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
@@ -28,9 +28,10 @@ from safetensors import safe_open
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 
-from diffstyler.errors import MissingFileError, UserError, config_error, first_line
+from diffstyler.backbones import backbone_for, kind_of_denoiser
+from diffstyler.backbones.unet import describe_width, family_for_width
 from diffstyler.conditioning import Conditioning
-from diffstyler.families import describe_width, family_for_width, reads_time_ids
+from diffstyler.errors import MissingFileError, UserError, config_error, first_line
 from diffstyler.models import AnyPipeline, encode_prompts
 from diffstyler.outputs import atomic_write
 
@@ -43,34 +44,48 @@ LORA_KEY_MARKERS = ("lora_down", "lora_up", "lora.down", "lora.up", "lora_A", "l
 
 @dataclass
 class StyleLoRAConfig:
-    """LoRA hyper-parameters; defaults from the paper (section IV)."""
+    """LoRA hyper-parameters; defaults from the paper (section IV).
+
+    Args:
+        rank: the LoRA rank (the paper: 16).
+        alpha: the LoRA alpha; None: alpha = rank, i.e. scaling 1.
+        target_modules: the modules the LoRA trains; None: the family's attention Q/K/V (a UNet's
+            to_q, to_k, to_v; a transformer's also its text stream's add_q_proj, add_k_proj,
+            add_v_proj).
+        dropout: LoRA dropout while training.
+    """
 
     rank: int = 16
-    alpha: Optional[float] = None  # None: alpha = rank, i.e. scaling 1
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v"])
+    alpha: Optional[float] = None
+    target_modules: Optional[list[str]] = None
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise config_error("model.lora.rank", f"must be >= 1, got {self.rank}")
-        if not self.target_modules:
-            raise config_error("model.lora.target_modules", "must name at least one module, e.g. ['to_q', 'to_k', 'to_v']")
+        if self.target_modules is not None and not self.target_modules:
+            raise config_error("model.lora.target_modules", "must name at least one module, e.g. ['to_q', 'to_k', 'to_v'], "
+                                                            "or be null (the family's Q/K/V)")
 
-    def to_peft(self) -> LoraConfig:
+    def targets(self, default: Sequence[str]) -> list[str]:
+        return list(self.target_modules) if self.target_modules is not None else list(default)
+
+    def to_peft(self, default_targets: Sequence[str] = ("to_q", "to_k", "to_v")) -> LoraConfig:
         return LoraConfig(
             r=self.rank,
             lora_alpha=self.alpha if self.alpha is not None else self.rank,
-            target_modules=list(self.target_modules),
+            target_modules=self.targets(default_targets),
             lora_dropout=self.dropout,
             init_lora_weights="gaussian",
         )
 
 
-def add_style_adapter(unet: UNet2DConditionModel, config: StyleLoRAConfig, name: str = "style") -> list[torch.nn.Parameter]:
-    """Freeze the UNet, add a trainable float32 adapter, and return its parameters."""
-    unet.requires_grad_(False)
-    unet.add_adapter(config.to_peft(), adapter_name=name)
-    params = [p for n, p in unet.named_parameters() if f".{name}." in n and "lora_" in n]
+def add_style_adapter(denoiser: torch.nn.Module, config: StyleLoRAConfig, name: str = "style") -> list[torch.nn.Parameter]:
+    """Freeze the denoiser (a UNet or a transformer), add a trainable float32 adapter on the
+    family's default targets (or the config's), and return its parameters."""
+    denoiser.requires_grad_(False)
+    denoiser.add_adapter(config.to_peft(kind_of_denoiser(denoiser).default_lora_targets), adapter_name=name)
+    params = [p for n, p in denoiser.named_parameters() if f".{name}." in n and "lora_" in n]
     for p in params:
         # Mixed precision trains fp32 master weights; the frozen base may be half precision.
         p.data = p.data.float()
@@ -78,30 +93,29 @@ def add_style_adapter(unet: UNet2DConditionModel, config: StyleLoRAConfig, name:
     return params
 
 
-def adapter_state_dict(unet: UNet2DConditionModel, name: str) -> dict[str, torch.Tensor]:
-    """The adapter's weights with diffusers' key names (`unet.`-less, `lora.down/up` style)."""
-    peft_state = get_peft_model_state_dict(unet, adapter_name=name)
+def adapter_state_dict(denoiser: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The adapter's weights with diffusers' key names (prefix-less, `lora.down/up` style)."""
+    peft_state = get_peft_model_state_dict(denoiser, adapter_name=name)
     return convert_state_dict_to_diffusers(peft_state)
 
 
-def save_lora(unet: UNet2DConditionModel, name: str, output_dir: str | os.PathLike) -> Path:
+def save_lora(denoiser: torch.nn.Module, name: str, output_dir: str | os.PathLike) -> Path:
     """Write `<output_dir>/pytorch_lora_weights.safetensors` atomically, with the adapter metadata.
 
-    diffusers' own `save_lora_weights` of the UNet's family (`StableDiffusionXLPipeline`'s for an
-    SDXL UNet) writes the file (its key names and metadata layout are what `load_lora_weights`
-    reads back); it writes into a scratch folder, and the bytes then go into place through
-    `atomic_write`. Without the metadata (`unet_lora_adapter_metadata`) a reload guesses alpha =
-    rank and gets the scaling wrong, so it is always written.
+    diffusers' own `save_lora_weights` of the denoiser's family (`StableDiffusionXLPipeline`'s for
+    an SDXL UNet, ...: its backbone kind's) writes the file (its key names and metadata layout are
+    what `load_lora_weights` reads back); it writes into a scratch folder, and the bytes then go
+    into place through `atomic_write`. Without the metadata (`<denoiser>_lora_adapter_metadata`) a
+    reload guesses alpha = rank and gets the scaling wrong, so it is always written.
     """
-    layers = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter_state_dict(unet, name).items()}
-    metadata = unet.peft_config[name].to_dict()
-    pipeline_class = StableDiffusionXLPipeline if reads_time_ids(unet) else StableDiffusionPipeline
+    kind = kind_of_denoiser(denoiser)
+    layers = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter_state_dict(denoiser, name).items()}
+    metadata = denoiser.peft_config[name].to_dict()
+    prefix = kind.denoiser_subfolder
     with tempfile.TemporaryDirectory(prefix="diffstyler-lora-") as staging:
-        pipeline_class.save_lora_weights(
-            staging,
-            unet_lora_layers=layers,
-            safe_serialization=True,
-            unet_lora_adapter_metadata=metadata,
+        kind.lora_pipeline_class(denoiser).save_lora_weights(
+            staging, safe_serialization=True,
+            **{f"{prefix}_lora_layers": layers, f"{prefix}_lora_adapter_metadata": metadata},
         )
         staged = Path(staging) / LORA_WEIGHTS_NAME
         return atomic_write(Path(output_dir) / LORA_WEIGHTS_NAME, lambda handle: handle.write(staged.read_bytes()))
@@ -147,9 +161,9 @@ def lora_cross_attention_width(path: Path) -> Optional[int]:
     return None
 
 
-def check_lora_fits(unet: UNet2DConditionModel, file: Path) -> None:
+def check_lora_fits(pipe: AnyPipeline, file: Path) -> None:
     """A LoRA made for another model family (SD 1.x on SD 2.x, ...) says so, instead of a shape error."""
-    check_lora_width(file, unet.config.cross_attention_dim)
+    check_lora_width(file, backbone_for(pipe).text_width)
 
 
 def check_lora_width(file: Path, model_width: int) -> None:
@@ -165,18 +179,18 @@ def check_lora_width(file: Path, model_width: int) -> None:
 
 
 def load_style_adapter(pipe: AnyPipeline, path: str | os.PathLike, name: str) -> None:
-    """Load a LoRA file as the named adapter `name` on the pipeline's UNet (no copy of the UNet).
+    """Load a LoRA file as the named adapter `name` on the pipeline's denoiser (no copy of it).
 
     Goes through `load_lora_weights`, so diffusers' converters accept community formats too.
     """
     file = resolve_lora_file(path)
-    check_lora_fits(pipe.unet, file)
+    check_lora_fits(pipe, file)
     try:
         pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
     except (ValueError, KeyError, RuntimeError) as error:
         raise UserError("LoRA does not fit the model", str(file), first_line(error)) from error
-    if name not in getattr(pipe.unet, "peft_config", {}):
-        raise UserError("LoRA does not fit the model", str(file), "it holds no UNet layers that this model has")
+    if name not in getattr(backbone_for(pipe).denoiser, "peft_config", {}):
+        raise UserError("LoRA does not fit the model", str(file), "it holds no layers of this model's denoiser")
 
 
 # --- diffstyler_lora.json: what `diffstyler fit` records next to the weights ------------------
@@ -219,7 +233,7 @@ def recorded_prompt(lora: str | os.PathLike) -> str:
     return prompt
 
 
-def set_adapter_scales(unet: UNet2DConditionModel, scales: dict[str, float]) -> None:
+def set_adapter_scales(unet: torch.nn.Module, scales: dict[str, float]) -> None:
     """Activate exactly these adapters with these LoRA scales (0 = base model)."""
     unet.set_adapters(list(scales), list(scales.values()))
 
@@ -233,8 +247,8 @@ def set_text_encoder_scales(text_encoder: torch.nn.Module, scales: dict[str, flo
 
 
 def text_encoders(pipe: AnyPipeline) -> list[torch.nn.Module]:
-    """The pipeline's text encoders: one, or SDXL's two."""
-    return [encoder for encoder in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if encoder is not None]
+    """The pipeline's text encoders: one, SDXL's and FLUX.1's two, SD 3.5's three."""
+    return backbone_for(pipe).text_encoders
 
 
 def encode_prompts_per_adapter(pipe: AnyPipeline, prompts: list[str], adapters: list[str]) -> Conditioning:

@@ -8,18 +8,19 @@
     result = pipe("photo.jpg", masks=[{"text": "the dog"}])             # or a mask file, image or array
     result.composite.save("photo_mine.png")
 
-`__call__` runs the paper's method in numbered steps (section III): DDIM-invert the content with
-the base model, then denoise with each style's LoRA-integrated UNet while the base pass's decoder
-features and attention are injected (eq. 4-5), each style kept inside its mask (eq. 6), and the
-styles fused (eq. 7). Its parts (`prepare_styles`, `make_mask`, `trajectories`, `decode`,
+`__call__` runs the paper's method in numbered steps (section III): invert the content with the
+base model, then denoise with each style's LoRA-integrated denoiser while the base pass's features
+and attention are injected (eq. 4-5), each style kept inside its mask (eq. 6), and the styles
+fused (eq. 7). Its parts (`prepare_styles`, `make_mask`, `trajectories`, `decode`,
 `fused_image`, `settings`) are what `StylizePredictor` runs for many jobs per UNet call; the
 denoising loop itself is `stylize.denoise_jobs`. Defaults are the CLI's (`SamplingConfig`,
 `InjectionConfig`) but the resolution, the model's native size: the same settings give the same pixels.
 
-Every family works the same way (SD 1.x, SD 2.x, SDXL: `families`): the injection's layer rules
-are resolved against the loaded UNet, and SDXL's rows carry its pooled embedding and the content's
-size as time ids. One UNet holds every style as a named PEFT adapter (`adapters.StyleAdapters`);
-nothing here uses Lightning.
+Every family works the same way: what depends on the kind of denoiser (a UNet sampled with DDIM,
+a transformer sampled by flow matching) is its backbone's (`backbones`): the injection's layer
+rules are resolved against the loaded model's layer map, and the rows carry whatever the family
+reads (SDXL's pooled embedding and the content's size as time ids). One denoiser holds every
+style as a named PEFT adapter (`adapters.StyleAdapters`); nothing here uses Lightning.
 """
 
 from __future__ import annotations
@@ -32,23 +33,22 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
 from PIL import Image
 
 from diffstyler.adapters import MAX_LOADED_ADAPTERS, StyleAdapters
+from diffstyler.backbones import Backbone, LayerMap, backbone_for, kind_of
 from diffstyler.conditioning import Conditioning
 from diffstyler.data.jobs import StyleEntry, check_styles, expand_lora_folders
 from diffstyler.errors import UserError, config_error
-from diffstyler.families import DecoderLayers, decoder_layers, native_resolution, time_ids_for
-from diffstyler.images import as_rgb_image, resize_to_multiple_of_8, sha256_file, to_tensor
+from diffstyler.images import as_rgb_image, resize_to_multiple, sha256_file, to_tensor
 from diffstyler.injection import InjectionConfig, check_injection_window, injection_config
 from diffstyler.inversion import InversionKey, TrajectoryStore, invert_batch
 from diffstyler.lora import BASE_ROW
 from diffstyler.masks import FastSAMSegmenter, MaskSpec, SegmenterConfig, hard_mask_from_image, mask_to_latent, resolve_mask, shape_mask
 from diffstyler.memory import check_offload, check_offload_device, enable_offload, execution_device, set_vae_options, vae_tiling_setting
-from diffstyler.models import DEFAULT_MODEL, AnyPipeline, ModelSpec, decode_latents, encode_images, load_pipeline
+from diffstyler.models import DEFAULT_MODEL, AnyPipeline, ModelSpec, load_pipeline
 from diffstyler.outputs import a1111_fields, pil_to_unit, to_pil
-from diffstyler.sampling import ddim_schedule
+from diffstyler.sampling import Schedule
 from diffstyler.stylize import DenoiseJob, SamplingConfig, StepCallback, StyleRows, check_finite, denoise_jobs, fuse_styles
 from diffstyler.torch_utils import base_model
 
@@ -77,10 +77,11 @@ class StylizationOutput:
 
 
 class DiffStylerPipeline:
-    """DiffStyler on one Stable Diffusion pipeline (`pipe`, a diffusers pipeline, stays reachable).
+    """DiffStyler on one diffusers pipeline of any family (`pipe` stays reachable; `backbone` is what
+    the method asks of it).
 
     Args:
-        pipe: the diffusers pipeline (its scheduler is replaced by a DDIM scheduler of the same config).
+        pipe: the diffusers pipeline, loaded by `models.load_pipeline` (or prepared by `from_pipe`).
         model: how it was loaded (`from_pretrained`), recorded in the settings and the inversion cache key.
         segmenter: FastSAM and CLIP settings for text / box / point masks.
         inversion_cache: a folder for inversion trajectories (None: the last few are kept in memory only).
@@ -94,6 +95,7 @@ class DiffStylerPipeline:
         if max_loaded_adapters < 1:
             raise config_error("max_loaded_adapters", f"must be >= 1, got {max_loaded_adapters}")
         self.pipe = pipe
+        self.backbone: Backbone = backbone_for(pipe)
         self.model_spec = model
         self.segmenter_config = segmenter
         self.store = TrajectoryStore(inversion_cache)
@@ -101,9 +103,8 @@ class DiffStylerPipeline:
         self.styles: dict[str, StyleEntry] = {}  # by name, in the order loaded
         self.progress = progress
         self._segmenter: Optional[FastSAMSegmenter] = None
-        for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
-            if module is not None:
-                module.requires_grad_(False).eval()
+        for module in (self.backbone.denoiser, pipe.vae, *self.backbone.text_encoders):
+            module.requires_grad_(False).eval()
 
     # -- building ---------------------------------------------------------------------------------
 
@@ -114,10 +115,10 @@ class DiffStylerPipeline:
                         prediction_type: Optional[str] = None, vae: Optional[str] = None,
                         vae_tiling: bool = False, vae_slicing: bool = False, offload: str = "none",
                         **options: Any) -> "DiffStylerPipeline":
-        """Load a model of any family (SD 1.x, SD 2.x, SDXL): a hub id, a local diffusers folder, a
-        single `.safetensors`/`.ckpt` file (its configs from `config`, default its family's base
-        model), or `tiny` / `tiny-sd15` / `tiny-sdxl` (seeded random models for trying things without
-        weights). `vae`: another VAE (e.g. SDXL's fp16-fixed one). `vae_tiling`, `vae_slicing`,
+        """Load a model of any family (SD 1.x, SD 2.x, SDXL, SD 3.5, FLUX.1): a hub id, a local
+        diffusers folder, a single `.safetensors`/`.ckpt` file (its configs from `config`, default
+        its family's base model), or a tiny model (`tiny`, `tiny-sd15`, `tiny-sdxl`, ...: seeded
+        random models for trying things without weights). `vae`: another VAE (e.g. SDXL's fp16-fixed one). `vae_tiling`, `vae_slicing`,
         `offload`: for small GPUs (`set_memory_options`). `options` go to the constructor
         (segmenter, inversion_cache, max_loaded_adapters, progress)."""
         spec = ModelSpec(name=model, revision=revision, variant=variant, dtype=dtype_name(dtype), config=config,
@@ -127,10 +128,13 @@ class DiffStylerPipeline:
 
     @classmethod
     def from_pipe(cls, pipe: AnyPipeline, **options: Any) -> "DiffStylerPipeline":
-        """Wrap a diffusers pipeline you already have (its scheduler becomes a DDIM scheduler of the
-        same config). Its inversion cache key is its `name_or_path` and UNet config: give another
-        `inversion_cache` folder after changing its weights."""
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        """Wrap a diffusers pipeline you already have (a UNet's scheduler becomes a DDIM scheduler of
+        the same config). Its inversion cache key is its `name_or_path` and denoiser config: give
+        another `inversion_cache` folder after changing its weights."""
+        kind = kind_of(pipe)
+        if kind is None:
+            raise UserError("not a pipeline this method runs on", "pipe", f"{type(pipe).__name__}'s denoiser is no UNet or diffusion transformer we know")
+        kind.prepare(pipe, None)
         return cls(pipe, None, **options)
 
     def to(self, device: str | torch.device) -> "DiffStylerPipeline":
@@ -154,31 +158,33 @@ class DiffStylerPipeline:
         return self
 
     @property
-    def unet(self):
-        return self.pipe.unet
+    def denoiser(self) -> torch.nn.Module:
+        """The UNet or transformer (the style LoRAs are its adapters)."""
+        return self.backbone.denoiser
 
     @property
     def device(self) -> torch.device:
-        """Where the UNet computes (under CPU offload its weights wait on the CPU, or on `meta`)."""
-        return execution_device(self.pipe.unet)
+        """Where the denoiser computes (under CPU offload its weights wait on the CPU, or on `meta`)."""
+        return execution_device(self.denoiser)
 
     @property
-    def decoder(self) -> DecoderLayers:
-        """The UNet's decoder layer map (`families.decoder_layers`)."""
-        return decoder_layers(self.unet)
+    def layer_map(self) -> LayerMap:
+        """The model's layer map: a UNet's decoder layers, a transformer's blocks."""
+        return self.backbone.layer_map()
 
-    def resolve_injection(self, injection: InjectionConfig | str) -> InjectionConfig:
-        """An injection config or preset with this UNet's layer numbers for its rules, every layer
-        checked against the UNet (one line naming the valid range)."""
-        return injection_config(injection).resolved(self.decoder)
+    def resolve_injection(self, injection: InjectionConfig | str, steps: Optional[int] = None) -> InjectionConfig:
+        """An injection config or preset with this model's layer numbers for its rules, every layer
+        checked against the model (one line naming the valid range); with `steps`, its windows in steps."""
+        return injection_config(injection).resolved(self.layer_map, steps)
 
     @property
     def native_resolution(self) -> int:
-        return native_resolution(self.pipe)
+        return self.backbone.native_resolution
 
-    def time_ids(self, content: Image.Image) -> Optional[torch.Tensor]:
-        """SDXL's time ids for a content image (its size twice, no crop); None for SD 1.x / 2.x."""
-        return time_ids_for(self.unet, (content.height, content.width))
+    def schedule(self, content: Image.Image, sampling: SamplingConfig) -> Schedule:
+        """The sampler's schedule for a content of this size (flow-matching models shift it with the size)."""
+        return self.backbone.schedule(sampling.steps, self.backbone.image_tokens(*self.latent_size(content)),
+                                      sampling.inversion_solver)
 
     @property
     def model_name(self) -> str:
@@ -188,8 +194,8 @@ class DiffStylerPipeline:
         """Everything about the weights and schedule that an inversion depends on, but the dtype."""
         if self.model_spec is not None:
             return json.dumps({k: v for k, v in self.model_spec.fingerprint().items() if k != "dtype"}, sort_keys=True)
-        unet_config = json.dumps(dict(self.pipe.unet.config), sort_keys=True, default=str)
-        return json.dumps({"name_or_path": self.model_name, "unet": hashlib.sha256(unet_config.encode()).hexdigest()})
+        denoiser_config = json.dumps(dict(self.denoiser.config), sort_keys=True, default=str)
+        return json.dumps({"name_or_path": self.model_name, kind_of(self.pipe).denoiser_subfolder: hashlib.sha256(denoiser_config.encode()).hexdigest()})
 
     # -- styles -----------------------------------------------------------------------------------
 
@@ -216,13 +222,14 @@ class DiffStylerPipeline:
         masks: Optional[MaskInput | Sequence[Optional[MaskInput]]] = None,
         prompt: Optional[str | Sequence[str]] = None,
         negative_prompt: str = SamplingConfig.negative_prompt,
-        num_inference_steps: int = SamplingConfig.steps,
-        guidance_scale: float = SamplingConfig.guidance_scale,
+        num_inference_steps: Optional[int] = None,
+        guidance_scale: Optional[float] = None,
         seed: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
         injection: InjectionConfig | str = "paper",
         inversion_prompt: str = SamplingConfig.inversion_prompt,
         inversion_substeps: int = SamplingConfig.inversion_substeps,
+        inversion_solver: str = SamplingConfig.inversion_solver,
         resolution: Optional[int] = None,
         composite: bool = True,
         inversion_cache: Optional[str | os.PathLike] = None,
@@ -233,21 +240,28 @@ class DiffStylerPipeline:
         loaded style), each inside its mask when `masks` (one per style) are given.
 
         prompt: one for every style, or one per style (default: each style's own). injection: an
-        `InjectionConfig` or a preset name ("paper", "paper_code"). seed / generator: recorded in
-        the settings and seeding torch's generator; the method itself is deterministic (DDIM, eta 0).
-        inversion_cache: a folder of trajectories for this call (default: the pipeline's).
-        resolution: the longer side the content is resized to (a multiple of 8); None: the model's
-        native size (512 for SD 1.5 and SD 2.1-base, 1024 for SDXL).
-        callback_on_step_end: called with a `stylize.StepState` after every denoising step.
+        `InjectionConfig` or a preset name ("paper", "paper_code"); its windows may be fractions of
+        the steps, as the presets' are. num_inference_steps / guidance_scale: None gives the
+        family's defaults (SD: the paper's 50 steps and 10.5). seed / generator: recorded in the
+        settings and seeding torch's generator; the method itself is deterministic (DDIM with eta 0,
+        or the flow-matching ODE). inversion_cache: a folder of trajectories for this call
+        (default: the pipeline's). resolution: the longer side the content is resized to (a
+        multiple of 8, or 16 for a transformer); None: the model's native size (512 for SD 1.5 and
+        SD 2.1-base, 1024 for SDXL, SD 3.5 and FLUX.1). callback_on_step_end: called with a
+        `stylize.StepState` after every denoising step.
         """
         # 1. Check the inputs: each error is one line naming the argument.
         resolution = self.native_resolution if resolution is None else resolution
-        image = resize_to_multiple_of_8(as_rgb_image(content, "content"), check_resolution_argument(resolution))
+        multiple = self.backbone.pixel_multiple
+        image = resize_to_multiple(as_rgb_image(content, "content"), check_resolution_argument(resolution, multiple), multiple)
         entries = self._entries_for_call(styles, prompt)
         mask_inputs = masks_per_style(masks, len(entries))
-        sampling = sampling_for_call(num_inference_steps, guidance_scale, negative_prompt, inversion_prompt, inversion_substeps)
-        injection = self.resolve_injection(injection)
-        check_injection_window(injection, sampling.steps, prefix="injection.")
+        steps = self.backbone.default_steps if num_inference_steps is None else num_inference_steps
+        guidance_scale = self.backbone.default_guidance_scale if guidance_scale is None else guidance_scale
+        sampling = sampling_for_call(steps, guidance_scale, negative_prompt, inversion_prompt, inversion_substeps, inversion_solver)
+        self.backbone.check_sampling(sampling.steps, sampling.inversion_solver, key_prefix="")
+        check_injection_window(injection_config(injection), sampling.steps, prefix="injection.")
+        injection = self.resolve_injection(injection, sampling.steps)
         if output_type not in ("pil", "np", "latent"):
             raise config_error("output_type", f"must be 'pil', 'np' or 'latent', got {output_type!r}")
         seed = seed if seed is not None else (generator.initial_seed() if generator is not None else 0)
@@ -261,29 +275,22 @@ class DiffStylerPipeline:
             # 3. Encode the prompts: the inversion prompt with the base text encoder, each style's
             #    prompt and the negative prompt through its LoRA's text-encoder layers (if any).
             reference, rows = self.prepare_styles(entries, soft_masks, image, sampling)
-            # 4. Invert the content with the base model (DDIM at the sampler's timesteps), or take
-            #    the stored trajectory z_T ... z_0.
+            # 4. Invert the content with the base model at the sampler's timesteps (DDIM, or the
+            #    flow-matching ODE backwards), or take the stored trajectory z_T ... z_0.
             (trajectory,) = self.trajectories([image], reference, sampling, store=store)
-            # 5. Denoise every style from z_T with its LoRA, the base pass's decoder features and
-            #    attention injected (eq. 4-5), classifier-free guidance, a DDIM step, and outside its
+            # 5. Denoise every style from z_T with its LoRA, the base pass's features and attention
+            #    injected (eq. 4-5), classifier-free guidance, the sampler's step, and outside its
             #    mask the content's trajectory (eq. 6).
-            self.adapters.activate({row.adapter for row in rows})
-            latents = denoise_jobs(self.unet, [DenoiseJob(trajectory, reference, rows)], ddim_schedule(self.pipe.scheduler, sampling.steps),
-                                   injection, sampling, callback=callback_on_step_end, progress=self.progress)[0]
+            job = DenoiseJob(trajectory, reference, rows)
+            (latents,) = self.denoise([job], injection, sampling, callback_on_step_end)
 
         # 6. Fuse the styles in their masks (eq. 7), decode, and put the content's own pixels back
         #    where no mask is.
         settings = self.settings(image, entries, sampling, injection, seed, composite, content_name(content))
-        masked = soft_masks[0] is not None
         if output_type == "latent":
-            fused = fuse_styles(latents, [row.mask for row in rows], trajectory[-1:]) if masked else None
+            fused = fuse_styles(latents, [row.mask for row in rows], trajectory[-1:]) if soft_masks[0] is not None else None
             return StylizationOutput(latents, fused, mask_images(soft_masks), settings)
-        images = [self.decode(latent, row.label) for latent, row in zip(latents, rows)]
-        fused = None
-        if masked:
-            images = [composite_in_pixels(image, styled, [mask]) if composite else styled
-                      for styled, mask in zip(images, soft_masks)]
-            fused = self.fused_image(latents, rows, trajectory, image, soft_masks, composite)
+        images, fused = self.finish(job, latents, image, soft_masks, composite, per_style=True)
         if output_type == "np":
             images = [np.asarray(i, dtype=np.float32) / 255 for i in images]
             fused = None if fused is None else np.asarray(fused, dtype=np.float32) / 255
@@ -309,16 +316,15 @@ class DiffStylerPipeline:
                        sampling: SamplingConfig) -> tuple[Conditioning, list[StyleRows]]:
         """The inversion prompt's conditioning (base text encoder) and each style's rows: its adapter
         (loaded now), the conditionings of its prompt and of the negative prompt (through its LoRA's
-        text-encoder layers where it has them), and its mask on the latent grid. On SDXL every one
-        carries the content's size as its time ids."""
+        text-encoder layers where it has them), and its mask on the latent grid. Every one carries
+        the content's size where the family reads it (SDXL's time ids)."""
         names = [self.adapters.adapter_for(entry.lora, entry.scale) for entry in styles]
         prompts, adapters = [sampling.inversion_prompt], [BASE_ROW]
         for name, entry in zip(names, styles):
             prompts += [entry.prompt, sampling.negative_prompt]
             adapters += [name, name]
-        device, dtype = self.device, self.unet.dtype
-        time_ids = self.time_ids(content)
-        encoded = [c.to(device, dtype).with_time_ids(time_ids) for c in self.adapters.encode(prompts, adapters)]
+        device, dtype, size = self.device, self.backbone.dtype, (content.height, content.width)
+        encoded = [self.backbone.size_conditioning(c.to(device, dtype), size) for c in self.adapters.encode(prompts, adapters)]
         rows = []
         for k, (name, entry, mask) in enumerate(zip(names, styles, masks)):
             latent_mask = None if mask is None else mask_to_latent(mask, self.latent_size(content))[None, None].to(device, dtype)
@@ -326,7 +332,7 @@ class DiffStylerPipeline:
         return encoded[0], rows
 
     def latent_size(self, content: Image.Image) -> tuple[int, int]:
-        return content.height // self.pipe.vae_scale_factor, content.width // self.pipe.vae_scale_factor
+        return self.backbone.latent_size(content.height, content.width)
 
     def inversion_key(self, content: Image.Image, sampling: SamplingConfig) -> InversionKey:
         """What a content's inversion depends on: its pixels (at the size it is inverted), the model,
@@ -339,35 +345,57 @@ class DiffStylerPipeline:
             steps=sampling.steps,
             substeps=sampling.inversion_substeps,
             prompt=sampling.inversion_prompt,
-            dtype=str(self.unet.dtype),
+            dtype=str(self.backbone.dtype),
             vae_tiling=vae_tiling_setting(self.pipe.vae, content.height, content.width),
+            solver=None if sampling.inversion_solver == "euler" else sampling.inversion_solver,
         )
 
     def trajectories(self, contents: Sequence[Image.Image], reference: Conditioning, sampling: SamplingConfig,
                      store: Optional[TrajectoryStore] = None, max_batch: Optional[int] = None) -> list[torch.Tensor]:
         """Each content's inversion trajectory [N + 1, C, h, w] (trajectory[i] is the latent at
         sampling step i, trajectory[N] the clean latent): stored ones as they are, the others
-        inverted together, several of one size per UNet call (at most `max_batch`). `reference` is the
-        inversion prompt's conditioning; on SDXL each group gets its own size's time ids."""
-        schedule = ddim_schedule(self.pipe.scheduler, sampling.steps)
-        channels = self.unet.config.in_channels
+        inverted together, several of one size per call (at most `max_batch`). `reference` is the
+        inversion prompt's conditioning; each group gets its own size's conditioning and schedule."""
+        backbone = self.backbone
 
         def invert_many(images: list[Image.Image]) -> list[torch.Tensor]:
-            latents = encode_images(self.pipe, torch.stack([to_tensor(i) for i in images])).to(self.unet.dtype)
-            conditioning = reference.with_time_ids(self.time_ids(images[0]))  # one size per group
-            with base_model(self.unet):
-                return invert_batch(self.unet, latents, conditioning, schedule, sampling.inversion_substeps, progress=self.progress)
+            latents = backbone.encode_images(torch.stack([to_tensor(i) for i in images])).to(backbone.dtype)
+            conditioning = backbone.size_conditioning(reference, (images[0].height, images[0].width))  # one size per group
+            with base_model(backbone.denoiser):
+                return invert_batch(backbone, latents, conditioning, self.schedule(images[0], sampling),
+                                    sampling.inversion_substeps, progress=self.progress, guidance=sampling.guidance_scale)
 
-        factor = self.pipe.vae_scale_factor
         requests = [(self.inversion_key(content, sampling), content) for content in contents]
         return (store or self.store).trajectories(
-            requests, lambda key: (schedule.num_steps + 1, channels, key.height // factor, key.width // factor),
-            invert_many, self.device, self.unet.dtype, max_batch,
+            requests, lambda key: (sampling.steps + 1, backbone.latent_channels, *backbone.latent_size(key.height, key.width)),
+            invert_many, self.device, backbone.dtype, max_batch,
         )
+
+    def denoise(self, jobs: list[DenoiseJob], injection: InjectionConfig, sampling: SamplingConfig,
+                callback: Optional[StepCallback] = None) -> list[list[torch.Tensor]]:
+        """Denoise jobs of one content size together, every style with its adapter (eq. 4-6); per
+        job, each style's final latent. What `__call__` and the predictor both run."""
+        self.adapters.activate({style.adapter for job in jobs for style in job.styles})
+        height, width = jobs[0].trajectory.shape[-2:]
+        schedule = self.backbone.schedule(sampling.steps, self.backbone.image_tokens(height, width), sampling.inversion_solver)
+        return denoise_jobs(self.backbone, jobs, schedule, injection, sampling, callback=callback, progress=self.progress)
+
+    def finish(self, job: DenoiseJob, latents: list[torch.Tensor], content: Image.Image, masks: Sequence[Optional[torch.Tensor]],
+               composite: bool, per_style: bool) -> tuple[list[Image.Image], Optional[Image.Image]]:
+        """A job's images from its styles' final latents: without masks, one decoded image per
+        style; with masks, the styles fused in their masks (eq. 7, decoded, put into the content
+        where no mask is when `composite`), and with `per_style` also each style alone in its mask."""
+        if masks[0] is None:
+            return [self.decode(latent, row.label) for latent, row in zip(latents, job.styles)], None
+        fused = self.fused_image(latents, job.styles, job.trajectory, content, masks, composite)
+        if not per_style:
+            return [], fused
+        images = [self.decode(latent, row.label) for latent, row in zip(latents, job.styles)]
+        return [composite_in_pixels(content, styled, [mask]) if composite else styled for styled, mask in zip(images, masks)], fused
 
     def decode(self, latent: torch.Tensor, style: str) -> Image.Image:
         """The decoded image; NaN or inf left after decoding (fp16 VAEs retry in float32) fail, naming the style."""
-        pixels = decode_latents(self.pipe, latent)
+        pixels = self.backbone.decode_latents(latent)
         check_finite(pixels, style, what="decoded image")
         return to_pil(pixels)
 
@@ -385,7 +413,7 @@ class DiffStylerPipeline:
         """What a result's PNG metadata records (A1111's names first, then ours)."""
         return {
             "Steps": sampling.steps,
-            "Sampler": "DDIM",
+            "Sampler": self.backbone.sampler_name,
             "CFG scale": sampling.guidance_scale,
             "Seed": seed,
             "Size": f"{content.width}x{content.height}",
@@ -397,7 +425,7 @@ class DiffStylerPipeline:
             "Styles": [{**asdict(entry), "lora_sha256": sha256_file(entry.lora)} for entry in styles],
             "Injection": asdict(injection),
             **({"Sweep": sweep} if sweep else {}),
-            "Sampling": asdict(sampling),
+            "Sampling": sampling.fingerprint(),
             "Composite": composite,
         }
 
@@ -436,21 +464,25 @@ def dtype_name(dtype: Optional[str | torch.dtype]) -> str:
     return str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else dtype
 
 
-def check_resolution_argument(resolution: int) -> int:
-    if not isinstance(resolution, int) or resolution < 8 or resolution % 8:
-        raise config_error("resolution", f"must be a positive multiple of 8, got {resolution!r}")
+def check_resolution_argument(resolution: int, multiple: int = 8) -> int:
+    if not isinstance(resolution, int) or resolution < multiple or resolution % multiple:
+        raise config_error("resolution", f"must be a positive multiple of {multiple} for this model, got {resolution!r}")
     return resolution
 
 
 def sampling_for_call(steps: int, guidance_scale: float, negative_prompt: str, inversion_prompt: str,
-                      inversion_substeps: int) -> SamplingConfig:
+                      inversion_substeps: int, inversion_solver: str = "euler") -> SamplingConfig:
     """The call's sampling settings, checked under the names of `__call__`'s arguments."""
     if steps < 1:
         raise config_error("num_inference_steps", f"must be >= 1, got {steps}")
     if inversion_substeps < 1:
         raise config_error("inversion_substeps", f"must be >= 1, got {inversion_substeps}")
-    return SamplingConfig(steps=steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
-                          inversion_prompt=inversion_prompt, inversion_substeps=inversion_substeps)
+    try:
+        return SamplingConfig(steps=steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+                              inversion_prompt=inversion_prompt, inversion_substeps=inversion_substeps,
+                              inversion_solver=inversion_solver)
+    except UserError as error:
+        raise config_error(error.where.removeprefix("model.sampling."), error.why) from None
 
 
 def masks_per_style(masks: Any, num_styles: int) -> list[Optional[MaskInput]]:

@@ -4,9 +4,10 @@ The method is `DiffStylerPipeline`'s; this module only orchestrates it for chunk
 (`data.batch_size`), on one or many processes:
 1. prepare each job: skip it when its outputs are done with the current settings (asked of the
    writer), else load its content, make its masks and its styles' rows (`pipeline.prepare_styles`);
-2. invert the chunk's contents together, several of one size per UNet call (`pipeline.trajectories`);
-3. denoise jobs of one latent size together, at most `max_unet_rows` rows per UNet call
-   (`stylize.denoise_jobs`), decode them, and return one `JobResult` per job;
+2. invert the chunk's contents together, several of one size per call (`pipeline.trajectories`);
+3. denoise jobs of one latent size together, at most `max_unet_rows` rows per denoiser call
+   (`pipeline.denoise`), finish them as `__call__` does (`pipeline.finish`), and return one
+   `JobResult` per job;
 4. a job whose input fails (a user error) fails alone: a failing group is run again job by job.
 Writing the results, results.jsonl, the counts and the failure policy are the `StylizationWriter`
 callback's (`callbacks.writer`), which this module declares (`configure_callbacks`) with
@@ -31,8 +32,8 @@ from diffstyler.callbacks.writer import JobResult, OutputConfig, StylizationWrit
 from diffstyler.checks import check_lora_finite, check_model_reference, check_writable_folder
 from diffstyler.data.jobs import Job, StyleEntry, StylizeDataModule
 from diffstyler.errors import UserError, config_error
-from diffstyler.families import DecoderLayers
-from diffstyler.images import load_image, resize_to_multiple_of_8, sha256_file
+from diffstyler.backbones import LayerMap
+from diffstyler.images import load_image, resize_to_multiple, sha256_file
 from diffstyler.injection import (
     INJECTION_WINDOWS,
     InjectionConfig,
@@ -43,12 +44,11 @@ from diffstyler.injection import (
 from diffstyler.lora import check_lora_width
 from diffstyler.masks import SegmenterConfig, check_segmenter
 from diffstyler.memory import check_offload, check_offload_device, vae_tiling_setting
-from diffstyler.models import ModelSpec, load_pipeline, unet_cross_attention_width
+from diffstyler.models import ModelSpec, load_pipeline, model_text_width
 from diffstyler.pipeline import DiffStylerPipeline
 from diffstyler.results import DONE, FAILED, SKIPPED, settings_hash
 from diffstyler.rows import rows_per_job
-from diffstyler.sampling import ddim_schedule
-from diffstyler.stylize import DenoiseJob, SamplingConfig, StepCallback, StyleRows, denoise_jobs
+from diffstyler.stylize import DenoiseJob, SamplingConfig, StepCallback, StyleRows
 from diffstyler.sweep import SweepConfig, ablation_grid
 
 # What fails one job (a user error about its input: an unreadable image, an empty mask, a LoRA that
@@ -150,7 +150,7 @@ class StylizePredictor(LightningModule):
         if self.inversion_cache is not None:
             check_writable_folder(self.inversion_cache, "model.inversion_cache", "inversion cache folder")
         if isinstance(datamodule, StylizeDataModule):
-            model_width = unet_cross_attention_width(self.model_spec)  # None: not known without a download
+            model_width = model_text_width(self.model_spec)  # None: not known without a download
             for lora in dict.fromkeys(Path(entry.lora) for entry in datamodule.styles):
                 if model_width is not None:
                     check_lora_width(lora, model_width)
@@ -164,18 +164,21 @@ class StylizePredictor(LightningModule):
             return
         self.pipeline = DiffStylerPipeline(load_pipeline(self.model_spec), self.model_spec, self.segmenter_config,
                                            self.inversion_cache, self.max_loaded_adapters, progress=self.progress)
-        pipe = self.pipeline.pipe
+        pipe, backbone = self.pipeline.pipe, self.pipeline.backbone
         if self.offload == "none":
-            # Registered as submodules so that Lightning moves them to the device (SDXL has two text encoders).
-            self.unet, self.vae, self.text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
-            self.text_encoder_2 = getattr(pipe, "text_encoder_2", None)
+            # Registered as submodules so that Lightning moves them to the device (SDXL and SD 3.5 have
+            # several text encoders).
+            self.denoiser, self.vae = backbone.denoiser, pipe.vae
+            self.text_encoders = torch.nn.ModuleList(backbone.text_encoders)
         # Offloaded, they are not: Lightning would move every weight to the GPU (undoing the offload)
         # or fail on sequential offload's `meta` weights; the offload hooks place them instead.
         offload_device = self.trainer.strategy.root_device if self.offload != "none" and self._trainer is not None else None
         self.pipeline.set_memory_options(self.vae_tiling, self.vae_slicing, self.offload, offload_device)
-        # The layer rules become this UNet's layer numbers (checked against it): what the run records.
-        self.injection = self.pipeline.resolve_injection(self.injection)
-        warn_about_ineffective_sites(self.injection, self.pipeline.decoder)
+        # The layer rules become this model's layer numbers (checked against it) and the windows
+        # numbers of steps: what the run records.
+        backbone.check_sampling(self.sampling.steps, self.sampling.inversion_solver)
+        self.injection = self.pipeline.resolve_injection(self.injection, self.sampling.steps)
+        warn_about_ineffective_sites(self.injection, self.pipeline.layer_map, self.sampling.steps)
 
     def configure_callbacks(self) -> list[Any]:
         return [self.writer, PredictionLogger()]
@@ -227,7 +230,7 @@ class StylizePredictor(LightningModule):
             return None
         started = time.perf_counter()
         torch.manual_seed(job.seed)
-        content = resize_to_multiple_of_8(load_image(job.content), job.resolution)
+        content = resize_to_multiple(load_image(job.content), job.resolution, self.pipeline.backbone.pixel_multiple)
         masks = [None if entry.mask is None else self.pipeline.make_mask(entry.mask, content) for entry in job.styles]
         reference, rows = self.pipeline.prepare_styles(job.styles, masks, content, self.sampling)
         return PreparedJob(job, job_hash, content, masks, reference, rows, seconds=time.perf_counter() - started)
@@ -256,7 +259,8 @@ class StylizePredictor(LightningModule):
         return [group for groups in runs.values() for group in groups]
 
     def _rows(self, job: PreparedJob) -> int:
-        return rows_per_job(len(job.rows), self.injection.reference_model, self.sampling.uses_uncond)
+        return rows_per_job(len(job.rows), self.injection.reference_model,
+                            self.pipeline.backbone.negative_rows(self.sampling.guidance_scale))
 
     def stylize_group(self, group: list[PreparedJob]) -> list[JobResult]:
         """Denoise and decode a group; when a user error fails the group, each job is run alone, so
@@ -281,16 +285,13 @@ class StylizePredictor(LightningModule):
 
     def stylized(self, group: list[PreparedJob], injection: InjectionConfig) -> list[list[Image.Image]]:
         """Each job's images: one per style without masks; the fused, composited image with masks."""
-        self.pipeline.adapters.activate({row.adapter for job in group for row in job.rows})
-        schedule = ddim_schedule(self.pipeline.pipe.scheduler, self.sampling.steps)
-        latents = denoise_jobs(self.pipeline.unet, [job.denoise_job() for job in group], schedule, injection,
-                               self.sampling, callback=self.step_callback, progress=self.progress)
-        return [self.decoded(job, job_latents) for job, job_latents in zip(group, latents)]
-
-    def decoded(self, job: PreparedJob, latents: list[torch.Tensor]) -> list[Image.Image]:
-        if job.masks[0] is None:
-            return [self.pipeline.decode(latent, row.label) for latent, row in zip(latents, job.rows)]
-        return [self.pipeline.fused_image(latents, job.rows, job.trajectory, job.content, job.masks, self.output.composite)]
+        jobs = [job.denoise_job() for job in group]
+        latents = self.pipeline.denoise(jobs, injection, self.sampling, self.step_callback)
+        images = []
+        for prepared, job, job_latents in zip(group, jobs, latents):
+            styles, fused = self.pipeline.finish(job, job_latents, prepared.content, prepared.masks, self.output.composite, per_style=False)
+            images.append(styles if fused is None else [fused])
+        return images
 
     def sweep_grid(self, job: PreparedJob) -> tuple[Image.Image, list[dict[str, Any]]]:
         """One labelled grid of the job's result under every setting of `sweep` (same inversion),
@@ -314,8 +315,8 @@ class StylizePredictor(LightningModule):
         tiling = vae_tiling_setting(self.pipeline.pipe.vae, job.resolution, job.resolution)  # the longer side is the resolution
         return settings_hash({
             "model": self.model_spec.fingerprint(),
-            "dtype": str(self.pipeline.unet.dtype),
-            "sampling": asdict(self.sampling),
+            "dtype": str(self.pipeline.backbone.dtype),
+            "sampling": self.sampling.fingerprint(),
             "injection": asdict(self.injection),
             "sweep": asdict(self.sweep) if self.sweep.active else None,
             "segmenter": asdict(self.segmenter_config) if has_masks else None,
@@ -348,9 +349,9 @@ def check_injection_windows(injection: InjectionConfig, sweep: SweepConfig, step
                 check_window_steps(window, steps, f"model.sweep.{key}")
 
 
-def warn_about_ineffective_sites(injection: InjectionConfig, decoder: DecoderLayers) -> None:
+def warn_about_ineffective_sites(injection: InjectionConfig, layers: LayerMap, steps: int) -> None:
     """Warn once, when the model is loaded, when the injection settings make configured layers irrelevant."""
-    message = describe_ineffective_sites(injection, decoder)
+    message = describe_ineffective_sites(injection, layers, steps)
     if message:
         rank_zero_warn(message)
 

@@ -1,6 +1,6 @@
-"""The rows of one UNet call during stylization: built, run, sliced and counted in one place.
+"""The rows of one denoiser call during stylization: built, run, sliced and counted in one place.
 
-At every denoising step the UNet runs ONE batch:
+At every denoising step the denoiser (a UNet, a transformer) runs ONE batch:
 
     reference rows   the content's inversion latent z_t = trajectory[i] with the inversion prompt:
                      one row run by the base model (`reference_model: base`), or one row per style
@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from diffstyler.backbones import Backbone
 from diffstyler.conditioning import Conditioning
 from diffstyler.lora import BASE_ROW, route_adapters
 from diffstyler.sampling import classifier_free_guidance
@@ -27,7 +28,7 @@ from diffstyler.sampling import classifier_free_guidance
 
 @dataclass(frozen=True)
 class Row:
-    """One row of a UNet call: its latent [1, C, h, w], its conditioning (one row) and its adapter."""
+    """One row of a denoiser call: its latent [1, C, h, w], its conditioning (one row) and its adapter."""
 
     latent: torch.Tensor
     conditioning: Conditioning
@@ -52,7 +53,7 @@ class JobRows:
 
 
 def rows_per_job(num_styles: int, reference_model: str, with_uncond: bool) -> int:
-    """A job's rows in one UNet call while the reference runs: its reference rows (one, or one per
+    """A job's rows in one denoiser call while the reference runs: its reference rows (one, or one per
     style with `reference_model: style`), then each style's (uncond and) cond row."""
     references = 1 if reference_model == "base" else num_styles
     return references + (2 if with_uncond else 1) * num_styles
@@ -107,15 +108,12 @@ class RowLayout:
         return replace(self, references=tuple(r.as_float() for r in self.references),
                        styles=tuple(r.as_float() for r in self.styles))
 
-    def run(self, unet: torch.nn.Module, timestep: torch.Tensor, rows: str = "all") -> torch.Tensor:
-        """The UNet's output on `rows`: "all" (reference rows first), "references" or "styles"."""
+    def run(self, backbone: Backbone, timestep: torch.Tensor, rows: str = "all", guidance: Optional[float] = None) -> torch.Tensor:
+        """The denoiser's output on `rows`: "all" (reference rows first), "references" or "styles"."""
         chosen = {"all": self.references + self.styles, "references": self.references, "styles": self.styles}[rows]
-        with route_adapters(unet, [row.adapter for row in chosen]):
-            return unet(
-                torch.cat([row.latent for row in chosen]),
-                timestep.to(chosen[0].latent.device),
-                **Conditioning.cat([row.conditioning for row in chosen]).unet_kwargs(),
-            ).sample
+        with route_adapters(backbone.denoiser, [row.adapter for row in chosen]):
+            return backbone.predict(torch.cat([row.latent for row in chosen]), timestep,
+                                    Conditioning.cat([row.conditioning for row in chosen]), guidance)
 
     def split_references(self, output: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         """An "all" output as (reference rows' output or None, style rows' output)."""
@@ -124,7 +122,7 @@ class RowLayout:
         return output[: self.num_references], output[self.num_references :]
 
     def guided(self, style_output: torch.Tensor, guidance_scale: float) -> list[list[torch.Tensor]]:
-        """Per job, per style: the guided UNet output (classifier-free guidance of its uncond and cond rows)."""
+        """Per job, per style: the guided output (classifier-free guidance of its uncond and cond rows)."""
         per_job = style_output.split([self.rows_per_style * count for count in self.job_styles])
         guided = []
         for count, outputs in zip(self.job_styles, per_job):

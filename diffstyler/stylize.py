@@ -1,14 +1,16 @@
-"""The stylization loop: DDIM denoising with the LoRA-integrated UNet guided by the content pass.
+"""The stylization loop: denoising with the LoRA-integrated denoiser guided by the content pass.
 
 `denoise_jobs` is a stateless sampler (with a per-step callback) over one or several jobs of one
-latent size. At step i, ONE UNet call runs every job's rows (`rows.RowLayout`: reference rows on
-the inversion latent z_t = trajectory[i], then each style's uncond and cond rows), with per-row
-adapter routing and the reference rows' decoder features and attention injected into the style
-rows (`injection.Injector`, paper eq. 4 and 5). Then classifier-free guidance and a DDIM step per
-style, and each style latent is set back to the content's trajectory outside its mask (eq. 6).
+latent size, on any backbone. At step i, ONE denoiser call runs every job's rows
+(`rows.RowLayout`: reference rows on the inversion latent z_t = trajectory[i], then each style's
+uncond and cond rows), with per-row adapter routing and the reference rows' features and attention
+injected into the style rows (`injection.Injector`, paper eq. 4 and 5). Then classifier-free
+guidance (on families that guide with negative rows) and the schedule's step per style (DDIM, or
+Euler on the flow-matching velocity), and each style latent is set back to the content's
+trajectory outside its mask (eq. 6).
 
-Every step's outputs are checked for NaN and inf: a half-precision UNet call that overflows is
-run again in float32; what is still not finite fails the job, naming the style.
+Every step's outputs are checked for NaN and inf: a half-precision call that overflows is run
+again in float32; what is still not finite fails the job, naming the style.
 
 Masks (paper section III-D): style k denoises its own latent (eq. 6 with its own mask M_k). The
 fused latent (`fuse_styles`, eq. 7) takes each style's latent inside its mask and the trajectory
@@ -19,17 +21,18 @@ its own full image.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable, Literal, Optional
 
 import torch
 from tqdm.auto import tqdm
 
+from diffstyler.backbones import Backbone
 from diffstyler.conditioning import Conditioning
 from diffstyler.errors import UserError, config_error
 from diffstyler.injection import InjectionConfig, Injector, ReferenceMode
 from diffstyler.rows import JobRows, RowLayout
-from diffstyler.sampling import DDIMSchedule, ddim_step
+from diffstyler.sampling import INVERSION_SOLVERS, Schedule
 from diffstyler.torch_utils import float32_model
 
 DEFAULT_NEGATIVE_PROMPT = "ugly, blurry, black, low res, unrealistic"
@@ -37,12 +40,21 @@ DEFAULT_NEGATIVE_PROMPT = "ugly, blurry, black, low res, unrealistic"
 
 @dataclass
 class SamplingConfig:
-    """Denoising and inversion settings; defaults from the paper and its public code.
+    """Denoising and inversion settings; defaults from the paper and its public code (SD 2.1-base).
 
-    inversion_substeps: UNet evaluations per sampler step during inversion (20 with 50 steps is
-      the paper's 1000-step inversion; 1 inverts at exactly the sampler's timesteps).
-    reference: "batch" runs reference and style rows in one UNet call; "separate" runs the
-      reference alone first (lower peak memory, more calls, same result).
+    Args:
+        steps: sampling steps (the paper: 50; the injection windows may be fractions of them).
+        guidance_scale: classifier-free guidance scale (the paper's code: 10.5); on FLUX.1-dev the
+            distilled guidance embedding's scale instead (no negative rows).
+        negative_prompt: the unconditional prompt of classifier-free guidance.
+        inversion_prompt: the prompt the content is inverted with (and the reference rows run with).
+        inversion_substeps: denoiser evaluations per sampler step during inversion (20 with 50 steps
+            is the paper's 1000-step inversion; 1 inverts at exactly the sampler's timesteps).
+        inversion_solver: how flow-matching models (SD 3.5, FLUX.1) integrate the inversion: "euler",
+            "midpoint" (RF-Solver's second-order step) or "fireflow" (the midpoint, reusing the last
+            velocity). DDIM (SD 1.x / 2.x / SDXL) has its own first-order step: "euler" only.
+        reference: "batch" runs reference and style rows in one call; "separate" runs the reference
+            alone first (lower peak memory, more calls, same result).
     """
 
     steps: int = 50
@@ -50,6 +62,7 @@ class SamplingConfig:
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     inversion_prompt: str = ""
     inversion_substeps: int = 1
+    inversion_solver: Literal["euler", "midpoint", "fireflow"] = "euler"
     reference: Literal["batch", "separate"] = "batch"
 
     def __post_init__(self) -> None:
@@ -61,10 +74,17 @@ class SamplingConfig:
             raise config_error("model.sampling.inversion_substeps", f"must be >= 1, got {self.inversion_substeps}")
         if self.reference not in ("batch", "separate"):
             raise config_error("model.sampling.reference", f"must be 'batch' or 'separate', got {self.reference!r}")
+        if self.inversion_solver not in INVERSION_SOLVERS:
+            raise config_error("model.sampling.inversion_solver", f"must be one of {', '.join(INVERSION_SOLVERS)}, "
+                                                                  f"got {self.inversion_solver!r}")
 
-    @property
-    def uses_uncond(self) -> bool:
-        return self.guidance_scale != 1.0
+    def fingerprint(self) -> dict:
+        """The settings for hashes and cache keys. Settings added later appear only when they differ
+        from their default, so that adding them changed the hash of no existing output."""
+        fields = asdict(self)
+        if fields["inversion_solver"] == "euler":
+            del fields["inversion_solver"]
+        return fields
 
 
 @dataclass
@@ -118,34 +138,37 @@ StepCallback = Callable[[StepState], None]
 
 @torch.no_grad()
 def denoise_jobs(
-    unet: torch.nn.Module,
+    backbone: Backbone,
     jobs: list[DenoiseJob],
-    schedule: DDIMSchedule,
+    schedule: Schedule,
     injection: InjectionConfig,
     sampling: SamplingConfig,
     callback: Optional[StepCallback] = None,
     progress: bool = True,
 ) -> list[list[torch.Tensor]]:
-    """Denoise jobs of one latent size together from z_T = trajectory[0], every step in ONE UNet
-    call; per job, each style's final latent [1, C, h, w].
+    """Denoise jobs of one latent size together from z_T = trajectory[0], every step in ONE
+    denoiser call; per job, each style's final latent [1, C, h, w].
 
     Each style row is injected from its own job's reference rows only, and fused with its own
     job's trajectory, so a job's result does not depend on the jobs it shares the call with.
-    The UNet's adapters must be active (`lora.set_adapter_scales`) for the styles' adapters.
+    The denoiser's adapters must be active (`lora.set_adapter_scales`) for the styles' adapters.
     """
     if not jobs or any(not job.styles for job in jobs):
         raise ValueError("at least one style per job is needed")
     latents = [[job.trajectory[0:1].clone() for _ in job.styles] for job in jobs]
-    injector = Injector(unet, injection)
+    injector = Injector(backbone, injection, schedule.num_steps)
+    injection = injector.config  # windows in steps, layers in numbers
+    injector.image_tokens = backbone.image_tokens(*jobs[0].trajectory.shape[-2:])
+    with_uncond = backbone.negative_rows(sampling.guidance_scale)
     with injector.installed():
         for i in tqdm(range(schedule.num_steps), desc="Stylizing", disable=not progress, leave=False):
             t = schedule.timesteps[i]
-            # Eq. 4-5: one UNet call; the reference rows' features and attention go into the style rows.
+            # Eq. 4-5: one call; the reference rows' features and attention go into the style rows.
             layout = RowLayout.for_step([job.rows(job_latents) for job, job_latents in zip(jobs, latents)], i,
-                                        injection.reference_model, sampling.uses_uncond, injection.needs_reference(i))
-            reference_output, style_output = finite_unet_outputs(unet, injector, layout, sampling.reference, i, t)
+                                        injection.reference_model, with_uncond, injection.needs_reference(i))
+            reference_output, style_output = finite_outputs(backbone, injector, layout, sampling, i, t)
             for index, (job, guided) in enumerate(zip(jobs, layout.guided(style_output, sampling.guidance_scale))):
-                # A DDIM step per style, then eq. 6: outside its mask the latent is the content's trajectory.
+                # A step per style, then eq. 6: outside its mask the latent is the content's trajectory.
                 latents[index] = denoised(latents[index], guided, job, schedule, i)
                 if callback is not None:
                     reference = layout.job_reference_output(reference_output, index)
@@ -153,46 +176,41 @@ def denoise_jobs(
     return latents
 
 
-def unet_outputs(unet, injector: Injector, layout: RowLayout, reference_mode: str, step: int,
-                 t: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
-    """The UNet outputs of the reference rows (None when there are none) and of the style rows, the
-    reference injected into the style rows: in one call ("batch"), or recorded by a call of the
-    reference rows first ("separate": less peak memory, same result)."""
-    if reference_mode == "batch" or not layout.references:
+def outputs(backbone: Backbone, injector: Injector, layout: RowLayout, sampling: SamplingConfig, step: int,
+            t: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """The outputs of the reference rows (None when there are none) and of the style rows, the
+    reference injected into the style rows: in one call (`sampling.reference` "batch"), or
+    recorded by a call of the reference rows first ("separate": less peak memory, same result)."""
+    guidance = sampling.guidance_scale
+    if sampling.reference == "batch" or not layout.references:
         injector.set_step(step, t, ReferenceMode.BATCH_ROW, layout)
-        return layout.split_references(layout.run(unet, t))
+        return layout.split_references(layout.run(backbone, t, guidance=guidance))
     injector.set_step(step, t, ReferenceMode.RECORD, layout)
-    reference_output = layout.run(unet, t, "references")
+    reference_output = layout.run(backbone, t, "references", guidance)
     injector.set_step(step, t, ReferenceMode.REPLAY, layout)
-    return reference_output, layout.run(unet, t, "styles")
+    return reference_output, layout.run(backbone, t, "styles", guidance)
 
 
-def finite_unet_outputs(unet, injector: Injector, layout: RowLayout, reference_mode: str, step: int, t: torch.Tensor):
-    """`unet_outputs`, run again in float32 when a half-precision call gives NaN or inf."""
-    outputs = unet_outputs(unet, injector, layout, reference_mode, step, t)
-    if all_finite(outputs) or unet.dtype == torch.float32:
-        return outputs
-    with float32_model(unet):
-        outputs = unet_outputs(unet, injector, layout.as_float(), reference_mode, step, t)
+def finite_outputs(backbone: Backbone, injector: Injector, layout: RowLayout, sampling: SamplingConfig, step: int, t: torch.Tensor):
+    """`outputs`, run again in float32 when a half-precision call gives NaN or inf."""
+    result = outputs(backbone, injector, layout, sampling, step, t)
+    if all_finite(result) or backbone.dtype == torch.float32:
+        return result
+    with float32_model(backbone.denoiser):
+        result = outputs(backbone, injector, layout.as_float(), sampling, step, t)
     dtype = layout.styles[0].latent.dtype
-    return tuple(None if o is None else o.to(dtype) for o in outputs)
+    return tuple(None if o is None else o.to(dtype) for o in result)
 
 
 def all_finite(outputs) -> bool:
     return all(o is None or bool(torch.isfinite(o).all()) for o in outputs)
 
 
-def denoised(latents: list[torch.Tensor], guided: list[torch.Tensor], job: DenoiseJob, schedule: DDIMSchedule, i: int) -> list[torch.Tensor]:
-    """Each style latent one DDIM step further, set back to the content outside its mask (eq. 6)."""
+def denoised(latents: list[torch.Tensor], guided: list[torch.Tensor], job: DenoiseJob, schedule: Schedule, i: int) -> list[torch.Tensor]:
+    """Each style latent one step further, set back to the content outside its mask (eq. 6)."""
     content_next = job.trajectory[i + 1 : i + 2]
-    moved = [
-        fuse_with_content(
-            ddim_step(x, out, schedule.alphas[i], schedule.alphas[i + 1], schedule.prediction_type),
-            content_next,
-            style.mask,
-        )
-        for x, out, style in zip(latents, guided, job.styles)
-    ]
+    moved = [fuse_with_content(schedule.step(x, out, i), content_next, style.mask)
+             for x, out, style in zip(latents, guided, job.styles)]
     for latent, style in zip(moved, job.styles):
         check_finite(latent, style.label, i)
     return moved

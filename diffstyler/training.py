@@ -1,14 +1,16 @@
-"""Style LoRA training (paper section III-C, eq. 3) as a LightningModule.
+"""Style LoRA training (paper section III-C, eq. 3) as a LightningModule, on any backbone.
 
-The base model (VAE, text encoder, UNet) is frozen; only a PEFT LoRA on the UNet's attention
-projections learns the style:
+The base model (VAE, text encoders, denoiser) is frozen; only a PEFT LoRA on the denoiser's
+attention projections learns the style:
 
-    L = E_{z0, eps, t} || eps - eps_theta(z_t, t, c) ||²      (or the v-target for v-prediction)
+    L = E_{z0, eps, t} || target - model(z_t, t, c) ||²
 
-with z0 the VAE latent of a style image, c the prompt's text embedding and t uniform in
-[0, num_train_timesteps). On SDXL, c also holds text_encoder_2's pooled embedding and the time ids
-of each image (its size, the corner of its crop and the crop's size: `families.time_ids_for`);
-both text encoders stay frozen.
+with z0 the VAE latent of a style image and c the prompt's conditioning. What z_t, t and the
+target are is the backbone's, as the family was trained: on SD 1.x / 2.x / SDXL the DDPM forward
+process with t uniform in [0, 1000) and the target eps (or v for v-prediction); on SD 3.5 and
+FLUX.1 rectified flow, z_t = (1 - sigma) z0 + sigma eps with sigma drawn logit-normally and the
+target the velocity eps - z0. On SDXL, c also holds the time ids of each image (its size, the
+corner of its crop and the crop's size); the text encoders stay frozen.
 
 Reproducibility: the noise, timesteps and augmentation of step k come from a generator seeded with
 (seed, k, rank), never from the global RNG. A run resumed from a checkpoint therefore computes
@@ -28,15 +30,14 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 
+from diffstyler.backbones import Backbone, backbone_for
 from diffstyler.checks import check_writable_folder
 from diffstyler.data.style import DEFAULT_STYLE_PROMPT, StyleDataModule
 from diffstyler.errors import UserError, config_error
 from diffstyler.conditioning import Conditioning
 from diffstyler.export import export_lora
-from diffstyler.families import model_family, native_resolution, time_ids_for
 from diffstyler.lora import LORA_INFO_NAME, LORA_WEIGHTS_NAME, StyleLoRAConfig, add_style_adapter, save_lora, write_lora_info
 from diffstyler.models import ModelSpec, encode_images, encode_prompts, load_pipeline
 from diffstyler.torch_utils import eval_mode
@@ -55,9 +56,9 @@ class StyleLoRAModule(LightningModule):
         weight_decay: AdamW weight decay.
         adam_betas: AdamW betas.
         adam_epsilon: AdamW epsilon.
-        gradient_checkpointing: recompute UNet activations in backward to save GPU memory.
+        gradient_checkpointing: recompute the denoiser's activations in backward to save GPU memory.
         output_dir: where the LoRA and its metadata are exported when fit ends.
-        adapter_name: name of the PEFT adapter inside the UNet.
+        adapter_name: name of the PEFT adapter inside the denoiser.
         seed: seeds each step's noise, timesteps and augmentation. None: the seed given to
             `seed_everything` (the CLI's `seed_everything`, default 0).
         export_kohya: also write `<output_dir>/<folder name>.safetensors` in the kohya / A1111
@@ -99,8 +100,8 @@ class StyleLoRAModule(LightningModule):
         # Filled by configure_model(): loading is deferred so that the data is validated first
         # and every DDP process builds its own copy.
         self.pipe = None
-        self.unet = self.vae = self.text_encoder = self.text_encoder_2 = None
-        self.noise_scheduler: Optional[DDPMScheduler] = None
+        self.backbone: Optional[Backbone] = None
+        self.denoiser = self.vae = self.text_encoders = None
         # Encoded once and reused for every step (not saved: recomputed identically on resume).
         self.latent_cache: dict[int, torch.Tensor] = {}
         self.prompt_cache: dict[str, Conditioning] = {}
@@ -111,22 +112,18 @@ class StyleLoRAModule(LightningModule):
         if self.pipe is not None:
             return
         pipe = load_pipeline(self.model_spec)
+        backbone = backbone_for(pipe)
         pipe.vae.requires_grad_(False)
-        pipe.text_encoder.requires_grad_(False)
-        text_encoder_2 = getattr(pipe, "text_encoder_2", None)  # SDXL's second, frozen too
-        if text_encoder_2 is not None:
-            text_encoder_2.requires_grad_(False)
-        add_style_adapter(pipe.unet, self.lora_config, self.adapter_name)
+        for encoder in backbone.text_encoders:
+            encoder.requires_grad_(False)
+        add_style_adapter(backbone.denoiser, self.lora_config, self.adapter_name)
         if self.gradient_checkpointing:
-            pipe.unet.enable_gradient_checkpointing()
-        pipe.unet.train()  # pretrained models load in eval mode; LoRA dropout needs train mode
-        self.pipe = pipe
-        self.unet = pipe.unet
-        self.vae = pipe.vae
-        self.text_encoder = pipe.text_encoder
-        self.text_encoder_2 = text_encoder_2  # registered, so that Lightning moves it to the device
-        # The paper trains with the DDPM forward process; same schedule as the model's DDIM.
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+            backbone.denoiser.enable_gradient_checkpointing()
+        backbone.denoiser.train()  # pretrained models load in eval mode; LoRA dropout needs train mode
+        self.pipe, self.backbone = pipe, backbone
+        # Registered as submodules, so that Lightning moves them to the device.
+        self.denoiser, self.vae = backbone.denoiser, pipe.vae
+        self.text_encoders = torch.nn.ModuleList(backbone.text_encoders)
 
     def setup(self, stage: str) -> None:
         # Lightning calls setup before configure_model: the check needs no model, so it comes first.
@@ -147,30 +144,20 @@ class StyleLoRAModule(LightningModule):
     def denoising_loss(
         self, latents: torch.Tensor, prompt: Conditioning, noise: torch.Tensor, timesteps: torch.Tensor
     ) -> torch.Tensor:
-        """MSE between the UNet's prediction on noised latents and its target (epsilon or v)."""
-        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        """MSE between the denoiser's prediction on noised latents and its target (eps, v, or the
+        velocity: the backbone's)."""
+        noisy_latents = self.backbone.noised(latents, noise, timesteps)
         base_dtype = self.model_spec.torch_dtype
-        prediction = self.unet(
-            noisy_latents.to(base_dtype), timesteps, **prompt.to(base_dtype).unet_kwargs()
-        ).sample
-        target = self._prediction_target(latents, noise, timesteps)
+        prediction = self.backbone.predict(noisy_latents.to(base_dtype), timesteps, prompt.to(base_dtype))
+        target = self.backbone.training_target(latents, noise, timesteps)
         return F.mse_loss(prediction.float(), target.float())
-
-    def _prediction_target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        prediction_type = self.noise_scheduler.config.prediction_type
-        if prediction_type == "epsilon":
-            return noise
-        if prediction_type == "v_prediction":
-            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        raise ValueError(f"unsupported prediction type {prediction_type!r} (expected epsilon or v_prediction)")
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         generator = self.step_generator()
         whole = self.style_latents(batch)
         latents, corners = self.augment_latents(whole, batch, generator)
-        prompt = self.prompt_conditioning(batch["prompt"]).with_time_ids(self.time_ids(whole, latents, corners))
-        num_timesteps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, num_timesteps, (len(latents),), generator=generator)
+        prompt = self.size_conditioning(self.prompt_conditioning(batch["prompt"]), whole, latents, corners)
+        timesteps = self.backbone.draw_training_timesteps(len(latents), generator, latents.shape)
         noise = torch.randn(latents.shape, generator=generator)
         loss = self.denoising_loss(latents, prompt, noise.to(latents), timesteps.to(self.device))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(latents))
@@ -208,7 +195,7 @@ class StyleLoRAModule(LightningModule):
     def prompt_conditioning(self, prompts: list[str]) -> Conditioning:
         """The prompts' conditioning (one row each), computed once per distinct prompt."""
         for prompt in set(prompts) - self.prompt_cache.keys():
-            with torch.autocast(self.device.type, enabled=False), eval_mode(self.text_encoder):
+            with torch.autocast(self.device.type, enabled=False), eval_mode(self.text_encoders):
                 self.prompt_cache[prompt] = encode_prompts(self.pipe, [prompt])
         return Conditioning.cat([self.prompt_cache[prompt] for prompt in prompts])
 
@@ -231,13 +218,14 @@ class StyleLoRAModule(LightningModule):
             corners.append(corner)
         return torch.stack(augmented), corners
 
-    def time_ids(self, whole: torch.Tensor, latents: torch.Tensor, corners: list[tuple[int, int]]) -> Optional[torch.Tensor]:
-        """SDXL's time ids [B, 6] of a batch: each image's size, its crop's corner and the crop's size, in
-        pixels (uncropped: the image's size twice and (0, 0), as stylization gives them); None for SD 1.x / 2.x."""
-        factor = self.pipe.vae_scale_factor
+    def size_conditioning(self, prompt: Conditioning, whole: torch.Tensor, latents: torch.Tensor,
+                          corners: list[tuple[int, int]]) -> Conditioning:
+        """The batch's conditioning with each image's size, its crop's corner and the crop's size in
+        pixels, where the family reads them (SDXL's time ids; uncropped: the image's size twice and
+        (0, 0), as stylization gives them)."""
+        factor = self.backbone.latent_factor
         original, target = tuple(factor * side for side in whole.shape[-2:]), tuple(factor * side for side in latents.shape[-2:])
-        ids = [time_ids_for(self.unet, original, (factor * top, factor * left), target) for top, left in corners]
-        return None if ids[0] is None else torch.cat(ids)
+        return self.backbone.training_size_conditioning(prompt, original, [(factor * top, factor * left) for top, left in corners], target)
 
     # --- optimisation and checkpoints -----------------------------------------------------------
 
@@ -256,6 +244,9 @@ class StyleLoRAModule(LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints of earlier versions name the denoiser `unet`.
+        checkpoint["state_dict"] = {("denoiser." + key.removeprefix("unet.") if key.startswith("unet.") else key): value
+                                    for key, value in checkpoint["state_dict"].items()}
         # strict_loading is off (the base is not in the checkpoint), so check the LoRA part here.
         missing = sorted(self.trainable_parameter_names() - checkpoint["state_dict"].keys())
         if missing:
@@ -275,7 +266,7 @@ class StyleLoRAModule(LightningModule):
         """Write `pytorch_lora_weights.safetensors` (diffusers format) and `diffstyler_lora.json`
         (and with `export_kohya`, the kohya-layout file)."""
         output_dir = Path(output_dir)
-        save_lora(self.unet, self.adapter_name, output_dir)
+        save_lora(self.denoiser, self.adapter_name, output_dir)
         write_lora_info(output_dir, self.export_metadata())
         if self.export_kohya:
             export_lora(output_dir, "kohya", output_dir / f"{output_dir.resolve().name}.safetensors")
@@ -285,7 +276,7 @@ class StyleLoRAModule(LightningModule):
         style = self._style_metadata()
         return {
             **self.recipe(),
-            "prediction_type": self.noise_scheduler.config.prediction_type,
+            "prediction_type": self.backbone.family.prediction_type,
             "steps": self.global_step,
             **style,
             "model_card": self.model_card(style),
@@ -293,11 +284,11 @@ class StyleLoRAModule(LightningModule):
 
     def model_card(self, style: dict[str, Any]) -> dict[str, Any]:
         """The fields a model page (civitai and the like) asks of a LoRA."""
-        family = model_family(self.pipe)
+        family = self.backbone.family
         prompts = style.get("prompt")
         return {
             "type": "LORA",
-            "base_model": family.name or f"cross-attention width {family.cross_attention_width}",
+            "base_model": family.name or f"cross-attention width {family.text_width}",
             "base_model_name": self.model_spec.name,
             "trigger_words": [prompts] if isinstance(prompts, str) else list(prompts or []),
             "rank": self.lora_config.rank,
@@ -319,11 +310,17 @@ class StyleLoRAModule(LightningModule):
             "adapter_name": self.adapter_name,
             "rank": lora.rank,
             "alpha": lora.alpha if lora.alpha is not None else lora.rank,
-            "target_modules": list(lora.target_modules),
+            "target_modules": lora.targets(self.default_lora_targets()),
             "dropout": lora.dropout,
             "learning_rate": self.learning_rate,
             "seed": self.training_seed,
         }
+
+    def default_lora_targets(self) -> tuple[str, ...]:
+        """The family's Q/K/V (known without loading the model: its kind's)."""
+        from diffstyler.models import model_kind
+
+        return model_kind(self.model_spec).default_lora_targets
 
     def _style_metadata(self) -> dict[str, Any]:
         datamodule = self.trainer.datamodule if self._trainer is not None else None
@@ -373,7 +370,7 @@ def train_style(
                              learning_rate=learning_rate, output_dir=str(output_dir))
     if resolution is None:
         module.configure_model()
-        resolution = native_resolution(module.pipe)
+        resolution = module.backbone.native_resolution
     data = StyleDataModule(images=[str(i) for i in (images if isinstance(images, list) else [images])], prompt=prompt,
                            resolution=resolution)
     trainer = Trainer(max_steps=steps, accelerator=accelerator, devices=1, precision=precision, logger=False,

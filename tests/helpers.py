@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from diffstyler.backbones import backbone_for
 from diffstyler.inversion import invert
 from diffstyler.lora import StyleLoRAConfig, add_style_adapter, save_lora, set_adapter_scales
 from diffstyler.models import ModelSpec, encode_images, encode_prompts, load_pipeline
@@ -54,7 +55,7 @@ def two_style_setup(steps: int):
     schedule = ddim_schedule(pipe.scheduler, steps)
     prompts = encode_prompts(pipe, ["", "painting a", "painting b", "ugly"])
     pipe.unet.disable_adapters()
-    trajectory = invert(pipe.unet, encode_images(pipe, pixels), prompts[:1], schedule, progress=False)
+    trajectory = invert(backbone_for(pipe), encode_images(pipe, pixels), prompts[:1], schedule, progress=False)
     pipe.unet.enable_adapters()
     return pipe, schedule, prompts, trajectory
 
@@ -95,11 +96,11 @@ def stylize_one(predictor, job):
     return predictor.writer.write(predictor.stylize_jobs([job]))[0]
 
 
-def denoise_with_injection(unet, trajectory, reference, styles, schedule, injection, sampling, callback=None, progress=False):
+def denoise_with_injection(pipe, trajectory, reference, styles, schedule, injection, sampling, callback=None, progress=False):
     """`stylize.denoise_jobs` for one job: each style's final latent."""
     from diffstyler.stylize import DenoiseJob, denoise_jobs
 
-    return denoise_jobs(unet, [DenoiseJob(trajectory, reference, styles)], schedule, injection, sampling, callback, progress)[0]
+    return denoise_jobs(backbone_for(pipe), [DenoiseJob(trajectory, reference, styles)], schedule, injection, sampling, callback, progress)[0]
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

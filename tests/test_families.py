@@ -7,8 +7,9 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from diffstyler.families import SD1, SDXL, decoder_layers, model_family
-from diffstyler.injection import INJECTION_PRESETS, InjectionConfig, decoder_attentions, ineffective_sites
+from diffstyler.backbones import backbone_for
+from diffstyler.backbones.unet import SD1, SDXL, decoder_layers
+from diffstyler.injection import INJECTION_PRESETS, InjectionConfig, ineffective_sites
 from diffstyler.models import ModelSpec, build_tiny_pipeline, load_pipeline
 
 
@@ -51,10 +52,10 @@ def test_the_derived_map_of_sdxl(tiny_pipes):
     assert InjectionConfig().resolved(decoder).feature_layers == list(range(1, 9))
     assert INJECTION_PRESETS["paper_code"].resolved(decoder).attention_layers == list(range(1, 6))
     # every transformer block of a layer is injected: depth 2 in the first up block, 1 in the second
-    assert decoder_attentions(unet, 2, "self") == [block.attn1 for block in unet.up_blocks[0].attentions[2].transformer_blocks]
-    assert len(decoder_attentions(unet, 2, "cross")) == 2 and len(decoder_attentions(unet, 3, "cross")) == 1
+    assert decoder.attentions(unet, 2, "self") == [block.attn1 for block in unet.up_blocks[0].attentions[2].transformer_blocks]
+    assert len(decoder.attentions(unet, 2, "cross")) == 2 and len(decoder.attentions(unet, 3, "cross")) == 1
     with pytest.raises(ValueError, match="no attention"):
-        decoder_attentions(unet, 6, "self")
+        decoder.attentions(unet, 6, "self")
 
 
 def test_the_sdxl_map_is_the_order_of_a_real_forward_pass(tiny_pipes):
@@ -67,7 +68,7 @@ def test_the_sdxl_map_is_the_order_of_a_real_forward_pass(tiny_pipes):
     for block_index, block in enumerate(unet.up_blocks):
         for resnet_index, resnet in enumerate(block.resnets):
             handles.append(resnet.register_forward_hook(
-                lambda *a, place=(block_index, resnet_index): seen.append((place, "resnet"))))
+                lambda *a, place=(block_index, resnet_index): seen.append((place, "feature"))))
         for attention_index, attention in enumerate(getattr(block, "attentions", None) or []):
             handles.append(attention.register_forward_hook(
                 lambda *a, place=(block_index, attention_index): seen.append((place, "attention"))))
@@ -99,7 +100,7 @@ def test_dominated_sites_on_sdxl_follow_its_map(tiny_pipes):
     """Output-site features 1-8 erase features 1-7 and every attention layer (all of them run before
     layer 8 on SDXL). Caught: SD's map used for the warning (attention 3-10)."""
     decoder = decoder_layers(tiny_pipes["tiny-sdxl"].unet)
-    assert ineffective_sites(InjectionConfig(feature_site="output"), decoder) == {"features": list(range(1, 8)),
+    assert ineffective_sites(InjectionConfig(feature_site="output"), decoder, 50) == {"features": list(range(1, 8)),
                                                                                "attention": list(range(6))}
 
 
@@ -107,11 +108,11 @@ def test_dominated_sites_on_sdxl_follow_its_map(tiny_pipes):
 
 def test_families_are_read_from_the_components(tiny_pipes):
     """Caught: a family taken from the model's name, or SDXL told by width alone."""
-    assert model_family(tiny_pipes["tiny-sd15"]).name == SD1
-    assert model_family(tiny_pipes["tiny-sdxl"]).name == SDXL and model_family(tiny_pipes["tiny-sdxl"]).is_sdxl
-    assert model_family(tiny_pipes["tiny"]).name is None  # SD 2.x's layout, 32-wide text: no known family
+    assert backbone_for(tiny_pipes["tiny-sd15"]).family.name == SD1
+    assert backbone_for(tiny_pipes["tiny-sdxl"]).family.name == SDXL
+    assert backbone_for(tiny_pipes["tiny"]).family.name is None  # SD 2.x's layout, 32-wide text: no known family
     v_model = load_pipeline(ModelSpec("tiny-sd15", prediction_type="v_prediction"))
-    assert str(model_family(v_model)) == "SD 1.x, v_prediction"
+    assert str(backbone_for(v_model).family) == "SD 1.x, v_prediction"
 
 
 def test_tiny_sd15_has_sd15s_head_layout(tiny_pipes):
@@ -159,7 +160,7 @@ def test_a_saved_sdxl_folder_loads_as_sdxl_with_the_same_outputs(tiny_pipes, tmp
     """Caught: a folder loaded through `StableDiffusionPipeline` (the second text encoder dropped)."""
     tiny_pipes["tiny-sdxl"].save_pretrained(str(tmp_path / "xl"))
     loaded = load_pipeline(ModelSpec(str(tmp_path / "xl")))
-    assert type(loaded) is StableDiffusionXLPipeline and model_family(loaded).is_sdxl
+    assert type(loaded) is StableDiffusionXLPipeline and backbone_for(loaded).family.name == SDXL
     for component in ("unet", "text_encoder_2"):
         for key, value in getattr(tiny_pipes["tiny-sdxl"], component).state_dict().items():
             assert torch.equal(getattr(loaded, component).state_dict()[key], value), f"{component}.{key}"

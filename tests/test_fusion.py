@@ -26,7 +26,7 @@ def _run(setup, styles, record=None, guidance_scale=10.5):
     pipe, schedule, prompts, trajectory = setup
     rows = [StyleRows(adapter, prompts[p : p + 1], prompts[3:4], mask) for adapter, p, mask in styles]
     return denoise_with_injection(
-        pipe.unet, trajectory, prompts[:1], rows, schedule, InjectionConfig(feature_steps=4, attention_steps=3),
+        pipe, trajectory, prompts[:1], rows, schedule, InjectionConfig(feature_steps=4, attention_steps=3),
         SamplingConfig(steps=STEPS, guidance_scale=guidance_scale), callback=record.append if record is not None else None, progress=False,
     )
 

@@ -1,24 +1,22 @@
 import contextlib
 import warnings
-from types import SimpleNamespace
 
 import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from diffstyler.families import decoder_layers
+from diffstyler.backbones import backbone_for
+from diffstyler.backbones.unet import decoder_layers
 from diffstyler.injection import (
     InjectionConfig,
     Injector,
     ReferenceMode,
-    decoder_attentions,
-    decoder_execution_order,
-    decoder_resnet,
     describe_ineffective_sites,
     ineffective_sites,
 )
 from diffstyler.models import ModelSpec
 from diffstyler.inversion import invert
+from diffstyler.sampling import invert as invert_latents
 from diffstyler.lora import BASE_ROW, route_adapters, set_adapter_scales
 from diffstyler.models import encode_images, encode_prompts
 from diffstyler.sampling import ddim_schedule, ddim_step
@@ -41,7 +39,7 @@ def setup():
     schedule = ddim_schedule(pipe.scheduler, STEPS)
     prompts = encode_prompts(pipe, ["", "painting of sss", "ugly"])
     pipe.unet.disable_adapters()
-    trajectory = invert(pipe.unet, encode_images(pipe, pixels), prompts[:1], schedule, progress=False)
+    trajectory = invert(backbone_for(pipe), encode_images(pipe, pixels), prompts[:1], schedule, progress=False)
     pipe.unet.enable_adapters()
     return pipe, schedule, prompts, trajectory
 
@@ -53,7 +51,7 @@ def _run(setup, injection, sampling=None, scale=1.0, reference_prompt=0, style_p
     sampling = sampling or SamplingConfig(steps=STEPS)
     callback = record.append if record is not None else None
     return denoise_with_injection(
-        pipe.unet, trajectory, prompts[reference_prompt : reference_prompt + 1], rows, schedule,
+        pipe, trajectory, prompts[reference_prompt : reference_prompt + 1], rows, schedule,
         injection, sampling, callback=callback, progress=False,
     )[0]
 
@@ -61,13 +59,13 @@ def _run(setup, injection, sampling=None, scale=1.0, reference_prompt=0, style_p
 def test_decoder_layer_mapping_follows_sd_numbering(setup):
     unet = setup[0].unet
     for layer in range(12):
-        assert decoder_resnet(unet, layer) is unet.up_blocks[layer // 3].resnets[layer % 3]
+        assert decoder_layers(unet).resnet(unet, layer) is unet.up_blocks[layer // 3].resnets[layer % 3]
     # the paper's "layers 4-11" start at up_blocks[1].resnets[1]
-    assert decoder_resnet(unet, 4) is unet.up_blocks[1].resnets[1]
-    assert decoder_attentions(unet, 4, "self") == [unet.up_blocks[1].attentions[1].transformer_blocks[0].attn1]
-    assert decoder_attentions(unet, 11, "cross") == [unet.up_blocks[3].attentions[2].transformer_blocks[0].attn2]
+    assert decoder_layers(unet).resnet(unet, 4) is unet.up_blocks[1].resnets[1]
+    assert decoder_layers(unet).attentions(unet, 4, "self") == [unet.up_blocks[1].attentions[1].transformer_blocks[0].attn1]
+    assert decoder_layers(unet).attentions(unet, 11, "cross") == [unet.up_blocks[3].attentions[2].transformer_blocks[0].attn2]
     with pytest.raises(ValueError, match="no attention"):
-        decoder_attentions(unet, 2, "self")
+        decoder_layers(unet).attentions(unet, 2, "self")
 
 
 def test_config_rejects_layers_that_do_not_exist(setup):
@@ -163,21 +161,21 @@ def test_hooks_and_processors_are_restored(setup):
 
 def test_hooks_are_removed_when_the_loop_fails(setup):
     unet = setup[0].unet
-    injector = Injector(unet, InjectionConfig(**EVERYWHERE))
+    injector = Injector(backbone_for(setup[0]), InjectionConfig(**EVERYWHERE), STEPS)
     with pytest.raises(RuntimeError):
         with injector.installed():
-            assert len(decoder_resnet(unet, 4)._forward_hooks) == 1
+            assert len(decoder_layers(unet).resnet(unet, 4)._forward_hooks) == 1
             raise RuntimeError("boom")
-    assert len(decoder_resnet(unet, 4)._forward_hooks) == 0
+    assert len(decoder_layers(unet).resnet(unet, 4)._forward_hooks) == 0
 
 
 @pytest.mark.slow
 def test_residual_site_injects_the_resnet_branch_before_the_skip_connection(setup):
     unet = setup[0].unet
-    injector = Injector(unet, InjectionConfig(feature_layers=[4], feature_site="residual", **NOTHING_BUT_FEATURES))
+    injector = Injector(backbone_for(setup[0]), InjectionConfig(feature_layers=[4], feature_site="residual", **NOTHING_BUT_FEATURES), STEPS)
     with injector.installed():
-        assert len(decoder_resnet(unet, 4).conv2._forward_hooks) == 1
-        assert len(decoder_resnet(unet, 4)._forward_hooks) == 0
+        assert len(decoder_layers(unet).resnet(unet, 4).conv2._forward_hooks) == 1
+        assert len(decoder_layers(unet).resnet(unet, 4)._forward_hooks) == 0
     output_site = _run(setup, InjectionConfig(feature_layers=[4], feature_site="output", **NOTHING_BUT_FEATURES))
     residual_site = _run(setup, InjectionConfig(feature_layers=[4], feature_site="residual", **NOTHING_BUT_FEATURES))
     assert (output_site - residual_site).abs().max().item() > 1e-3
@@ -189,7 +187,7 @@ def test_decoder_execution_order_is_the_order_of_a_real_forward_pass(setup):
     """Catches a wrong order rule (e.g. attention j before resnet j), on which the warning rests."""
     unet = setup[0].unet
     seen = []
-    handles = [decoder_resnet(unet, layer).register_forward_hook(lambda *a, layer=layer: seen.append((layer, "resnet")))
+    handles = [decoder_layers(unet).resnet(unet, layer).register_forward_hook(lambda *a, layer=layer: seen.append((layer, "feature")))
                for layer in range(12)]
     for layer in ATTENTION_DECODER_LAYERS:
         attention = unet.up_blocks[layer // 3].attentions[layer % 3]
@@ -200,26 +198,26 @@ def test_decoder_execution_order_is_the_order_of_a_real_forward_pass(setup):
     finally:
         for handle in handles:
             handle.remove()
-    assert seen == decoder_execution_order(unet)
+    assert seen == decoder_layers(unet).execution_order()
 
 
 def test_default_configuration_has_no_dominated_layer(setup):
     decoder = decoder_layers(setup[0].unet)
-    assert ineffective_sites(InjectionConfig(), decoder) == {}
-    assert describe_ineffective_sites(InjectionConfig(), decoder) is None
+    assert ineffective_sites(InjectionConfig(), decoder, 50) == {}
+    assert describe_ineffective_sites(InjectionConfig(), decoder, 50) is None
 
 
 def test_output_site_names_exactly_the_layers_its_last_layer_erases(setup):
     """The defect of the old default: output-site features 4-11 make features 4-10 and attention 3-10 idle."""
     decoder = decoder_layers(setup[0].unet)
-    dominated = ineffective_sites(InjectionConfig(feature_site="output"), decoder)
+    dominated = ineffective_sites(InjectionConfig(feature_site="output"), decoder, 50)
     assert dominated == {"features": list(range(4, 11)), "attention": list(range(3, 11))}
     # attention open longer than the features: it acts in the later steps, so it is not listed
-    assert ineffective_sites(InjectionConfig(feature_site="output", feature_steps=3, attention_steps=5), decoder) == {
+    assert ineffective_sites(InjectionConfig(feature_site="output", feature_steps=3, attention_steps=5), decoder, 50) == {
         "features": list(range(4, 11))}
     # a single output-site layer dominates only what runs before it
-    assert ineffective_sites(InjectionConfig(feature_site="output", feature_layers=[4]), decoder) == {"attention": [3]}
-    message = describe_ineffective_sites(InjectionConfig(feature_site="output"), decoder)
+    assert ineffective_sites(InjectionConfig(feature_site="output", feature_layers=[4]), decoder, 50) == {"attention": [3]}
+    message = describe_ineffective_sites(InjectionConfig(feature_site="output"), decoder, 50)
     assert "feature layers [4, 5, 6, 7, 8, 9, 10] and attention layers [3, 4, 5, 6, 7, 8, 9, 10]" in message
 
 
@@ -241,7 +239,7 @@ WINDOWS = dict(feature_steps=5, attention_steps=4)  # 30 and 25 of 50, scaled to
 def test_the_layers_the_warning_names_really_have_no_effect(setup):
     """Checks the rule against the model: dominated layers removed, the result is the same to the bit."""
     full = InjectionConfig(feature_site="output", **WINDOWS).resolved(decoder_layers(setup[0].unet))
-    dominated = ineffective_sites(full, decoder_layers(setup[0].unet))
+    dominated = ineffective_sites(full, decoder_layers(setup[0].unet), STEPS)
     kept_features = [l for l in full.feature_layers if l not in dominated["features"]]
     kept_attention = [l for l in full.attention_layers if l not in dominated["attention"]]
     assert kept_features == [11] and kept_attention == [11]
@@ -271,17 +269,6 @@ def test_default_every_attention_layer_changes_the_result(setup, default_result,
 
 # --- what reaches the UNet and the attention --------------------------------------------------
 
-class ConstantNoiseUNet(torch.nn.Module):
-    """A test double of the network only: predicts the same noise everywhere."""
-
-    def __init__(self, noise: torch.Tensor):
-        super().__init__()
-        self.noise = noise
-
-    def forward(self, sample, timestep, encoder_hidden_states=None):
-        return SimpleNamespace(sample=self.noise.expand_as(sample))
-
-
 @pytest.mark.parametrize("substeps", [1, 4])
 def test_inversion_trajectory_is_closed_form_ddim_at_every_sampler_timestep(setup, substeps):
     """With constant noise e, DDIM keeps x0 fixed: z_t = sqrt(a_t) c + sqrt(1 - a_t) e at each kept t.
@@ -292,7 +279,7 @@ def test_inversion_trajectory_is_closed_form_ddim_at_every_sampler_timestep(setu
     pipe, schedule, prompts, _ = setup
     generator = torch.Generator().manual_seed(5)
     z0, noise = torch.randn(1, 4, 8, 6, generator=generator), torch.randn(1, 4, 8, 6, generator=generator)
-    trajectory = invert(ConstantNoiseUNet(noise), z0, prompts[:1], schedule, substeps=substeps, progress=False)
+    (trajectory,) = invert_latents(lambda x, t: noise.expand_as(x), z0, schedule, substeps=substeps, progress=False)
 
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     scheduler.set_timesteps(STEPS)
@@ -360,8 +347,8 @@ def _observe(monkeypatch, modules: dict[str, torch.nn.Module], before: bool = Fa
 def test_every_style_row_is_injected_the_uncond_rows_too(setup, monkeypatch):
     """Catches injecting only the conditional (last) row: rows 1 (uncond) and 2 (cond) get row 0's."""
     unet = setup[0].unet
-    sites = {f"conv2.{l}": decoder_resnet(unet, l).conv2 for l in (4, 11)}
-    sites.update({f"self.{l}.{p}": getattr(decoder_attentions(unet, l, "self")[0], p) for l in (3, 11) for p in ("to_q", "to_k")})
+    sites = {f"conv2.{l}": decoder_layers(unet).resnet(unet, l).conv2 for l in (4, 11)}
+    sites.update({f"self.{l}.{p}": getattr(decoder_layers(unet).attentions(unet, l, "self")[0], p) for l in (3, 11) for p in ("to_q", "to_k")})
     records = _observe(monkeypatch, sites)
     _run(setup, InjectionConfig(**WINDOWS))
     inside = [(step, key, out) for step, key, out in records if step < WINDOWS["attention_steps"]]
@@ -387,7 +374,7 @@ def test_attention_injection_alone_gives_the_reference_probabilities_inside_the_
     after the window the rows use their own Q and K. Catches a window off by one or a skipped layer."""
     unet = setup[0].unet
     layers = ATTENTION_DECODER_LAYERS
-    attentions = {l: decoder_attentions(unet, l, kind)[0] for l in layers}
+    attentions = {l: decoder_layers(unet).attentions(unet, l, kind)[0] for l in layers}
     sites = {f"{l}.{p}": getattr(attentions[l], p) for l in layers for p in ("to_q", "to_k")}
     final = _observe(monkeypatch, sites)
     raw = _observe(monkeypatch, sites, before=True)  # wraps the wrapper: registered before the injector
@@ -414,7 +401,7 @@ def test_attention_injection_alone_gives_the_reference_probabilities_inside_the_
 def test_attention_injection_keeps_the_style_rows_own_values(setup, monkeypatch):
     """Catches V injected with Q and K: the style rows' V is their own projection of their own input."""
     unet = setup[0].unet
-    attention = decoder_attentions(unet, 7, "self")[0]
+    attention = decoder_layers(unet).attentions(unet, 7, "self")[0]
     records = _observe(monkeypatch, {"q": attention.to_q, "k": attention.to_k, "v": attention.to_v})
     inputs = []
     handle = attention.register_forward_pre_hook(lambda module, args, kwargs: inputs.append(args[0].clone()), with_kwargs=True)
@@ -433,13 +420,13 @@ def test_attention_injection_keeps_the_style_rows_own_values(setup, monkeypatch)
 
 def _all_sites(unet) -> dict[str, torch.nn.Module]:
     sites = {}
-    for layer, kind in decoder_execution_order(unet):
-        if kind == "resnet":
-            sites[f"conv2.{layer}"] = decoder_resnet(unet, layer).conv2
-            sites[f"resnet.{layer}"] = decoder_resnet(unet, layer)
+    for layer, kind in decoder_layers(unet).execution_order():
+        if kind == "feature":
+            sites[f"conv2.{layer}"] = decoder_layers(unet).resnet(unet, layer).conv2
+            sites[f"resnet.{layer}"] = decoder_layers(unet).resnet(unet, layer)
         else:
             for attention_kind in ("self", "cross"):
-                attention = decoder_attentions(unet, layer, attention_kind)[0]
+                attention = decoder_layers(unet).attentions(unet, layer, attention_kind)[0]
                 for projection in ("to_q", "to_k", "to_v"):
                     sites[f"{attention_kind}.{layer}.{projection}"] = getattr(attention, projection)
     return sites
@@ -449,7 +436,7 @@ def _one_call(setup, injection: InjectionConfig, sites: dict[str, torch.nn.Modul
     """(site, output) in call order for one UNet call at step 0 on [reference, uncond, cond]."""
     pipe, schedule, prompts, trajectory = setup
     set_adapter_scales(pipe.unet, {"style": 1.0})
-    injector = Injector(pipe.unet, injection)
+    injector = Injector(backbone_for(pipe), injection, STEPS)
     # the layout of this call: one reference row feeding both style rows
     layout = RowLayout.for_step([JobRows(trajectory, prompts[0:1], ("style",), (prompts[1:2],), (prompts[2:3],), (trajectory[:1],))],
                                 0, "base", True, True)

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from diffstyler.inversion import InversionCache, InversionKey, invert, inversion_timesteps
+from diffstyler.backbones import backbone_for
+from diffstyler.inversion import InversionCache, InversionKey, invert
 from diffstyler.models import ModelSpec, encode_images, encode_prompts, load_pipeline
 from diffstyler.sampling import ddim_schedule, ddim_step
 
@@ -23,7 +24,7 @@ def test_inversion_reconstructs_better_than_fresh_noise():
     embedding = encode_prompts(pipe, [""])
     schedule = ddim_schedule(pipe.scheduler, 10)
 
-    trajectory = invert(pipe.unet, z0, embedding, schedule, progress=False)
+    trajectory = invert(backbone_for(pipe), z0, embedding, schedule, progress=False)
     from_inversion = _sample(pipe.unet, trajectory[:1], embedding, schedule)
     from_noise = _sample(pipe.unet, torch.randn(z0.shape, generator=generator), embedding, schedule)
 
@@ -37,7 +38,7 @@ def test_inversion_reconstructs_better_than_fresh_noise():
 def test_inversion_visits_only_the_sampler_timesteps():
     pipe = load_pipeline(ModelSpec(name="tiny"))
     schedule = ddim_schedule(pipe.scheduler, 50)
-    moves = inversion_timesteps(schedule, substeps=1)
+    moves = [(move.start, move.end, move.keep) for move in schedule.inversion_moves(substeps=1)]
     assert len(moves) == 50
     assert [high for _, high, keep in moves] == schedule.timesteps.flip(0).tolist()
     assert all(keep for _, _, keep in moves)
@@ -47,7 +48,7 @@ def test_inversion_visits_only_the_sampler_timesteps():
 def test_inversion_substeps_add_moves_between_sampler_timesteps():
     pipe = load_pipeline(ModelSpec(name="tiny"))
     schedule = ddim_schedule(pipe.scheduler, 50)
-    moves = inversion_timesteps(schedule, substeps=20)
+    moves = [(move.start, move.end, move.keep) for move in schedule.inversion_moves(substeps=20)]
     kept = [high for _, high, keep in moves if keep]
     assert kept == schedule.timesteps.flip(0).tolist()
     highs = [high for _, high, _ in moves]
@@ -62,7 +63,7 @@ def test_callback_sees_every_move():
     schedule = ddim_schedule(pipe.scheduler, 5)
     seen = []
     latent = torch.zeros(1, 4, 8, 8)
-    invert(pipe.unet, latent, encode_prompts(pipe, [""]), schedule, substeps=2,
+    invert(backbone_for(pipe), latent, encode_prompts(pipe, [""]), schedule, substeps=2,
            callback=lambda i, t, x: seen.append((i, t)), progress=False)
     assert [i for i, _ in seen] == list(range(10))
     assert seen[-1][1] == int(schedule.timesteps[0])

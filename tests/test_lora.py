@@ -136,7 +136,7 @@ def test_a_lora_for_another_model_family_says_which_it_seems_made_for(tmp_path, 
 
 
 def test_model_families_by_cross_attention_width(tmp_path):
-    from diffstyler.families import family_for_width
+    from diffstyler.backbones.unet import family_for_width
     from diffstyler.lora import lora_cross_attention_width
 
     assert [family_for_width(width) for width in (768, 1024, 2048, 32)] == ["SD 1.x", "SD 2.x", "SDXL", None]

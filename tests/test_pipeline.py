@@ -15,7 +15,7 @@ from diffstyler import DiffStylerPipeline, InjectionConfig, train_style
 from diffstyler.cli import main
 from diffstyler.data.jobs import StyleEntry, StylizeDataModule
 from diffstyler.errors import UserError
-from diffstyler.images import load_image, resize_to_multiple_of_8
+from diffstyler.images import load_image, resize_to_multiple
 from diffstyler.injection import INJECTION_PRESETS
 from diffstyler.stylize import SamplingConfig
 from tests.helpers import CONTENT, MASK, REPO_ROOT, make_predictor, write_random_lora
@@ -40,7 +40,7 @@ def pipe(loras) -> DiffStylerPipeline:
 
 
 def content() -> Image.Image:
-    return resize_to_multiple_of_8(load_image(CONTENT), 64)
+    return resize_to_multiple(load_image(CONTENT), 64)
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -106,7 +106,7 @@ def test_the_batched_predictor_equals_the_pipeline_job_by_job(pipe, loras, tmp_p
     final: dict[str, torch.Tensor] = {}
     predictor.step_callback = lambda state: final.__setitem__(state.job, state.latents[0])
     calls = []
-    predictor.pipeline.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    predictor.pipeline.denoiser.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
     assert [r.status for r in predictor.stylize_jobs(jobs)] == ["done"] * 6
     assert max(calls) > 6  # jobs of two contents really shared UNet calls
     settings = dict(num_inference_steps=6, injection=predictor.injection, resolution=64, output_type="latent")

@@ -19,7 +19,7 @@ from diffstyler.errors import UserError
 from diffstyler.masks import MaskSpec
 from diffstyler.models import ModelSpec, encode_images
 from diffstyler.outputs import read_parameters, read_settings
-from diffstyler.images import load_image, resize_to_multiple_of_8, to_tensor
+from diffstyler.images import load_image, resize_to_multiple, to_tensor
 from diffstyler.inversion import invert
 from diffstyler.callbacks.writer import content_ssim
 from diffstyler.torch_utils import base_model
@@ -47,7 +47,7 @@ def test_same_seed_gives_identical_output_and_the_metadata_parses_back(tmp_path,
     assert parameters["Seed"] == str(job.seed) and parameters["CFG scale"] == "10.5"
     assert parameters["Negative prompt"] == predictor.sampling.negative_prompt
     assert (tmp_path / "out" / "content_shapes_grid.png").is_file()
-    content = resize_to_multiple_of_8(load_image(CONTENT), 64)
+    content = resize_to_multiple(load_image(CONTENT), 64)
     assert settings["Content SSIM"] == round(content_ssim(content, Image.open(first).convert("RGB")), 4)
     assert content_ssim(content, content) == pytest.approx(1.0, abs=1e-4)
     assert settings["Content SSIM"] < 0.99
@@ -302,12 +302,12 @@ def test_outside_the_mask_every_steps_latent_is_the_content_trajectory_before_co
     entry = StyleEntry(lora=str(loras[0]), mask=MaskSpec(file=str(MASK), feather=2))
     stylize_one(predictor, _job([entry]))
 
-    content = resize_to_multiple_of_8(load_image(CONTENT), 64)
+    content = resize_to_multiple(load_image(CONTENT), 64)
     mask = resolve_mask(entry.mask, content)
     reference, _ = predictor.pipeline.prepare_styles([entry.resolved()], [mask], content, predictor.sampling)
     pixels = to_tensor(content).unsqueeze(0)
     with base_model(predictor.pipeline.pipe.unet):
-        trajectory = invert(predictor.pipeline.pipe.unet, encode_images(predictor.pipeline.pipe, pixels), reference,
+        trajectory = invert(predictor.pipeline.backbone, encode_images(predictor.pipeline.pipe, pixels), reference,
                             ddim_schedule(predictor.pipeline.pipe.scheduler, 6), progress=False)
     outside = ~mask_to_latent(mask, (6, 8)).bool().expand(1, 4, 6, 8)
     assert len(steps) == 6 and outside.any() and (~outside).any()

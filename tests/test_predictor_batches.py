@@ -51,7 +51,7 @@ class FinalLatents:
 
 def unet_batch_sizes(predictor: StylizePredictor) -> list[int]:
     sizes: list[int] = []
-    predictor.pipeline.unet.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    predictor.pipeline.denoiser.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
     return sizes
 
 
@@ -156,9 +156,9 @@ def test_at_most_max_loaded_adapters_stay_loaded_but_never_one_the_chunk_still_n
         for chunk in chunks:
             assert all(r.status == "done" for r in predictor.writer.write(predictor.stylize_jobs(chunk)))
             if predictor is bounded:
-                loaded.append(sorted(predictor.pipeline.unet.peft_config))
+                loaded.append(sorted(predictor.pipeline.denoiser.peft_config))
     assert loaded == [["style0", "style1"], ["style2"], ["style3"]]  # ink is loaded again as style3
-    assert len(unbounded.pipeline.unet.peft_config) == 3
+    assert len(unbounded.pipeline.denoiser.peft_config) == 3
     for job_id, latents in final["unbounded"].latents.items():
         assert torch.equal(latents[0], final["bounded"].latents[job_id][0]), job_id
 

@@ -16,7 +16,8 @@ from PIL import Image
 from diffstyler import DiffStylerPipeline, InjectionConfig
 from diffstyler.data.jobs import StyleEntry, StylizeDataModule
 from diffstyler.errors import UserError
-from diffstyler.families import decoder_layers, time_ids_for
+from diffstyler.backbones import backbone_for
+from diffstyler.backbones.unet import decoder_layers, time_ids_for
 from diffstyler.inversion import invert
 from diffstyler.lora import load_style_adapter, set_adapter_scales
 from diffstyler.models import ModelSpec, decode_latents, encode_images, encode_prompts, load_pipeline
@@ -131,7 +132,7 @@ def xl_setup():
     time_ids = time_ids_for(pipe.unet, (64, 48))
     prompts = encode_prompts(pipe, ["", "painting of sss", "ugly"]).with_time_ids(time_ids)
     pipe.unet.disable_adapters()
-    trajectory = invert(pipe.unet, encode_images(pipe, pixels), prompts[:1], schedule, progress=False)
+    trajectory = invert(backbone_for(pipe), encode_images(pipe, pixels), prompts[:1], schedule, progress=False)
     pipe.unet.enable_adapters()
     set_adapter_scales(pipe.unet, {"style": 1.0})
     return pipe, schedule, prompts, trajectory
@@ -140,7 +141,7 @@ def xl_setup():
 def run_xl(setup, injection: InjectionConfig) -> torch.Tensor:
     pipe, schedule, prompts, trajectory = setup
     rows = [StyleRows("style", prompts[1:2], prompts[2:3])]
-    return denoise_with_injection(pipe.unet, trajectory, prompts[0:1], rows, schedule, injection,
+    return denoise_with_injection(pipe, trajectory, prompts[0:1], rows, schedule, injection,
                                   SamplingConfig(steps=STEPS))[0]
 
 
@@ -305,7 +306,7 @@ def fit_xl(output: Path, style_image: Path, steps: int, recorder: LossAndTimeIds
                              export_kohya=True)
     torch.manual_seed(0)  # PEFT draws the initial lora_A from the global RNG
     module.configure_model()
-    recorder.watch(module.unet)
+    recorder.watch(module.denoiser)
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[recorder.callback] + ([checkpoints] if checkpoints else []), enable_checkpointing=bool(checkpoints),
                         default_root_dir=output.parent)
@@ -334,7 +335,7 @@ def test_an_sdxl_lora_trained_here_loads_into_diffusers_sdxl_pipeline_and_resume
     info = json.loads((tmp_path / "lora" / "diffstyler_lora.json").read_text())
     assert info["model_card"]["base_model"] == "SDXL"
 
-    trained = xl_probe(module.unet)
+    trained = xl_probe(module.denoiser)
     fresh = load_pipeline(ModelSpec(XL))
     untrained = xl_probe(fresh.unet)
     fresh.load_lora_weights(str(tmp_path / "lora"), adapter_name="ours")

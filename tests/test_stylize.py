@@ -7,7 +7,9 @@ import torch
 from diffusers import DDIMScheduler
 
 from diffstyler.errors import UserError
-from diffstyler.injection import InjectionConfig, decoder_attentions, decoder_resnet
+from diffstyler.backbones import backbone_for
+from diffstyler.backbones.unet import decoder_layers
+from diffstyler.injection import InjectionConfig
 from diffstyler.inversion import invert
 from diffstyler.lora import StyleLoRAConfig, add_style_adapter, set_adapter_scales
 from diffstyler.models import encode_images, encode_prompts
@@ -37,7 +39,7 @@ def _run(setup, styles, injection: InjectionConfig, reference="batch"):
     pipe, schedule, prompts, trajectory = setup
     set_adapter_scales(pipe.unet, {"a": 1.0, "b": 1.0})
     return denoise_with_injection(
-        pipe.unet, trajectory, prompts[:1], _rows(setup, styles), schedule, injection,
+        pipe, trajectory, prompts[:1], _rows(setup, styles), schedule, injection,
         SamplingConfig(steps=STEPS, guidance_scale=GUIDANCE, reference=reference), progress=False,
     )
 
@@ -60,8 +62,8 @@ def _authors_loop(setup, adapter: str, prompt: int) -> torch.Tensor:
     set_adapter_scales(unet, {adapter: 1.0})
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     scheduler.set_timesteps(STEPS)
-    conv = decoder_resnet(unet, 4).conv2
-    projections = [getattr(decoder_attentions(unet, l, "self")[0], p) for l in range(4, 12) for p in ("to_q", "to_k")]
+    conv = decoder_layers(unet).resnet(unet, 4).conv2
+    projections = [getattr(decoder_layers(unet).attentions(unet, l, "self")[0], p) for l in range(4, 12) for p in ("to_q", "to_k")]
     recorded, state = {}, {"mode": "record", "rate": 1.0}
 
     def hook_for(module, feature_window: bool):
@@ -143,7 +145,7 @@ def test_a_lora_with_nan_weights_fails_naming_its_style(setup):
         set_adapter_scales(pipe.unet, {"a": 1.0, "broken": 1.0})
         rows = _rows(setup, [("a", 1, None), ("broken", 2, None)])
         with pytest.raises(UserError, match=r"non-finite.*style 'broken', denoising step 0"):
-            denoise_with_injection(pipe.unet, setup[3], setup[2][:1], rows, setup[1], InjectionConfig(),
+            denoise_with_injection(pipe, setup[3], setup[2][:1], rows, setup[1], InjectionConfig(),
                                    SamplingConfig(steps=STEPS), progress=False)
     finally:
         pipe.unet.delete_adapters("broken")
@@ -165,13 +167,13 @@ def test_a_half_precision_step_that_overflows_is_run_again_in_float32():
     prompts = encode_prompts(pipe, ["", "painting", "ugly"])
     pixels = torch.rand(1, 3, 64, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
     pipe.unet.disable_adapters()
-    trajectory = invert(pipe.unet, encode_images(pipe, pixels), prompts[:1], schedule, progress=False)
+    trajectory = invert(backbone_for(pipe), encode_images(pipe, pixels), prompts[:1], schedule, progress=False)
     pipe.unet.enable_adapters()
     dtypes = {name: p.dtype for name, p in pipe.unet.named_parameters()}
     calls = []
     handle = pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].dtype))
     try:
-        result = denoise_with_injection(pipe.unet, trajectory, prompts[:1], [StyleRows("huge", prompts[1:2], prompts[2:3])],
+        result = denoise_with_injection(pipe, trajectory, prompts[:1], [StyleRows("huge", prompts[1:2], prompts[2:3])],
                                         schedule, InjectionConfig(feature_steps=3, attention_steps=2),
                                         SamplingConfig(steps=4), progress=False)[0]
     finally:

@@ -22,7 +22,7 @@ from diffstyler.callbacks import PreviewGrid, sample_text_to_image
 from diffstyler.cli import main
 from diffstyler.data import StyleDataModule
 from diffstyler.data.style import OneBatchPerEpochSampler
-from diffstyler.images import ImageLoadError, resize_to_multiple_of_8, sha256_file, to_tensor
+from diffstyler.images import ImageLoadError, resize_to_multiple, sha256_file, to_tensor
 from diffstyler.lora import LORA_WEIGHTS_NAME, StyleLoRAConfig
 from diffstyler.models import ModelSpec
 from diffstyler.training import METADATA_NAME, StyleLoRAModule
@@ -145,7 +145,7 @@ def test_checkpoint_holds_only_the_lora_and_is_small(trained_run):
     checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
     assert set(checkpoint["state_dict"]) == trained_run.module.trainable_parameter_names()
     assert checkpoint["optimizer_states"]
-    unet_bytes = sum(p.numel() * p.element_size() for p in trained_run.module.unet.parameters())
+    unet_bytes = sum(p.numel() * p.element_size() for p in trained_run.module.denoiser.parameters())
     assert checkpoint_file.stat().st_size < 0.1 * unet_bytes
 
 
@@ -175,7 +175,7 @@ def test_fit_exports_a_loadable_lora_and_its_metadata(trained_run, tiny_pipe, un
 
     fresh = tiny_pipe()
     fresh.load_lora_weights(str(trained_run.output_dir), weight_name=LORA_WEIGHTS_NAME, adapter_name="style")
-    difference = unet_probe(fresh.unet) - unet_probe(trained_run.module.unet)
+    difference = unet_probe(fresh.unet) - unet_probe(trained_run.module.denoiser)
     assert difference.abs().max() < 1e-5
 
 
@@ -198,11 +198,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, style_image):
         torch.manual_seed(0)  # PEFT draws the initial lora_A from the global RNG
         module.configure_model()
         with torch.no_grad():  # lora_B starts at zero, which would leave lora_A without gradient
-            for name, parameter in module.unet.named_parameters():
+            for name, parameter in module.denoiser.named_parameters():
                 if "lora_B" in name:
                     parameter.fill_(0.01)
         gradients.append(lora_gradients(module, datamodule))
-    assert module.unet.is_gradient_checkpointing
+    assert module.denoiser.is_gradient_checkpointing
     for name, gradient in gradients[0].items():
         assert gradient.abs().max() > 0, name
         torch.testing.assert_close(gradients[1][name], gradient, rtol=1e-4, atol=1e-7)
@@ -275,9 +275,9 @@ def test_text_to_image_sampler_is_seeded_and_leaves_the_pipeline_scheduler_alone
 
 
 def test_images_are_resized_to_multiples_of_8_with_the_long_side_at_the_resolution():
-    assert resize_to_multiple_of_8(Image.new("RGB", (640, 480)), 512).size == (512, 384)
-    assert resize_to_multiple_of_8(Image.new("RGB", (300, 1000)), 512).size == (152, 512)
-    assert resize_to_multiple_of_8(Image.new("RGB", (64, 48)), 64).size == (64, 48)
+    assert resize_to_multiple(Image.new("RGB", (640, 480)), 512).size == (512, 384)
+    assert resize_to_multiple(Image.new("RGB", (300, 1000)), 512).size == (152, 512)
+    assert resize_to_multiple(Image.new("RGB", (64, 48)), 64).size == (64, 48)
     pixels = to_tensor(Image.new("RGB", (16, 8), (255, 0, 128)))
     assert pixels.shape == (3, 8, 16) and pixels.max() == 1 and pixels.min() == -1
 
@@ -337,17 +337,17 @@ def test_v_prediction_models_train_on_the_velocity(tmp_path):
     module = StyleLoRAModule(model=ModelSpec("tiny", prediction_type="v_prediction"), lora=StyleLoRAConfig(rank=4),
                              output_dir=str(tmp_path))
     module.configure_model()
-    assert module.noise_scheduler.config.prediction_type == "v_prediction"
+    assert module.backbone.family.prediction_type == "v_prediction"
     generator = torch.Generator().manual_seed(0)
     latents, noise = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 4, 8, 8, generator=generator)
     prompts = torch.randn(2, 77, 32, generator=generator)
     timesteps = torch.tensor([100, 800])
-    a = module.noise_scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    a = module.backbone.noise_scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
     noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
     velocity = a.sqrt() * noise - (1 - a).sqrt() * latents
     with torch.no_grad():
         loss = module.denoising_loss(latents, Conditioning(prompts), noise, timesteps)
-        prediction = module.unet(noisy, timesteps, encoder_hidden_states=prompts).sample
+        prediction = module.denoiser(noisy, timesteps, encoder_hidden_states=prompts).sample
     assert loss.item() == pytest.approx(torch.nn.functional.mse_loss(prediction, velocity).item(), rel=1e-5)
     assert loss.item() != pytest.approx(torch.nn.functional.mse_loss(prediction, noise).item(), rel=1e-2)
 

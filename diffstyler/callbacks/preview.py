@@ -1,4 +1,4 @@
-"""Preview images during LoRA training, and the small text-to-image sampler they use.
+"""Preview images during LoRA training, and the small text-to-image sampler they use (any backbone).
 
 `PreviewGrid` samples a few images with the live LoRA every N steps and logs a grid to
 TensorBoard. It samples under the Trainer's own autocast context instead of casting the LoRA:
@@ -13,15 +13,13 @@ from typing import Optional, Union
 
 import torch
 import torchvision
-from diffusers import DDIMScheduler
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from diffstyler.conditioning import Conditioning
-from diffstyler.families import native_resolution, time_ids_for
-from diffstyler.models import AnyPipeline, decode_latents, encode_prompts
-from diffstyler.sampling import classifier_free_guidance, ddim_schedule, ddim_step
+from diffstyler.backbones import backbone_for
+from diffstyler.models import AnyPipeline
+from diffstyler.sampling import classifier_free_guidance
 from diffstyler.torch_utils import eval_mode
 
 
@@ -36,33 +34,39 @@ def sample_text_to_image(
     guidance_scale: float,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """Plain DDIM (eta 0) with classifier-free guidance; returns images [B, 3, H, W] in [0, 1].
+    """Plain sampling with the backbone's sampler (DDIM with eta 0, or flow-matching Euler) and
+    classifier-free guidance where the family guides with negative rows; returns images
+    [B, 3, H, W] in [0, 1].
 
-    The scheduler is a fresh copy of `pipe.scheduler`, so the pipeline's own scheduler state is
-    left alone. Initial noise is drawn on `generator`'s device, so a CPU generator gives the same
-    images on every device.
+    The schedule comes from a fresh copy of the pipeline's scheduler (`Backbone.schedule`), so the
+    pipeline's own scheduler state is left alone. Initial noise is drawn on `generator`'s device,
+    so a CPU generator gives the same images on every device.
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
     if len(negatives) != len(prompts):
         raise ValueError(f"got {len(prompts)} prompts but {len(negatives)} negative prompts")
-    if height % pipe.vae_scale_factor or width % pipe.vae_scale_factor:
-        raise ValueError(f"height and width must be multiples of {pipe.vae_scale_factor}, got {height}x{width}")
+    backbone = backbone_for(pipe)
+    if height % backbone.pixel_multiple or width % backbone.pixel_multiple:
+        raise ValueError(f"height and width must be multiples of {backbone.pixel_multiple}, got {height}x{width}")
 
-    unet = pipe.unet
-    device, dtype = unet.device, unet.dtype
-    text = Conditioning.cat([encode_prompts(pipe, negatives), encode_prompts(pipe, prompts)]).to(device, dtype)
-    text = text.with_time_ids(time_ids_for(unet, (height, width)))  # SDXL: the image's size, no crop
-    schedule = ddim_schedule(DDIMScheduler.from_config(pipe.scheduler.config), steps)
+    device, dtype = backbone.denoiser.device, backbone.dtype
+    negative_rows = backbone.negative_rows(guidance_scale)
+    text = backbone.encode_prompts((negatives if negative_rows else []) + prompts).to(device, dtype)
+    text = backbone.size_conditioning(text, (height, width))  # SDXL: the image's size, no crop
+    latent_size = backbone.latent_size(height, width)
+    schedule = backbone.schedule(steps, backbone.image_tokens(*latent_size))
 
-    shape = (len(prompts), unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    shape = (len(prompts), backbone.latent_channels, *latent_size)
     latents = torch.randn(shape, generator=generator, device=generator.device).to(device, torch.float32)
     for i, timestep in enumerate(schedule.timesteps):
-        prediction = unet(torch.cat([latents, latents]).to(dtype), timestep.to(device), **text.unet_kwargs()).sample
-        noise_uncond, noise_text = prediction.float().chunk(2)
-        guided = classifier_free_guidance(noise_uncond, noise_text, guidance_scale)
-        latents = ddim_step(latents, guided, schedule.alphas[i], schedule.alphas[i + 1], schedule.prediction_type)
-    return decode_latents(pipe, latents)
+        rows = torch.cat([latents, latents]) if negative_rows else latents
+        prediction = backbone.predict(rows.to(dtype), timestep, text, guidance_scale).float()
+        if negative_rows:
+            noise_uncond, noise_text = prediction.chunk(2)
+            prediction = classifier_free_guidance(noise_uncond, noise_text, guidance_scale)
+        latents = schedule.step(latents, prediction, i)
+    return backbone.decode_latents(latents)
 
 
 class PreviewGrid(Callback):
@@ -132,10 +136,10 @@ class PreviewGrid(Callback):
     def make_grid(self, trainer: Trainer, pl_module: LightningModule) -> torch.Tensor:
         """One row per prompt, `images_per_prompt` columns; a float tensor [3, H, W] in [0, 1]."""
         pipe = pl_module.pipe
-        native = native_resolution(pipe)
+        native = backbone_for(pipe).native_resolution
         prompts = [p for p in self._preview_prompts(trainer) for _ in range(self.images_per_prompt)]
         generator = torch.Generator().manual_seed(self.seed)
-        with eval_mode(pipe.unet), trainer.precision_plugin.forward_context():
+        with eval_mode(backbone_for(pipe).denoiser), trainer.precision_plugin.forward_context():
             images = sample_text_to_image(
                 pipe,
                 prompts,

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from diffstyler.checks import check_resolution
 from diffstyler.data.sources import expand_content
 from diffstyler.errors import UserError, config_error
-from diffstyler.images import load_image, resize_to_multiple_of_8, sha256_file, to_tensor
+from diffstyler.images import load_image, resize_to_multiple, sha256_file, to_tensor
 
 # The paper's own training command uses "painting of <sss>, girl": a rare token marks the style.
 DEFAULT_STYLE_PROMPT = "painting of <sss>"
@@ -83,7 +83,7 @@ class StyleDataModule(LightningDataModule):
         images: style images: files, folders (recursive), glob patterns, `.txt` lists of paths.
         prompt: text paired with every style image; default like the paper's "painting of <sss>".
         resolution: the longer side after resizing; both sides become multiples of 8, aspect kept
-            (see `diffstyler.images.resize_to_multiple_of_8`).
+            (see `diffstyler.images.resize_to_multiple`).
         batch_size: images per step. Above 1, all images must resize to the same size.
         num_workers: DataLoader workers (the images are already in memory; 0 is fine).
         flip: randomly mirror the cached latents left-right (off by default, as in the paper).
@@ -132,7 +132,7 @@ class StyleDataModule(LightningDataModule):
         self.flip = flip
         self.crop = crop
         # Read everything now: a missing or broken file fails here, before any model is loaded.
-        self.pixel_values = [to_tensor(resize_to_multiple_of_8(load_image(path), resolution)) for path in self.images]
+        self.pixel_values = [to_tensor(resize_to_multiple(load_image(path), resolution)) for path in self.images]
         self.sha256 = [sha256_file(path) for path in self.images]
         self._check_batchable()
         self.dataset = StyleDataset(self.pixel_values, prompt, flip, crop)

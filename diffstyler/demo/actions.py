@@ -24,7 +24,7 @@ from PIL import Image
 from diffstyler.demo.config import DemoConfig
 from diffstyler.demo.regions import WHOLE_IMAGE, Click, add_click, mask_source, missing_input, preview
 from diffstyler.errors import UserError
-from diffstyler.images import load_image, resize_to_multiple_of_8
+from diffstyler.images import load_image, resize_to_multiple
 from diffstyler.injection import injection_config
 from diffstyler.lora import StyleLoRAConfig
 from diffstyler.outputs import lora_tag, save_result
@@ -95,7 +95,7 @@ class DemoActions:
         """The uploaded photo at the demo's resolution: the image every click and mask refers to."""
         if file is None:
             return None
-        return resize_to_multiple_of_8(load_image(file), self.config.resolution)
+        return resize_to_multiple(load_image(file), self.config.resolution)
 
     @shown_in_page
     def show_region(self, content: Optional[Image.Image], clicks: list[Click], mode: str, text: Optional[str],

@@ -19,7 +19,7 @@ from typing import Any, Optional
 from diffstyler.cli.config_files import read_config_file
 from diffstyler.errors import MissingFileError, UserError, config_error
 from diffstyler.images import DEFAULT_RESOLUTION
-from diffstyler.injection import INJECTION_PRESETS, InjectionConfig
+from diffstyler.injection import INJECTION_PRESETS, InjectionConfig, window_steps
 from diffstyler.masks import SegmenterConfig
 from diffstyler.models import DEFAULT_MODEL
 from diffstyler.stylize import SamplingConfig
@@ -57,8 +57,9 @@ class DemoConfig:
     max_upload_mb: int = 20
     steps: int = SamplingConfig.steps
     guidance_scale: float = SamplingConfig.guidance_scale
-    feature_steps: int = PAPER_INJECTION.feature_steps
-    attention_steps: int = PAPER_INJECTION.attention_steps
+    # the page's sliders count steps: the paper's windows at the default number of steps (30, 25)
+    feature_steps: int = window_steps(PAPER_INJECTION.feature_steps, SamplingConfig.steps)
+    attention_steps: int = window_steps(PAPER_INJECTION.attention_steps, SamplingConfig.steps)
     preset: str = "paper"
     seed: int = 0
     train_steps: int = 200

@@ -6,7 +6,6 @@ import pytest
 
 from diffstyler.demo.config import DemoConfig, read_demo_config
 from diffstyler.errors import UserError
-from diffstyler.injection import InjectionConfig
 from diffstyler.stylize import SamplingConfig
 from tests.demo.conftest import SMOKE_CONFIG, SMOKE_LORA
 from tests.helpers import REPO_ROOT
@@ -15,7 +14,7 @@ from tests.helpers import REPO_ROOT
 def test_the_defaults_and_configs_demo_yaml_are_the_papers_settings_on_this_machine_only():
     """Caught: a page starting with other settings than the paper's (50 steps, guidance 10.5,
     features for 30 and attention for 25 steps, the paper preset), or bound to every interface."""
-    paper = (SamplingConfig.steps, SamplingConfig.guidance_scale, InjectionConfig().feature_steps, InjectionConfig().attention_steps, "paper")
+    paper = (SamplingConfig.steps, SamplingConfig.guidance_scale, 30, 25, "paper")
     for config in (DemoConfig(), read_demo_config(str(REPO_ROOT / "configs" / "demo.yaml"))):
         assert (config.steps, config.guidance_scale, config.feature_steps, config.attention_steps, config.preset) == paper
         assert config.host == "127.0.0.1"
