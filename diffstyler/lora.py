@@ -29,7 +29,6 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 
 from diffstyler.backbones import backbone_for, kind_of_denoiser
-from diffstyler.backbones.unet import describe_width, family_for_width
 from diffstyler.conditioning import Conditioning
 from diffstyler.errors import MissingFileError, UserError, config_error, first_line
 from diffstyler.models import AnyPipeline, encode_prompts
@@ -94,8 +93,12 @@ def add_style_adapter(denoiser: torch.nn.Module, config: StyleLoRAConfig, name: 
 
 
 def adapter_state_dict(denoiser: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """The adapter's weights with diffusers' key names (prefix-less, `lora.down/up` style)."""
+    """The adapter's weights with the key names the family's loader reads (prefix-less): a UNet's in
+    diffusers' `lora.down/up` style, a transformer's in PEFT's `lora_A/B` (diffusers' transformer
+    loaders read a file as PEFT's as soon as one key is: one spelling per file)."""
     peft_state = get_peft_model_state_dict(denoiser, adapter_name=name)
+    if kind_of_denoiser(denoiser).denoiser_subfolder == "transformer":
+        return peft_state
     return convert_state_dict_to_diffusers(peft_state)
 
 
@@ -150,32 +153,72 @@ def lora_file_keys(path: Path) -> list[str]:
     return keys
 
 
-def lora_cross_attention_width(path: Path) -> Optional[int]:
-    """The text-embedding width the LoRA was trained for: the input width of a cross-attention
-    `to_k` down-projection (diffusers, PEFT or kohya names); None when the file has none."""
+# Key fragments that tell which denoiser a LoRA file is for. UNet files are looked for first: a
+# UNet's attention modules also sit in `transformer_blocks`.
+UNET_KEY_MARKERS = ("down_blocks", "up_blocks", "mid_block", "input_blocks", "output_blocks", "middle_block")
+TRANSFORMER_KEY_MARKERS = ("transformer_blocks", "double_blocks", "single_blocks", "joint_blocks")
+# The projection whose input width tells the family: a UNet's cross-attention key (it reads the
+# text), a transformer's image-stream key (it reads the transformer's width); diffusers, PEFT,
+# kohya and the original layouts (fused qkv).
+WIDTH_KEYS = {
+    "unet": ("attn2.to_k", "attn2_to_k"),
+    "transformer": (".attn.to_k.", "_attn_to_k.", "img_attn.qkv", "img_attn_qkv", "x_block.attn.qkv", "x_block_attn_qkv"),
+}
+DOWN_MARKERS = ("lora.down", "lora_down", "lora_A")
+
+
+def lora_target(path: Path) -> tuple[Optional[str], Optional[int]]:
+    """(the denoiser a LoRA file is for, "unet" or "transformer"; the width it reads: a UNet's
+    cross-attention text width, a transformer's attention width); None for what the file does not
+    tell (a text-encoder LoRA)."""
     with safe_open(str(path), framework="pt") as file:
-        for key in file.keys():
-            cross_attention_key = "attn2.to_k" in key or "attn2_to_k" in key
-            if cross_attention_key and any(part in key for part in ("lora.down", "lora_down", "lora_A")):
-                return int(file.get_slice(key).get_shape()[-1])
-    return None
+        keys = list(file.keys())
+        denoiser = next((name for name, markers in (("unet", UNET_KEY_MARKERS), ("transformer", TRANSFORMER_KEY_MARKERS))
+                         if any(marker in key for key in keys for marker in markers)), None)
+        if denoiser is None:
+            return None, None
+        for key in keys:
+            if any(part in key for part in WIDTH_KEYS[denoiser]) and any(part in key for part in DOWN_MARKERS):
+                return denoiser, int(file.get_slice(key).get_shape()[-1])
+    return denoiser, None
+
+
+def lora_cross_attention_width(path: Path) -> Optional[int]:
+    """The text-embedding width a UNet LoRA was trained for (None for another file)."""
+    denoiser, width = lora_target(path)
+    return width if denoiser == "unet" else None
 
 
 def check_lora_fits(pipe: AnyPipeline, file: Path) -> None:
-    """A LoRA made for another model family (SD 1.x on SD 2.x, ...) says so, instead of a shape error."""
-    check_lora_width(file, backbone_for(pipe).text_width)
+    """A LoRA made for another model family (SD 1.x on SD 2.x, FLUX.1 on SDXL, ...) says so,
+    instead of a shape error."""
+    backbone = backbone_for(pipe)
+    check_lora_width(file, backbone.lora_width, kind_of_denoiser(backbone.denoiser).denoiser_subfolder)
 
 
-def check_lora_width(file: Path, model_width: int) -> None:
-    """The LoRA's cross-attention reads text of `model_width` (a LoRA without cross-attention
-    layers passes); also run before the model loads (`StylizePredictor.check_run`)."""
-    width = lora_cross_attention_width(file)
-    if width is not None and width != model_width:
-        made_for = family_for_width(width) or "another model"
-        raise UserError(
-            "LoRA does not fit the model", str(file),
-            f"it seems made for {made_for} (cross-attention width {width}), not for this model ({describe_width(model_width)})",
-        )
+def check_lora_width(file: Path, model_width: int, model_denoiser: str = "unet") -> None:
+    """The LoRA is for this kind of denoiser and reads `model_width` (a LoRA without such layers
+    passes); also run before the model loads (`StylizePredictor.check_run`)."""
+    denoiser, width = lora_target(file)
+    if denoiser is None or (denoiser == model_denoiser and width in (None, model_width)):
+        return
+    family = family_for(denoiser, width)
+    made_for = f"{family or 'another model'} ({WIDTH_NAMES[denoiser]} {width})" if width else DENOISER_NAMES[denoiser]
+    model_family = family_for(model_denoiser, model_width)
+    this_model = f"{model_family}, width {model_width}" if model_family else f"width {model_width}"
+    raise UserError("LoRA does not fit the model", str(file), f"it seems made for {made_for}, not for this model ({this_model})")
+
+
+WIDTH_NAMES = {"unet": "cross-attention width", "transformer": "transformer width"}
+DENOISER_NAMES = {"unet": "a UNet model (SD 1.x, SD 2.x, SDXL)", "transformer": "a transformer model (SD 3.5, FLUX.1)"}
+
+
+def family_for(denoiser: str, width: Optional[int]) -> Optional[str]:
+    """The family whose LoRA files are for this denoiser and width (`BackboneKind.family_for_width`)."""
+    from diffstyler.backbones import KINDS
+
+    kind = next(kind for kind in KINDS if kind.denoiser_subfolder == denoiser)
+    return kind.family_for_width(width) if width is not None else None
 
 
 def load_style_adapter(pipe: AnyPipeline, path: str | os.PathLike, name: str) -> None:

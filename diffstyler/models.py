@@ -296,27 +296,29 @@ def model_kind(spec: ModelSpec) -> BackboneKind:
         raise model_load_error(spec.name, error) from error
 
 
-def model_text_width(spec: ModelSpec) -> Optional[int]:
-    """The width of the text embeddings the model's denoiser reads, without loading weights or
-    downloading anything (a single file's tensors are read lazily); None when the configs are not
-    on this machine or the file cannot be read (the loader then reports it)."""
+def model_lora_width(spec: ModelSpec) -> Optional[tuple[str, int]]:
+    """(the denoiser's name, "unet" or "transformer"; the width its LoRA files are checked by:
+    `Backbone.lora_width`), without loading weights or downloading anything (a single file's
+    tensors are read lazily); None when the configs are not on this machine or the file cannot be
+    read (the loader then reports it)."""
     kind = random_kind(spec.name)
     if kind is not None:
-        return kind.random_text_width(spec.name)
+        return kind.denoiser_subfolder, kind.random_lora_width(spec.name)
     if spec.is_single_file and spec.config is None:
         try:
             shapes = tensor_shapes(Path(spec.name))
         except Exception:  # safetensors and torch raise their own error types for a broken file
             return None
-        return next((width for width in (kind.single_file_text_width(shapes) for kind in KINDS) if width is not None), None)
+        return next(((kind.denoiser_subfolder, width) for kind in KINDS
+                     for width in [kind.single_file_lora_width(shapes)] if width is not None), None)
     source, revision = (spec.config, None) if spec.is_single_file else (spec.name, spec.revision)
     for kind in KINDS:
         try:
             config = DiffusionPipeline.load_config(source, subfolder=kind.denoiser_subfolder, revision=revision, local_files_only=True)
         except (OSError, ValueError):  # not a folder, not cached (OSError); not a valid model id (ValueError)
             continue
-        width = kind.text_width_from_config(config)
-        return width if isinstance(width, int) else None
+        width = kind.lora_width_from_config(config)
+        return (kind.denoiser_subfolder, width) if isinstance(width, int) else None
     return None
 
 

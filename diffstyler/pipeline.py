@@ -44,7 +44,7 @@ from diffstyler.images import as_rgb_image, resize_to_multiple, sha256_file, to_
 from diffstyler.injection import InjectionConfig, check_injection_window, injection_config
 from diffstyler.inversion import InversionKey, TrajectoryStore, invert_batch
 from diffstyler.lora import BASE_ROW
-from diffstyler.masks import FastSAMSegmenter, MaskSpec, SegmenterConfig, hard_mask_from_image, mask_to_latent, resolve_mask, shape_mask
+from diffstyler.masks import FastSAMSegmenter, MaskSpec, SegmenterConfig, hard_mask_from_image, resolve_mask, shape_mask
 from diffstyler.memory import check_offload, check_offload_device, enable_offload, execution_device, set_vae_options, vae_tiling_setting
 from diffstyler.models import DEFAULT_MODEL, AnyPipeline, ModelSpec, load_pipeline
 from diffstyler.outputs import a1111_fields, pil_to_unit, to_pil
@@ -327,7 +327,7 @@ class DiffStylerPipeline:
         encoded = [self.backbone.size_conditioning(c.to(device, dtype), size) for c in self.adapters.encode(prompts, adapters)]
         rows = []
         for k, (name, entry, mask) in enumerate(zip(names, styles, masks)):
-            latent_mask = None if mask is None else mask_to_latent(mask, self.latent_size(content))[None, None].to(device, dtype)
+            latent_mask = None if mask is None else self.backbone.latent_mask(mask, self.latent_size(content))[None, None].to(device, dtype)
             rows.append(StyleRows(name, encoded[1 + 2 * k], encoded[2 + 2 * k], latent_mask, name=entry.name))
         return encoded[0], rows
 
@@ -425,7 +425,7 @@ class DiffStylerPipeline:
             "Styles": [{**asdict(entry), "lora_sha256": sha256_file(entry.lora)} for entry in styles],
             "Injection": asdict(injection),
             **({"Sweep": sweep} if sweep else {}),
-            "Sampling": sampling.fingerprint(),
+            "Sampling": asdict(sampling),
             "Composite": composite,
         }
 

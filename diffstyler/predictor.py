@@ -44,7 +44,7 @@ from diffstyler.injection import (
 from diffstyler.lora import check_lora_width
 from diffstyler.masks import SegmenterConfig, check_segmenter
 from diffstyler.memory import check_offload, check_offload_device, vae_tiling_setting
-from diffstyler.models import ModelSpec, load_pipeline, model_text_width
+from diffstyler.models import ModelSpec, load_pipeline, model_lora_width
 from diffstyler.pipeline import DiffStylerPipeline
 from diffstyler.results import DONE, FAILED, SKIPPED, settings_hash
 from diffstyler.rows import rows_per_job
@@ -150,10 +150,10 @@ class StylizePredictor(LightningModule):
         if self.inversion_cache is not None:
             check_writable_folder(self.inversion_cache, "model.inversion_cache", "inversion cache folder")
         if isinstance(datamodule, StylizeDataModule):
-            model_width = model_text_width(self.model_spec)  # None: not known without a download
+            model = model_lora_width(self.model_spec)  # None: not known without a download
             for lora in dict.fromkeys(Path(entry.lora) for entry in datamodule.styles):
-                if model_width is not None:
-                    check_lora_width(lora, model_width)
+                if model is not None:
+                    check_lora_width(lora, model[1], model[0])
                 check_lora_finite(lora)
             if datamodule.needs_segmenter():
                 check_segmenter(self.segmenter_config, datamodule.needs_text_prompts())

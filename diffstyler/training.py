@@ -177,7 +177,8 @@ class StyleLoRAModule(LightningModule):
     # --- cached inputs --------------------------------------------------------------------------
 
     def style_latents(self, batch: dict) -> torch.Tensor:
-        """Latents [B, 4, h, w] of the batch's images, VAE-encoded on first use only."""
+        """Latents [B, C, h, w] of the batch's images, VAE-encoded on first use only (cut to whole
+        tokens for a transformer)."""
         latents = []
         for index, pixels in zip(batch["index"].tolist(), batch["pixel_values"]):
             if index not in self.latent_cache:
@@ -190,7 +191,7 @@ class StyleLoRAModule(LightningModule):
         # under which it was first needed. The posterior mean (the paper's script draws a new
         # posterior sample each step) is what makes a single cached latent possible.
         with torch.autocast(self.device.type, enabled=False), eval_mode(self.vae):
-            return encode_images(self.pipe, pixels.unsqueeze(0))[0].float()
+            return self.backbone.trim_to_tokens(encode_images(self.pipe, pixels.unsqueeze(0)))[0].float()
 
     def prompt_conditioning(self, prompts: list[str]) -> Conditioning:
         """The prompts' conditioning (one row each), computed once per distinct prompt."""
@@ -212,6 +213,7 @@ class StyleLoRAModule(LightningModule):
             corner = (0, 0)
             if crop:
                 latent, corner = _random_crop(latent, CROP_FRACTION, generator)
+                latent = self.backbone.trim_to_tokens(latent)
             if flip and torch.rand((), generator=generator) < 0.5:
                 latent = latent.flip(-1)
             augmented.append(latent)

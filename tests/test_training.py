@@ -125,7 +125,7 @@ def test_only_lora_parameters_are_trainable(trained_run):
     trainable = module.trainable_parameter_names()
     lora_names = {name for name, _ in module.named_parameters() if ".lora_" in name}
     assert trainable == lora_names and len(trainable) > 0
-    assert all(name.startswith("unet.") for name in trainable)
+    assert all(name.startswith("denoiser.") for name in trainable)
     assert all(parameter.dtype == torch.float32 for name, parameter in module.named_parameters() if name in trainable)
 
 

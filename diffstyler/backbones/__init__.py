@@ -1,6 +1,7 @@
 """Backbones: one module per kind of denoiser (`base.Backbone` is the interface).
 
 - `unet`: SD 1.x, SD 2.x (epsilon, v) and SDXL; a UNet sampled with DDIM.
+- `mmdit`: SD 3.5 and FLUX.1; a multimodal diffusion transformer sampled by flow matching.
 
 `backbone_for(pipe)` wraps a loaded diffusers pipeline in its kind's backbone; `KINDS` is what
 `models.load_pipeline` asks to recognise and load a model.
@@ -23,9 +24,10 @@ from diffstyler.backbones.base import (
     Site,
     check_layer_selection,
 )
+from diffstyler.backbones.mmdit import MMDIT, MMDiTBackbone
 from diffstyler.backbones.unet import UNET, UNetBackbone
 
-KINDS: tuple[BackboneKind, ...] = (UNET,)
+KINDS: tuple[BackboneKind, ...] = (UNET, MMDIT)
 
 _BACKBONE = "_diffstyler_backbone"  # (denoiser, its backbone), kept in the pipeline's __dict__
 
@@ -62,5 +64,5 @@ def backbone_for(pipe: Any) -> Backbone:
 
 __all__ = [
     "ATTENTION_RULES", "FEATURE_RULES", "KINDS", "Backbone", "BackboneKind", "Layer", "LayerMap", "ModelFamily", "Site",
-    "UNetBackbone", "backbone_for", "check_layer_selection", "kind_of", "kind_of_denoiser",
+    "MMDiTBackbone", "UNetBackbone", "backbone_for", "check_layer_selection", "kind_of", "kind_of_denoiser",
 ]

@@ -245,8 +245,9 @@ class Backbone(abc.ABC):
 
     @property
     @abc.abstractmethod
-    def text_width(self) -> int:
-        """The width of the text embeddings the denoiser reads (what a LoRA file is checked by)."""
+    def lora_width(self) -> int:
+        """The width a LoRA file is checked by (`lora.lora_target`): a UNet's cross-attention text
+        width, a transformer's attention width."""
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
@@ -261,7 +262,7 @@ class Backbone(abc.ABC):
     @property
     def pixel_multiple(self) -> int:
         """Image sides must be multiples of this (the latent grid, times a transformer's patch)."""
-        return self.latent_factor
+        return self.latent_factor * self.token_cells
 
     @property
     @abc.abstractmethod
@@ -276,9 +277,25 @@ class Backbone(abc.ABC):
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
         return height // self.latent_factor, width // self.latent_factor
 
+    token_cells: int = 1  # latent cells per side of one image token (a transformer's patch)
+
     def image_tokens(self, latent_height: int, latent_width: int) -> int:
         """How many image tokens a latent of this size is to the denoiser (a UNet: its cells)."""
-        return latent_height * latent_width
+        return (latent_height // self.token_cells) * (latent_width // self.token_cells)
+
+    def latent_mask(self, mask: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+        """A pixel mask [H, W] on the latent grid [h, w] (eq. 6), decided per image token: a token
+        is in when any of its pixels is, so that a transformer's token is never half in."""
+        from diffstyler.masks import mask_to_latent
+
+        cells = self.token_cells
+        tokens = mask_to_latent(mask, (latent_size[0] // cells, latent_size[1] // cells))
+        return tokens.repeat_interleave(cells, 0).repeat_interleave(cells, 1) if cells > 1 else tokens
+
+    def trim_to_tokens(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents cut to whole tokens (a transformer drops a last odd row or column of cells)."""
+        height, width = latents.shape[-2:]
+        return latents[..., : height - height % self.token_cells, : width - width % self.token_cells]
 
     # -- images and text ---------------------------------------------------------------------------
 
@@ -390,14 +407,14 @@ class BackboneKind:
     denoiser_classes: the diffusers model classes of its denoiser.
     random_models: names of the models built here with random weights (`tiny`, `sd21-random`, ...).
     build_random(name, seed): such a model.
-    random_text_width(name): the text width of such a model (LoRA checks before it is built).
+    random_lora_width(name): the `Backbone.lora_width` of such a model (LoRA checks before it is built).
     pipeline_class_for_index(index): the pipeline class for a `model_index.json`, None if not this kind.
     single_file(shapes): (family, config hub id, pipeline class) for a single file's tensor shapes,
       (None, why not) when its tensors are of this kind but no family is known, or None when not this kind.
     prepare(pipe, prediction_type): what loading does after the weights (the sampler's scheduler).
     loading_kwargs(cls): extra `from_pretrained` arguments for a pipeline class.
-    text_width_from_config(config): the text width a denoiser's config reads (LoRA checks).
-    single_file_text_width(shapes): the same for a single file's tensor shapes (None: not this kind).
+    lora_width_from_config(config): the text width a denoiser's config reads (LoRA checks).
+    single_file_lora_width(shapes): the same for a single file's tensor shapes (None: not this kind).
     default_lora_targets: the attention's Q/K/V projections a style LoRA trains by default (the paper's).
     lora_pipeline_class(denoiser): the diffusers pipeline class whose `save_lora_weights` writes and
       `load_lora_weights` reads LoRA files of this denoiser (keys prefixed `denoiser_subfolder`).
@@ -408,13 +425,14 @@ class BackboneKind:
     denoiser_classes: tuple[type, ...]
     random_models: tuple[str, ...]
     build_random: Callable[[str, int], Any]
-    random_text_width: Callable[[str], int]
+    random_lora_width: Callable[[str], int]
     pipeline_class_for_index: Callable[[dict], Optional[type]]
     single_file: Callable[[dict], Optional[tuple]]
     prepare: Callable[[Any, Optional[str]], None]
     loading_kwargs: Callable[[type], dict]
     denoiser_subfolder: str
-    text_width_from_config: Callable[[dict], Optional[int]]
-    single_file_text_width: Callable[[dict], Optional[int]]
+    lora_width_from_config: Callable[[dict], Optional[int]]
+    single_file_lora_width: Callable[[dict], Optional[int]]
+    family_for_width: Callable[[int], Optional[str]]
     default_lora_targets: tuple[str, ...]
     lora_pipeline_class: Callable[[torch.nn.Module], type]

@@ -39,3 +39,21 @@ def build_tiny_tokenizer() -> CLIPTokenizer:
         vocab_file.write_text(json.dumps(_tiny_vocab()))
         merges_file.write_text("#version: 0.2\n")
         return CLIPTokenizer.from_pretrained(folder, model_max_length=77, local_files_only=True)
+
+
+def build_tiny_t5_tokenizer(max_length: int = 64):
+    """A T5 tokenizer (SentencePiece-style Unigram over single characters and a few word starts),
+    built in memory. `max_length`: its `model_max_length` (the tiny models' T5 prompt length)."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(character, -3.0) for character in string.printable if character.strip()]
+    pieces += [("\u2581" + character, -2.5) for character in string.ascii_lowercase]
+    unigram = Tokenizer(models.Unigram(pieces, unk_id=2))
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace()
+    unigram.decoder = decoders.Metaspace()
+    return T5Tokenizer(tokenizer_object=unigram, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0,
+                       model_max_length=max_length)

@@ -310,7 +310,7 @@ class UNetBackbone(Backbone):
         return conditioning if ids[0] is None else conditioning.with_time_ids(torch.cat(ids))
 
     @property
-    def text_width(self) -> int:
+    def lora_width(self) -> int:
         return int(self.pipe.unet.config.cross_attention_dim)
 
 
@@ -563,14 +563,15 @@ UNET = BackboneKind(
     denoiser_classes=(UNet2DConditionModel,),
     random_models=tuple(TINY_MODELS) + tuple(REAL_SIZE_RANDOM_MODELS),
     build_random=lambda name, seed: build_random_pipeline(random_sizes(name), seed),
-    random_text_width=lambda name: random_sizes(name).cross_attention_width,
+    random_lora_width=lambda name: random_sizes(name).cross_attention_width,
     pipeline_class_for_index=_pipeline_class_for_index,
     single_file=_single_file,
     prepare=prepare_unet_pipeline,
     loading_kwargs=_loading_kwargs,
     denoiser_subfolder="unet",
-    text_width_from_config=lambda config: config.get("cross_attention_dim"),
-    single_file_text_width=lambda shapes: single_file_family(shapes)[1],
+    lora_width_from_config=lambda config: config.get("cross_attention_dim"),
+    single_file_lora_width=lambda shapes: single_file_family(shapes)[1],
+    family_for_width=family_for_width,
     default_lora_targets=("to_q", "to_k", "to_v"),
     lora_pipeline_class=lambda unet: pipeline_class(reads_time_ids(unet)),
 )
