@@ -208,10 +208,13 @@ def ineffective_sites(config: InjectionConfig, layers: LayerMap, steps: int) -> 
     its window ends no later than the feature window.
     """
     config = config.resolved(layers, steps)
-    if not (config.features and config.feature_site == "output" and config.feature_layers and config.feature_steps > 0):
+    if not (config.features and config.feature_layers and config.feature_steps > 0):
         return {}
+    inside = attention_inside_feature_blocks(config, layers)
+    if inside:
+        return {"attention": inside}
     last = max(config.feature_layers)
-    if not layers.layers[last].replaces_state:
+    if config.feature_site != "output" or not layers.layers[last].replaces_state:
         return {}
     order = layers.execution_order()
     before = set(order[: order.index((last, "feature"))])
@@ -222,11 +225,31 @@ def ineffective_sites(config: InjectionConfig, layers: LayerMap, steps: int) -> 
     return {kind: numbers for kind, numbers in dominated.items() if numbers}
 
 
+def attention_inside_feature_blocks(config: InjectionConfig, layers: LayerMap) -> list[int]:
+    """Attention layers that cannot act while the features are injected, in a map whose attention
+    runs inside the block that carries the feature site (a transformer's): a block with a feature
+    injection discards its own change of the image tokens (site "residual") or its whole image
+    output ("output"), so its attention reaches the result only through the text tokens, and those
+    only through later blocks that keep their own change. When the block and every block after it
+    inject features, its attention has no effect (for a window no longer than the features')."""
+    attention_on = (config.self_attention or config.cross_attention) and config.attention_steps > 0
+    if not attention_on or config.attention_steps > config.feature_steps:
+        return []
+    features = set(config.feature_layers)
+    return sorted(layer for layer in config.attention_layers
+                  if layers.layers[layer].attention_first and all(later in features for later in range(layer, len(layers))))
+
+
 def describe_ineffective_sites(config: InjectionConfig, layers: LayerMap, steps: int) -> Optional[str]:
     """A one-paragraph warning naming the layers that have no effect, or None."""
     dominated = ineffective_sites(config, layers, steps)
     if not dominated:
         return None
+    inside = attention_inside_feature_blocks(config.resolved(layers, steps), layers)
+    if inside:
+        return (f"injection: attention layers {inside} inject into {layers.noun}s that also inject features, as every "
+                f"{layers.noun} after them does: the feature injection discards what their attention does, so they "
+                "have no effect (inject attention in earlier blocks, e.g. attention_layers: all)")
     kinds = {"features": "feature", "attention": "attention"}
     named = " and ".join(f"{kinds[kind]} layers {numbers}" for kind, numbers in dominated.items())
     return (

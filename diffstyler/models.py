@@ -296,6 +296,16 @@ def model_kind(spec: ModelSpec) -> BackboneKind:
         raise model_load_error(spec.name, error) from error
 
 
+def pixel_multiple_for(spec: ModelSpec) -> Optional[int]:
+    """What image sides must be multiples of for the model `spec` names (8 for a UNet, 16 for a
+    transformer's 2x2 tokens), read without weights; None when its kind cannot be told here."""
+    try:
+        kind = model_kind(spec)
+    except UserError:
+        return None  # the loader reports it
+    return 8 * kind.backbone.token_cells
+
+
 def model_lora_width(spec: ModelSpec) -> Optional[tuple[str, int]]:
     """(the denoiser's name, "unet" or "transformer"; the width its LoRA files are checked by:
     `Backbone.lora_width`), without loading weights or downloading anything (a single file's

@@ -44,7 +44,7 @@ from diffstyler.injection import (
 from diffstyler.lora import check_lora_width
 from diffstyler.masks import SegmenterConfig, check_segmenter
 from diffstyler.memory import check_offload, check_offload_device, vae_tiling_setting
-from diffstyler.models import ModelSpec, load_pipeline, model_lora_width
+from diffstyler.models import ModelSpec, load_pipeline, model_lora_width, pixel_multiple_for
 from diffstyler.pipeline import DiffStylerPipeline
 from diffstyler.results import DONE, FAILED, SKIPPED, settings_hash
 from diffstyler.rows import rows_per_job
@@ -147,6 +147,10 @@ class StylizePredictor(LightningModule):
         if datamodule is self._checked_datamodule:
             return
         check_model_reference(self.model_spec)
+        multiple = pixel_multiple_for(self.model_spec) if isinstance(datamodule, StylizeDataModule) else None
+        if multiple and datamodule.resolution % multiple:
+            raise config_error("data.resolution", f"must be a multiple of {multiple} for this model (a transformer reads "
+                                                  f"2x2 latent cells as one token), got {datamodule.resolution}")
         if self.inversion_cache is not None:
             check_writable_folder(self.inversion_cache, "model.inversion_cache", "inversion cache folder")
         if isinstance(datamodule, StylizeDataModule):

@@ -207,7 +207,12 @@ class Site:
         if self.part == "image":
             return text, inject(image)
         before = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        return text, before + inject(image - before)
+        change = image - before
+        new = inject(change)
+        # The rows `inject` leaves alone (the reference rows) keep their output bit for bit; the
+        # others become their input plus the new change, whatever their own change was.
+        untouched = (new == change).flatten(1).all(1).view(-1, *[1] * (image.dim() - 1))
+        return text, torch.where(untouched, image, before + new)
 
     def values(self, args: tuple, kwargs: dict, output: Any, image_tokens: int) -> torch.Tensor:
         """The values `rewrite` would pass to `inject` (what a recording keeps)."""

@@ -20,12 +20,15 @@ own pipeline's: SD 3.5's scheduler shift, FLUX.1's sigmas shifted by the image's
 The layer map is every transformer block in execution order (FLUX.1: the double-stream blocks,
 then the single-stream ones). The method's rules over it (docs: model families), reasoned from the
 UNet's and from published work on these models:
-- `all` (attention default): the second half of the blocks, the transformer's "decoder" half, as the
-  paper injects attention in the UNet's decoder only;
 - `paper` (feature default): the last third of the blocks, where the paper's decoder layers 4-11
   sit in the UNet's depth, and where RF-Solver-Edit and FireFlow share the content's attention
   values (FLUX.1's single-stream blocks 20-37);
-- `pnp`: the first block of `paper`; `from_pnp`: the same blocks as `paper`.
+- `all` (attention default): the blocks of the second half before those, the transformer's
+  "decoder" half as the paper injects attention in the UNet's decoder only. Not the feature
+  blocks: a block whose residual branch is injected discards what its own attention did to the
+  image tokens, so attention injected there would have no effect;
+- `pnp`: the first block of `paper`; `from_pnp`: the blocks after it (the paper's code: features
+  in one layer, attention from there on).
 Hook sites: a block's feature site is its image tokens (site "output": the block's image-token
 output; "residual": the block's change of them, its residual branch); its attention sites are the
 query and key projections of the image tokens (`to_q`, `to_k` of the joint attention, and of SD 3.5
@@ -282,10 +285,12 @@ def transformer_layer_map(names: list[str]) -> LayerMap:
     last_third = math.ceil(2 * count / 3)
     layers = [Layer(name, attention=True, replaces_state=False, attention_first=True) for name in names]
     rules = {
-        "all": list(range(decoder_half, count)),
+        # A block whose residual is injected discards what its own attention did to the image
+        # tokens: attention goes into the blocks of the decoder half before the feature blocks.
+        "all": list(range(decoder_half, last_third)),
         "paper": list(range(last_third, count)),
         "pnp": [last_third],
-        "from_pnp": list(range(last_third, count)),
+        "from_pnp": list(range(last_third + 1, count)),
     }
     return LayerMap(layers, rules, noun="block", model="transformer")
 

@@ -1,7 +1,7 @@
-"""The family configs (configs/sdxl/, configs/sd15/) and their smoke twins (configs/smoke/sdxl/,
-configs/smoke/sd15/): they parse with their family's settings, and the smoke twins run end to end,
-SDXL through every path SD 2.x has (masks from files and FastSAM, several styles, data.batch_size,
-sweeps, `diffstyler test`). Every command runs in this process: CLI subprocesses cost seconds of
+"""The family configs (configs/sdxl/, configs/sd15/, configs/sd3/, configs/flux/) and their smoke
+twins (configs/smoke/<family>/): they parse with their family's settings, and the smoke twins run
+end to end, SDXL and the transformers through every path SD 2.x has (masks from files and FastSAM,
+several styles, data.batch_size, sweeps, `diffstyler test`). Every command runs in this process: CLI subprocesses cost seconds of
 imports each, and the multi-process paths do not depend on the family (tests/test_cli_batch.py)."""
 
 from __future__ import annotations
@@ -22,7 +22,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 FAMILIES = {  # family: (model, smoke model, resolution)
     "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", "tiny-sdxl", 1024),
     "sd15": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "tiny-sd15", 512),
+    "sd3": ("stabilityai/stable-diffusion-3.5-medium", "tiny-sd3", 1024),
+    "flux": ("black-forest-labs/FLUX.1-dev", "tiny-flux", 1024),
 }
+# The layers the default rules give on each smoke model: (features, attention)
+SMOKE_LAYERS = {"sdxl": (list(range(1, 9)), list(range(6))), "sd15": (list(range(4, 12)), list(range(3, 12))),
+                "sd3": ([4, 5], [3]), "flux": ([4, 5], [3])}
 
 
 def printed(args: list[str], capsys) -> dict:
@@ -88,29 +93,32 @@ def test_smoke_twins_fit_and_stylize_end_to_end(family, smoke_fit, tmp_path):
     for another family, or the layer rules resolved on SD's map for SDXL (features 4-11)."""
     lora = smoke_fit(family)
     info = json.loads((lora / "diffstyler_lora.json").read_text())
-    assert info["model_card"]["base_model"] == {"sdxl": "SDXL", "sd15": "SD 1.x"}[family]
+    assert info["model_card"]["base_model"] == {"sdxl": "SDXL", "sd15": "SD 1.x", "sd3": "SD 3.5", "flux": "FLUX.1"}[family]
     run_main(["predict", "--config", f"configs/smoke/{family}/stylize.yaml", "--data.styles", f"[{{lora: {lora}}}]",
               "--model.output.folder", str(tmp_path / "out"), "--model.inversion_cache", str(tmp_path / "cache"),
               "--trainer.logger", "false"])
     settings = png_settings(tmp_path / "out" / "content_shapes.png")
-    expected = {"sdxl": (list(range(1, 9)), list(range(6))), "sd15": (list(range(4, 12)), list(range(3, 12)))}[family]
-    assert (settings["Injection"]["feature_layers"], settings["Injection"]["attention_layers"]) == expected
+    assert (settings["Injection"]["feature_layers"], settings["Injection"]["attention_layers"]) == SMOKE_LAYERS[family]
+    steps = settings["Sampling"]["steps"]  # the windows were fractions: the paper's 0.6 and 0.5 of the steps
+    assert (settings["Injection"]["feature_steps"], settings["Injection"]["attention_steps"]) == (round(0.6 * steps), round(0.5 * steps))
 
 
 @pytest.mark.slow
-def test_an_sdxl_dataset_with_masks_in_batches_then_scored(smoke_fit, tmp_path):
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_a_dataset_with_masks_in_batches_then_scored(family, smoke_fit, tmp_path):
     """Every image under data/batch/content (two sizes) x two styles, one in a mask file, one in a
-    FastSAM box, one job per (content, style), two jobs per UNet call; then `diffstyler test` scores
-    the six results. Caught: an SDXL path that a batch of jobs or a masked style breaks (time ids or
-    pooled embeddings not following the rows), or results the scorer cannot read."""
-    lora = smoke_fit("sdxl")
+    FastSAM box, one job per (content, style), two jobs per call; then `diffstyler test` scores the
+    six results. Caught: an SDXL or transformer path that a batch of jobs or a masked style breaks
+    (time ids, pooled embeddings or token packing not following the rows), or results the scorer
+    cannot read."""
+    lora = smoke_fit(family)
     styles = json.dumps([
         {"lora": str(lora), "name": "masked", "mask": {"file": "data/content_shapes_mask.png", "feather": 2}},
         {"lora": str(lora), "name": "boxed", "scale": 0.5, "mask": {"box": [0, 0, 32, 24]}},
     ])
     out = tmp_path / "out"
-    run_main(["predict", "--config", "configs/smoke/sdxl/stylize.yaml", "--config", "configs/smoke/localized.yaml",
-              "--model.model.name", "tiny-sdxl", "--data.content", "[data/batch/content]", "--data.styles", styles,
+    run_main(["predict", "--config", f"configs/smoke/{family}/stylize.yaml", "--config", "configs/smoke/localized.yaml",
+              "--model.model.name", FAMILIES[family][1], "--data.content", "[data/batch/content]", "--data.styles", styles,
               "--data.pairing", "product", "--data.batch_size", "2", "--trainer.logger", "false",
               "--model.sampling.steps", "4", "--model.injection.feature_steps", "3", "--model.injection.attention_steps", "2",
               "--model.output.folder", str(out), "--model.inversion_cache", str(tmp_path / "cache")])
@@ -122,10 +130,11 @@ def test_an_sdxl_dataset_with_masks_in_batches_then_scored(smoke_fit, tmp_path):
 
 
 @pytest.mark.slow
-def test_an_sdxl_sweep_makes_one_grid(smoke_fit, tmp_path):
-    """Caught: a sweep that SDXL's conditioning breaks (each cell denoises the job's inversion again),
-    or cells that all give one image."""
-    run_main(["predict", "--config", "configs/smoke/sdxl/stylize.yaml", "--data.styles", f"[{{lora: {smoke_fit('sdxl')}}}]",
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_a_sweep_makes_one_grid(family, smoke_fit, tmp_path):
+    """Caught: a sweep that SDXL's conditioning or a transformer's breaks (each cell denoises the
+    job's inversion again), or cells that all give one image."""
+    run_main(["predict", "--config", f"configs/smoke/{family}/stylize.yaml", "--data.styles", f"[{{lora: {smoke_fit(family)}}}]",
               "--model.sampling.steps", "4", "--model.injection.feature_steps", "3", "--model.injection.attention_steps", "2",
               "--model.sweep.feature_steps", "[0, 3]", "--model.output.grid", "false", "--trainer.logger", "false",
               "--model.output.folder", str(tmp_path / "out"), "--model.inversion_cache", str(tmp_path / "cache")])
