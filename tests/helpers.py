@@ -28,16 +28,17 @@ def randomize_adapter(unet, name: str, seed: int, std: float = 0.3) -> None:
 
 def tiny_pipe_with_adapter(name: str = "style", seed: int = 1, rank: int = 4, model: str = "tiny"):
     pipe = load_pipeline(ModelSpec(name=model))
-    add_style_adapter(pipe.unet, StyleLoRAConfig(rank=rank), name)
-    randomize_adapter(pipe.unet, name, seed)
-    pipe.unet.requires_grad_(False)
+    denoiser = backbone_for(pipe).denoiser
+    add_style_adapter(denoiser, StyleLoRAConfig(rank=rank), name)
+    randomize_adapter(denoiser, name, seed)
+    denoiser.requires_grad_(False)
     return pipe
 
 
 def write_random_lora(folder: Path, seed: int, prompt: str = "painting of sss", model: str = "tiny") -> Path:
     """A LoRA file as `diffstyler fit` writes it for the tiny `model`, with random weights, plus its info file."""
     pipe = tiny_pipe_with_adapter("style", seed, model=model)
-    save_lora(pipe.unet, "style", folder)
+    save_lora(backbone_for(pipe).denoiser, "style", folder)
     (folder / "diffstyler_lora.json").write_text(json.dumps({"prompt": prompt, "base_model": model}))
     return folder / "pytorch_lora_weights.safetensors"
 
