@@ -33,6 +33,7 @@ from diffstyler.callbacks.writer import StylizationWriter
 from diffstyler.cli.checks import check_fit_steps, check_inputs
 from diffstyler.cli.command_line import DEFAULT_SUBCOMMAND, SUBCOMMANDS
 from diffstyler.cli.config_files import ConfigSource
+from diffstyler.cli.lora_per_image import fit_one_lora_per_image
 from diffstyler.cli.parsing import PARSER_SETTINGS, accept_single_values_as_lists, parse_error
 from diffstyler.cli.reporting import exit_for, failure_line, interrupted_line, lora_written_line
 from diffstyler.cli.status import JOBS_FAILED_STATUS, interrupted_status
@@ -40,7 +41,6 @@ from diffstyler.data import StyleDataModule, StylizeDataModule
 from diffstyler.evaluation.data import EvaluationDataModule
 from diffstyler.evaluation.evaluator import QualityEvaluator
 from diffstyler.evaluation.report import METRICS_NAME
-from diffstyler.lora_per_image import fit_one_lora_per_image
 from diffstyler.predictor import StylizePredictor
 from diffstyler.results import DONE, FAILED, RESULTS_NAME, SKIPPED
 from diffstyler.training import StyleLoRAModule
