@@ -54,22 +54,30 @@ ReferenceModel = Literal["base", "style"]
 class InjectionConfig:
     """Which activations of the reference (content) pass are injected, where and when.
 
-    Steps count from the start of denoising: `feature_steps` 30 means steps 0-29 of 50.
-    qk_mix "replace" gives the style rows the reference's Q and K; "timestep_rate" blends them with
-      rate min(1, 2t/1000) as the paper's public code does.
-    feature_site "residual" (default) injects the resnet's residual branch (its conv2 output,
-      before the skip connection is added), as Plug-and-Play, which the paper follows for its
-      layers 4-11, and the paper's code do: the style rows keep their own skip path, so every
-      injected layer counts. "output" replaces the resnet's whole output; then a later layer's
-      injection erases every earlier one (`ineffective_sites` names them).
-    reference_model "base" runs the reference row with the base model (the paper's text: features
-      "from the original model"); "style" gives each style its own reference row run through its
-      own LoRA, as the paper's public code does.
-    feature_layers / attention_layers: decoder layer numbers, or one rule of the loaded UNet's map
-      (`families.DecoderLayers`): features `paper` (default; SD 1.x / 2.x: 4-11, SDXL: 1-8) or
-      `pnp` (Plug-and-Play's layer; SD: 4, SDXL: 1); attention `all` (default: every decoder
-      layer with attention; SD: 3-11, SDXL: 0-5) or `from_pnp` (SD: 4-11, SDXL: 1-5). Numbers are
-      checked against the UNet when it is loaded (`resolved`).
+    Steps count from the start of denoising: `feature_steps` 30 means steps 0-29 of 50. Layer
+    numbers are checked against the UNet when it is loaded (`resolved`).
+
+    Args:
+        features: inject the reference's decoder resnet features (paper eq. 4; Fig. 6 ablation).
+        self_attention: inject the reference's self-attention queries and keys (eq. 5).
+        cross_attention: inject the reference's cross-attention queries and keys.
+        feature_layers: decoder layer numbers, or one rule of the loaded UNet's map
+            (`families.DecoderLayers`): `paper` (default; SD 1.x / 2.x: 4-11, SDXL: 1-8) or `pnp`
+            (Plug-and-Play's layer; SD: 4, SDXL: 1).
+        attention_layers: decoder layer numbers, or a rule: `all` (default: every decoder layer
+            with attention; SD: 3-11, SDXL: 0-5) or `from_pnp` (SD: 4-11, SDXL: 1-5).
+        feature_steps: the first denoising steps that get features injected (paper Fig. 7).
+        attention_steps: the first denoising steps that get attention injected.
+        qk_mix: "replace" gives the style rows the reference's Q and K; "timestep_rate" blends them
+            with rate min(1, 2t/1000) as the paper's public code does.
+        feature_site: "residual" (default) injects the resnet's residual branch (its conv2 output,
+            before the skip connection is added), as Plug-and-Play, which the paper follows for its
+            layers 4-11, and the paper's code do: the style rows keep their own skip path, so every
+            injected layer counts. "output" replaces the resnet's whole output; then a later
+            layer's injection erases every earlier one (`ineffective_sites` names them).
+        reference_model: "base" runs the reference row with the base model (the paper's text:
+            features "from the original model"); "style" gives each style its own reference row
+            run through its own LoRA, as the paper's public code does.
     """
 
     features: bool = True

@@ -43,7 +43,14 @@ LORA_KEY_MARKERS = ("lora_down", "lora_up", "lora.down", "lora.up", "lora_A", "l
 
 @dataclass
 class StyleLoRAConfig:
-    """LoRA hyper-parameters; defaults from the paper (section IV)."""
+    """LoRA hyper-parameters; defaults from the paper (section IV).
+
+    Args:
+        rank: the rank of each LoRA's A and B matrices (the paper's 16).
+        alpha: the LoRA scaling numerator (scaling = alpha / rank); None: alpha = rank, scaling 1.
+        target_modules: the UNet's attention projections that get a LoRA (the paper's Q, K and V).
+        dropout: LoRA dropout during training.
+    """
 
     rank: int = 16
     alpha: Optional[float] = None  # None: alpha = rank, i.e. scaling 1

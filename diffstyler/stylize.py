@@ -39,10 +39,15 @@ DEFAULT_NEGATIVE_PROMPT = "ugly, blurry, black, low res, unrealistic"
 class SamplingConfig:
     """Denoising and inversion settings; defaults from the paper and its public code.
 
-    inversion_substeps: UNet evaluations per sampler step during inversion (20 with 50 steps is
-      the paper's 1000-step inversion; 1 inverts at exactly the sampler's timesteps).
-    reference: "batch" runs reference and style rows in one UNet call; "separate" runs the
-      reference alone first (lower peak memory, more calls, same result).
+    Args:
+        steps: DDIM steps of the denoising (and of the inversion), eta 0.
+        guidance_scale: classifier-free guidance of the style rows (the paper's code: 10.5).
+        negative_prompt: the unconditional row's prompt (the paper's code's).
+        inversion_prompt: the prompt the content is DDIM-inverted with ("": unconditional).
+        inversion_substeps: UNet evaluations per sampler step during inversion (20 with 50 steps
+            is the paper's 1000-step inversion; 1 inverts at exactly the sampler's timesteps).
+        reference: "batch" runs reference and style rows in one UNet call; "separate" runs the
+            reference alone first (lower peak memory, more calls, same result).
     """
 
     steps: int = 50

@@ -50,7 +50,7 @@ import signal
 import sys
 from typing import Optional
 
-from diffstyler.cli.command_line import DEBUG_VARIABLE, TOOL_COMMANDS, find_subcommand, split_debug_flag
+from diffstyler.cli.command_line import DEBUG_VARIABLE, TOOL_COMMANDS, find_subcommand, main_help, split_debug_flag, wants_main_help
 from diffstyler.cli.config_files import config_sources, expand_extends, protocol_stage
 from diffstyler.cli.status import JOBS_FAILED_STATUS, USER_ERROR_STATUS, interrupted_status
 from diffstyler.console import VERBOSE_VARIABLE, quiet_libraries, verbose_requested
@@ -74,6 +74,9 @@ def main(args: Optional[list[str]] = None) -> None:
     verbose, args = verbose_requested(args)
     if verbose:
         os.environ[VERBOSE_VARIABLE] = "1"  # for the ranks that DDP starts
+    if wants_main_help(args):
+        print(main_help(), end="")
+        sys.exit(0)
     subcommand = None
     try:
         subcommand = find_subcommand(args)
