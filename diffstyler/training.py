@@ -31,10 +31,12 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 
+from diffstyler.callbacks.progress import StepProgressBar
 from diffstyler.checks import check_writable_folder
 from diffstyler.data.style import DEFAULT_STYLE_PROMPT, StyleDataModule
 from diffstyler.errors import UserError, config_error
 from diffstyler.conditioning import Conditioning
+from diffstyler.console import quiet_library_calls
 from diffstyler.export import export_lora
 from diffstyler.families import model_family, native_resolution, time_ids_for
 from diffstyler.lora import LORA_INFO_NAME, LORA_WEIGHTS_NAME, StyleLoRAConfig, add_style_adapter, save_lora, write_lora_info
@@ -364,7 +366,8 @@ def train_style(
     settings give the LoRA `diffstyler fit` gives. `resolution` None: the model's native size (512
     for SD 1.5 and SD 2.1-base, 1024 for SDXL; the model is then loaded before the images are read).
     No logger and no checkpoints; pass Lightning `callbacks` to watch or stop the training (an
-    exception raised in one ends it).
+    exception raised in one ends it). It prints one bar over the steps (`progress`; False: nothing
+    at all): Lightning's own lines are silenced during the call (`diffstyler.set_verbosity`).
     """
     if steps < 1:
         raise config_error("steps", f"must be >= 1, got {steps}")
@@ -376,8 +379,9 @@ def train_style(
         resolution = native_resolution(module.pipe)
     data = StyleDataModule(images=[str(i) for i in (images if isinstance(images, list) else [images])], prompt=prompt,
                            resolution=resolution)
-    trainer = Trainer(max_steps=steps, accelerator=accelerator, devices=1, precision=precision, logger=False,
-                      enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
-                      callbacks=list(callbacks or []))
-    trainer.fit(module, datamodule=data)
+    with quiet_library_calls():  # Lightning's environment lines, tips and "`Trainer.fit` stopped"
+        trainer = Trainer(max_steps=steps, accelerator=accelerator, devices=1, precision=precision, logger=False,
+                          enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
+                          callbacks=[*([StepProgressBar()] if progress else []), *(callbacks or [])])
+        trainer.fit(module, datamodule=data)
     return Path(output_dir)
