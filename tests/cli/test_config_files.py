@@ -23,6 +23,7 @@ def printed_config(args: list[str], monkeypatch, capsys) -> dict:
     return yaml.safe_load(output[output.index("seed_everything"):])
 
 
+@pytest.mark.slow
 def test_a_config_that_extends_another_overrides_it_key_by_key(tmp_path, monkeypatch, capsys):
     """Caught: the base applied after the child (its values win), or jsonargparse's own `config:` key
     in a file, which replaces whole groups (the child's `trainer:` would drop the base's max_steps and
