@@ -11,16 +11,10 @@ import yaml
 
 from diffstyler.cli.config_files import EXTENDS_KEY, config_chain, config_sources, expand_extends
 from diffstyler.errors import UserError
-from tests.helpers import run_cli_in_process
+from tests.helpers import printed_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = REPO_ROOT / "configs"
-
-
-def printed_config(args: list[str], monkeypatch, capsys) -> dict:
-    status, output = run_cli_in_process([*args, "--print_config"], monkeypatch, capsys)
-    assert status in (0, None), output[-2000:]
-    return yaml.safe_load(output[output.index("seed_everything"):])
 
 
 @pytest.mark.slow

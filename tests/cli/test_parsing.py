@@ -10,22 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from diffstyler.cli.command_line import SUBCOMMANDS, find_subcommand, wants_main_help
 from diffstyler.cli.config_files import ConfigSource, source_of
 from diffstyler.errors import UserError
-from tests.helpers import run_cli_in_process
+from tests.helpers import printed_config, run_cli_in_process
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONTENT = "data/content_shapes.png"
-
-
-def printed_config(args: list[str], monkeypatch, capsys) -> dict:
-    """The config `diffstyler <args> --print_config` prints, read back."""
-    status, output = run_cli_in_process([*args, "--print_config"], monkeypatch, capsys)
-    assert status in (0, None), output[-2000:]
-    return yaml.safe_load(output[output.index("seed_everything"):])
 
 
 @pytest.mark.slow
