@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One short GPU check for a session that is lent a device machine (see README, Benchmarks).
+# One short GPU check for a session that is lent a device machine (see docs/benchmarks.md).
 # Needs the project's venv there (scripts/setup.sh; the device machine reaches no registry, so the
 # wheels must travel with the call). Writes everything under ${OUT:-outputs/gpu_check}.
 #   bash benchmarks/gpu_check.sh

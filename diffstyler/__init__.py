@@ -30,6 +30,8 @@ _EXPORTS = {
     "StyleLoRAConfig": "diffstyler.lora",
     "ModelSpec": "diffstyler.models",
     "UserError": "diffstyler.errors",
+    "set_verbosity": "diffstyler.console",
+    "get_verbosity": "diffstyler.console",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -19,6 +19,7 @@ from diffusers import DiffusionPipeline
 
 from diffstyler.backbones import backbone_for
 from diffstyler.conditioning import Conditioning
+from diffstyler.console import quiet_library_calls
 from diffstyler.lora import (
     BASE_ROW,
     encode_prompts_per_adapter,
@@ -62,7 +63,8 @@ class StyleAdapters:
             self._make_room()
             name = f"style{self._count}"
             self._count += 1
-            load_style_adapter(self.pipe, lora, name)
+            with quiet_library_calls():  # diffusers' "No LoRA keys ... CLIPTextModel", PEFT's "Already found a `peft_config`"
+                load_style_adapter(self.pipe, lora, name)
             self.loaded[key] = name
             self.scales[name] = float(scale)
         name = self.loaded[key]

@@ -1,7 +1,10 @@
-"""A quiet console: a run prints its progress bar, diffstyler's own one-line notices and its summary.
+"""A quiet console: a run prints its progress bar, diffstyler's own one-line notices and its summary,
+and the Python API (`train_style`, `DiffStylerPipeline.load_style` and its calls) prints nothing but
+its progress bars.
 
 The libraries' tips, environment reports and deprecations are silenced at their source, unless
-`--verbose` (or DIFFSTYLER_VERBOSE=1, which is how DDP's other ranks learn it) asks for them:
+`--verbose` (or DIFFSTYLER_VERBOSE=1, which is how DDP's other ranks learn it), or
+`diffstyler.set_verbosity("info")` in Python, asks for them:
 - Lightning's info lines ("GPU available" / "TPU available", the litlogger / litmodels tips,
   "Seed set to", "`Trainer.fit` stopped: `max_steps=...` reached", DDP's start-up lines): its
   loggers' level, so that its warnings still show;
@@ -12,13 +15,20 @@ The libraries' tips, environment reports and deprecations are silenced at their 
   Lightning's utilities): warning filters on their exact messages.
 The model summary table is off in the CLI's trainer defaults (`cli.app.shared_trainer_defaults`).
 Warnings and errors of our own, and any other warning these libraries give, still show.
+
+The command silences them for its whole process (`quiet_libraries`). The Python API silences them
+only while one of its own calls runs (`quiet_library_calls`, a context manager), so the user's
+other Lightning, diffusers or PEFT code keeps its messages. Logger levels and warning filters are
+process-wide: while our call runs, another thread's Lightning info lines are silenced too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
+from typing import Iterator, Union
 
 VERBOSE_FLAG = "--verbose"
 VERBOSE_VARIABLE = "DIFFSTYLER_VERBOSE"
@@ -67,3 +77,49 @@ def quiet_libraries() -> None:
         logging.getLogger(name).addFilter(message_filter)
     for message, category in WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
+
+
+# --- the Python API -----------------------------------------------------------------------------
+
+VERBOSITY_NAMES = {"warning": logging.WARNING, "info": logging.INFO}
+_verbosity = logging.WARNING
+
+
+def set_verbosity(level: Union[int, str]) -> None:
+    """What the libraries diffstyler calls may print during its calls: "warning" (or
+    `logging.WARNING`, the default) hides their tips, environment lines and known-harmless notices
+    (see the module's docstring); "info" (`logging.INFO`, as the command's `--verbose`) shows them.
+    Warnings of our own, and the libraries' other warnings, show either way."""
+    global _verbosity
+    if isinstance(level, str):
+        if level.lower() not in VERBOSITY_NAMES:
+            raise ValueError(f"verbosity must be one of {', '.join(VERBOSITY_NAMES)} or a logging level, got {level!r}")
+        level = VERBOSITY_NAMES[level.lower()]
+    _verbosity = int(level)
+
+
+def get_verbosity() -> int:
+    """The level `set_verbosity` set (`logging.INFO` when DIFFSTYLER_VERBOSE is set)."""
+    return logging.INFO if verbose_requested([])[0] else _verbosity
+
+
+@contextlib.contextmanager
+def quiet_library_calls() -> Iterator[None]:
+    """Within the block, the libraries' notices of the module's docstring are silenced (unless the
+    verbosity is "info"); afterwards the loggers' levels and filters and the warning filters are as
+    they were."""
+    if get_verbosity() < logging.WARNING:
+        yield
+        return
+    levels = {name: logging.getLogger(name).level for name in CHATTY_LOGGERS}
+    filtered = {name for name, message_filter in _MESSAGE_FILTERS.items() if message_filter in logging.getLogger(name).filters}
+    try:
+        with warnings.catch_warnings():
+            quiet_libraries()
+            yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        for name, message_filter in _MESSAGE_FILTERS.items():
+            if name not in filtered:  # the command's own quieting (`quiet_libraries`) stays
+                logging.getLogger(name).removeFilter(message_filter)

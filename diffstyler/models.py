@@ -49,22 +49,25 @@ class ModelLoadError(UserError):
 class ModelSpec:
     """Which base model to use and how to load it.
 
-    name: hub id, local diffusers folder, single-file `.safetensors`/`.ckpt`, or a tiny model
-      (`tiny`, `tiny-sd15`, `tiny-sdxl`). Any family: SD 1.x, SD 2.x, SDXL.
-    revision / variant: passed to `from_pretrained` (e.g. variant "fp16" for half-size downloads).
-    dtype: dtype of the frozen weights ("float32", "float16", "bfloat16"). Trainable LoRA weights
-      always stay float32. SDXL's VAE overflows in float16: it encodes and decodes in float32
-      (its config's `force_upcast`), unless `vae` names one fixed for float16.
-    config: for single-file checkpoints only: the diffusers folder or hub id whose component
-      configs (UNet, VAE, text encoders, scheduler, tokenizers) describe the file. None: the base
-      model of the file's family, read from its tensors (SD 1.x: SD 1.5, SD 2.x: SD 2.1-base,
-      SDXL: SDXL base 1.0; `families.SINGLE_FILE_CONFIGS`). A single file holds weights only;
-      without a config diffusers would guess one, and for any SD 2.x file it picks the 768-px
-      v-prediction SD 2 configs (from a hub repository that no longer exists).
-    prediction_type: None keeps the scheduler config's; "epsilon" or "v_prediction" overrides it
-      (e.g. for an SD 2.x 768-px v-prediction single file, which loads with SD 2.1-base's configs).
-    vae: a VAE to use instead of the model's own: a hub id or diffusers folder (e.g.
-      "madebyollin/sdxl-vae-fp16-fix", SDXL's VAE fixed to run in float16). None: the model's.
+    Args:
+        name: hub id, local diffusers folder, single-file `.safetensors`/`.ckpt`, or a tiny model
+            (`tiny`, `tiny-sd15`, `tiny-sdxl`). Any family: SD 1.x, SD 2.x, SDXL.
+        revision: passed to `from_pretrained`: a branch, tag or commit of the hub repository.
+        variant: passed to `from_pretrained` (e.g. "fp16" for half-size downloads).
+        dtype: dtype of the frozen weights ("float32", "float16", "bfloat16"). Trainable LoRA
+            weights always stay float32. SDXL's VAE overflows in float16: it encodes and decodes in
+            float32 (its config's `force_upcast`), unless `vae` names one fixed for float16.
+        config: for single-file checkpoints only: the diffusers folder or hub id whose component
+            configs (UNet, VAE, text encoders, scheduler, tokenizers) describe the file. None: the
+            base model of the file's family, read from its tensors (SD 1.x: SD 1.5, SD 2.x: SD
+            2.1-base, SDXL: SDXL base 1.0; `families.SINGLE_FILE_CONFIGS`). A single file holds
+            weights only; without a config diffusers would guess one, and for any SD 2.x file it
+            picks the 768-px v-prediction SD 2 configs (from a hub repository that no longer exists).
+        prediction_type: None keeps the scheduler config's; "epsilon" or "v_prediction" overrides
+            it (e.g. for an SD 2.x 768-px v-prediction single file, which loads with SD 2.1-base's
+            configs).
+        vae: a VAE to use instead of the model's own: a hub id or diffusers folder (e.g.
+            "madebyollin/sdxl-vae-fp16-fix", SDXL's VAE fixed to run in float16). None: the model's.
     """
 
     name: str = DEFAULT_MODEL

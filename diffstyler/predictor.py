@@ -88,12 +88,13 @@ class StylizePredictor(LightningModule):
         progress: show inner progress bars for inversion and denoising (the run has one bar of jobs).
         sweep: lists of injection settings: one labelled ablation grid per job instead of one result.
         max_unet_rows: cap on the batch rows of one UNet call (None: no cap); jobs of a chunk
-          (`data.batch_size`) beyond it run in further calls.
+            (`data.batch_size`) beyond it run in further calls.
         max_loaded_adapters: LoRAs kept loaded at once (least recently used deleted first).
-        vae_tiling / vae_slicing / offload: for small GPUs (`memory`): the VAE in tiles (pixels change
-          near tile borders of images larger than the VAE's sample size; recorded in the settings),
-          one image at a time (same pixels); offload "model" / "sequential" keeps the weights in
-          CPU memory, moving each model / layer to the GPU when it runs (same pixels; CUDA only).
+        vae_tiling: for small GPUs (`memory`): the VAE in tiles (pixels change near tile borders of
+            images larger than the VAE's sample size; recorded in the settings).
+        vae_slicing: for small GPUs: the VAE one image at a time (same pixels).
+        offload: for small GPUs: "model" / "sequential" keeps the weights in CPU memory, moving each
+            model / layer to the GPU when it runs (same pixels; CUDA only); "none" keeps them there.
     """
 
     def __init__(

@@ -25,7 +25,15 @@ LABEL_COLOUR = (0, 0, 0)
 @dataclass
 class SweepConfig:
     """Values to sweep, per `InjectionConfig` field (None: not swept). Example (Fig. 7):
-    `--model.sweep.feature_steps '[0,10,20,30,40,50]' --model.sweep.attention_steps '[0,25]'`."""
+    `--model.sweep.feature_steps '[0,10,20,30,40,50]' --model.sweep.attention_steps '[0,25]'`.
+
+    Args:
+        feature_steps: feature injection windows, one grid row or column each.
+        attention_steps: attention injection windows.
+        features: feature injection on / off.
+        self_attention: self-attention injection on / off.
+        cross_attention: cross-attention injection on / off.
+    """
 
     feature_steps: Optional[list[int]] = None
     attention_steps: Optional[list[int]] = None

@@ -33,10 +33,13 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 
 from diffstyler.backbones import Backbone, backbone_for
+from diffstyler.backbones.base import trim_to_tokens
+from diffstyler.callbacks.progress import StepProgressBar
 from diffstyler.checks import check_writable_folder
 from diffstyler.data.style import DEFAULT_STYLE_PROMPT, StyleDataModule
 from diffstyler.errors import UserError, config_error
 from diffstyler.conditioning import Conditioning
+from diffstyler.console import quiet_library_calls
 from diffstyler.export import export_lora
 from diffstyler.lora import LORA_INFO_NAME, LORA_WEIGHTS_NAME, StyleLoRAConfig, add_style_adapter, save_lora, write_lora_info
 from diffstyler.models import ModelSpec, encode_images, encode_prompts, load_pipeline
@@ -213,7 +216,7 @@ class StyleLoRAModule(LightningModule):
             corner = (0, 0)
             if crop:
                 latent, corner = _random_crop(latent, CROP_FRACTION, generator)
-                latent = self.backbone.trim_to_tokens(latent)
+                latent = trim_to_tokens(latent, self.token_cells)
             if flip and torch.rand((), generator=generator) < 0.5:
                 latent = latent.flip(-1)
             augmented.append(latent)
@@ -318,6 +321,13 @@ class StyleLoRAModule(LightningModule):
             "seed": self.training_seed,
         }
 
+    @property
+    def token_cells(self) -> int:
+        """Latent cells per side of the denoiser's token (known without loading the model: its kind's)."""
+        from diffstyler.models import model_kind
+
+        return model_kind(self.model_spec).backbone.token_cells
+
     def default_lora_targets(self) -> tuple[str, ...]:
         """The family's Q/K/V (known without loading the model: its kind's)."""
         from diffstyler.models import model_kind
@@ -363,7 +373,8 @@ def train_style(
     settings give the LoRA `diffstyler fit` gives. `resolution` None: the model's native size (512
     for SD 1.5 and SD 2.1-base, 1024 for SDXL; the model is then loaded before the images are read).
     No logger and no checkpoints; pass Lightning `callbacks` to watch or stop the training (an
-    exception raised in one ends it).
+    exception raised in one ends it). It prints one bar over the steps (`progress`; False: nothing
+    at all): Lightning's own lines are silenced during the call (`diffstyler.set_verbosity`).
     """
     if steps < 1:
         raise config_error("steps", f"must be >= 1, got {steps}")
@@ -375,8 +386,9 @@ def train_style(
         resolution = module.backbone.native_resolution
     data = StyleDataModule(images=[str(i) for i in (images if isinstance(images, list) else [images])], prompt=prompt,
                            resolution=resolution)
-    trainer = Trainer(max_steps=steps, accelerator=accelerator, devices=1, precision=precision, logger=False,
-                      enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
-                      callbacks=list(callbacks or []))
-    trainer.fit(module, datamodule=data)
+    with quiet_library_calls():  # Lightning's environment lines, tips and "`Trainer.fit` stopped"
+        trainer = Trainer(max_steps=steps, accelerator=accelerator, devices=1, precision=precision, logger=False,
+                          enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
+                          callbacks=[*([StepProgressBar()] if progress else []), *(callbacks or [])])
+        trainer.fit(module, datamodule=data)
     return Path(output_dir)

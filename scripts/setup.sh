@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv and installs diffstyler with the versions in constraints.txt, with the test tools
-# (dev) and the Gradio page (demo).
+# (dev), the Gradio page (demo) and the documentation site (docs: MkDocs Material, mkdocstrings).
 # torch 2.14.1 + torchvision 0.29.1: torchvision must match torch exactly (ultralytics imports it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,5 +10,5 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet -c constraints.txt torch==2.14.1 torchvision==0.29.1
-.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev,demo]"
-.venv/bin/python -c "import importlib.util, diffstyler, torch, torchvision; assert all(importlib.util.find_spec(m) for m in ('ultralytics', 'gradio', 'playwright')); print('diffstyler ready: torch', torch.__version__, 'torchvision', torchvision.__version__)"
+.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev,demo,docs]"
+.venv/bin/python -c "import importlib.util, diffstyler, torch, torchvision; assert all(importlib.util.find_spec(m) for m in ('ultralytics', 'gradio', 'playwright', 'mkdocs', 'mkdocstrings')); print('diffstyler ready: torch', torch.__version__, 'torchvision', torchvision.__version__)"

@@ -24,6 +24,29 @@ from diffusers import StableDiffusionPipeline  # noqa: E402
 from diffstyler.models import ModelSpec, load_pipeline  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Folders of the checkout that tests and tools may write into: the rest must look the same afterwards.
+UNWATCHED_FOLDERS = {".git", ".venv", "__pycache__", ".pytest_cache"}
+
+
+def checkout_files() -> set[str]:
+    """Every file of the checkout (ignored ones too: outputs/ of a test is a leak), outside
+    `UNWATCHED_FOLDERS`, relative to its root."""
+    found = set()
+    for folder, subfolders, files in os.walk(REPO_ROOT):
+        subfolders[:] = [name for name in subfolders if name not in UNWATCHED_FOLDERS and not name.endswith(".egg-info")]
+        found.update(os.path.relpath(os.path.join(folder, name), REPO_ROOT) for name in files)
+    return found
+
+
+@pytest.fixture(scope="module", autouse=True)
+def checkout_stays_clean(request):
+    """Fails the module whose tests leave a file in the checkout (a config.yaml saved into the
+    working folder, outputs/ of a command run without its output options): tests write under tmp_path."""
+    before = checkout_files()
+    yield
+    left = sorted(checkout_files() - before)
+    assert not left, (f"files left in the checkout by {request.module.__name__} (or by a module running beside it on "
+                      f"another xdist worker): {left[:20]}")
 
 
 @pytest.fixture(scope="module")

@@ -77,6 +77,15 @@ def run_cli_in_process(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
     return status, captured.out + captured.err
 
 
+def printed_config(args: list[str], monkeypatch, capsys) -> dict:
+    """The config `diffstyler <args> --print_config` prints (in this process), read back."""
+    import yaml
+
+    status, output = run_cli_in_process([*args, "--print_config"], monkeypatch, capsys)
+    assert status in (0, None), output[-2000:]
+    return yaml.safe_load(output[output.index("seed_everything"):])
+
+
 def run_console(args: list[str], **environment: str) -> subprocess.Popen:
     """`diffstyler <args>` as the console script, offline, from the repository root (DDP needs a
     real process: it starts the other ranks from sys.argv)."""

@@ -1,6 +1,6 @@
 """The catalogue of bad inputs: one row per case, each run through `diffstyler.cli.main` in-process.
 
-Every row asserts what the README's "Bad input" table promises: exit status 2, one line
+Every row asserts what the "Bad input" table of docs/errors.md promises: exit status 2, one line
 `diffstyler <cmd>: error: ...` (`diffstyler: error: ...` for a bad subcommand) on stderr naming the
 file or config key and no traceback, no model loaded when the check needs none, and no file left
 in the output folder. Two cases run as real subprocesses to check the console output itself (one

@@ -110,7 +110,7 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_two_simulated_nodes_run_each_job_once(inputs, one_process, tmp_path):
     """Two launches of the same command, node ranks 0 and 1 on the loopback address, one process
-    each: the cluster invocation of the README on one machine."""
+    each: the cluster invocation of docs/datasets.md on one machine."""
     folder, styles = inputs
     args = batch_args(tmp_path, styles, "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy", "ddp",
                       content=str(folder / "photos"))
@@ -190,7 +190,7 @@ def test_adding_a_file_to_the_folder_runs_exactly_one_new_job(inputs, tmp_path, 
 @pytest.mark.slow
 def test_the_progress_bar_counts_jobs_with_their_outcome_and_styles_come_from_a_yaml_file(inputs, tmp_path, monkeypatch, capsys):
     folder, styles = inputs
-    styles_file = tmp_path / "styles.yaml"  # --data.styles styles.yaml, as in the README
+    styles_file = tmp_path / "styles.yaml"  # --data.styles styles.yaml, as in docs/datasets.md
     styles_file.write_text("".join(f"- {{lora: {s['lora']}, name: {s['name']}, scale: {s.get('scale', 1.0)}}}\n" for s in styles))
     args = [*batch_args(tmp_path, styles, content=str(folder / "photos" / "sub")), "--data.styles", str(styles_file)]
     status, output = run_cli_in_process(args, monkeypatch, capsys)

@@ -142,6 +142,12 @@ class LayerMap:
         return [int(layer) for layer in selection]
 
 
+def trim_to_tokens(latents: torch.Tensor, token_cells: int) -> torch.Tensor:
+    """Latents [..., h, w] cut to whole tokens of `token_cells` x `token_cells` latent cells."""
+    height, width = latents.shape[-2:]
+    return latents[..., : height - height % token_cells, : width - width % token_cells]
+
+
 def check_layer_selection(selection: Optional[LayerSelection], rules: tuple[str, ...], key: str) -> None:
     """What can be checked without a model: layer numbers >= 0, or exactly one known rule name."""
     if selection is None:
@@ -299,8 +305,7 @@ class Backbone(abc.ABC):
 
     def trim_to_tokens(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents cut to whole tokens (a transformer drops a last odd row or column of cells)."""
-        height, width = latents.shape[-2:]
-        return latents[..., : height - height % self.token_cells, : width - width % self.token_cells]
+        return trim_to_tokens(latents, self.token_cells)
 
     # -- images and text ---------------------------------------------------------------------------
 

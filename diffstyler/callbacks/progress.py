@@ -25,19 +25,25 @@ def jobs_of_this_process(trainer) -> int:
 
 
 class JobProgressBar(TQDMProgressBar):
-    """Lightning's tqdm bar, counting jobs in predict runs (from the `JobResult`s of each chunk)."""
+    """Lightning's tqdm bar, counting jobs in predict runs (from the `JobResult`s of each chunk): one
+    bar named `Jobs` from its first frame (Lightning's would show `Predicting` over chunks first)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.counts = {DONE: 0, SKIPPED: 0, FAILED: 0}
 
-    def on_predict_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if not self.has_dataloader_changed(dataloader_idx):
-            return
+    @property
+    def predict_description(self) -> str:
+        processes = self.trainer.world_size
+        return "Jobs" if processes == 1 else f"Jobs (rank 0 of {processes} processes)"
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        super().on_predict_start(trainer, pl_module)  # the bar, named by `predict_description`
         self.counts = {DONE: 0, SKIPPED: 0, FAILED: 0}
         self.predict_progress_bar.reset(total=jobs_of_this_process(trainer))
-        processes = trainer.world_size
-        self.predict_progress_bar.set_description("Jobs" if processes == 1 else f"Jobs (rank 0 of {processes} processes)")
+
+    def on_predict_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Nothing: the bar counts jobs from the start (Lightning's resets it for each dataloader)."""
 
     def on_predict_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         for result in outputs or []:
@@ -50,11 +56,14 @@ class StepProgressBar(TQDMProgressBar):
     """Lightning's tqdm bar over a fit's optimizer steps (`trainer.estimated_stepping_batches`, which
     is max_steps where it is set), starting from the step a resumed fit continues from."""
 
+    @property
+    def train_description(self) -> str:
+        return "Steps"  # from the bar's first frame (Lightning's is "Training")
+
     def on_train_start(self, trainer, pl_module) -> None:
         self.train_progress_bar = self.init_train_tqdm()
         self.train_progress_bar.reset(total=trainer.estimated_stepping_batches)
         self.train_progress_bar.initial = self.train_progress_bar.n = trainer.global_step
-        self.train_progress_bar.set_description("Steps")
 
     def on_train_epoch_start(self, trainer, *_: Any) -> None:
         """One bar for the whole fit: nothing to reset at each epoch."""

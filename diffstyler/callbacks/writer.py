@@ -47,11 +47,13 @@ log = logging.getLogger(__name__)
 class OutputConfig:
     """What is written per job into `folder`.
 
-    grid: also write `<name>_grid.png` (content | style images | results | masks).
-    composite: with masks, paste the result into the content with the feathered full-resolution
-      mask, so pixels outside the masks are the content's, bit for bit.
-    overwrite: redo every job (default: skip jobs whose outputs are finished and carry the current
-      settings hash, so a rerun resumes; see `diffstyler.results`).
+    Args:
+        folder: the output folder; every file of the run is written inside it.
+        grid: also write `<name>_grid.png` (content | style images | results | masks).
+        composite: with masks, paste the result into the content with the feathered
+            full-resolution mask, so pixels outside the masks are the content's, bit for bit.
+        overwrite: redo every job (default: skip jobs whose outputs are finished and carry the
+            current settings hash, so a rerun resumes; see `diffstyler.results`).
     """
 
     folder: str = "outputs/stylized"

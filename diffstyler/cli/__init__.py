@@ -17,7 +17,7 @@ The parts:
 - `command_line`: the subcommand and `--debug`, read before any parser exists;
 - `reporting`: one-line errors, the first failure of a multi-process run, the resume line of an
   interrupted fit; `status`: exit statuses.
-The loop of a fit over a folder (one LoRA per style image) is `diffstyler.lora_per_image`.
+The loop of a fit over a folder (one LoRA per style image) is `diffstyler.cli.lora_per_image`.
 
 Order of work (LightningCLI in lightning 2.6): parse → check → seed → instantiate data and model →
 Trainer → `trainer.fit`. The checks (`check_inputs`: every config dataclass built once so a bad
@@ -50,8 +50,8 @@ import signal
 import sys
 from typing import Optional
 
-from diffstyler.cli.command_line import DEBUG_VARIABLE, TOOL_COMMANDS, find_subcommand, split_debug_flag
-from diffstyler.cli.config_files import config_sources, protocol_stage
+from diffstyler.cli.command_line import DEBUG_VARIABLE, TOOL_COMMANDS, find_subcommand, main_help, split_debug_flag, wants_main_help
+from diffstyler.cli.config_files import config_sources, expand_extends, protocol_stage
 from diffstyler.cli.status import JOBS_FAILED_STATUS, USER_ERROR_STATUS, interrupted_status
 from diffstyler.console import VERBOSE_VARIABLE, quiet_libraries, verbose_requested
 from diffstyler.errors import UserError
@@ -74,13 +74,16 @@ def main(args: Optional[list[str]] = None) -> None:
     verbose, args = verbose_requested(args)
     if verbose:
         os.environ[VERBOSE_VARIABLE] = "1"  # for the ranks that DDP starts
+    if wants_main_help(args):
+        print(main_help(), end="")
+        sys.exit(0)
     subcommand = None
     try:
         subcommand = find_subcommand(args)
         if subcommand in TOOL_COMMANDS:
             run_tool(subcommand, args)
         sources = config_sources(args, subcommand)
-        args = protocol_stage(args, subcommand)
+        args = expand_extends(protocol_stage(args, subcommand))
     except UserError as error:
         if debug:
             raise

@@ -31,8 +31,9 @@ from diffstyler.callbacks.progress import JobProgressBar, StepProgressBar
 from diffstyler.callbacks.stop import PredictInterrupted, StopOnSignal
 from diffstyler.callbacks.writer import StylizationWriter
 from diffstyler.cli.checks import check_fit_steps, check_inputs
-from diffstyler.cli.command_line import DEFAULT_SUBCOMMAND, SUBCOMMANDS
+from diffstyler.cli.command_line import DEFAULT_SUBCOMMAND, DESCRIPTION, SUBCOMMAND_HELP, SUBCOMMANDS
 from diffstyler.cli.config_files import ConfigSource
+from diffstyler.cli.lora_per_image import fit_one_lora_per_image
 from diffstyler.cli.parsing import PARSER_SETTINGS, accept_single_values_as_lists, parse_error
 from diffstyler.cli.reporting import exit_for, failure_line, interrupted_line, lora_written_line
 from diffstyler.cli.status import JOBS_FAILED_STATUS, interrupted_status
@@ -40,7 +41,6 @@ from diffstyler.data import StyleDataModule, StylizeDataModule
 from diffstyler.evaluation.data import EvaluationDataModule
 from diffstyler.evaluation.evaluator import QualityEvaluator
 from diffstyler.evaluation.report import METRICS_NAME
-from diffstyler.lora_per_image import fit_one_lora_per_image
 from diffstyler.predictor import StylizePredictor
 from diffstyler.results import DONE, FAILED, RESULTS_NAME, SKIPPED
 from diffstyler.training import StyleLoRAModule
@@ -54,7 +54,6 @@ MODES: dict[str, tuple[type[LightningModule], type[LightningDataModule]]] = {
 }
 assert tuple(MODES) == SUBCOMMANDS, "command_line.SUBCOMMANDS must name the subcommands of MODES, in order"
 LOG_DIR = "outputs/logs"
-DESCRIPTION = "DiffStyler: learn style LoRAs on Stable Diffusion 2.1-base and stylize image regions with them."
 MAX_FAILURES_SHOWN = 20
 # Each subcommand's output folder (of its instantiated LightningModule).
 OUTPUT_FOLDERS: dict[str, Callable[[Any], str]] = {
@@ -86,8 +85,10 @@ class DiffStylerCLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
-        # jsonargparse gives each subcommand's parser the main parser's exit_on_error and allow_abbrev.
-        kwargs.setdefault("parser_kwargs", {"prog": "diffstyler", "description": DESCRIPTION, **PARSER_SETTINGS})
+        # jsonargparse gives each subcommand's parser the main parser's exit_on_error and allow_abbrev;
+        # LightningCLI gives a subcommand's parser the kwargs under its name.
+        kwargs.setdefault("parser_kwargs", {"prog": "diffstyler", "description": DESCRIPTION, **PARSER_SETTINGS,
+                                            **{name: subcommand_parser_kwargs(name) for name in MODES}})
         super().__init__(model_class, datamodule_class, args=args, **kwargs)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -169,7 +170,10 @@ class DiffStylerCLI(LightningCLI):
         accept_single_values_as_lists(parser)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        # Runs before LightningCLI reads the checkpoint's hyper-parameters and instantiates anything.
+        # Runs before LightningCLI reads the checkpoint's hyper-parameters and instantiates anything,
+        # and before --help is printed (while parsing), once every subcommand's parser is complete.
+        for name, subcommand_parser in self._subcommand_parsers.items():
+            put_our_keys_first(subcommand_parser, name, self._subcommand_method_arguments[name])
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as error:
@@ -186,6 +190,35 @@ class DiffStylerCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         lightning_subcommands = LightningCLI.subcommands()
         return {name: lightning_subcommands[name] for name in MODES}
+
+
+# --- help ----------------------------------------------------------------------------------------
+
+def subcommand_parser_kwargs(subcommand: str) -> dict[str, str]:
+    """The top of `diffstyler <subcommand> --help`: a short usage line (argparse's would list all 100
+    keys) and our description (LightningCLI's is the Trainer method's docstring)."""
+    return {
+        "usage": f"diffstyler {subcommand} [-h] [--config FILE] [--print_config] [--model.KEY VALUE] [--data.KEY VALUE] "
+                 "[--trainer.KEY VALUE] ...",
+        "description": f"diffstyler {subcommand}: {SUBCOMMAND_HELP[subcommand]}. {DESCRIPTION} Our keys are --model.* "
+                       "and --data.* (listed first); --trainer.* are Lightning's Trainer's.",
+    }
+
+
+def put_our_keys_first(parser: LightningArgumentParser, subcommand: str, method_arguments: Sequence[str]) -> None:
+    """The help's groups of Lightning's keys (LightningCLI adds `--trainer.*` first, and the
+    `Trainer.<subcommand>` method's own arguments last, titled by that method's docstring) moved
+    after ours, the method's group titled as what it is."""
+    def is_lightnings(group: Any) -> bool:
+        dests = [action.dest for action in group._group_actions]
+        trainer = all(dest == "trainer" or dest.startswith("trainer.") for dest in dests)
+        return bool(dests) and (trainer or set(dests) <= set(method_arguments))
+
+    for group in parser._action_groups:
+        dests = [action.dest for action in group._group_actions]
+        if dests and set(dests) <= set(method_arguments):
+            group.title = f"Lightning's Trainer.{subcommand} arguments"
+    parser._action_groups.sort(key=is_lightnings)  # a stable sort: each side keeps its order
 
 
 # --- defaults and progress -------------------------------------------------------------------

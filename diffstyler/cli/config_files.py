@@ -7,6 +7,11 @@ checked by the parser; these readings only tell, for an unknown key, which file 
 jsonargparse also takes a YAML string in place of a file (`--config '{trainer: {max_steps: 3}}'`):
 a value that is no file but reads as a mapping is such a string.
 
+A config file may name the config it overlays with `extends: <file>` (relative to its own folder):
+`--config configs/sd15/style.yaml` then reads as `--config configs/style.yaml --config <the rest of
+configs/sd15/style.yaml>`, so a family or smoke config states only what differs from its base and a
+default is changed in one file (`expand_extends`). The base may itself extend another one.
+
 A protocol file (configs/protocols/styleid.yaml) has a section per subcommand (a subcommand's name
 among its top-level keys); each subcommand is given only its own section (`protocol_stage`).
 """
@@ -23,6 +28,7 @@ from diffstyler.cli.command_line import SUBCOMMANDS
 from diffstyler.errors import MissingFileError, UserError
 
 CONFIG_OPTIONS = ("--config", "-c")
+EXTENDS_KEY = "extends"  # a config file's key naming the config file it overlays
 
 
 @dataclass(frozen=True)
@@ -51,15 +57,82 @@ def config_sources(args: list[str], subcommand: str) -> list[ConfigSource]:
     """Every config of the command line, in order; a protocol file gives its `subcommand` section."""
     sources = []
     for _, _, value in config_options(args):
-        if not Path(value).is_file():
+        if not is_file(value):
             sources.append(ConfigSource(f"--config {value!r}", inline_config(value)))
             continue
         values = read_config_file(value)
         if is_protocol(values):
             sources.append(ConfigSource(f"{value} ({subcommand} section)", protocol_section(values, value, subcommand)))
         else:
-            sources.append(ConfigSource(value, values))
+            sources += config_chain(value)
     return sources
+
+
+# --- configs that extend another ------------------------------------------------------------------
+
+def config_chain(file: str) -> list[ConfigSource]:
+    """`file` and the configs it extends, the base first, each without its `extends` key (UserError
+    naming the file for a base that is missing, not YAML, or that extends itself in a loop)."""
+    chain: list[ConfigSource] = []
+    seen: set[Path] = set()
+    name: Optional[str] = file
+    while name is not None:
+        path = Path(name)
+        if path.resolve() in seen:
+            raise UserError("config files extend each other in a loop", name, f"{name} is extended again by {chain[0].name}")
+        seen.add(path.resolve())
+        values = dict(read_config_file(name))
+        base = values.pop(EXTENDS_KEY, None)
+        chain.insert(0, ConfigSource(name, values))
+        name = base_file(base, name) if base is not None else None
+    return chain
+
+
+def base_file(base: Any, file: str) -> str:
+    """The file that `extends: <base>` in `file` names, relative to `file`'s folder."""
+    if not isinstance(base, str) or not base:
+        raise UserError(f"invalid {EXTENDS_KEY}", file, f"give the config file it overlays, relative to {file}'s folder")
+    path = Path(file).parent / base
+    if not path.is_file():
+        raise MissingFileError(f"config file to extend not found ({EXTENDS_KEY}: {base} in {file})", str(path),
+                               "it is a folder" if path.is_dir() else "no such file")
+    return str(path)
+
+
+def expand_extends(args: list[str]) -> list[str]:
+    """Each `--config FILE` whose FILE extends another replaced by one `--config` per config of its
+    chain, the base first: files that extend nothing as they are, the others inline as YAML without
+    their `extends` key (jsonargparse reads a config string as a file). jsonargparse's own reading of
+    a `config:` key in a file replaces whole groups (`trainer:` of the file drops the base's other
+    trainer keys), where `--config A --config B` overrides key by key."""
+    expanded = []
+    start = 0
+    for index, width, value in config_options(args):
+        expanded += args[start:index]
+        start = index + width
+        values = read_config_file(value) if is_file(value) else None
+        if values is None or EXTENDS_KEY not in values or is_protocol(values):
+            expanded += args[index : index + width]
+            continue
+        for source in config_chain(value):
+            extends = EXTENDS_KEY in read_config_file(source.name)
+            expanded += ["--config", yaml.safe_dump(source.values, sort_keys=False) if extends else source.name]
+    return expanded + args[start:]
+
+
+def is_file(value: str) -> bool:
+    """Whether a `--config` value names a file (an inline YAML string may be too long for a path)."""
+    try:
+        return Path(value).is_file()
+    except OSError:
+        return False
+
+
+def is_dir(value: str) -> bool:
+    try:
+        return Path(value).is_dir()
+    except OSError:
+        return False
 
 
 def read_config_file(file: str) -> dict[str, Any]:
@@ -86,7 +159,7 @@ def inline_config(value: str) -> dict[str, Any]:
     except yaml.YAMLError:
         values = None
     if not isinstance(values, dict):
-        why = "it is a folder" if Path(value).is_dir() else "no such file"
+        why = "it is a folder" if is_dir(value) else "no such file"
         raise MissingFileError("config file not found", value, why)
     return values
 
@@ -121,7 +194,7 @@ def protocol_stage(args: list[str], subcommand: str) -> list[str]:
     start = 0
     for index, width, value in config_options(args):
         kept += args[start:index]
-        values = read_config_file(value) if Path(value).is_file() else None
+        values = read_config_file(value) if is_file(value) else None
         if values is not None and is_protocol(values):
             stages += ["--config", yaml.safe_dump(protocol_section(values, value, subcommand), sort_keys=False)]
         else:

@@ -14,14 +14,18 @@ import sys
 from typing import Callable
 
 
-def export(argv: list[str]) -> int:
-    """A LoRA from `diffstyler fit` in the kohya / A1111 layout (A1111, ComfyUI, kohya's sd-scripts)."""
+def export_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffstyler export", allow_abbrev=False, description=export.__doc__)
     parser.add_argument("--lora", required=True, help="a LoRA folder from `diffstyler fit`, or its .safetensors file")
     parser.add_argument("--format", default="kohya", help="the layout to write (kohya: A1111, ComfyUI, sd-scripts)")
     parser.add_argument("--output", required=True, help="the .safetensors file to write")
     parser.add_argument("--name", default=None, help="the LoRA's name in A1111 (ss_output_name; default: the output's stem)")
-    arguments = parser.parse_args(argv)
+    return parser
+
+
+def export(argv: list[str]) -> int:
+    """A LoRA from `diffstyler fit` in the kohya / A1111 layout (A1111, ComfyUI, kohya's sd-scripts)."""
+    arguments = export_parser().parse_args(argv)
     from diffstyler.export import export_lora  # torch and safetensors: only once the arguments parse
     from diffstyler.outputs import a1111_lora_hash
 
@@ -30,13 +34,17 @@ def export(argv: list[str]) -> int:
     return 0
 
 
-def demo(argv: list[str]) -> int:
-    """DiffStyler in the browser: a Gradio page served on this machine until Ctrl-C."""
+def demo_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffstyler demo", allow_abbrev=False, description=demo.__doc__)
     parser.add_argument("--config", default=None, help="a demo YAML file (configs/demo.yaml; configs/smoke/demo.yaml for the tiny model)")
     parser.add_argument("--host", default=None, help="the address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=None, help="the port to serve on (default 7860)")
-    arguments = parser.parse_args(argv)
+    return parser
+
+
+def demo(argv: list[str]) -> int:
+    """DiffStyler in the browser: a Gradio page served on this machine until Ctrl-C."""
+    arguments = demo_parser().parse_args(argv)
     from diffstyler.demo import require_gradio
 
     require_gradio()  # before the model loads: a missing extra is one line in a second
@@ -48,3 +56,4 @@ def demo(argv: list[str]) -> int:
 
 
 TOOLS: dict[str, Callable[[list[str]], int]] = {"export": export, "demo": demo}
+PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {"export": export_parser, "demo": demo_parser}  # for the docs' tests

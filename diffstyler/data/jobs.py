@@ -42,15 +42,16 @@ from diffstyler.masks import MaskSpec, open_mask_file
 class StyleEntry:
     """One style of a job.
 
-    lora: a LoRA `.safetensors` file or a folder holding `pytorch_lora_weights.safetensors`
-      (ours from `diffstyler fit`, or a community LoRA in a format diffusers reads), or a folder
-      of such folders (what `diffstyler fit` with `data.one_lora_per_image` writes), which
-      stands for one style per LoRA folder in it (`expand_lora_folders`).
-    prompt: the style prompt; None takes the prompt recorded in the LoRA's `diffstyler_lora.json`.
-    scale: LoRA scale (0 = base model).
-    mask: where the style goes; None styles the whole image.
-    name: used in output file names (default: the LoRA's folder or file name).
-    image: the style image, shown in the result grid when given.
+    Args:
+        lora: a LoRA `.safetensors` file or a folder holding `pytorch_lora_weights.safetensors`
+            (ours from `diffstyler fit`, or a community LoRA in a format diffusers reads), or a
+            folder of such folders (what `diffstyler fit` with `data.one_lora_per_image` writes),
+            which stands for one style per LoRA folder in it (`expand_lora_folders`).
+        prompt: the style prompt; None takes the prompt recorded in the LoRA's `diffstyler_lora.json`.
+        scale: LoRA scale (0 = base model).
+        mask: where the style goes (a `MaskSpec`); None styles the whole image.
+        name: used in output file names (default: the LoRA's folder or file name).
+        image: the style image, shown in the result grid when given.
     """
 
     lora: str
@@ -263,20 +264,24 @@ OnError = Literal["continue", "stop"]
 class StylizeDataModule(LightningDataModule):
     """Stylization jobs from content inputs and style entries, or from a manifest.
 
-    content: image files, folders (recursive), glob patterns and `.txt` lists of paths
-      (`data.sources.expand_content`). styles: style entries (see `StyleEntry`).
-    manifest: instead of `content`: a CSV or JSONL file, one job per row (`data.sources.read_manifest`);
-      a row's styles are names from `styles` or LoRA paths.
-    pairing: `together` (every content with all styles: one fused image with masks, else one image
-      per style) or `product` (one job and one output per content x style).
-    seed: base seed; a job's seed is derived from it and the job's id (its output name).
-    resolution: the content's longer side is resized to this (sides rounded to multiples of 8).
-    batch_size: jobs per UNet call (jobs of one size share the call; see `model.max_unet_rows`).
-    on_error: `continue` records a failing job in results.jsonl and goes on (the command exits with
-      status 1 at the end); `stop` ends the run at the first failure.
-
     Nothing is decoded here: the files named one by one in `content` are checked by their headers,
     every other input when its job runs.
+
+    Args:
+        content: image files, folders (recursive), glob patterns and `.txt` lists of paths
+            (`data.sources.expand_content`).
+        styles: style entries (`StyleEntry`: lora, prompt, scale, mask, name, image; see
+            `--data.styles.help StyleEntry`), or a YAML file holding their list.
+        manifest: instead of `content`: a CSV or JSONL file, one job per row
+            (`data.sources.read_manifest`); a row's styles are names from `styles` or LoRA paths.
+        pairing: `together` (every content with all styles: one fused image with masks, else one
+            image per style) or `product` (one job and one output per content x style).
+        seed: base seed; a job's seed is derived from it and the job's id (its output name).
+        resolution: the content's longer side is resized to this (sides rounded to multiples of 8).
+        batch_size: jobs per UNet call (jobs of one size share the call; see `model.max_unet_rows`).
+        num_workers: DataLoader workers (jobs are small descriptions; images are read when a job runs).
+        on_error: `continue` records a failing job in results.jsonl and goes on (the command exits
+            with status 1 at the end); `stop` ends the run at the first failure.
     """
 
     def __init__(

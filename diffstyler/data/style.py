@@ -2,7 +2,7 @@
 
 `data.images` takes files, folders (recursive), glob patterns and `.txt` lists, as `data.content`
 of predict does (`data.sources.expand_content`). All the images train one LoRA, or with
-`data.one_lora_per_image` each image its own (`diffstyler.lora_per_image`; `diffstyler fit` runs
+`data.one_lora_per_image` each image its own (`diffstyler.cli.lora_per_image`; `diffstyler fit` runs
 the loop). Every image is checked when the data module is built, i.e. while the CLI parses its
 config and before any model is loaded, so a wrong path fails in seconds with the file's name.
 
@@ -90,7 +90,7 @@ class StyleDataModule(LightningDataModule):
         crop: random crops of 3/4 of each latent side (off by default, as in the paper).
         one_lora_per_image: train one LoRA per image, each into `<model.output_dir>/<image stem>`,
             instead of one LoRA from all images (`diffstyler fit` runs the loop; see
-            `diffstyler.lora_per_image`).
+            `diffstyler.cli.lora_per_image`).
         process_index: with `one_lora_per_image`, this process trains images process_index,
             process_index + num_processes, ... of the sorted list (0 .. num_processes - 1).
         num_processes: how many processes (one per GPU, or the tasks of a job array) share the

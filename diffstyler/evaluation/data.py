@@ -209,10 +209,17 @@ def same_size_groups(batch: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 class EvaluationDataModule(LightningDataModule):
-    """results: output folders of predict runs (several: a comparison of runs); pairs: a CSV
-    `content,style,result` instead. size: None (default) for StyleID's preprocessing (LPIPS and FID
-    at shorter side 512, aspect kept; CFSD at the result's own size); a number N stretches every image
-    to N x N for all metrics, a deliberate deviation (faster, not comparable with StyleID's numbers)."""
+    """The (content, style image, result) triples `diffstyler test` scores.
+
+    Args:
+        results: output folders of predict runs (several: a comparison of runs).
+        pairs: a CSV `content,style,result` instead of `results`.
+        size: None (default) for StyleID's preprocessing (LPIPS and FID at shorter side 512, aspect
+            kept; CFSD at the result's own size); a number N stretches every image to N x N for all
+            metrics, a deliberate deviation (faster, not comparable with StyleID's numbers).
+        batch_size: triples per batch of the metrics' networks.
+        num_workers: DataLoader workers reading the images.
+    """
 
     def __init__(self, results: Optional[list[str]] = None, pairs: Optional[str] = None, size: Optional[int] = None,
                  batch_size: int = 8, num_workers: int = 0):

@@ -45,17 +45,29 @@ from diffstyler.evaluation.random_networks import random_feature_networks
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    """Which networks the quality metrics use. Weights None: torchvision's hub-cache file names.
+    """Which networks the quality metrics use, from local files only (read weights-only; nothing is
+    downloaded). Weights None: the file torchvision itself would use in the torch hub cache
+    (`~/.cache/torch/hub/checkpoints/`).
 
-    `random`: seeded random networks from `seed`, no files (the smoke config; numbers mean nothing).
+    Args:
+        fid_kind: "art" (ArtFID's art Inception, `art_inception.pth`) or "imagenet" (torchvision's
+            Inception-v3) for FID.
+        inception_weights: the Inception's weight file for FID.
+        alexnet_weights: AlexNet's weight file for LPIPS (`alexnet-owt-7be5be79.pth`).
+        lpips_linear_weights: LPIPS v0.1's linear layers (None: `alex.pth` inside the torchmetrics
+            package).
+        vgg_weights: VGG's weight file for CFSD (`vgg19-dcbb9e9d.pth`).
+        vgg_arch: "vgg19" (StyleID's CFSD) or "vgg16" (not comparable with published numbers).
+        random: seeded random networks from `seed`, no files (the smoke config; numbers mean nothing).
+        seed: the seed of the random networks.
     """
 
-    fid_kind: str = "art"  # "art" (ArtFID's Inception) or "imagenet" (torchvision's)
+    fid_kind: str = "art"
     inception_weights: Optional[str] = None
     alexnet_weights: Optional[str] = None
-    lpips_linear_weights: Optional[str] = None  # default: the file inside the torchmetrics package
+    lpips_linear_weights: Optional[str] = None
     vgg_weights: Optional[str] = None
-    vgg_arch: str = "vgg19"  # StyleID's CFSD; "vgg16" is not comparable with published numbers
+    vgg_arch: str = "vgg19"
     random: bool = False
     seed: int = 0
 

@@ -22,9 +22,16 @@ class MaskError(UserError):
 class MaskSpec:
     """One style region. Exactly one of `file`, `text`, `box`, `points` must be set.
 
-    `box` is [x0, y0, x1, y1] and `points` are [x, y] pairs, both in content-image pixels.
-    `point_labels` are 1 (the region contains this point) or 0 (it does not); default all 1.
-    `grow` > 0 dilates, < 0 erodes the region by that many pixels; `feather` softens its edge.
+    Args:
+        file: a mask image; nonzero = region (any size: resized to the content, nearest neighbour).
+        text: a text prompt (FastSAM's instances, the one CLIP matches best), e.g. "the dog".
+        box: [x0, y0, x1, y1] in content-image pixels (FastSAM's instance of the best IoU).
+        points: [x, y] pairs in content-image pixels (FastSAM's instances containing them).
+        point_labels: 1 (the region contains this point) or 0 (it does not), one per point;
+            default all 1.
+        invert: swap region and background (applied first).
+        grow: > 0 dilates, < 0 erodes the region by that many pixels.
+        feather: softens the edge over that many pixels.
     """
 
     file: Optional[str] = None
@@ -119,10 +126,18 @@ def checked_feather(feather) -> int:
 
 @dataclass
 class SegmenterConfig:
-    """How to run FastSAM. `weights` is a local FastSAM-s.pt / FastSAM-x.pt file, or `tiny`: FastSAM's
-    architecture (YOLOv8-seg) with seeded random weights, for smoke runs without weights (it finds
-    arbitrary instances, and only at a very low `conf`). `clip_model` is a transformers model id or
-    local folder, used only for text prompts."""
+    """How to run FastSAM, for masks given by text, a box or points.
+
+    Args:
+        weights: a local FastSAM-s.pt / FastSAM-x.pt file, or `tiny`: FastSAM's architecture
+            (YOLOv8-seg) with seeded random weights, for smoke runs without weights (it finds
+            arbitrary instances, and only at a very low `conf`).
+        device: where FastSAM runs (None: the model's device).
+        imgsz: the side FastSAM resizes the content to.
+        conf: FastSAM's confidence threshold: if a prompt finds nothing, lower it or use a mask file.
+        iou: FastSAM's IoU threshold of non-maximum suppression.
+        clip_model: a transformers CLIP model id or local folder, used only for text prompts.
+    """
 
     weights: str = "FastSAM-s.pt"
     device: Optional[str] = None

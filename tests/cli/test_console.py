@@ -17,7 +17,7 @@ from diffstyler.console import verbose_requested
 # Every line a default smoke fit and predict may print. Progress-bar frames (tqdm, split at "\r")
 # end with their "[elapsed<remaining, ...]" part, so that a message glued after a frame fails too.
 ALLOWED_LINES = (
-    r"(Training|Steps|Predicting|Jobs): +(\d+%)?\|[^|]*\| *\d+/(\d+|\?) \[[^\]]*\] *",
+    r"(Steps|Jobs): +(\d+%)?\|[^|]*\| *\d+/(\d+|\?) \[[^\]]*\] *",  # one bar each: no "Training", no "Predicting"
     r"diffstyler fit: LoRA written to \S+ \(4 steps, \d+\.\d s\)",
     r"diffstyler predict: 1 job: 1 done, 0 already done \(skipped\), 0 failed; results in \S+results\.jsonl",
     r"",

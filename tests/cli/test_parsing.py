@@ -10,22 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from diffstyler.cli.command_line import SUBCOMMANDS, find_subcommand
+from diffstyler.cli.command_line import SUBCOMMANDS, find_subcommand, wants_main_help
 from diffstyler.cli.config_files import ConfigSource, source_of
 from diffstyler.errors import UserError
-from tests.helpers import run_cli_in_process
+from tests.helpers import printed_config, run_cli_in_process
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONTENT = "data/content_shapes.png"
-
-
-def printed_config(args: list[str], monkeypatch, capsys) -> dict:
-    """The config `diffstyler <args> --print_config` prints, read back."""
-    status, output = run_cli_in_process([*args, "--print_config"], monkeypatch, capsys)
-    assert status in (0, None), output[-2000:]
-    return yaml.safe_load(output[output.index("seed_everything"):])
 
 
 @pytest.mark.slow
@@ -76,7 +68,7 @@ def test_the_subcommand_is_the_first_argument_that_is_no_option():
     subcommand's name would be taken for it) and a `--config` value taken for the subcommand."""
     assert find_subcommand(["--config", "p.yaml", "predict", "--data.content", "fit"]) == "predict"
     assert find_subcommand(["-c", "test", "fit"]) == "fit"
-    assert find_subcommand(["--help"]) == "fit"  # the main help, which lists the subcommands
+    assert wants_main_help(["--help"]) and wants_main_help(["--verbose", "-h"]) and not wants_main_help(["predict", "--help"])
     with pytest.raises(UserError, match="unknown subcommand 'tset': did you mean test"):
         find_subcommand(["tset", "--config", "fit.yaml"])
     with pytest.raises(UserError, match="no subcommand"):

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from diffstyler.cli.lora_per_image import ImageLoRA, already_trained, expected_record
 from diffstyler.data import StyleDataModule
 from diffstyler.errors import UserError
 from diffstyler.lora import LORA_INFO_NAME, LORA_WEIGHTS_NAME
-from diffstyler.lora_per_image import ImageLoRA, already_trained, expected_record
 from tests.helpers import finished, run_cli_in_process, run_console
 
 STEPS = 2
