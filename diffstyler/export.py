@@ -371,8 +371,9 @@ def _transformer_file_contents(tensors, file_metadata, info, output_name, format
     one_setting = len(ranks) == 1 and len(alphas) == 1  # else sd-scripts' ss_network_dim / _alpha say nothing true
     metadata = kohya_metadata(info, output_name, ranks if one_setting else set(), next(iter(alphas)) if one_setting else None, None)
     metadata["ss_network_module"] = export_mmdit.NETWORK_MODULES[family]
-    if width in export_mmdit.BASE_MODEL_VERSIONS and family == export_mmdit.FLUX:
-        metadata["ss_base_model_version"] = export_mmdit.BASE_MODEL_VERSIONS[width]
+    version = export_mmdit.base_model_version(width)
+    if version is not None:
+        metadata["ss_base_model_version"] = version
     return converted, metadata
 
 

@@ -37,16 +37,15 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-FLUX, SD35 = "FLUX.1", "SD 3.5"
+from diffstyler.backbones.mmdit import FAMILY_BY_WIDTH, FLUX, SD35
+
 KOHYA_PREFIX, COMFYUI_PREFIX = "lora_unet_", "diffusion_model."
 DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
 # sd-scripts' network module of each family's LoRAs (`ss_network_module`)
 NETWORK_MODULES = {FLUX: "networks.lora_flux", SD35: "networks.lora_sd3"}
-# The attention width of each family's released models (FLUX.1 dev and schnell: 3072; SD 3.5
-# Large 2432, Medium 1536): only there is a file's base model version (`ss_base_model_version`)
-# known; sd-scripts writes "flux1" for FLUX.1.
-FLUX_WIDTH = 3072
-BASE_MODEL_VERSIONS = {FLUX_WIDTH: "flux1"}
+# sd-scripts' `ss_base_model_version` of a LoRA of a released model's width (`FAMILY_BY_WIDTH`);
+# SD 3.5's is not written (not guessed).
+BASE_MODEL_VERSIONS = {FLUX: "flux1"}
 
 QKV = (1, 1, 1)
 QKV_MLP = (1, 1, 1, 4)  # FLUX.1's linear1: q, k, v (the attention width each), the MLP's input (4x)
@@ -126,9 +125,9 @@ def transformer_family(modules: Mapping[str, Any], width: Optional[int], info: M
         raise ValueError("it has both FLUX.1's single-stream blocks and SD 3.5's attn2 layers")
     if flux or sd35:
         return FLUX if flux else SD35
-    by_width = {FLUX_WIDTH: FLUX, 2432: SD35, 1536: SD35}.get(width) if width is not None else None
-    if by_width:
-        return by_width
+    released = FAMILY_BY_WIDTH.get(width, "") if width is not None else ""
+    if released.startswith((FLUX, SD35)):
+        return FLUX if released.startswith(FLUX) else SD35
     card = info.get("model_card")
     recorded = card.get("base_model") if isinstance(card, Mapping) else None
     if recorded in (FLUX, SD35):
@@ -138,6 +137,11 @@ def transformer_family(modules: Mapping[str, Any], width: Optional[int], info: M
 
 
 # --- names and fusion ---------------------------------------------------------------------------
+
+def base_model_version(width: Optional[int]) -> Optional[str]:
+    """`ss_base_model_version` of a LoRA whose attention reads `width` (None: not a released model's)."""
+    return BASE_MODEL_VERSIONS.get(FAMILY_BY_WIDTH.get(width, "")) if width is not None else None
+
 
 def original_target(module: str, family: str) -> tuple[str, Optional[int], tuple[int, ...]]:
     """(the original module, the part of it for a fused one or None, the fused parts' widths) of a

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import FluxPipeline, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import FluxPipeline, SD3Transformer2DModel
 from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 from peft import LoraConfig
 from safetensors import safe_open
