@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from diffstyler.backbones.mmdit import build_flux, build_sd3
 from diffstyler.errors import UserError
 from diffstyler.export import export_lora, exported_lora_hash
-from diffstyler.export_mmdit import FLUX, SD35
+from diffstyler.export_mmdit import FLUX, SD35, ModuleLoRA, fuse
 from diffstyler.lora import LORA_WEIGHTS_NAME, StyleLoRAConfig, add_style_adapter, save_lora, write_lora_info
 from diffstyler.outputs import a1111_lora_hash
 from tests.helpers import randomize_adapter
@@ -165,6 +165,20 @@ def test_the_default_flux_lora_fuses_each_blocks_projections_into_one_lora(tmp_p
         up = up - block
     assert up.abs().max() == 0  # nothing outside the parts' blocks: the MLP rows are zero
     assert exported["lora_unet_single_blocks_2_linear1.alpha"].item() == 3 * ALPHA
+
+
+def test_parts_of_different_ranks_keep_their_own_update_in_the_fused_lora():
+    """One alpha for the whole file, ranks 2 and 4 (scales 4 and 2): the fused LoRA has one scale.
+    Mistake caught: the parts' ratio of scales not folded into their ups (the rank-2 part's update
+    then halves)."""
+    generator = torch.Generator().manual_seed(0)
+    q = ModuleLoRA(torch.randn(2, 8, generator=generator), torch.randn(8, 2, generator=generator), ALPHA)
+    v = ModuleLoRA(torch.randn(4, 8, generator=generator), torch.randn(8, 4, generator=generator), ALPHA)
+    fused = fuse({0: q, 2: v}, (1, 1, 1), "qkv")
+    update = fused.scale * fused.up @ fused.down
+    assert torch.allclose(update[0:8], q.scale * q.up @ q.down, atol=1e-6)
+    assert torch.allclose(update[16:24], v.scale * v.up @ v.down, atol=1e-6)
+    assert update[8:16].abs().max() == 0
 
 
 # --- SD 3.5 ---------------------------------------------------------------------------------------
