@@ -1,4 +1,5 @@
-"""Our LoRAs in the kohya / A1111 layout, which A1111, ComfyUI and kohya's sd-scripts load.
+"""Our LoRAs in the layouts other tools load: kohya's (A1111, A1111-Forge, ComfyUI, kohya's
+sd-scripts) for every family, and ComfyUI's own for SD 3.5 and FLUX.1.
 
 `diffstyler fit` writes the diffusers/PEFT layout: `unet.<module>.lora.down.weight` (or `lora_A`)
 and `.lora.up.weight` (`lora_B`), with PEFT's `LoraConfig` in the file's metadata so that alpha
@@ -18,7 +19,11 @@ diffusers reads both back (`_maybe_map_sgm_blocks_to_diffusers` and
 `_convert_non_diffusers_lora_to_diffusers` in `diffusers/loaders/lora_conversion_utils.py`); the
 tests load our files through it and compare the UNet's outputs.
 
-Only UNet LoRAs (what `diffstyler fit` makes) are converted.
+SD 3.5 and FLUX.1 LoRAs name the modules of the original models, whose Q/K/V projections are
+fused: `export_mmdit` fuses the LoRAs and names them, in kohya's spelling (`lora_unet_double_blocks_0_img_attn_qkv`)
+or ComfyUI's (`diffusion_model.double_blocks.0.img_attn.qkv`).
+
+Only the denoiser's LoRA layers (what `diffstyler fit` makes) are converted.
 """
 
 from __future__ import annotations
@@ -33,11 +38,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from diffstyler import export_mmdit
 from diffstyler.errors import MissingFileError, UserError, first_line
 from diffstyler.lora import LORA_WEIGHTS_NAME, read_lora_info
 from diffstyler.outputs import atomic_write
 
-FORMATS = ("kohya",)
+# kohya: every family; comfyui: ComfyUI's own layout, for SD 3.5 and FLUX.1 (ComfyUI loads UNet LoRAs in kohya's).
+FORMATS = ("kohya", "comfyui")
 PEFT_METADATA_KEY = "lora_adapter_metadata"  # where diffusers stores the LoraConfig in the file
 KOHYA_UNET_PREFIX = "lora_unet_"
 KOHYA_NETWORK_MODULE = "networks.lora"  # sd-scripts' module for plain LoRA
@@ -112,17 +119,18 @@ def kohya_module_name(module: str, sdxl: bool = False, layers_per_block: int = S
 
 # --- state dicts ----------------------------------------------------------------------------------
 
-def lora_modules(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{UNet module path: (down, up)} of a diffusers/PEFT LoRA state dict (keys with or without `unet.`).
+def lora_modules(state_dict: Mapping[str, torch.Tensor], denoiser: str = "unet") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module path: (down, up)} of a diffusers/PEFT LoRA state dict of a `denoiser` ("unet" or
+    "transformer"; keys with or without that prefix).
 
-    Raises ValueError for a key that is not a UNet LoRA matrix (text-encoder layers, DoRA
-    magnitudes, ...) and for a matrix without its partner.
+    Raises ValueError for a key that is not a LoRA matrix of the denoiser (text-encoder layers,
+    DoRA magnitudes, ...) and for a matrix without its partner.
     """
     downs, ups = {}, {}
     for key, tensor in state_dict.items():
         if key.startswith("text_encoder"):
-            raise ValueError(f"{key!r} is a text-encoder layer; only UNet LoRAs are converted")
-        module_key = key.removeprefix("unet.")
+            raise ValueError(f"{key!r} is a text-encoder layer; only the UNet's or transformer's LoRA layers are converted")
+        module_key = key.removeprefix(f"{denoiser}.")
         down = next((s for s in _DOWN_SUFFIXES if module_key.endswith(s)), None)
         up = next((s for s in _UP_SUFFIXES if module_key.endswith(s)), None)
         if down:
@@ -196,8 +204,9 @@ def kohya_to_diffusers(
 
 # --- metadata and hashes --------------------------------------------------------------------------
 
-def peft_alpha(file_metadata: Optional[Mapping[str, str]]) -> Optional[float]:
-    """PEFT's `lora_alpha` from a diffusers LoRA file's metadata; None when the file has no LoraConfig.
+def peft_alpha(file_metadata: Optional[Mapping[str, str]], denoiser: str = "unet") -> Optional[float]:
+    """PEFT's `lora_alpha` of the `denoiser` ("unet", "transformer") from a diffusers LoRA file's
+    metadata; None when the file has no LoraConfig.
 
     Raises ValueError for settings the kohya layout cannot express with one alpha per module and
     the plain alpha / rank scale (DoRA, rsLoRA, per-module alpha patterns).
@@ -205,7 +214,7 @@ def peft_alpha(file_metadata: Optional[Mapping[str, str]]) -> Optional[float]:
     raw = (file_metadata or {}).get(PEFT_METADATA_KEY)
     if raw is None:
         return None
-    config = {key.removeprefix("unet."): value for key, value in json.loads(raw).items() if key.startswith("unet.")}
+    config = {key.removeprefix(f"{denoiser}."): value for key, value in json.loads(raw).items() if key.startswith(f"{denoiser}.")}
     if "lora_alpha" not in config:
         return None
     for flag in ("use_dora", "use_rslora"):
@@ -297,9 +306,11 @@ def export_lora(lora: str | os.PathLike, format: str = "kohya", output: str | os
                 name: Optional[str] = None) -> Path:
     """Write our LoRA (`lora`: its folder or its `.safetensors` file) as `output` in `format`.
 
-    kohya's layout (the only format): the file A1111 (`models/Lora`), ComfyUI (`models/loras`) and
-    sd-scripts load. `name` (default: `output`'s stem) is recorded as `ss_output_name`, which A1111
-    shows as the LoRA's name. Written atomically; returns the output path.
+    kohya: the file A1111 and A1111-Forge (`models/Lora`), ComfyUI (`models/loras`) and sd-scripts
+    load, for every family (SD 3.5 and FLUX.1 in the original models' fused module names).
+    comfyui: SD 3.5 and FLUX.1 in ComfyUI's own key layout. `name` (default: `output`'s stem) is
+    recorded as `ss_output_name`, which A1111 shows as the LoRA's name. Written atomically;
+    returns the output path.
     """
     if format not in FORMATS:
         raise UserError("unknown export format", "--format", f"{format!r}; choose one of {', '.join(FORMATS)}")
@@ -307,7 +318,7 @@ def export_lora(lora: str | os.PathLike, format: str = "kohya", output: str | os
     target = _output_file(output, source)
     tensors, file_metadata = _read_safetensors(source)
     info = read_lora_info(source) or {}  # {} for a LoRA made elsewhere: no ss_* fields from it
-    converted, metadata = _kohya_file_contents(tensors, file_metadata, info, name or target.stem, source)
+    converted, metadata = _file_contents(tensors, file_metadata, info, name or target.stem, source, format)
     return atomic_write(target, lambda handle: handle.write(safetensors_bytes(converted, metadata)))
 
 
@@ -317,21 +328,52 @@ def exported_lora_hash(lora: str | os.PathLike) -> str:
     depends on the tensors only, not on the output's name or the other metadata."""
     source = _lora_file(lora)
     tensors, file_metadata = _read_safetensors(source)
-    _, metadata = _kohya_file_contents(tensors, file_metadata, {}, "", source)
+    _, metadata = _file_contents(tensors, file_metadata, read_lora_info(source) or {}, "", source, "kohya")
     return metadata["sshs_model_hash"][:12]
 
 
-def _kohya_file_contents(tensors, file_metadata, info, output_name, source) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _file_contents(tensors, file_metadata, info, output_name, source, format) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
-        alpha = peft_alpha(file_metadata)
-        modules = lora_modules(tensors)
-        width = cross_attention_width(modules)
-        converted = diffusers_to_kohya(tensors, alpha, sdxl=width == SDXL_WIDTH)
+        if any(key.startswith("transformer.") for key in tensors):
+            converted, metadata = _transformer_file_contents(tensors, file_metadata, info, output_name, format)
+        elif format != "kohya":
+            raise ValueError(f"--format {format} is for SD 3.5 and FLUX.1 LoRAs; ComfyUI loads SD 1.x / 2.x / SDXL "
+                             "LoRAs in the kohya layout (--format kohya)")
+        else:
+            converted, metadata = _unet_file_contents(tensors, file_metadata, info, output_name)
     except (ValueError, json.JSONDecodeError) as error:
         raise UserError("LoRA cannot be exported", "--lora", f"{source}: {first_line(error)}") from error
-    ranks = {int(down.shape[0]) for down, _ in modules.values()}
-    metadata = kohya_metadata(info, output_name, ranks, alpha, width)
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = kohya_hashes(converted, metadata)
+    return converted, metadata
+
+
+def _unet_file_contents(tensors, file_metadata, info, output_name) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    alpha = peft_alpha(file_metadata)
+    modules = lora_modules(tensors)
+    width = cross_attention_width(modules)
+    converted = diffusers_to_kohya(tensors, alpha, sdxl=width == SDXL_WIDTH)
+    ranks = {int(down.shape[0]) for down, _ in modules.values()}
+    return converted, kohya_metadata(info, output_name, ranks, alpha, width)
+
+
+def _transformer_file_contents(tensors, file_metadata, info, output_name, format) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """An SD 3.5 / FLUX.1 LoRA in the original models' module names (`export_mmdit`); alpha as
+    diffusers reads the file (its LoraConfig's, or the rank without one)."""
+    alpha = peft_alpha(file_metadata, "transformer")
+    modules = {module: export_mmdit.ModuleLoRA(down, up, alpha if alpha is not None else float(down.shape[0]))
+               for module, (down, up) in lora_modules(tensors, "transformer").items()}
+    width = next((int(lora.down.shape[1]) for module, lora in modules.items()  # the attention's width: what to_q/k/v read
+                  if module.endswith((".attn.to_q", ".attn.to_k", ".attn.to_v"))), None)
+    family = export_mmdit.transformer_family(modules, width, info)
+    loras = export_mmdit.original_loras(modules, family)
+    converted = export_mmdit.layout_state_dict(loras, format)
+    ranks, alphas = {lora.rank for lora in loras.values()}, {lora.alpha for lora in loras.values()}
+    one_setting = len(ranks) == 1 and len(alphas) == 1  # else sd-scripts' ss_network_dim / _alpha say nothing true
+    metadata = kohya_metadata(info, output_name, ranks if one_setting else set(), next(iter(alphas)) if one_setting else None, None)
+    metadata["ss_network_module"] = export_mmdit.NETWORK_MODULES[family]
+    version = export_mmdit.base_model_version(width)
+    if version is not None:
+        metadata["ss_base_model_version"] = version
     return converted, metadata
 
 

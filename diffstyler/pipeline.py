@@ -413,8 +413,7 @@ class DiffStylerPipeline:
         """What a result's PNG metadata records (A1111's names first, then ours)."""
         return {
             "Steps": sampling.steps,
-            "Sampler": self.backbone.sampler_name,
-            "CFG scale": sampling.guidance_scale,
+            **self.backbone.a1111_sampling_fields(sampling.guidance_scale),
             "Seed": seed,
             "Size": f"{content.width}x{content.height}",
             "Model": self.model_name,

@@ -233,7 +233,7 @@ class Backbone(abc.ABC):
     """A loaded diffusers pipeline as the method sees it. `pipe` stays reachable."""
 
     kind: str = ""
-    sampler_name: str = ""  # recorded in outputs' settings ("DDIM", "Euler")
+    sampler_name: str = ""  # the sampler's name in A1111 and A1111-Forge ("DDIM", "Euler"), recorded in outputs' settings
 
     def __init__(self, pipe: Any):
         self.pipe = pipe
@@ -339,6 +339,12 @@ class Backbone(abc.ABC):
         """Whether classifier-free guidance runs a row for the negative prompt beside each style's
         row (SD, SDXL, SD 3.5 unless the scale is 1; never on a guidance-distilled FLUX.1)."""
         return guidance_scale != 1.0
+
+    def a1111_sampling_fields(self, guidance_scale: float) -> dict[str, Any]:
+        """The sampler and the guidance as A1111 and A1111-Forge write them in a PNG's `parameters`
+        (and read them back into their UI): "Sampler", then "CFG scale", the classifier-free
+        guidance scale of the negative rows."""
+        return {"Sampler": self.sampler_name, "CFG scale": guidance_scale}
 
     @property
     def default_steps(self) -> int:

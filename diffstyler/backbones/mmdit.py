@@ -90,7 +90,8 @@ class MMDiTBackbone(Backbone):
     """An SD 3.5 or FLUX.1 pipeline: `pipe.transformer`, sampled by flow matching."""
 
     kind = "mmdit"
-    sampler_name = "Euler (flow matching)"
+    sampler_name = "Euler"  # A1111-Forge's name for the flow-matching Euler step (and ComfyUI's "euler")
+    schedule_type = "Simple"  # Forge's (and ComfyUI's "simple") schedule: the model's shifted sigmas, evenly spaced
     inversion_solvers = INVERSION_SOLVERS
     token_cells = PATCH
 
@@ -150,6 +151,18 @@ class MMDiTBackbone(Backbone):
 
     def negative_rows(self, guidance_scale: float) -> bool:
         return not self.flux and guidance_scale != 1.0
+
+    def a1111_sampling_fields(self, guidance_scale: float) -> dict[str, Any]:
+        """As A1111-Forge writes FLUX.1 and SD 3.5 results: "Sampler: Euler, Schedule type: Simple";
+        SD 3.5's guidance scale is the CFG scale; FLUX.1 runs no negative rows ("CFG scale: 1"),
+        and dev's embedded guidance is Forge's "Distilled CFG Scale" (schnell reads none)."""
+        fields: dict[str, Any] = {"Sampler": self.sampler_name, "Schedule type": self.schedule_type}
+        if not self.flux:
+            return {**fields, "CFG scale": guidance_scale}
+        fields["CFG scale"] = 1.0
+        if self.guidance_embedded:
+            fields["Distilled CFG Scale"] = guidance_scale
+        return fields
 
     # -- images and text ---------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """Subcommands that are not a Lightning stage, each a plain argparse command:
 
     diffstyler export --lora outputs/lora_mine --format kohya --output mine.safetensors
+    diffstyler export --lora outputs/lora_flux --format comfyui --output mine_flux.safetensors
     diffstyler demo --config configs/smoke/demo.yaml       # a Gradio page (pip install -e ".[demo]")
 
 `TOOLS` maps a name to its function(argv) -> exit status. Their errors are one line like the
@@ -17,14 +18,16 @@ from typing import Callable
 def export_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffstyler export", allow_abbrev=False, description=export.__doc__)
     parser.add_argument("--lora", required=True, help="a LoRA folder from `diffstyler fit`, or its .safetensors file")
-    parser.add_argument("--format", default="kohya", help="the layout to write (kohya: A1111, ComfyUI, sd-scripts)")
+    parser.add_argument("--format", default="kohya", help="the layout to write: kohya (every family; A1111, Forge, ComfyUI, "
+                                                          "sd-scripts) or comfyui (SD 3.5 and FLUX.1: ComfyUI's own)")
     parser.add_argument("--output", required=True, help="the .safetensors file to write")
     parser.add_argument("--name", default=None, help="the LoRA's name in A1111 (ss_output_name; default: the output's stem)")
     return parser
 
 
 def export(argv: list[str]) -> int:
-    """A LoRA from `diffstyler fit` in the kohya / A1111 layout (A1111, ComfyUI, kohya's sd-scripts)."""
+    """A LoRA from `diffstyler fit` in the layout other tools load: kohya's (A1111, A1111-Forge, ComfyUI,
+    kohya's sd-scripts; every family) or ComfyUI's own (SD 3.5 and FLUX.1)."""
     arguments = export_parser().parse_args(argv)
     from diffstyler.export import export_lora  # torch and safetensors: only once the arguments parse
     from diffstyler.outputs import a1111_lora_hash

@@ -39,12 +39,28 @@ def test_export_writes_the_kohya_file_and_names_its_a1111_hash(tmp_path, monkeyp
 @pytest.mark.parametrize("args, line", [
     (["--lora", "nowhere", "--output", "x.safetensors"], "diffstyler export: error: LoRA not found (--lora)"),
     (["--lora", str(LORA), "--output", "x.safetensors", "--format", "a1111"], "diffstyler export: error: unknown export format (--format)"),
+    (["--lora", str(LORA), "--output", "x.safetensors", "--format", "comfyui"], "diffstyler export: error: LoRA cannot be exported (--lora)"),
 ])
 def test_export_errors_are_one_line(args, line, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     status, err = run(["export", *args], monkeypatch, capsys)
     assert status == 2 and err.strip().startswith(line) and len(err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_writes_a_flux_lora_in_comfyuis_layout(tmp_path, monkeypatch, capsys):
+    """Caught: --format not reaching `export_lora` (the kohya file written instead)."""
+    from diffstyler.backbones.mmdit import build_flux
+    from diffstyler.lora import StyleLoRAConfig, add_style_adapter, save_lora
+
+    transformer = build_flux(0).transformer
+    add_style_adapter(transformer, StyleLoRAConfig(rank=4), "style")
+    save_lora(transformer, "style", tmp_path / "flux")
+    output = tmp_path / "flux.safetensors"
+    status, err = run(["export", "--lora", str(tmp_path / "flux"), "--format", "comfyui", "--output", str(output)], monkeypatch, capsys)
+    assert status == 0 and err.strip().startswith(f"diffstyler export: comfyui LoRA written to {output}")
+    with safe_open(str(output), framework="pt") as file:
+        assert "diffusion_model.single_blocks.3.linear1.lora_down.weight" in file.keys()
 
 
 def test_an_abbreviated_export_option_is_refused(monkeypatch, capsys):
