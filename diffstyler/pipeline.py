@@ -229,7 +229,7 @@ class DiffStylerPipeline:
         injection: InjectionConfig | str = "paper",
         inversion_prompt: str = SamplingConfig.inversion_prompt,
         inversion_substeps: int = SamplingConfig.inversion_substeps,
-        inversion_solver: str = SamplingConfig.inversion_solver,
+        inversion_solver: Optional[str] = None,
         resolution: Optional[int] = None,
         composite: bool = True,
         inversion_cache: Optional[str | os.PathLike] = None,
@@ -347,7 +347,7 @@ class DiffStylerPipeline:
             prompt=sampling.inversion_prompt,
             dtype=str(self.backbone.dtype),
             vae_tiling=vae_tiling_setting(self.pipe.vae, content.height, content.width),
-            solver=None if sampling.inversion_solver == "euler" else sampling.inversion_solver,
+            solver=None if self.backbone.solver(sampling.inversion_solver) == "euler" else self.backbone.solver(sampling.inversion_solver),
         )
 
     def trajectories(self, contents: Sequence[Image.Image], reference: Conditioning, sampling: SamplingConfig,
@@ -470,7 +470,7 @@ def check_resolution_argument(resolution: int, multiple: int = 8) -> int:
 
 
 def sampling_for_call(steps: int, guidance_scale: float, negative_prompt: str, inversion_prompt: str,
-                      inversion_substeps: int, inversion_solver: str = "euler") -> SamplingConfig:
+                      inversion_substeps: int, inversion_solver: Optional[str] = None) -> SamplingConfig:
     """The call's sampling settings, checked under the names of `__call__`'s arguments."""
     if steps < 1:
         raise config_error("num_inference_steps", f"must be >= 1, got {steps}")

@@ -52,7 +52,8 @@ class SamplingConfig:
             is the paper's 1000-step inversion; 1 inverts at exactly the sampler's timesteps).
         inversion_solver: how flow-matching models (SD 3.5, FLUX.1) integrate the inversion: "euler",
             "midpoint" (RF-Solver's second-order step) or "fireflow" (the midpoint, reusing the last
-            velocity). DDIM (SD 1.x / 2.x / SDXL) has its own first-order step: "euler" only.
+            velocity: second order at one evaluation per step). None: the model's default (fireflow
+            on SD 3.5 and FLUX.1; DDIM's own first-order step, "euler", on SD 1.x / 2.x / SDXL).
         reference: "batch" runs reference and style rows in one call; "separate" runs the reference
             alone first (lower peak memory, more calls, same result).
     """
@@ -62,7 +63,7 @@ class SamplingConfig:
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     inversion_prompt: str = ""
     inversion_substeps: int = 1
-    inversion_solver: Literal["euler", "midpoint", "fireflow"] = "euler"
+    inversion_solver: Optional[Literal["euler", "midpoint", "fireflow"]] = None
     reference: Literal["batch", "separate"] = "batch"
 
     def __post_init__(self) -> None:
@@ -74,7 +75,7 @@ class SamplingConfig:
             raise config_error("model.sampling.inversion_substeps", f"must be >= 1, got {self.inversion_substeps}")
         if self.reference not in ("batch", "separate"):
             raise config_error("model.sampling.reference", f"must be 'batch' or 'separate', got {self.reference!r}")
-        if self.inversion_solver not in INVERSION_SOLVERS:
+        if self.inversion_solver is not None and self.inversion_solver not in INVERSION_SOLVERS:
             raise config_error("model.sampling.inversion_solver", f"must be one of {', '.join(INVERSION_SOLVERS)}, "
                                                                   f"got {self.inversion_solver!r}")
 
@@ -82,7 +83,7 @@ class SamplingConfig:
         """The settings for hashes and cache keys. Settings added later appear only when they differ
         from their default, so that adding them changed the hash of no existing output."""
         fields = asdict(self)
-        if fields["inversion_solver"] == "euler":
+        if fields["inversion_solver"] is None:
             del fields["inversion_solver"]
         return fields
 

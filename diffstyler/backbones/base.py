@@ -357,16 +357,21 @@ class Backbone(abc.ABC):
     # -- sampling ------------------------------------------------------------------------------------
 
     inversion_solvers: tuple[str, ...] = ("euler",)  # `sampling.INVERSION_SOLVERS` this sampler has
+    default_inversion_solver: str = "euler"
+
+    def solver(self, solver: Optional[str]) -> str:
+        """The inversion solver a setting names (None: this model's default)."""
+        return self.default_inversion_solver if solver is None else solver
 
     @abc.abstractmethod
-    def schedule(self, steps: int, image_tokens: Optional[int] = None, solver: str = "euler") -> Any:
+    def schedule(self, steps: int, image_tokens: Optional[int] = None, solver: Optional[str] = None) -> Any:
         """The sampler's schedule for `steps` steps (`sampling.DDIMSchedule`, `sampling.FlowSchedule`);
         `image_tokens`: the image's size to the denoiser, for schedules that shift with it; `solver`:
-        how its inversion integrates (one of `inversion_solvers`)."""
+        how its inversion integrates (one of `inversion_solvers`; None: the default)."""
 
-    def check_sampling(self, steps: int, solver: str, key_prefix: str = "model.sampling.") -> None:
+    def check_sampling(self, steps: int, solver: Optional[str], key_prefix: str = "model.sampling.") -> None:
         """One line for sampling settings this model cannot run (before anything is computed)."""
-        if solver not in self.inversion_solvers:
+        if self.solver(solver) not in self.inversion_solvers:
             raise config_error(f"{key_prefix}inversion_solver", f"{solver!r} is not for {self.sampler_name} sampling "
                                                                  f"({self.family.name or 'this model'}): use {', '.join(self.inversion_solvers)}")
 

@@ -93,6 +93,7 @@ class MMDiTBackbone(Backbone):
     sampler_name = "Euler"  # A1111-Forge's name for the flow-matching Euler step (and ComfyUI's "euler")
     schedule_type = "Simple"  # Forge's (and ComfyUI's "simple") schedule: the model's shifted sigmas, evenly spaced
     inversion_solvers = INVERSION_SOLVERS
+    default_inversion_solver = "fireflow"  # second order at Euler's cost (docs: model families, inversion)
     token_cells = PATCH
 
     @property
@@ -216,7 +217,7 @@ class MMDiTBackbone(Backbone):
 
     # -- sampling ------------------------------------------------------------------------------------
 
-    def schedule(self, steps: int, image_tokens: Optional[int] = None, solver: str = "euler") -> FlowSchedule:
+    def schedule(self, steps: int, image_tokens: Optional[int] = None, solver: Optional[str] = None) -> FlowSchedule:
         """The sigmas the family's own pipeline samples at: FLUX.1 linspace(1, 1/N, N) shifted by
         the image's token count (dynamic shifting), SD 3.5 its scheduler's (static shift 3)."""
         self.check_sampling(steps, solver)
@@ -228,7 +229,7 @@ class MMDiTBackbone(Backbone):
             scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), **kwargs)
         else:
             scheduler.set_timesteps(steps, **kwargs)
-        return FlowSchedule(scheduler.timesteps.float(), scheduler.sigmas.to(torch.float64), solver)
+        return FlowSchedule(scheduler.timesteps.float(), scheduler.sigmas.to(torch.float64), self.solver(solver))
 
     def shift_mu(self, image_tokens: int) -> float:
         config = self.pipe.scheduler.config

@@ -257,7 +257,7 @@ class UNetBackbone(Backbone):
 
     # -- sampling ------------------------------------------------------------------------------------
 
-    def schedule(self, steps: int, image_tokens: Optional[int] = None, solver: str = "euler") -> DDIMSchedule:
+    def schedule(self, steps: int, image_tokens: Optional[int] = None, solver: Optional[str] = None) -> DDIMSchedule:
         self.check_sampling(steps, solver)
         return ddim_schedule(DDIMScheduler.from_config(self.pipe.scheduler.config), steps)
 
