@@ -38,7 +38,7 @@ from diffstyler.conditioning import Conditioning
 from diffstyler.export import export_lora
 from diffstyler.families import model_family, native_resolution, time_ids_for
 from diffstyler.lora import LORA_INFO_NAME, LORA_WEIGHTS_NAME, StyleLoRAConfig, add_style_adapter, save_lora, write_lora_info
-from diffstyler.models import ModelSpec, encode_images, encode_prompts, load_pipeline
+from diffstyler.models import AnyPipeline, ModelSpec, encode_images, encode_prompts, load_pipeline
 from diffstyler.torch_utils import eval_mode
 
 METADATA_NAME = LORA_INFO_NAME
@@ -108,9 +108,10 @@ class StyleLoRAModule(LightningModule):
     # --- model ----------------------------------------------------------------------------------
 
     def configure_model(self) -> None:
-        if self.pipe is not None:
+        if self.unet is not None:
             return
-        pipe = load_pipeline(self.model_spec)
+        # A pipeline given to train on (`train_style(pipe=...)`) is used as it is: no second base model.
+        pipe = self.pipe if self.pipe is not None else load_pipeline(self.model_spec)
         pipe.vae.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
         text_encoder_2 = getattr(pipe, "text_encoder_2", None)  # SDXL's second, frozen too
@@ -265,6 +266,15 @@ class StyleLoRAModule(LightningModule):
                 "was it trained with the same model.lora settings and model.adapter_name?",
             )
 
+    def release_pipeline(self) -> None:
+        """Give back a pipeline the module was given to train on: the adapter deleted from its UNet
+        (the LoRA is in `output_dir`), every module frozen and in eval mode again."""
+        if self.adapter_name in getattr(self.unet, "peft_config", {}):
+            self.unet.delete_adapters(self.adapter_name)
+        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+            if module is not None:
+                module.requires_grad_(False).eval()
+
     # --- export ---------------------------------------------------------------------------------
 
     def on_train_end(self) -> None:
@@ -356,6 +366,7 @@ def train_style(
     precision: str = "32-true",
     callbacks: Optional[list[Callback]] = None,
     progress: bool = True,
+    pipe: Optional[AnyPipeline] = None,
 ) -> Path:
     """Learn a style LoRA from one image (or several) and write it to `output_dir`; returns the folder.
 
@@ -365,19 +376,32 @@ def train_style(
     for SD 1.5 and SD 2.1-base, 1024 for SDXL; the model is then loaded before the images are read).
     No logger and no checkpoints; pass Lightning `callbacks` to watch or stop the training (an
     exception raised in one ends it).
+
+    `pipe`: a diffusers pipeline already loaded (e.g. `DiffStylerPipeline(...).pipe`) to train on
+    instead of loading `model` again, which then only names the base model in the LoRA's info. The
+    adapter is added to its UNet for the training and deleted after it, also when the training
+    fails or is stopped, and the pipeline is left frozen, in eval mode, on its device (Lightning
+    moves what it trained to the CPU at the end); its other adapters compute what they did before.
     """
     if steps < 1:
         raise config_error("steps", f"must be >= 1, got {steps}")
     seed_everything(seed, workers=True, verbose=False)
     module = StyleLoRAModule(model=model if isinstance(model, ModelSpec) else ModelSpec(name=model), lora=lora,
                              learning_rate=learning_rate, output_dir=str(output_dir))
-    if resolution is None:
-        module.configure_model()
-        resolution = native_resolution(module.pipe)
-    data = StyleDataModule(images=[str(i) for i in (images if isinstance(images, list) else [images])], prompt=prompt,
-                           resolution=resolution)
-    trainer = Trainer(max_steps=steps, accelerator=accelerator, devices=1, precision=precision, logger=False,
-                      enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
-                      callbacks=list(callbacks or []))
-    trainer.fit(module, datamodule=data)
+    module.pipe = pipe
+    device = pipe.device if pipe is not None else None
+    try:
+        if resolution is None:
+            module.configure_model()
+            resolution = native_resolution(module.pipe)
+        data = StyleDataModule(images=[str(i) for i in (images if isinstance(images, list) else [images])], prompt=prompt,
+                               resolution=resolution)
+        trainer = Trainer(max_steps=steps, accelerator=accelerator, devices=1, precision=precision, logger=False,
+                          enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
+                          callbacks=list(callbacks or []))
+        trainer.fit(module, datamodule=data)
+    finally:
+        if pipe is not None:
+            module.release_pipeline()
+            pipe.to(device)
     return Path(output_dir)
