@@ -136,14 +136,19 @@ def to_8_bit_rgb(image: Image.Image) -> Image.Image:
 
 def resize_to_multiple_of_8(image: Image.Image, resolution: int) -> Image.Image:
     """Resize so the longer side is `resolution` and both sides are multiples of 8 (aspect kept)."""
-    if resolution < LATENT_FACTOR or resolution % LATENT_FACTOR:
-        raise ValueError(f"resolution must be a positive multiple of {LATENT_FACTOR}, got {resolution}")
-    width, height = image.size
-    scale = resolution / max(width, height)
-    size = (_round_to_multiple_of_8(width * scale), _round_to_multiple_of_8(height * scale))
+    size = size_at_resolution(image.size, resolution)
     if size == image.size:
         return image.copy()
     return image.resize(size, Image.Resampling.BICUBIC)
+
+
+def size_at_resolution(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """The (width, height) `resize_to_multiple_of_8` gives an image of `size`."""
+    if resolution < LATENT_FACTOR or resolution % LATENT_FACTOR:
+        raise ValueError(f"resolution must be a positive multiple of {LATENT_FACTOR}, got {resolution}")
+    width, height = size
+    scale = resolution / max(width, height)
+    return _round_to_multiple_of_8(width * scale), _round_to_multiple_of_8(height * scale)
 
 
 def _round_to_multiple_of_8(length: float) -> int:
