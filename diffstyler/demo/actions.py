@@ -94,9 +94,20 @@ def page_message(error: UserError) -> str:
 
 # -- uploads and served files ----------------------------------------------------------------------
 
-def read_upload(path: Optional[str], where: str, decode: Callable[[str], Image.Image] = load_image) -> Optional[Image.Image]:
+def upload_path(upload: Any, where: str) -> Optional[str]:
+    """The path of an uploaded file as Gradio passes it on (its FileData as a dict; None: none)."""
+    if upload is None:
+        return None
+    path = upload.get("path") if isinstance(upload, dict) else None
+    if not isinstance(path, str) or not path:
+        raise UserError("not an uploaded file", where, "upload the image as a file")
+    return path
+
+
+def read_upload(upload: Any, where: str, decode: Callable[[str], Image.Image] = load_image) -> Optional[Image.Image]:
     """The uploaded image decoded (None: no upload), the upload's file deleted whatever happens.
     Errors name the control, not the file (its name is a server path)."""
+    path = upload_path(upload, where)
     if path is None:
         return None
     try:
@@ -210,7 +221,7 @@ class DemoActions:
     # -- the photo, the masks and the click canvas ------------------------------------------------
 
     @shown_in_page
-    def load_photo(self, file: Optional[str], *tabs: Any) -> tuple:
+    def load_photo(self, file: Any, *tabs: Any) -> tuple:
         """The uploaded photo at the demo's resolution (the image every click and mask refers to),
         shown in the upload box; each tab's clicks cleared and its canvas drawn anew. `tabs`: each
         tab's region mode, text and mask."""
@@ -257,14 +268,15 @@ class DemoActions:
     # -- training a style -------------------------------------------------------------------------
 
     @shown_in_page
-    def load_style_image(self, file: Optional[str]) -> tuple:
+    def load_style_image(self, file: Any) -> tuple:
         """The uploaded style image at the training's resolution, shown, and its file name offered as
         the style's name."""
+        name = Path(upload_path(file, STYLE_IMAGE) or "").stem
         image = read_upload(file, STYLE_IMAGE)
         if image is None:
             return None, None, ""
         style = resize_to_multiple_of_8(image, self.config.train_resolution)
-        return style, style, file_stem(Path(file).stem)[: STYLE_NAME.max_length]
+        return style, style, file_stem(name)[: STYLE_NAME.max_length]
 
     @shown_in_page
     def train(self, session: Session, style_image: Optional[Image.Image], name: Any, progress=gr.Progress()) -> tuple:
@@ -402,7 +414,7 @@ class TabActions:
         self.actions, self.number = actions, number
 
     @shown_in_page
-    def load_mask(self, file: Optional[str], content: Optional[Image.Image], mode: Any, clicks: list[Click],
+    def load_mask(self, file: Any, content: Optional[Image.Image], mode: Any, clicks: list[Click],
                   text: Any) -> tuple:
         """The uploaded mask image kept as the tab's region (nonzero = styled; transparent = not, where
         the image has transparency) at the demo's resolution, shown, and drawn on the canvas."""

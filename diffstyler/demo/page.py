@@ -17,7 +17,6 @@ first), and the files served to pages are deleted after `SERVED_FILES_LIFETIME_S
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import gradio as gr
 
@@ -32,7 +31,11 @@ from diffstyler.injection import INJECTION_PRESETS
 from diffstyler.pipeline import DiffStylerPipeline
 
 MODEL_QUEUE = "model"  # the concurrency group of everything that decodes an upload or runs a model
-ONE_AT_A_TIME = {"concurrency_id": MODEL_QUEUE, "concurrency_limit": 1}  # the others wait in the queue
+# Every event: one at a time in the model's queue (the others wait), and the values as the page (or a
+# script) sent them: Gradio's own checks name no control ("Value 1e+20 is greater than maximum value
+# 100."), let NaN through, and decode an image upload outside the queue; the actions check every value
+# (`controls`) and decode uploads themselves. Gradio still refuses a file outside its upload folder.
+ONE_AT_A_TIME = {"concurrency_id": MODEL_QUEUE, "concurrency_limit": 1, "preprocess": False}
 PAGE_STATE_LIFETIME_S = 3600  # a page's photo, masks and style image, after their last change
 SESSION_LIFETIME_S = 24 * 3600  # which styles a page trained, and its folder's name
 SERVED_FILES_LIFETIME_S = 24 * 3600  # results and LoRAs served to pages (checked hourly)
@@ -43,53 +46,9 @@ Upload a photo, pick a style for each tab (or train one from an image), show eac
 Pixels outside every mask stay the photo's own."""
 
 
-# -- components whose values reach the actions as sent: the actions check them (`controls`) ----------
-
-class RawSlider(gr.Slider):
-    is_template = True  # shown as a gr.Slider
-
-    def preprocess(self, payload: Any) -> Any:
-        return payload
-
-
-class RawNumber(gr.Number):
-    is_template = True
-
-    def preprocess(self, payload: Any) -> Any:
-        return payload
-
-
-class RawDropdown(gr.Dropdown):
-    is_template = True
-
-    def preprocess(self, payload: Any) -> Any:
-        return payload
-
-
-class RawRadio(gr.Radio):
-    is_template = True
-
-    def preprocess(self, payload: Any) -> Any:
-        return payload
-
-
-class ImageUpload(gr.Image):
-    """An image upload shown as the image, whose file's path reaches the action undecoded (Gradio
-    would decode it outside the queue, and an inline `data:` image without limits): the action
-    decodes it in the queue (`actions.read_upload`)."""
-
-    is_template = True
-
-    def __init__(self, label: str, elem_id: str):
-        super().__init__(label=label, elem_id=elem_id, type="filepath", sources=["upload"], format="png",
-                         buttons=[])
-
-    def preprocess(self, payload: Any) -> Any:
-        if payload is None:
-            return None
-        if not payload.path:
-            raise gr.Error(f"not an uploaded file ({self.label}): upload the image as a file", print_exception=False)
-        return payload.path
+def image_upload(label: str, elem_id: str) -> gr.Image:
+    """An image upload, shown as the image (its events take the file undecoded: `AS_SENT`)."""
+    return gr.Image(label=label, elem_id=elem_id, type="filepath", sources=["upload"], format="png", buttons=[])
 
 
 @dataclass
@@ -126,9 +85,9 @@ def build_page(actions: DemoActions, config: DemoConfig) -> gr.Blocks:
         style_image = gr.State(None, time_to_live=PAGE_STATE_LIFETIME_S)
         with gr.Row():
             with gr.Column(scale=1):
-                upload = ImageUpload(PHOTO, "content-upload")
+                upload = image_upload(PHOTO, "content-upload")
                 with gr.Accordion("Train a style from an image", open=False):
-                    style_upload = ImageUpload(STYLE_IMAGE, "style-upload")
+                    style_upload = image_upload(STYLE_IMAGE, "style-upload")
                     style_name = gr.Textbox(label=STYLE_NAME.label, placeholder="the file's name", max_length=STYLE_NAME.max_length,
                                             elem_id="style-name")
                     with gr.Row():
@@ -140,15 +99,15 @@ def build_page(actions: DemoActions, config: DemoConfig) -> gr.Blocks:
                 tabs = [style_tab(number, actions.style_names()) for number in range(1, MAX_STYLES + 1)]
         with gr.Accordion("Settings", open=False):
             with gr.Row():
-                steps = RawSlider(STEPS.minimum, STEPS.maximum, value=config.steps, step=1, label=STEPS.label, elem_id="steps")
-                guidance = RawSlider(GUIDANCE.minimum, GUIDANCE.maximum, value=config.guidance_scale, step=0.5,
+                steps = gr.Slider(STEPS.minimum, STEPS.maximum, value=config.steps, step=1, label=STEPS.label, elem_id="steps")
+                guidance = gr.Slider(GUIDANCE.minimum, GUIDANCE.maximum, value=config.guidance_scale, step=0.5,
                                      label=GUIDANCE.label, elem_id="guidance")
-                seed = RawNumber(value=config.seed, precision=0, label=SEED.label, elem_id="seed")
+                seed = gr.Number(value=config.seed, precision=0, label=SEED.label, elem_id="seed")
             with gr.Row():
-                preset = RawDropdown(list(INJECTION_PRESETS), value=config.preset, label=PRESET)
-                feature_steps = RawSlider(FEATURE_STEPS.minimum, FEATURE_STEPS.maximum, value=config.feature_steps, step=1,
+                preset = gr.Dropdown(list(INJECTION_PRESETS), value=config.preset, label=PRESET)
+                feature_steps = gr.Slider(FEATURE_STEPS.minimum, FEATURE_STEPS.maximum, value=config.feature_steps, step=1,
                                           label=FEATURE_STEPS.label)
-                attention_steps = RawSlider(ATTENTION_STEPS.minimum, ATTENTION_STEPS.maximum, value=config.attention_steps,
+                attention_steps = gr.Slider(ATTENTION_STEPS.minimum, ATTENTION_STEPS.maximum, value=config.attention_steps,
                                             step=1, label=ATTENTION_STEPS.label)
         run_button = gr.Button("Run", variant="primary", elem_id="run")
         results = gr.Gallery(label="Content, composite and each style", columns=MAX_STYLES + 2, object_fit="contain",
@@ -165,7 +124,8 @@ def build_page(actions: DemoActions, config: DemoConfig) -> gr.Blocks:
         train_button.click(actions.train, [session, style_image, style_name],
                            [training_status, session, trained_lora, *[tab.style for tab in tabs]], api_name="train",
                            **ONE_AT_A_TIME)
-        cancel_button.click(actions.cancel_training, [session], [training_status], api_name="cancel_training", queue=False)
+        cancel_button.click(actions.cancel_training, [session], [training_status], api_name="cancel_training", queue=False,
+                            preprocess=False)
         run_button.click(actions.run, [session, content, steps, guidance, feature_steps, attention_steps, preset, seed,
                                        *[value for tab in tabs for value in tab.inputs]],
                          [results, downloads], api_name="run", **ONE_AT_A_TIME)
@@ -175,15 +135,15 @@ def build_page(actions: DemoActions, config: DemoConfig) -> gr.Blocks:
 
 def style_tab(number: int, styles: list[str]) -> StyleTab:
     with gr.Tab(tab_name(number)):
-        style = RawDropdown(styles, value=None, label=STYLE, elem_id=f"style-{number}")
+        style = gr.Dropdown(styles, value=None, label=STYLE, elem_id=f"style-{number}")
         with gr.Row():
-            mode = RawRadio(list(REGION_MODES), value=POINTS, label=REGION, elem_id=f"mode-{number}")
-            kind = RawRadio(list(POINT_LABELS), value=INCLUDE, label=CLICK_KIND, elem_id=f"kind-{number}")
+            mode = gr.Radio(list(REGION_MODES), value=POINTS, label=REGION, elem_id=f"mode-{number}")
+            kind = gr.Radio(list(POINT_LABELS), value=INCLUDE, label=CLICK_KIND, elem_id=f"kind-{number}")
         canvas = gr.Image(label=CANVAS, type="pil", format="png", interactive=False, buttons=["fullscreen"],
                           elem_id=f"photo-{number}")
         clear = gr.Button("Clear clicks", size="sm")
         text = gr.Textbox(label=REGION_TEXT.label, max_length=REGION_TEXT.max_length)
-        mask_upload = ImageUpload(MASK_IMAGE, f"mask-{number}")
+        mask_upload = image_upload(MASK_IMAGE, f"mask-{number}")
     return StyleTab(number, style, mode, kind, canvas, clear, text, mask_upload,
                     gr.State([], time_to_live=PAGE_STATE_LIFETIME_S), gr.State(None, time_to_live=PAGE_STATE_LIFETIME_S))
 

@@ -39,8 +39,13 @@ def actions(demo_config_file) -> DemoActions:
     return load_demo(read_demo_config(str(demo_config_file), train_steps=3, max_loaded_styles=1))
 
 
+def uploaded(path: Path) -> dict:
+    """A file as Gradio passes an upload on (its FileData)."""
+    return {"path": str(path), "orig_name": path.name}
+
+
 def load_photo(actions: DemoActions, path=CONTENT) -> Image.Image:
-    content, shown, *_ = actions.load_photo(str(path), *NO_REGIONS)
+    content, shown, *_ = actions.load_photo(uploaded(path), *NO_REGIONS)
     return content
 
 
@@ -77,7 +82,7 @@ def test_a_run_shows_content_composite_and_style_and_offers_pngs_with_their_sett
     files under one served folder) instead of copies in a folder of their own."""
     session, progress = Session(), Recorder()
     content = load_photo(actions)
-    mask, shown_mask, _ = actions.tab(1).load_mask(str(CONTENT_MASK), content, "mask file", [], "")
+    mask, shown_mask, _ = actions.tab(1).load_mask(uploaded(CONTENT_MASK), content, "mask file", [], "")
     gallery, downloads = actions.run(session, content, STEPS, 7.5, 2, 2, "paper", 3, progress, "smoke", "mask file", [], "", mask,
                                      *NO_OTHER_STYLES)
     assert [caption for _, caption in gallery] == ["content", "composite", "smoke"]
@@ -156,14 +161,16 @@ def test_bad_uploads_are_one_line_naming_the_control_and_no_server_path(actions,
     actions.pipe.segmenter()  # FastSAM loaded: ultralytics now patches PIL.Image.open
     content = load_photo(actions)
     messages = [
-        page_message(actions.load_photo, str(not_an_image), *NO_REGIONS),
-        page_message(actions.load_style_image, str(not_an_image)),
-        page_message(actions.tab(2).load_mask, str(not_an_image), content, "mask file", [], ""),
-        page_message(actions.tab(1).load_mask, str(empty_mask), content, "mask file", [], ""),
+        page_message(actions.load_photo, {"url": "data:image/png;base64,iVBORw0KGgo="}, *NO_REGIONS),
+        page_message(actions.load_photo, uploaded(not_an_image), *NO_REGIONS),
+        page_message(actions.load_style_image, uploaded(not_an_image)),
+        page_message(actions.tab(2).load_mask, uploaded(not_an_image), content, "mask file", [], ""),
+        page_message(actions.tab(1).load_mask, uploaded(empty_mask), content, "mask file", [], ""),
     ]
     monkeypatch.setenv("DIFFSTYLER_MAX_IMAGE_PIXELS", "1000")
-    messages.append(page_message(actions.load_photo, str(CONTENT), *NO_REGIONS))
+    messages.append(page_message(actions.load_photo, uploaded(CONTENT), *NO_REGIONS))
     assert messages == [
+        "not an uploaded file (Content photo): upload the image as a file",
         "not a readable image (Content photo): not an image file (PNG, JPEG, WebP, ...), or a damaged one",
         "not a readable image (Style image): not an image file (PNG, JPEG, WebP, ...), or a damaged one",
         "not a readable image (Style 2 › Mask image (region mode mask file; white = styled)): not an image file (PNG, JPEG, WebP, ...), or a damaged one",
@@ -192,11 +199,11 @@ def test_uploads_are_deleted_once_read_and_results_are_served_from_folders_of_th
     upload = tmp_path / "gradio" / "0a1b" / "photo.png"
     upload.parent.mkdir(parents=True)
     shutil.copyfile(CONTENT, upload)
-    assert read_upload(str(upload), "Content photo").size == (64, 48)
+    assert read_upload(uploaded(upload), "Content photo").size == (64, 48)
     assert not upload.parent.exists()
     mine = tmp_path / "mine.png"
     shutil.copyfile(CONTENT, mine)
-    read_upload(str(mine), "Content photo")
+    read_upload(uploaded(mine), "Content photo")
     assert mine.is_file()
     first, second = served_copies([(mine, "a.png")]), served_copies([(mine, "a.png")])
     folders = {Path(first[0]).parent, Path(second[0]).parent}
@@ -205,7 +212,7 @@ def test_uploads_are_deleted_once_read_and_results_are_served_from_folders_of_th
 
 def live(kind: type) -> int:
     gc.collect()
-    return sum(isinstance(thing, kind) for thing in gc.get_objects())
+    return sum(type(thing) is kind for thing in gc.get_objects())
 
 
 def pixels(gallery) -> np.ndarray:
@@ -227,7 +234,7 @@ def test_training_in_the_page_uses_the_loaded_model_and_changes_nothing_else(act
     before = pixels(run(actions, session, content, "smoke", "whole image", [], "", None)[0])
     alive = []
     progress = Recorder(then=lambda: alive.append((live(UNet2DConditionModel), live(AutoencoderKL), live(CLIPTextModel))))
-    message, session, lora, *menus = actions.train(session, actions.load_style_image(str(STYLE_IMAGE))[0], "stripes", progress)
+    message, session, lora, *menus = actions.train(session, actions.load_style_image(uploaded(STYLE_IMAGE))[0], "stripes", progress)
     assert alive == [(1, 1, 1)] * 3
     assert message == "Trained stripes (3 steps): pick it in a style's menu. It is offered in this page only; download its LoRA below."
     assert progress.values == [(1, 3), (2, 3), (3, 3)]
@@ -248,7 +255,7 @@ def test_training_in_the_page_uses_the_loaded_model_and_changes_nothing_else(act
     assert page_lora.keys() == fresh_lora.keys() and all(torch.equal(page_lora[key], fresh_lora[key]) for key in fresh_lora)
 
     cancelling = Recorder(then=lambda: actions.cancel_training(session))  # the button pressed during step 1
-    message, session, lora, *menus = actions.train(session, actions.load_style_image(str(STYLE_IMAGE))[0], "stripes", cancelling)
+    message, session, lora, *menus = actions.train(session, actions.load_style_image(uploaded(STYLE_IMAGE))[0], "stripes", cancelling)
     assert message == "Training of stripes_2 cancelled at step 1; nothing was saved." and lora is None
     assert cancelling.values == [(1, 3)]
     assert session.styles == ["stripes"] and "stripes_2" not in actions.pipe.styles
@@ -260,7 +267,7 @@ def test_training_in_the_page_uses_the_loaded_model_and_changes_nothing_else(act
 def test_style_names_from_a_script_are_bounded_before_anything_is_written(actions):
     """Caught: a 300-character name reaching the file system (OSError: file name too long, which
     the page showed as a bare "Error")."""
-    style = actions.load_style_image(str(STYLE_IMAGE))[0]
+    style = actions.load_style_image(uploaded(STYLE_IMAGE))[0]
     session = Session()
     assert page_message(actions.train, session, style, "x" * 300) == "text too long (Style name): at most 64 characters, got 300"
     assert page_message(actions.train, session, style, {"a": 1}) == "invalid value (Style name): must be text, got {'a': 1}"
@@ -276,11 +283,12 @@ def test_two_clicks_make_the_box_around_both_corner_pixels():
 def test_everything_that_decodes_or_runs_a_model_waits_in_one_bounded_queue(actions):
     """Caught: an event that decodes an upload or runs FastSAM, training or the UNet outside the
     shared queue (two sessions' runs at once on one pipeline, or any number of large decodes at
-    once), a queue that lets two run together, or a queue without a maximum size."""
+    once), a queue that lets two run together, or a queue without a maximum size; Gradio's own
+    preprocessing left on (it checks values first, naming no control, and lets NaN through)."""
     page = build_page(actions, actions.config)
     names = {"load_photo", "load_style_image", "load_mask", "click", "show_region", "clear_clicks", "train", "run"}
     model_events = [fn for fn in page.fns.values() if getattr(fn.fn, "__name__", None) in names]
     assert {fn.fn.__name__ for fn in model_events} == names
     assert len(model_events) == 3 + 4 * MAX_STYLES + 1  # load_photo, load_style_image, train, run; each tab's four
-    assert all(fn.concurrency_id == MODEL_QUEUE and fn.concurrency_limit == 1 for fn in model_events)
+    assert all(fn.concurrency_id == MODEL_QUEUE and fn.concurrency_limit == 1 and not fn.preprocess for fn in model_events)
     assert page._queue.max_size == actions.config.max_queue
