@@ -379,16 +379,18 @@ class DemoActions:
 
     def save_run(self, session: Session, content: Image.Image, result: StylizationOutput) -> tuple[Gallery, list[str]]:
         """The run's PNGs in a new folder of the session's: the content, the composite and each
-        style's image (with the A1111 parameters and the JSON settings), and each style's mask; the
-        page gets served copies."""
+        style's image (with the A1111 parameters and the JSON settings, which name each LoRA by its
+        style's name and hash), and each style's mask; the page gets served copies."""
         folder = Path(tempfile.mkdtemp(prefix="run-", dir=self.session_folder(session)))
-        styles = result.settings["Styles"]
+        # Each LoRA as the page names it (with its hash), not by its path on the server.
+        styles = [{**entry, "lora": entry["name"]} for entry in result.settings["Styles"]]
+        settings = {**result.settings, "Styles": styles}
         prompt = " | ".join(entry["prompt"] for entry in styles)
         negative = result.settings["Sampling"]["negative_prompt"]
         tags = " ".join(lora_tag(entry["name"], entry["scale"]) for entry in styles)
 
         def saved(image: Image.Image, name: str) -> Path:
-            return save_result(image, folder / name, prompt, negative, result.settings, tags=tags)
+            return save_result(image, folder / name, prompt, negative, settings, tags=tags)
 
         content.save(folder / "content.png")
         shown, masks = [(folder / "content.png", "content")], []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import math
 import re
 import shutil
@@ -79,7 +80,8 @@ def test_a_run_shows_content_composite_and_style_and_offers_pngs_with_their_sett
     """Caught: the composite shown without the content's pixels put back outside the mask; the
     gallery missing the content or a style; PNGs offered without their settings; step progress
     not reported, or off by one; results served from the output folder itself (every session's
-    files under one served folder) instead of copies in a folder of their own."""
+    files under one served folder) instead of copies in a folder of their own; the LoRA's server
+    path in the PNG's settings."""
     session, progress = Session(), Recorder()
     content = load_photo(actions)
     mask, shown_mask, _ = actions.tab(1).load_mask(uploaded(CONTENT_MASK), content, "mask file", [], "")
@@ -96,7 +98,8 @@ def test_a_run_shows_content_composite_and_style_and_offers_pngs_with_their_sett
     settings = read_settings(downloads[0])
     assert (settings["Steps"], settings["Seed"], settings["CFG scale"]) == (STEPS, 3, 7.5)
     assert (settings["Injection"]["feature_steps"], settings["Injection"]["attention_steps"]) == (2, 2)
-    assert [style["name"] for style in settings["Styles"]] == ["smoke"]
+    assert [(style["name"], style["lora"]) for style in settings["Styles"]] == [("smoke", "smoke")]
+    assert str(actions.output_folder.parent) not in json.dumps(settings)  # no server path (the LoRAs lie beside the outputs)
     assert read_parameters(downloads[1])["Steps"] == str(STEPS)
     assert progress.values == [0, 0] + [(step, STEPS) for step in range(1, STEPS + 1)]
     served = {Path(path).parent for path, _ in gallery} | {Path(path).parent for path in downloads}
