@@ -59,50 +59,33 @@ def shown(value: Any) -> str:
 
 
 @dataclass(frozen=True)
-class WholeNumber:
-    """A slider or number box that takes whole numbers from `minimum` to `maximum`."""
-
-    label: str
-    minimum: int
-    maximum: int
-
-    def problem(self, value: Any) -> Optional[str]:
-        """Why `value` is refused (None: it is fine). 5.0 is 5; True, NaN, inf and text are refused."""
-        expected = f"must be a whole number from {self.minimum} to {self.maximum}, got {shown(value)}"
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return expected
-        if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
-            return expected
-        return None if self.minimum <= value <= self.maximum else expected
-
-    def check(self, value: Any) -> int:
-        refused = self.problem(value)
-        if refused:
-            raise UserError("invalid value", self.label, refused)
-        return int(value)
-
-
-@dataclass(frozen=True)
 class Number:
-    """A slider that takes any finite number from `minimum` to `maximum`."""
+    """A slider or number box that takes numbers (`whole`: whole numbers) from `minimum` to `maximum`."""
 
     label: str
     minimum: float
     maximum: float
+    whole: bool = False
 
     def problem(self, value: Any) -> Optional[str]:
-        expected = f"must be a number from {self.minimum:g} to {self.maximum:g}, got {shown(value)}"
+        """Why `value` is refused (None: it is fine). 5.0 is a whole number; True, NaN, inf and text are refused."""
+        kind = "a whole number" if self.whole else "a number"
+        expected = f"must be {kind} from {bound(self.minimum)} to {bound(self.maximum)}, got {shown(value)}"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return expected
-        if isinstance(value, float) and not math.isfinite(value):
+        if isinstance(value, float) and not (math.isfinite(value) and (value.is_integer() or not self.whole)):
             return expected
         return None if self.minimum <= value <= self.maximum else expected
 
-    def check(self, value: Any) -> float:
+    def check(self, value: Any) -> int | float:
         refused = self.problem(value)
         if refused:
             raise UserError("invalid value", self.label, refused)
-        return float(value)
+        return int(value) if self.whole else float(value)
+
+
+def bound(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 @dataclass(frozen=True)
@@ -131,16 +114,16 @@ def check_choice(value: Any, choices: Sequence[str], label: str) -> str:
     return value
 
 
-STEPS = WholeNumber("Denoising steps", 1, 100)
+STEPS = Number("Denoising steps", 1, 100, whole=True)
 GUIDANCE = Number("Guidance scale", 1.0, 20.0)
-SEED = WholeNumber("Seed", 0, 2**32 - 1)  # A1111's seeds are 32-bit; the PNGs record it
-FEATURE_STEPS = WholeNumber("Feature injection: first steps", 0, 100)
-ATTENTION_STEPS = WholeNumber("Attention injection: first steps", 0, 100)
+SEED = Number("Seed", 0, 2**32 - 1, whole=True)  # A1111's seeds are 32-bit; the PNGs record it
+FEATURE_STEPS = Number("Feature injection: first steps", 0, 100, whole=True)
+ATTENTION_STEPS = Number("Attention injection: first steps", 0, 100, whole=True)
 STYLE_NAME = Text(STYLE_NAME_LABEL, 64)  # a folder name on the server: kept well under file-name limits
 REGION_TEXT = Text(REGION_TEXT_LABEL, 300)  # CLIP reads 77 tokens; a script could send megabytes
 
 
-def check_window(window: int, steps: int, control: WholeNumber) -> int:
+def check_window(window: int, steps: int, control: Number) -> int:
     """An injection window no longer than the sampling (the pipeline's own check names its key)."""
     if window > steps:
         raise UserError("injection window longer than the sampling", control.label,
