@@ -172,11 +172,14 @@ def load_demo(config: DemoConfig) -> DemoActions:
     return actions
 
 
-def serve(config: DemoConfig) -> None:
-    """Load the model and the offered styles, then serve the page until Ctrl-C."""
+def serve(config: DemoConfig, block: bool = True) -> gr.Blocks:
+    """Load the model and the offered styles, then serve the page until Ctrl-C (`block` False:
+    serve it from another thread and return it; `close()` stops it)."""
     page = build_page(load_demo(config), config)
     page.launch(server_name=config.host, server_port=config.port, share=False, max_file_size=f"{config.max_upload_mb}mb",
-                state_session_capacity=config.max_sessions, show_error=False, footer_links=[])
+                state_session_capacity=config.max_sessions, show_error=False, footer_links=[], prevent_thread_lock=not block,
+                quiet=not block)
+    return page
 
 
 def default_device() -> str:

@@ -2,8 +2,9 @@
 through Gradio's client (a script) and in headless Chromium (Debian's `chromium` package, launched
 by Playwright's Python package: Playwright's own browser download cannot be reached).
 
-One server for the module (its queue holds three waiting requests: `max_queue: 3`); the test of the
-click canvas on a 1024-pixel photo starts a second one at that resolution.
+One server for the module, `diffstyler demo` in a process of its own (its queue holds three waiting
+requests: `max_queue: 3`); the test of the click canvas on a 1024-pixel photo serves one at that
+resolution from this process (`page.serve(..., block=False)`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from PIL import Image
 
 from diffstyler.demo.actions import SERVER_FAULT
 from diffstyler.demo.config import read_demo_config
+from diffstyler.demo.page import serve
 from diffstyler.demo.regions import MARK_COLOURS
 from diffstyler.masks import FastSAMSegmenter
 from diffstyler.outputs import read_settings
@@ -445,9 +447,10 @@ def test_a_run_in_the_browser_keeps_the_photo_outside_the_clicked_region(chromiu
     assert settings["Steps"] == 10 and settings["Seed"] == 0 and [style["name"] for style in settings["Styles"]] == ["smoke"]
 
 
-def test_the_click_canvas_maps_clicks_on_a_1024_pixel_photo_back_to_its_pixels(chromium, tmp_path):
-    """A 1024 x 768 photo (a demo at resolution 1024) is shown shrunk to fit the page; a click on
-    its pixel (700, 300) marks that pixel, within the two pixels one screen pixel covers.
+def test_the_click_canvas_maps_clicks_on_a_1024_pixel_photo_back_to_its_pixels(chromium, tmp_path, monkeypatch):
+    """A 1024 x 768 photo (a demo at resolution 1024, served from this process) is shown shrunk to
+    fit the page; a click on its pixel (700, 300) marks that pixel, within the two pixels one screen
+    pixel covers.
 
     Caught: the canvas enlarged or shrunk by a factor the click mapping does not undo (a whole
     factor computed as a fraction: the mark lands at twice or half the place), or x and y swapped."""
@@ -455,12 +458,14 @@ def test_the_click_canvas_maps_clicks_on_a_1024_pixel_photo_back_to_its_pixels(c
 
     photo = tmp_path / "large.png"
     Image.open(CONTENT).convert("RGB").resize((1024, 768), Image.Resampling.NEAREST).save(photo)
-    large = start_server(tmp_path / "server", resolution=1024)
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    port = free_port()
+    large = serve(read_demo_config(str(write_demo_config(tmp_path, resolution=1024, port=port))), block=False)
     try:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=chromium)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(large.url)
+            page.goto(f"http://127.0.0.1:{port}/")
             page.locator("#content-upload input[type=file]").set_input_files(str(photo))
             page.locator("#photo-1 img").wait_for(timeout=60_000)
             *_, canvas_width, _, natural_width, natural_height = shown_box(page, "#photo-1 img")
@@ -469,6 +474,6 @@ def test_the_click_canvas_maps_clicks_on_a_1024_pixel_photo_back_to_its_pixels(c
             canvas = fetched_image(page, page.locator("#photo-1 img").get_attribute("src"))
             browser.close()
     finally:
-        stop_server(large)
+        large.close()
     centre_x, centre_y = mark_centre(canvas, 1)
     assert abs(centre_x - 700) <= 2 and abs(centre_y - 300) <= 2, (centre_x, centre_y)
