@@ -47,7 +47,8 @@ Pixels outside every mask stay the photo's own."""
 
 
 def image_upload(label: str, elem_id: str) -> gr.Image:
-    """An image upload, shown as the image (its events take the file undecoded: `AS_SENT`)."""
+    """An image upload, shown as the image; its events get the file's FileData, undecoded
+    (`ONE_AT_A_TIME`: preprocess off), and decode it in the queue (`actions.read_upload`)."""
     return gr.Image(label=label, elem_id=elem_id, type="filepath", sources=["upload"], format="png", buttons=[])
 
 
