@@ -17,6 +17,7 @@ base model, whatever the image size. The base model's parameter bytes are printe
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -63,6 +64,7 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-demo-") as folder:
+        os.environ["GRADIO_TEMP_DIR"] = str(Path(folder) / "gradio")  # the LoRA's served copy goes there
         config = DemoConfig(model=args.model, device="cpu", resolution=args.resolution, segmenter=SegmenterConfig(weights="tiny"),
                             output_folder=folder, steps=args.steps, feature_steps=args.steps, attention_steps=args.steps,
                             train_steps=args.steps, train_resolution=args.resolution)

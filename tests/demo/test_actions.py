@@ -36,8 +36,10 @@ SERVER_PATH = re.compile(r"/(tmp|work|root|home)\b|\.png|\.safetensors|DIFFSTYLE
 
 
 @pytest.fixture(scope="module")
-def actions(demo_config_file) -> DemoActions:
-    return load_demo(read_demo_config(str(demo_config_file), train_steps=3, max_loaded_styles=1))
+def actions(demo_config_file, tmp_path_factory) -> DemoActions:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio")))  # where served copies go
+        yield load_demo(read_demo_config(str(demo_config_file), train_steps=3, max_loaded_styles=1))
 
 
 def uploaded(path: Path) -> dict:
