@@ -137,14 +137,19 @@ def to_8_bit_rgb(image: Image.Image) -> Image.Image:
 def resize_to_multiple(image: Image.Image, resolution: int, multiple: int = LATENT_FACTOR) -> Image.Image:
     """Resize so the longer side is `resolution` and both sides are multiples of `multiple` (aspect
     kept): 8 for a UNet's latent grid, 16 for a transformer's 2x2 patches of it."""
-    if resolution < multiple or resolution % multiple:
-        raise ValueError(f"resolution must be a positive multiple of {multiple}, got {resolution}")
-    width, height = image.size
-    scale = resolution / max(width, height)
-    size = (_round_to_multiple(width * scale, multiple), _round_to_multiple(height * scale, multiple))
+    size = size_at_resolution(image.size, resolution, multiple)
     if size == image.size:
         return image.copy()
     return image.resize(size, Image.Resampling.BICUBIC)
+
+
+def size_at_resolution(size: tuple[int, int], resolution: int, multiple: int = LATENT_FACTOR) -> tuple[int, int]:
+    """The (width, height) `resize_to_multiple` gives an image of `size`."""
+    if resolution < multiple or resolution % multiple:
+        raise ValueError(f"resolution must be a positive multiple of {multiple}, got {resolution}")
+    width, height = size
+    scale = resolution / max(width, height)
+    return _round_to_multiple(width * scale, multiple), _round_to_multiple(height * scale, multiple)
 
 
 def _round_to_multiple(length: float, multiple: int) -> int:

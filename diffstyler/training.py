@@ -42,7 +42,7 @@ from diffstyler.conditioning import Conditioning
 from diffstyler.console import quiet_library_calls
 from diffstyler.export import export_lora
 from diffstyler.lora import LORA_INFO_NAME, LORA_WEIGHTS_NAME, StyleLoRAConfig, add_style_adapter, save_lora, write_lora_info
-from diffstyler.models import ModelSpec, encode_images, encode_prompts, load_pipeline
+from diffstyler.models import AnyPipeline, ModelSpec, encode_images, encode_prompts, load_pipeline
 from diffstyler.torch_utils import eval_mode
 
 METADATA_NAME = LORA_INFO_NAME
@@ -112,9 +112,10 @@ class StyleLoRAModule(LightningModule):
     # --- model ----------------------------------------------------------------------------------
 
     def configure_model(self) -> None:
-        if self.pipe is not None:
+        if self.denoiser is not None:
             return
-        pipe = load_pipeline(self.model_spec)
+        # A pipeline given to train on (`train_style(pipe=...)`) is used as it is: no second base model.
+        pipe = self.pipe if self.pipe is not None else load_pipeline(self.model_spec)
         backbone = backbone_for(pipe)
         pipe.vae.requires_grad_(False)
         for encoder in backbone.text_encoders:
@@ -261,6 +262,15 @@ class StyleLoRAModule(LightningModule):
                 "was it trained with the same model.lora settings and model.adapter_name?",
             )
 
+    def release_pipeline(self) -> None:
+        """Give back a pipeline the module was given to train on: the adapter deleted from its
+        denoiser (the LoRA is in `output_dir`), every module frozen and in eval mode again."""
+        if self.adapter_name in getattr(self.denoiser, "peft_config", {}):
+            self.denoiser.delete_adapters(self.adapter_name)
+        for module in (self.denoiser, self.vae, self.text_encoders):
+            if module is not None:
+                module.requires_grad_(False).eval()
+
     # --- export ---------------------------------------------------------------------------------
 
     def on_train_end(self) -> None:
@@ -365,6 +375,7 @@ def train_style(
     precision: str = "32-true",
     callbacks: Optional[list[Callback]] = None,
     progress: bool = True,
+    pipe: Optional[AnyPipeline] = None,
 ) -> Path:
     """Learn a style LoRA from one image (or several) and write it to `output_dir`; returns the folder.
 
@@ -375,20 +386,33 @@ def train_style(
     No logger and no checkpoints; pass Lightning `callbacks` to watch or stop the training (an
     exception raised in one ends it). It prints one bar over the steps (`progress`; False: nothing
     at all): Lightning's own lines are silenced during the call (`diffstyler.set_verbosity`).
+
+    `pipe`: a diffusers pipeline already loaded (e.g. `DiffStylerPipeline(...).pipe`) to train on
+    instead of loading `model` again, which then only names the base model in the LoRA's info. The
+    adapter is added to its denoiser for the training and deleted after it, also when the training
+    fails or is stopped, and the pipeline is left frozen, in eval mode, on its device (Lightning
+    moves what it trained to the CPU at the end); its other adapters compute what they did before.
     """
     if steps < 1:
         raise config_error("steps", f"must be >= 1, got {steps}")
     seed_everything(seed, workers=True, verbose=False)
     module = StyleLoRAModule(model=model if isinstance(model, ModelSpec) else ModelSpec(name=model), lora=lora,
                              learning_rate=learning_rate, output_dir=str(output_dir))
-    if resolution is None:
-        module.configure_model()
-        resolution = module.backbone.native_resolution
-    data = StyleDataModule(images=[str(i) for i in (images if isinstance(images, list) else [images])], prompt=prompt,
-                           resolution=resolution)
-    with quiet_library_calls():  # Lightning's environment lines, tips and "`Trainer.fit` stopped"
-        trainer = Trainer(max_steps=steps, accelerator=accelerator, devices=1, precision=precision, logger=False,
-                          enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
-                          callbacks=[*([StepProgressBar()] if progress else []), *(callbacks or [])])
-        trainer.fit(module, datamodule=data)
+    module.pipe = pipe
+    device = pipe.device if pipe is not None else None
+    try:
+        if resolution is None:
+            module.configure_model()
+            resolution = module.backbone.native_resolution
+        data = StyleDataModule(images=[str(i) for i in (images if isinstance(images, list) else [images])], prompt=prompt,
+                               resolution=resolution)
+        with quiet_library_calls():  # Lightning's environment lines, tips and "`Trainer.fit` stopped"
+            trainer = Trainer(max_steps=steps, accelerator=accelerator, devices=1, precision=precision, logger=False,
+                              enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
+                              callbacks=[*([StepProgressBar()] if progress else []), *(callbacks or [])])
+            trainer.fit(module, datamodule=data)
+    finally:
+        if pipe is not None:
+            module.release_pipeline()
+            pipe.to(device)
     return Path(output_dir)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from diffstyler.cli.config_files import read_config_file
+from diffstyler.demo.controls import ATTENTION_STEPS, FEATURE_STEPS, GUIDANCE, SEED, STEPS
 from diffstyler.errors import MissingFileError, UserError, config_error
 from diffstyler.images import DEFAULT_RESOLUTION
 from diffstyler.injection import INJECTION_PRESETS, InjectionConfig, window_steps
@@ -55,6 +56,9 @@ class DemoConfig:
     host: str = "127.0.0.1"
     port: int = 7860
     max_upload_mb: int = 20
+    max_queue: int = 8
+    max_loaded_styles: int = 8
+    max_sessions: int = 100
     steps: int = SamplingConfig.steps
     guidance_scale: float = SamplingConfig.guidance_scale
     # the page's sliders count steps: the paper's windows at the default number of steps (30, 25)
@@ -70,12 +74,19 @@ class DemoConfig:
         for key in ("resolution", "train_resolution"):
             if getattr(self, key) < 8 or getattr(self, key) % 8:
                 raise config_error(key, f"must be a positive multiple of 8, got {getattr(self, key)}")
-        for key in ("steps", "train_steps", "train_rank", "max_upload_mb"):
+        for key in ("train_steps", "train_rank", "max_upload_mb", "max_queue", "max_loaded_styles",
+                    "max_sessions"):
             if getattr(self, key) < 1:
                 raise config_error(key, f"must be >= 1, got {getattr(self, key)}")
-        for key in ("feature_steps", "attention_steps", "seed"):
-            if getattr(self, key) < 0:
-                raise config_error(key, f"must be >= 0, got {getattr(self, key)}")
+        page = {"steps": STEPS, "guidance_scale": GUIDANCE, "seed": SEED, "feature_steps": FEATURE_STEPS,
+                "attention_steps": ATTENTION_STEPS}
+        for key, control in page.items():
+            refused = control.problem(getattr(self, key))
+            if refused:
+                raise config_error(key, f"{refused} (the page's {control.label})")
+        for key in ("feature_steps", "attention_steps"):
+            if getattr(self, key) > self.steps:
+                raise config_error(key, f"must be at most steps ({self.steps}), got {getattr(self, key)}")
         if not 1 <= self.port <= 65535:
             raise config_error("port", f"must be a port number (1-65535), got {self.port}")
         if self.preset not in INJECTION_PRESETS:

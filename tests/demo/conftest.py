@@ -21,13 +21,16 @@ CONTENT_MASK = REPO_ROOT / "data" / "content_shapes_mask.png"
 STYLE_IMAGE = REPO_ROOT / "data" / "style_stripes.png"
 
 
-@pytest.fixture(scope="module")
-def demo_config_file(tmp_path_factory) -> Path:
-    """configs/smoke/demo.yaml offering the smoke LoRA as the style `smoke`, writing under a temporary folder."""
-    folder = tmp_path_factory.mktemp("demo")
+def write_demo_config(folder: Path, **overrides) -> Path:
+    """configs/smoke/demo.yaml offering the smoke LoRA as the style `smoke`, writing under `folder`."""
     shutil.copytree(SMOKE_LORA, folder / "loras" / "smoke")
     values = yaml.safe_load(SMOKE_CONFIG.read_text())
-    values.update(loras=[str(folder / "loras")], output_folder=str(folder / "outputs"))
+    values.update(loras=[str(folder / "loras")], output_folder=str(folder / "outputs"), **overrides)
     path = folder / "demo.yaml"
     path.write_text(yaml.safe_dump(values))
     return path
+
+
+@pytest.fixture(scope="module")
+def demo_config_file(tmp_path_factory) -> Path:
+    return write_demo_config(tmp_path_factory.mktemp("demo"))

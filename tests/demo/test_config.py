@@ -33,11 +33,17 @@ def test_the_smoke_config_runs_the_tiny_model_on_the_cpu():
     ("resolution: 100\n", "invalid config value (resolution): must be a positive multiple of 8, got 100"),
     ("preset: papr\n", "invalid config value (preset): must be one of paper, paper_code, got 'papr'"),
     ("loras: [nowhere]\n", "LoRA not found (loras[0]): nowhere does not exist"),
+    ("seed: 100000000000000000000\n", "invalid config value (seed): must be a whole number from 0 to 4294967295, got 100000000000000000000 (the page's Seed)"),
+    ("steps: 101\n", "invalid config value (steps): must be a whole number from 1 to 100, got 101 (the page's Denoising steps)"),
+    ("guidance_scale: .nan\n", "invalid config value (guidance_scale): must be a number from 1 to 20, got nan (the page's Guidance scale)"),
+    ("feature_steps: 60\n", "invalid config value (feature_steps): must be at most steps (50), got 60"),
+    ("max_queue: 0\n", "invalid config value (max_queue): must be >= 1, got 0"),
     ("- steps\n", "config file does not hold a mapping of keys ({file}): it holds a list"),
 ])
 def test_a_bad_config_is_one_line_naming_the_key(text, line, tmp_path, monkeypatch):
     """Caught: unknown keys ignored (a typo silently keeps the default), a wrong type failing later
-    with a traceback, a missing LoRA folder found only when the page is up."""
+    with a traceback, a missing LoRA folder found only when the page is up, a page starting with a
+    value its own checks refuse (every run then fails), no bound on the queue."""
     monkeypatch.chdir(tmp_path)
     file = tmp_path / "demo.yaml"
     file.write_text(text)
