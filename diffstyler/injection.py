@@ -45,13 +45,15 @@ import contextlib
 import enum
 import math
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Literal, Optional, Union
+from typing import TYPE_CHECKING, Iterator, Literal, Optional, Sequence, Union
 
 import torch
 
 from diffstyler.backbones import ATTENTION_RULES, FEATURE_RULES, Backbone, LayerMap, Site, check_layer_selection
 from diffstyler.errors import config_error
-from diffstyler.rows import RowLayout
+if TYPE_CHECKING:
+    from diffstyler.methods.base import Method
+    from diffstyler.rows import RowLayout
 
 FeatureSite = Literal["output", "residual"]
 ReferenceModel = Literal["base", "style"]
@@ -266,17 +268,17 @@ class ReferenceMode(enum.Enum):
 
 
 class Injector:
-    """Holds the per-step state the hooks read; install it with `installed()`.
+    """Installs the hooks of the methods of a call and holds the per-step state they read.
 
     `set_step` names the step, its timestep, where the reference rows are (`mode`) and the call's
-    row layout: how many reference rows lead the batch and which one each style row receives.
-    `image_tokens`: how many image tokens a row has (sites whose output also holds text tokens
-    rewrite only the last `image_tokens`).
+    row layout: how many reference rows lead the batch, and which style rows are each method's and
+    which reference rows they read. `image_tokens`: how many image tokens a row has (sites whose
+    output also holds text tokens rewrite only the last `image_tokens`).
     """
 
-    def __init__(self, backbone: Backbone, config: InjectionConfig, steps: int):
+    def __init__(self, backbone: Backbone, methods: Sequence["Method"]):
         self.backbone = backbone
-        self.config = config.resolved(backbone.layer_map(), steps)
+        self.methods = list(dict.fromkeys(methods))
         self.step = 0
         self.timestep = 0.0
         self.image_tokens = 0
@@ -289,58 +291,41 @@ class Injector:
         if mode is ReferenceMode.RECORD:
             self.recorded = {}
 
-    # -- hooks ---------------------------------------------------------------------------------
-
-    def sites(self) -> Iterator[Site]:
-        """Every site whose output may be injected."""
-        config, backbone = self.config, self.backbone
-        if config.features:
-            for layer in config.feature_layers:
-                yield backbone.feature_site(layer, config.feature_site)
-        switches = {"self": config.self_attention, "cross": config.cross_attention}
-        for kind in backbone.attention_kinds():
-            if switches[kind]:
-                for layer in config.attention_layers:
-                    yield from backbone.attention_sites(layer, kind)
+    def sites(self) -> Iterator[tuple["Method", Site]]:
+        """(method, site) for every site a method may rewrite."""
+        for method in self.methods:
+            for site in method.sites(self.backbone):
+                yield method, site
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["Injector"]:
-        handles = [site.module.register_forward_hook(self._hook(site), with_kwargs=True) for site in self.sites()]
+        handles = [site.module.register_forward_hook(self._hook(method, site), with_kwargs=True) for method, site in self.sites()]
         try:
             yield self
         finally:
             for handle in handles:
                 handle.remove()
 
-    def _hook(self, site: Site):
+    def _hook(self, method: "Method", site: Site):
+        key = f"{method.name}.{site.key}"
+
         def hook(module, args, kwargs, output):
-            active = self.config.features_on(self.step) if site.kind == "feature" else self.config.attention_on(self.step)
-            if not active or self.layout is None or not self.layout.references:
+            layout = self.layout
+            if layout is None or not layout.references or not method.active(site, self.step):
+                return None
+            rows = layout.rows_of(method)
+            if not rows.rows or not any(rows.roles):
                 return None
             if self.mode is ReferenceMode.RECORD:
-                self.recorded[site.key] = site.values(args, kwargs, output, self.image_tokens).detach().clone()
+                self.recorded[key] = site.values(args, kwargs, output, self.image_tokens).detach().clone()
                 return None
-            rate = 1.0 if site.kind == "feature" else self._qk_rate()
-            return site.rewrite(args, kwargs, output, lambda values: self._inject(site.key, values, rate), self.image_tokens)
+            return site.rewrite(args, kwargs, output, lambda values: self._rewrite(method, site, key, values, rows), self.image_tokens)
 
         return hook
 
-    def _qk_rate(self) -> float:
-        if self.config.qk_mix == "replace":
-            return 1.0
-        return min(1.0, 2.0 * self.timestep / 1000.0)
-
-    def _inject(self, key: str, values: torch.Tensor, rate: float) -> torch.Tensor:
+    def _rewrite(self, method: "Method", site: Site, key: str, values: torch.Tensor, rows) -> torch.Tensor:
         if self.mode is ReferenceMode.BATCH_ROW:
             references, first_style_row = values[: self.layout.num_references], self.layout.num_references
         else:
             references, first_style_row = self.recorded[key], 0
-        # A row of a tensor cannot be written from a view of the same tensor: copy first.
-        injected = values.clone()
-        style = injected[first_style_row:]
-        source = references[torch.tensor(self.layout.sources, device=values.device)]
-        if rate >= 1.0:
-            style.copy_(source)
-        else:
-            style.lerp_(source, rate)
-        return injected
+        return method.rewrite(site, values, references, first_style_row, rows, self.timestep)

@@ -28,22 +28,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from diffstyler.adapters import MAX_LOADED_ADAPTERS, StyleAdapters
 from diffstyler.backbones import Backbone, LayerMap, backbone_for, kind_of
 from diffstyler.conditioning import Conditioning
 from diffstyler.data.jobs import StyleEntry, check_styles, expand_lora_folders
+from diffstyler.data.sources import IMAGE_EXTENSIONS
 from diffstyler.errors import UserError, config_error
-from diffstyler.images import as_rgb_image, resize_to_multiple, sha256_file, to_tensor
+from diffstyler.images import as_rgb_image, load_image, resize_to_multiple, sha256_file, to_tensor
 from diffstyler.injection import InjectionConfig, check_injection_window, injection_config
 from diffstyler.inversion import InversionKey, TrajectoryStore, invert_batch
 from diffstyler.lora import BASE_ROW
+from diffstyler.methods import StyleIDConfig
 from diffstyler.masks import FastSAMSegmenter, MaskSpec, SegmenterConfig, hard_mask_from_image, resolve_mask, shape_mask
 from diffstyler.memory import check_offload, check_offload_device, enable_offload, execution_device, set_vae_options, vae_tiling_setting
 from diffstyler.models import DEFAULT_MODEL, AnyPipeline, ModelSpec, load_pipeline
@@ -101,6 +104,7 @@ class DiffStylerPipeline:
         self.store = TrajectoryStore(inversion_cache)
         self.adapters = StyleAdapters(pipe, max_loaded_adapters)
         self.styles: dict[str, StyleEntry] = {}  # by name, in the order loaded
+        self.style_images: dict[str, Image.Image] = {}  # image styles given as PIL images, by name
         self.progress = progress
         self._segmenter: Optional[FastSAMSegmenter] = None
         for module in (self.backbone.denoiser, pipe.vae, *self.backbone.text_encoders):
@@ -199,16 +203,25 @@ class DiffStylerPipeline:
 
     # -- styles -----------------------------------------------------------------------------------
 
-    def load_style(self, lora: str | os.PathLike, name: Optional[str] = None, scale: float = 1.0,
-                   prompt: Optional[str] = None, image: Optional[str] = None) -> list[str]:
-        """Load a LoRA file, a LoRA folder, or a folder of LoRA folders (one style each, named after
-        its folder) as styles; returns their names. The prompt defaults to the one `diffstyler fit`
-        recorded in the LoRA's `diffstyler_lora.json`."""
-        entries = check_styles(expand_lora_folders([StyleEntry(lora=str(lora), prompt=prompt, scale=scale, name=name, image=image)]))
+    def load_style(self, lora: Optional[str | os.PathLike] = None, name: Optional[str] = None, scale: float = 1.0,
+                   prompt: Optional[str] = None, image: Optional[str | os.PathLike | Image.Image] = None) -> list[str]:
+        """Load styles; returns their names. A LoRA file, a LoRA folder, or a folder of LoRA folders
+        (one style each, named after its folder) is a DiffStyler style; its prompt defaults to the
+        one `diffstyler fit` recorded in the LoRA's `diffstyler_lora.json`. An `image` alone (a file
+        or a PIL image) is a StyleID style: no training, its keys and values come from the image."""
+        if lora is None and isinstance(image, Image.Image):
+            name = name or f"image{len(self.style_images)}"
+            self.style_images[name] = as_rgb_image(image, "image")
+            image = f"<in memory: {name}>"
+        entries = [StyleEntry(lora=None if lora is None else str(lora), prompt=prompt, scale=scale, name=name,
+                              image=None if image is None else str(image))]
+        entries = check_styles(expand_lora_folders(entries)) if lora is not None or name not in self.style_images else \
+            [entries[0].resolved()]
         for entry in entries:
             if entry.name in self.styles and self.styles[entry.name] != entry:
                 raise UserError(f"a style named {entry.name!r} is loaded already", "name", "give this one another name")
-            self.adapters.adapter_for(entry.lora, entry.scale)  # loads it now: a LoRA for another model fails here
+            if entry.lora is not None:
+                self.adapters.adapter_for(entry.lora, entry.scale)  # loads it now: a LoRA for another model fails here
             self.styles[entry.name] = entry
         return [entry.name for entry in entries]
 
@@ -227,6 +240,7 @@ class DiffStylerPipeline:
         seed: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
         injection: InjectionConfig | str = "paper",
+        styleid: Optional[StyleIDConfig] = None,
         inversion_prompt: str = SamplingConfig.inversion_prompt,
         inversion_substeps: int = SamplingConfig.inversion_substeps,
         inversion_solver: Optional[str] = None,
@@ -236,8 +250,10 @@ class DiffStylerPipeline:
         callback_on_step_end: Optional[StepCallback] = None,
         output_type: OutputType = "pil",
     ) -> StylizationOutput:
-        """Stylize `content` with `styles` (names from `load_style`, or LoRA paths; default: every
-        loaded style), each inside its mask when `masks` (one per style) are given.
+        """Stylize `content` with `styles` (names from `load_style`, LoRA paths, style images as
+        paths or PIL images; default: every loaded style), each inside its mask when `masks` (one
+        per style) are given. LoRA styles run DiffStyler, image styles StyleID (`styleid`: its
+        settings, default the authors'); one call may mix them.
 
         prompt: one for every style, or one per style (default: each style's own). injection: an
         `InjectionConfig` or a preset name ("paper", "paper_code"); its windows may be fractions of
@@ -276,17 +292,20 @@ class DiffStylerPipeline:
             #    prompt and the negative prompt through its LoRA's text-encoder layers (if any).
             reference, rows = self.prepare_styles(entries, soft_masks, image, sampling)
             # 4. Invert the content with the base model at the sampler's timesteps (DDIM, or the
-            #    flow-matching ODE backwards), or take the stored trajectory z_T ... z_0.
-            (trajectory,) = self.trajectories([image], reference, sampling, store=store)
+            #    flow-matching ODE backwards), or take the stored trajectory z_T ... z_0; and the
+            #    image styles' images (StyleID), at the content's size, in the same calls.
+            trajectory, *style_trajectories = self.trajectories([image, *self.images_of(entries, image)], reference, sampling, store=store)
+            attach_style_trajectories(rows, style_trajectories)
             # 5. Denoise every style from z_T with its LoRA, the base pass's features and attention
             #    injected (eq. 4-5), classifier-free guidance, the sampler's step, and outside its
-            #    mask the content's trajectory (eq. 6).
+            #    mask the content's trajectory (eq. 6); an image style from its AdaIN-ed z_T with
+            #    StyleID's keys and values.
             job = DenoiseJob(trajectory, reference, rows)
-            (latents,) = self.denoise([job], injection, sampling, callback_on_step_end)
+            (latents,) = self.denoise([job], injection, sampling, callback_on_step_end, styleid)
 
         # 6. Fuse the styles in their masks (eq. 7), decode, and put the content's own pixels back
         #    where no mask is.
-        settings = self.settings(image, entries, sampling, injection, seed, composite, content_name(content))
+        settings = self.settings(image, entries, sampling, injection, seed, composite, content_name(content), styleid=styleid)
         if output_type == "latent":
             fused = fuse_styles(latents, [row.mask for row in rows], trajectory[-1:]) if soft_masks[0] is not None else None
             return StylizationOutput(latents, fused, mask_images(soft_masks), settings)
@@ -318,7 +337,7 @@ class DiffStylerPipeline:
         (loaded now), the conditionings of its prompt and of the negative prompt (through its LoRA's
         text-encoder layers where it has them), and its mask on the latent grid. Every one carries
         the content's size where the family reads it (SDXL's time ids)."""
-        names = [self.adapters.adapter_for(entry.lora, entry.scale) for entry in styles]
+        names = [BASE_ROW if entry.lora is None else self.adapters.adapter_for(entry.lora, entry.scale) for entry in styles]
         prompts, adapters = [sampling.inversion_prompt], [BASE_ROW]
         for name, entry in zip(names, styles):
             prompts += [entry.prompt, sampling.negative_prompt]
@@ -328,8 +347,18 @@ class DiffStylerPipeline:
         rows = []
         for k, (name, entry, mask) in enumerate(zip(names, styles, masks)):
             latent_mask = None if mask is None else self.backbone.latent_mask(mask, self.latent_size(content))[None, None].to(device, dtype)
-            rows.append(StyleRows(name, encoded[1 + 2 * k], encoded[2 + 2 * k], latent_mask, name=entry.name))
+            if entry.method == "styleid":  # no text: the reference's (empty) prompt, no guidance row
+                rows.append(StyleRows(name, encoded[0], encoded[0], latent_mask, name=entry.name, method="styleid"))
+            else:
+                rows.append(StyleRows(name, encoded[1 + 2 * k], encoded[2 + 2 * k], latent_mask, name=entry.name))
         return encoded[0], rows
+
+    def images_of(self, styles: Sequence[StyleEntry], content: Image.Image) -> list[Image.Image]:
+        """The image styles' images at the content's size (scaled to cover it, centred), in order:
+        StyleID's style row runs in the content's call, so its latent is the content's size."""
+        images = [self.style_images[entry.name] if entry.name in self.style_images else load_image(entry.image)
+                  for entry in styles if entry.method == "styleid"]
+        return [ImageOps.fit(image, content.size, Image.Resampling.BICUBIC) for image in images]
 
     def latent_size(self, content: Image.Image) -> tuple[int, int]:
         return self.backbone.latent_size(content.height, content.width)
@@ -372,13 +401,14 @@ class DiffStylerPipeline:
         )
 
     def denoise(self, jobs: list[DenoiseJob], injection: InjectionConfig, sampling: SamplingConfig,
-                callback: Optional[StepCallback] = None) -> list[list[torch.Tensor]]:
-        """Denoise jobs of one content size together, every style with its adapter (eq. 4-6); per
-        job, each style's final latent. What `__call__` and the predictor both run."""
-        self.adapters.activate({style.adapter for job in jobs for style in job.styles})
+                callback: Optional[StepCallback] = None, styleid: Optional[StyleIDConfig] = None) -> list[list[torch.Tensor]]:
+        """Denoise jobs of one content size together, every style by its method (eq. 4-6, or
+        StyleID's); per job, each style's final latent. What `__call__` and the predictor both run."""
+        self.adapters.activate({style.adapter for job in jobs for style in job.styles if style.adapter != BASE_ROW})
         height, width = jobs[0].trajectory.shape[-2:]
         schedule = self.backbone.schedule(sampling.steps, self.backbone.image_tokens(height, width), sampling.inversion_solver)
-        return denoise_jobs(self.backbone, jobs, schedule, injection, sampling, callback=callback, progress=self.progress)
+        return denoise_jobs(self.backbone, jobs, schedule, injection, sampling, callback=callback, progress=self.progress,
+                            styleid=styleid)
 
     def finish(self, job: DenoiseJob, latents: list[torch.Tensor], content: Image.Image, masks: Sequence[Optional[torch.Tensor]],
                composite: bool, per_style: bool) -> tuple[list[Image.Image], Optional[Image.Image]]:
@@ -409,7 +439,8 @@ class DiffStylerPipeline:
 
     def settings(self, content: Image.Image, styles: Sequence[StyleEntry], sampling: SamplingConfig,
                  injection: InjectionConfig, seed: int, composite: bool, content_path: Optional[str] = None,
-                 job: Optional[str] = None, sweep: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                 job: Optional[str] = None, sweep: Optional[dict[str, Any]] = None,
+                 styleid: Optional[StyleIDConfig] = None) -> dict[str, Any]:
         """What a result's PNG metadata records (A1111's names first, then ours)."""
         return {
             "Steps": sampling.steps,
@@ -417,16 +448,25 @@ class DiffStylerPipeline:
             "Seed": seed,
             "Size": f"{content.width}x{content.height}",
             "Model": self.model_name,
-            **a1111_fields(self.model_name, [(entry.name, entry.lora) for entry in styles]),
+            **a1111_fields(self.model_name, [(entry.name, entry.lora) for entry in styles if entry.lora is not None]),
             **self.memory_settings(content),
             "Content": content_path,
             "Job": job,
-            "Styles": [{**asdict(entry), "lora_sha256": sha256_file(entry.lora)} for entry in styles],
+            "Styles": [{**asdict(entry), "method": entry.method, **self.style_hashes(entry)} for entry in styles],
+            **({"StyleID": asdict(styleid or StyleIDConfig())} if any(entry.method == "styleid" for entry in styles) else {}),
             "Injection": asdict(injection),
             **({"Sweep": sweep} if sweep else {}),
             "Sampling": asdict(sampling),
             "Composite": composite,
         }
+
+    def style_hashes(self, entry: StyleEntry) -> dict[str, Optional[str]]:
+        """The files of a style by content: its LoRA's, or an image style's image (file or pixels)."""
+        if entry.lora is not None:
+            return {"lora_sha256": sha256_file(entry.lora)}
+        if entry.name in self.style_images:
+            return {"image_sha256": hashlib.sha256(self.style_images[entry.name].tobytes()).hexdigest()}
+        return {"image_sha256": sha256_file(entry.image)}
 
     def memory_settings(self, content: Image.Image) -> dict[str, str]:
         """The memory options that change this content's pixels: VAE tiling where it tiles the image
@@ -436,16 +476,22 @@ class DiffStylerPipeline:
 
     def _entries_for_call(self, styles: Optional[str | Sequence[str]], prompt: Optional[str | Sequence[str]]) -> list[StyleEntry]:
         """The call's styles (names from `load_style`, or LoRA paths loaded now) with the call's prompts."""
-        names = list(self.styles) if styles is None else [styles] if isinstance(styles, (str, os.PathLike)) else list(styles)
+        single = isinstance(styles, (str, os.PathLike, Image.Image))
+        names = list(self.styles) if styles is None else [styles] if single else list(styles)
         if not names:
-            raise UserError("no style to apply", "styles", "load one first (pipe.load_style(lora)) or give a LoRA path")
+            raise UserError("no style to apply", "styles", "load one first (pipe.load_style(lora) or load_style(image=...)), "
+                                                           "or give a LoRA path or a style image")
         entries = []
         for name in names:
-            if str(name) not in self.styles:
+            if isinstance(name, Image.Image):
+                name = self.load_style(image=name)[0]
+            elif str(name) not in self.styles:
                 if not os.path.exists(name):
                     known = ", ".join(self.styles) or "none loaded"
-                    raise UserError(f"unknown style {str(name)!r}", "styles", f"neither a loaded style ({known}) nor a LoRA path")
-                name = self.load_style(name)[0]
+                    raise UserError(f"unknown style {str(name)!r}", "styles",
+                                    f"neither a loaded style ({known}), nor a LoRA path, nor a style image")
+                is_image = Path(name).suffix.lower() in IMAGE_EXTENSIONS and Path(name).is_file()
+                name = (self.load_style(image=name) if is_image else self.load_style(name))[0]
             entries.append(self.styles[str(name)])
         if prompt is None:
             return entries
@@ -507,6 +553,13 @@ def as_mask_spec(source: MaskSpec | dict | str | os.PathLike, argument: str) -> 
         except (TypeError, ValueError) as error:
             raise config_error(argument, str(error)) from error
     raise UserError("not a mask", argument, f"got {type(source).__name__}; give a MaskSpec, a dict, a path, an image or an array")
+
+
+def attach_style_trajectories(rows: Sequence[StyleRows], trajectories: Sequence[torch.Tensor]) -> None:
+    """Give the image styles' rows (StyleID) their images' trajectories, in order."""
+    image_rows = [row for row in rows if row.method == "styleid"]
+    for row, trajectory in zip(image_rows, trajectories, strict=True):
+        row.style_trajectory = trajectory
 
 
 def content_name(content: Any) -> Optional[str]:

@@ -45,10 +45,11 @@ from diffstyler.lora import check_lora_width
 from diffstyler.masks import SegmenterConfig, check_segmenter
 from diffstyler.memory import check_offload, check_offload_device, vae_tiling_setting
 from diffstyler.models import ModelSpec, load_pipeline, model_lora_width, pixel_multiple_for
-from diffstyler.pipeline import DiffStylerPipeline
+from diffstyler.methods import StyleIDConfig
+from diffstyler.pipeline import DiffStylerPipeline, attach_style_trajectories
 from diffstyler.results import DONE, FAILED, SKIPPED, settings_hash
 from diffstyler.rows import rows_per_job
-from diffstyler.stylize import DenoiseJob, SamplingConfig, StepCallback, StyleRows
+from diffstyler.stylize import DenoiseJob, SamplingConfig, StepCallback, StyleRows, call_methods
 from diffstyler.sweep import SweepConfig, ablation_grid
 
 # What fails one job (a user error about its input: an unreadable image, an empty mask, a LoRA that
@@ -68,6 +69,7 @@ class PreparedJob:
     masks: list[Optional[torch.Tensor]]
     reference: Any  # Conditioning of the inversion prompt
     rows: list[StyleRows]
+    style_images: list[Image.Image]  # the image styles' images at the content's size (StyleID)
     seconds: float = 0.0  # spent preparing
     trajectory: Optional[torch.Tensor] = None
 
@@ -80,7 +82,8 @@ class StylizePredictor(LightningModule):
 
     Args:
         model: the base model (default SD 2.1-base; `tiny` for smoke runs).
-        injection: feature / attention injection switches, layers and step windows.
+        injection: feature / attention injection switches, layers and step windows (LoRA styles: DiffStyler).
+        styleid: StyleID's settings for image styles (a `data.styles` entry with `image` and no `lora`).
         sampling: steps, guidance, prompts, inversion sub-steps.
         segmenter: FastSAM weights and CLIP model for text / box / point masks.
         output: where and what to write.
@@ -101,6 +104,7 @@ class StylizePredictor(LightningModule):
         self,
         model: ModelSpec = ModelSpec(),
         injection: InjectionConfig = InjectionConfig(),
+        styleid: StyleIDConfig = StyleIDConfig(),
         sampling: SamplingConfig = SamplingConfig(),
         segmenter: SegmenterConfig = SegmenterConfig(),
         output: OutputConfig = OutputConfig(),
@@ -120,6 +124,7 @@ class StylizePredictor(LightningModule):
             raise config_error("model.max_loaded_adapters", f"must be >= 1, got {max_loaded_adapters}")
         self.model_spec = model
         self.injection = injection
+        self.styleid = styleid
         self.sampling = sampling
         self.segmenter_config = segmenter
         self.output = output
@@ -156,7 +161,7 @@ class StylizePredictor(LightningModule):
             check_writable_folder(self.inversion_cache, "model.inversion_cache", "inversion cache folder")
         if isinstance(datamodule, StylizeDataModule):
             model = model_lora_width(self.model_spec)  # None: not known without a download
-            for lora in dict.fromkeys(Path(entry.lora) for entry in datamodule.styles):
+            for lora in dict.fromkeys(Path(entry.lora) for entry in datamodule.styles if entry.lora is not None):
                 if model is not None:
                     check_lora_width(lora, model[1], model[0])
                 check_lora_finite(lora)
@@ -238,17 +243,20 @@ class StylizePredictor(LightningModule):
         content = resize_to_multiple(load_image(job.content), job.resolution, self.pipeline.backbone.pixel_multiple)
         masks = [None if entry.mask is None else self.pipeline.make_mask(entry.mask, content) for entry in job.styles]
         reference, rows = self.pipeline.prepare_styles(job.styles, masks, content, self.sampling)
-        return PreparedJob(job, job_hash, content, masks, reference, rows, seconds=time.perf_counter() - started)
+        return PreparedJob(job, job_hash, content, masks, reference, rows, self.pipeline.images_of(job.styles, content),
+                           seconds=time.perf_counter() - started)
 
     def add_trajectories(self, prepared: list[PreparedJob]) -> None:
-        """Give every job its content's inversion trajectory; a content shared by several jobs is
-        inverted once, and missing contents of one size together (at most `max_unet_rows` per call)."""
+        """Give every job its content's inversion trajectory and its image styles' (StyleID); an
+        image shared by several jobs is inverted once, and missing images of one size together (at
+        most `max_unet_rows` per call)."""
         if not prepared:
             return
-        trajectories = self.pipeline.trajectories([job.content for job in prepared], prepared[0].reference, self.sampling,
-                                                  max_batch=self.max_unet_rows)
-        for job, trajectory in zip(prepared, trajectories):
-            job.trajectory = trajectory
+        images = [image for job in prepared for image in (job.content, *job.style_images)]
+        trajectories = iter(self.pipeline.trajectories(images, prepared[0].reference, self.sampling, max_batch=self.max_unet_rows))
+        for job in prepared:
+            job.trajectory = next(trajectories)
+            attach_style_trajectories(job.rows, [next(trajectories) for _ in job.style_images])
 
     def groups(self, prepared: list[PreparedJob]) -> list[list[PreparedJob]]:
         """Jobs of one latent size in the order given, at most `max_unet_rows` rows per UNet call
@@ -264,8 +272,11 @@ class StylizePredictor(LightningModule):
         return [group for groups in runs.values() for group in groups]
 
     def _rows(self, job: PreparedJob) -> int:
-        return rows_per_job(len(job.rows), self.injection.reference_model,
-                            self.pipeline.backbone.negative_rows(self.sampling.guidance_scale))
+        backbone = self.pipeline.backbone
+        methods = call_methods(backbone, self.injection, self.styleid, self.sampling.steps)
+        denoise_job = job.denoise_job()
+        latents = [denoise_job.trajectory[0:1]] * len(denoise_job.styles)
+        return rows_per_job(denoise_job.rows(latents, methods), backbone.negative_rows(self.sampling.guidance_scale))
 
     def stylize_group(self, group: list[PreparedJob]) -> list[JobResult]:
         """Denoise and decode a group; when a user error fails the group, each job is run alone, so
@@ -291,7 +302,7 @@ class StylizePredictor(LightningModule):
     def stylized(self, group: list[PreparedJob], injection: InjectionConfig) -> list[list[Image.Image]]:
         """Each job's images: one per style without masks; the fused, composited image with masks."""
         jobs = [job.denoise_job() for job in group]
-        latents = self.pipeline.denoise(jobs, injection, self.sampling, self.step_callback)
+        latents = self.pipeline.denoise(jobs, injection, self.sampling, self.step_callback, self.styleid)
         images = []
         for prepared, job, job_latents in zip(group, jobs, latents):
             styles, fused = self.pipeline.finish(job, job_latents, prepared.content, prepared.masks, self.output.composite, per_style=False)
@@ -311,7 +322,7 @@ class StylizePredictor(LightningModule):
     def settings(self, job: PreparedJob) -> dict[str, Any]:
         sweep = asdict(self.sweep) if self.sweep.active else None
         return self.pipeline.settings(job.content, job.job.styles, self.sampling, self.injection, job.job.seed,
-                                      self.output.composite, job.job.content, job.job.id, sweep)
+                                      self.output.composite, job.job.content, job.job.id, sweep, self.styleid)
 
     def settings_hash(self, job: Job) -> str:
         """The hash of everything that changes the pixels of this job's outputs (files by content,
@@ -323,6 +334,8 @@ class StylizePredictor(LightningModule):
             "dtype": str(self.pipeline.backbone.dtype),
             "sampling": self.sampling.fingerprint(),
             "injection": asdict(self.injection),
+            # only where a style is an image (StyleID): the hashes of LoRA-only jobs stay as they were
+            **({"styleid": asdict(self.styleid)} if any(entry.lora is None for entry in job.styles) else {}),
             "sweep": asdict(self.sweep) if self.sweep.active else None,
             "segmenter": asdict(self.segmenter_config) if has_masks else None,
             "composite": self.output.composite if has_masks else None,
@@ -369,7 +382,7 @@ def style_fingerprint(entry: StyleEntry) -> dict[str, Any]:
     return {
         "prompt": entry.prompt,
         "scale": float(entry.scale),
-        "lora_sha256": sha256_file(entry.lora),
+        "lora_sha256": sha256_file(entry.lora) if entry.lora is not None else None,
         "mask": mask,
         "image_sha256": sha256_file(entry.image) if entry.image else None,
     }

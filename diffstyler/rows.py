@@ -2,27 +2,32 @@
 
 At every denoising step the denoiser (a UNet, a transformer) runs ONE batch:
 
-    reference rows   the content's inversion latent z_t = trajectory[i] with the inversion prompt:
-                     one row run by the base model (`reference_model: base`), or one row per style
-                     run through that style's LoRA (`reference_model: style`, the paper's code)
+    reference rows   what the styles' methods read (`methods.base.Method.sources`): for DiffStyler
+                     the content's inversion latent z_t = trajectory[i] with the inversion prompt,
+                     run by the base model (`reference_model: base`) or through the style's LoRA
+                     (`style`, the paper's code); for StyleID the content's and the style image's
+                     trajectories at the level the inversion evaluated t_i at
     style rows       for each job, for each style: [uncond row,] cond row: the style's own latent,
-                     its adapter, the negative / style prompt
+                     its adapter, the negative / style prompt (a method that does not guide, as
+                     StyleID, runs its cond row only)
 
-Jobs of one content (the same trajectory tensor and inversion prompt) share their reference rows.
-Style row j is injected from reference row `sources[j]` (`injection.Injector` reads the layout).
-Once no injection window is open, a call has no reference rows at all.
+Reference rows are shared wherever they are the same row (trajectory, level, prompt, adapter): the
+jobs of one content share the content's rows. Style row j reads reference row `roles[j][role]`
+(`injection.Injector` hands each method its rows). Once no method needs a reference at a step, a
+call has no reference rows at all.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
 from diffstyler.backbones import Backbone
 from diffstyler.conditioning import Conditioning
-from diffstyler.lora import BASE_ROW, route_adapters
+from diffstyler.lora import route_adapters
+from diffstyler.methods.base import Method, RowsOfMethod
 from diffstyler.sampling import classifier_free_guidance
 
 
@@ -41,68 +46,73 @@ class Row:
 @dataclass(frozen=True)
 class JobRows:
     """What one job brings to the call: its trajectory (for its reference rows), its inversion
-    prompt's conditioning, and per style the adapter, the cond / uncond conditionings and the
-    style's current latent."""
+    prompt's conditioning, its styles (`stylize.StyleRows`: adapter, cond / uncond conditionings),
+    each style's method and current latent."""
 
     trajectory: torch.Tensor
     reference: Conditioning
-    adapters: tuple[str, ...]
-    cond: tuple[Conditioning, ...]
-    uncond: tuple[Conditioning, ...]
+    styles: tuple[Any, ...]
+    methods: tuple[Method, ...]
     latents: tuple[torch.Tensor, ...]
-
-
-def rows_per_job(num_styles: int, reference_model: str, with_uncond: bool) -> int:
-    """A job's rows in one denoiser call while the reference runs: its reference rows (one, or one per
-    style with `reference_model: style`), then each style's (uncond and) cond row."""
-    references = 1 if reference_model == "base" else num_styles
-    return references + (2 if with_uncond else 1) * num_styles
 
 
 @dataclass(frozen=True)
 class RowLayout:
     references: tuple[Row, ...]
     styles: tuple[Row, ...]
-    sources: tuple[int, ...]  # style row j is injected from reference row sources[j]
+    roles: tuple[dict[str, int], ...]  # per style row: the reference row of each role it reads
+    row_methods: tuple[Method, ...]  # per style row: its method
     job_references: tuple[tuple[int, ...], ...]  # per job: the indices of its reference rows
-    job_styles: tuple[int, ...]  # per job: its number of styles
-    with_uncond: bool
+    job_styles: tuple[tuple[int, ...], ...]  # per job, per style: its number of rows (2 with an uncond row)
 
     @classmethod
-    def for_step(cls, jobs: Sequence[JobRows], step: int, reference_model: str, with_uncond: bool,
-                 with_references: bool) -> "RowLayout":
-        """The rows of step `step` (reference rows only when an injection window is open)."""
-        styles = [row for job in jobs for row in _style_rows(job, with_uncond)]
+    def for_step(cls, jobs: Sequence[JobRows], step: int, with_uncond: bool) -> "RowLayout":
+        """The rows of step `step`; `with_uncond`: the guided methods' styles run a negative row."""
         references: list[Row] = []
-        sources: list[int] = []
+        known: dict[tuple[int, int, str], int] = {}  # (trajectory, level, adapter) -> its reference row
+        styles: list[Row] = []
+        roles: list[dict[str, int]] = []
+        row_methods: list[Method] = []
         job_references: list[tuple[int, ...]] = []
-        if with_references:
-            known: dict[tuple[int, str], int] = {}  # (trajectory, adapter) -> its reference row
-            for job in jobs:
-                rows = []
-                for adapter in _reference_adapters(job, reference_model):
-                    row = Row(job.trajectory[step : step + 1], job.reference, adapter)
-                    shared = known.get((id(job.trajectory), adapter))
-                    # A reference row depends only on (trajectory, prompt, adapter): sharing changes no value.
+        job_styles: list[tuple[int, ...]] = []
+        for job in jobs:
+            used: list[int] = []
+            counts = []
+            for style, method, latent in zip(job.styles, job.methods, job.latents):
+                style_roles = {}
+                for source in method.sources(job.trajectory, style, step):
+                    row = Row(source.trajectory[source.level : source.level + 1], job.reference, source.adapter)
+                    key = (id(source.trajectory), source.level, source.adapter)
+                    shared = known.get(key)
+                    # A reference row depends only on (trajectory, level, prompt, adapter): sharing changes no value.
                     if shared is None or not references[shared].conditioning.equals(row.conditioning):
-                        shared = known[(id(job.trajectory), adapter)] = len(references)
+                        shared = known[key] = len(references)
                         references.append(row)
-                    rows.append(shared)
-                per_style = [rows[0]] * len(job.adapters) if reference_model == "base" else rows
-                sources += [source for source in per_style for _ in range(2 if with_uncond else 1)]
-                job_references.append(tuple(rows))
-        else:
-            job_references = [() for _ in jobs]
-        return cls(tuple(references), tuple(styles), tuple(sources), tuple(job_references),
-                   tuple(len(job.adapters) for job in jobs), with_uncond)
+                    style_roles[source.role] = shared
+                    used += [] if shared in used else [shared]
+                rows = ([Row(latent, style.uncond, style.adapter)] if with_uncond and method.guided else []) + \
+                    [Row(latent, style.cond, style.adapter)]
+                styles += rows
+                roles += [style_roles] * len(rows)
+                row_methods += [method] * len(rows)
+                counts.append(len(rows))
+            job_references.append(tuple(used))
+            job_styles.append(tuple(counts))
+        return cls(tuple(references), tuple(styles), tuple(roles), tuple(row_methods), tuple(job_references), tuple(job_styles))
+
+    @property
+    def sources(self) -> tuple[int, ...]:
+        """DiffStyler's: the reference row of each style row that reads one."""
+        return tuple(roles["reference"] for roles in self.roles if "reference" in roles)
+
+    def rows_of(self, method: Method) -> RowsOfMethod:
+        """The style rows of `method` and the reference rows each reads."""
+        rows = tuple(index for index, row_method in enumerate(self.row_methods) if row_method is method)
+        return RowsOfMethod(rows, tuple(self.roles[index] for index in rows))
 
     @property
     def num_references(self) -> int:
         return len(self.references)
-
-    @property
-    def rows_per_style(self) -> int:
-        return 2 if self.with_uncond else 1
 
     def as_float(self) -> "RowLayout":
         return replace(self, references=tuple(r.as_float() for r in self.references),
@@ -122,15 +132,15 @@ class RowLayout:
         return output[: self.num_references], output[self.num_references :]
 
     def guided(self, style_output: torch.Tensor, guidance_scale: float) -> list[list[torch.Tensor]]:
-        """Per job, per style: the guided output (classifier-free guidance of its uncond and cond rows)."""
-        per_job = style_output.split([self.rows_per_style * count for count in self.job_styles])
-        guided = []
-        for count, outputs in zip(self.job_styles, per_job):
-            if not self.with_uncond:
-                guided.append(list(outputs.split(1)))
-                continue
-            pairs = outputs.view(count, 2, *outputs.shape[1:])
-            guided.append([classifier_free_guidance(pair[0:1], pair[1:2], guidance_scale) for pair in pairs])
+        """Per job, per style: the guided output (classifier-free guidance of its uncond and cond
+        rows; a style with one row: that row's output)."""
+        per_style = style_output.split([count for counts in self.job_styles for count in counts])
+        guided, index = [], 0
+        for counts in self.job_styles:
+            outputs = per_style[index : index + len(counts)]
+            index += len(counts)
+            guided.append([classifier_free_guidance(rows[0:1], rows[1:2], guidance_scale) if len(rows) == 2 else rows
+                           for rows in outputs])
         return guided
 
     def job_reference_output(self, reference_output: Optional[torch.Tensor], job: int) -> Optional[torch.Tensor]:
@@ -140,15 +150,8 @@ class RowLayout:
         return reference_output[list(self.job_references[job])]
 
 
-def _style_rows(job: JobRows, with_uncond: bool) -> list[Row]:
-    rows = []
-    for adapter, cond, uncond, latent in zip(job.adapters, job.cond, job.uncond, job.latents):
-        if with_uncond:
-            rows.append(Row(latent, uncond, adapter))
-        rows.append(Row(latent, cond, adapter))
-    return rows
-
-
-def _reference_adapters(job: JobRows, reference_model: str) -> list[str]:
-    """The adapters of a job's reference rows: the base model once, or each style's own."""
-    return [BASE_ROW] if reference_model == "base" else list(job.adapters)
+def rows_per_job(job: JobRows, with_uncond: bool) -> int:
+    """A job's rows in one call at its first step (every window open): what the predictor's
+    `max_unet_rows` cap counts."""
+    layout = RowLayout.for_step([job], 0, with_uncond)
+    return len(layout.references) + len(layout.styles)

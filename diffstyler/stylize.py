@@ -21,7 +21,7 @@ its own full image.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Literal, Optional
 
 import torch
@@ -31,6 +31,7 @@ from diffstyler.backbones import Backbone
 from diffstyler.conditioning import Conditioning
 from diffstyler.errors import UserError, config_error
 from diffstyler.injection import InjectionConfig, Injector, ReferenceMode
+from diffstyler.methods import DiffStylerMethod, Method, StyleIDConfig, StyleIDMethod
 from diffstyler.rows import JobRows, RowLayout
 from diffstyler.sampling import INVERSION_SOLVERS, Schedule
 from diffstyler.torch_utils import float32_model
@@ -92,7 +93,9 @@ class SamplingConfig:
 class StyleRows:
     """What one style contributes to a job's rows: its adapter, prompt conditionings and latent mask.
 
-    `name` identifies the style in error messages (default: the adapter's name).
+    `name` identifies the style in error messages (default: the adapter's name). `method`: how the
+    style acts ("diffstyler": its LoRA with the content's features and attention injected;
+    "styleid": the style image's keys and values, from `style_trajectory`, its inversion).
     """
 
     adapter: str
@@ -100,6 +103,8 @@ class StyleRows:
     uncond: Conditioning  # one row
     mask: Optional[torch.Tensor] = None  # [1, 1, h, w], 1 inside the style's region
     name: Optional[str] = None
+    method: Literal["diffstyler", "styleid"] = "diffstyler"
+    style_trajectory: Optional[torch.Tensor] = None  # StyleID: the style image's trajectory [N + 1, C, h, w]
 
     @property
     def label(self) -> str:
@@ -116,9 +121,9 @@ class DenoiseJob:
     styles: list[StyleRows]
     id: Optional[str] = None
 
-    def rows(self, latents: list[torch.Tensor]) -> JobRows:
-        return JobRows(self.trajectory, self.reference, tuple(s.adapter for s in self.styles),
-                       tuple(s.cond for s in self.styles), tuple(s.uncond for s in self.styles), tuple(latents))
+    def rows(self, latents: list[torch.Tensor], methods: dict[str, Method]) -> JobRows:
+        return JobRows(self.trajectory, self.reference, tuple(self.styles), tuple(methods[s.method] for s in self.styles),
+                       tuple(latents))
 
 
 @dataclass
@@ -146,27 +151,28 @@ def denoise_jobs(
     sampling: SamplingConfig,
     callback: Optional[StepCallback] = None,
     progress: bool = True,
+    styleid: Optional[StyleIDConfig] = None,
 ) -> list[list[torch.Tensor]]:
-    """Denoise jobs of one latent size together from z_T = trajectory[0], every step in ONE
-    denoiser call; per job, each style's final latent [1, C, h, w].
+    """Denoise jobs of one latent size together from their styles' first latents, every step in
+    ONE denoiser call; per job, each style's final latent [1, C, h, w].
 
-    Each style row is injected from its own job's reference rows only, and fused with its own
-    job's trajectory, so a job's result does not depend on the jobs it shares the call with.
+    Each style row reads its own job's reference rows only, and is fused with its own job's
+    trajectory, so a job's result does not depend on the jobs it shares the call with. LoRA styles
+    follow `injection` (DiffStyler), image styles `styleid` (StyleID; default: the authors' settings).
     The denoiser's adapters must be active (`lora.set_adapter_scales`) for the styles' adapters.
     """
     if not jobs or any(not job.styles for job in jobs):
         raise ValueError("at least one style per job is needed")
-    latents = [[job.trajectory[0:1].clone() for _ in job.styles] for job in jobs]
-    injector = Injector(backbone, injection, schedule.num_steps)
-    injection = injector.config  # windows in steps, layers in numbers
+    methods = call_methods(backbone, injection, styleid or StyleIDConfig(), schedule.num_steps)
+    latents = [[methods[style.method].initial_latent(job.trajectory, style) for style in job.styles] for job in jobs]
+    injector = Injector(backbone, [methods[style.method] for job in jobs for style in job.styles])
     injector.image_tokens = backbone.image_tokens(*jobs[0].trajectory.shape[-2:])
     with_uncond = backbone.negative_rows(sampling.guidance_scale)
     with injector.installed():
         for i in tqdm(range(schedule.num_steps), desc="Stylizing", disable=not progress, leave=False):
             t = schedule.timesteps[i]
-            # Eq. 4-5: one call; the reference rows' features and attention go into the style rows.
-            layout = RowLayout.for_step([job.rows(job_latents) for job, job_latents in zip(jobs, latents)], i,
-                                        injection.reference_model, with_uncond, injection.needs_reference(i))
+            # Eq. 4-5 (or StyleID's injection): one call; the reference rows' activations go into the style rows.
+            layout = RowLayout.for_step([job.rows(job_latents, methods) for job, job_latents in zip(jobs, latents)], i, with_uncond)
             reference_output, style_output = finite_outputs(backbone, injector, layout, sampling, i, t)
             for index, (job, guided) in enumerate(zip(jobs, layout.guided(style_output, sampling.guidance_scale))):
                 # A step per style, then eq. 6: outside its mask the latent is the content's trajectory.
@@ -175,6 +181,14 @@ def denoise_jobs(
                     reference = layout.job_reference_output(reference_output, index)
                     callback(StepState(i, int(t), reference, guided, latents[index], job.id, schedule.num_steps))
     return latents
+
+
+def call_methods(backbone: Backbone, injection: InjectionConfig, styleid: StyleIDConfig, steps: int) -> dict[str, Method]:
+    """The methods of a call by name, their layers resolved on the backbone's map and windows in steps."""
+    layers = backbone.layer_map()
+    styleid = replace(styleid, layers=layers.attention_layer_numbers(styleid.layers, "model.styleid.layers"))
+    return {"diffstyler": DiffStylerMethod(injection.resolved(layers, steps)),
+            "styleid": StyleIDMethod(styleid, backbone.inversion_level(0))}
 
 
 def outputs(backbone: Backbone, injector: Injector, layout: RowLayout, sampling: SamplingConfig, step: int,

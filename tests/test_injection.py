@@ -1,5 +1,6 @@
 import contextlib
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from diffstyler.models import encode_images, encode_prompts
 from diffstyler.sampling import ddim_schedule, ddim_step
 from diffstyler.stylize import SamplingConfig, StyleRows
 from diffstyler.rows import JobRows, RowLayout
+from diffstyler.methods import DiffStylerMethod
 from tests.helpers import denoise_with_injection, tiny_pipe_with_adapter
 
 STEPS = 8
@@ -161,7 +163,7 @@ def test_hooks_and_processors_are_restored(setup):
 
 def test_hooks_are_removed_when_the_loop_fails(setup):
     unet = setup[0].unet
-    injector = Injector(backbone_for(setup[0]), InjectionConfig(**EVERYWHERE), STEPS)
+    injector = Injector(backbone_for(setup[0]), [DiffStylerMethod(InjectionConfig(**EVERYWHERE).resolved(decoder_layers(unet), STEPS))])
     with pytest.raises(RuntimeError):
         with injector.installed():
             assert len(decoder_layers(unet).resnet(unet, 4)._forward_hooks) == 1
@@ -172,7 +174,8 @@ def test_hooks_are_removed_when_the_loop_fails(setup):
 @pytest.mark.slow
 def test_residual_site_injects_the_resnet_branch_before_the_skip_connection(setup):
     unet = setup[0].unet
-    injector = Injector(backbone_for(setup[0]), InjectionConfig(feature_layers=[4], feature_site="residual", **NOTHING_BUT_FEATURES), STEPS)
+    injector = Injector(backbone_for(setup[0]), [DiffStylerMethod(InjectionConfig(feature_layers=[4], feature_site="residual",
+                                                                                  **NOTHING_BUT_FEATURES).resolved(decoder_layers(unet), STEPS))])
     with injector.installed():
         assert len(decoder_layers(unet).resnet(unet, 4).conv2._forward_hooks) == 1
         assert len(decoder_layers(unet).resnet(unet, 4)._forward_hooks) == 0
@@ -436,10 +439,14 @@ def _one_call(setup, injection: InjectionConfig, sites: dict[str, torch.nn.Modul
     """(site, output) in call order for one UNet call at step 0 on [reference, uncond, cond]."""
     pipe, schedule, prompts, trajectory = setup
     set_adapter_scales(pipe.unet, {"style": 1.0})
-    injector = Injector(backbone_for(pipe), injection, STEPS)
-    # the layout of this call: one reference row feeding both style rows
-    layout = RowLayout.for_step([JobRows(trajectory, prompts[0:1], ("style",), (prompts[1:2],), (prompts[2:3],), (trajectory[:1],))],
-                                0, "base", True, True)
+    method = DiffStylerMethod(injection.resolved(backbone_for(pipe).layer_map(), STEPS))
+    injector = Injector(backbone_for(pipe), [method])
+    # the layout of this call: one reference row feeding both style rows, also with every switch off
+    # (then the method itself would leave the reference row out of the call)
+    everywhere = DiffStylerMethod(InjectionConfig(**EVERYWHERE).resolved(backbone_for(pipe).layer_map(), STEPS))
+    layout = RowLayout.for_step([JobRows(trajectory, prompts[0:1], (StyleRows("style", prompts[1:2], prompts[2:3]),), (everywhere,),
+                                         (trajectory[:1],))], 0, True)
+    layout = replace(layout, row_methods=(method,) * len(layout.styles))
     assert layout.sources == (0, 0)
     injector.set_step(0, schedule.timesteps[0], ReferenceMode.BATCH_ROW, layout)
     records = []

@@ -8,21 +8,32 @@ from __future__ import annotations
 import pytest
 import torch
 
+from diffstyler.backbones.mmdit import transformer_layer_map
 from diffstyler.conditioning import Conditioning
+from diffstyler.injection import InjectionConfig
 from diffstyler.lora import BASE_ROW
+from diffstyler.methods import DiffStylerMethod
 from diffstyler.rows import JobRows, RowLayout, rows_per_job
 from diffstyler.sampling import classifier_free_guidance
+from diffstyler.stylize import StyleRows
 
 
 def conditioning(value: float) -> Conditioning:
     return Conditioning(torch.full((1, 3, 2), value))
 
 
-def job(trajectory: torch.Tensor, adapters: tuple[str, ...], first_latent: float) -> JobRows:
-    """A job whose style k has latent `first_latent + k` and cond / uncond conditionings 10k+1 / 10k+2."""
-    return JobRows(trajectory, conditioning(0.0), adapters,
-                   tuple(conditioning(10 * k + 1) for k in range(len(adapters))),
-                   tuple(conditioning(10 * k + 2) for k in range(len(adapters))),
+BLOCKS = transformer_layer_map(["block"] * 6)  # any layer map: rows do not depend on it
+METHODS = {model: DiffStylerMethod(InjectionConfig(reference_model=model, feature_steps=3, attention_steps=3).resolved(BLOCKS))
+           for model in ("base", "style")}
+CLOSED = DiffStylerMethod(InjectionConfig(feature_steps=0, attention_steps=0).resolved(BLOCKS))  # no window open
+
+
+def job(trajectory: torch.Tensor, adapters: tuple[str, ...], first_latent: float, reference_model: str = "base",
+        method=None) -> JobRows:
+    """A job whose style k has latent `first_latent + k` and cond / uncond conditionings 10k+1 / 10k+2,
+    every style by DiffStyler with `reference_model` (windows open for steps 0-2)."""
+    styles = tuple(StyleRows(adapter, conditioning(10 * k + 1), conditioning(10 * k + 2)) for k, adapter in enumerate(adapters))
+    return JobRows(trajectory, conditioning(0.0), styles, (method or METHODS[reference_model],) * len(adapters),
                    tuple(torch.full((1, 1, 2, 2), first_latent + k) for k in range(len(adapters))))
 
 
@@ -39,15 +50,17 @@ def values(rows) -> list[float]:
 def test_the_row_count_the_cap_uses_is_the_rows_a_job_brings(reference_model, with_uncond):
     """Caught: `rows_per_job` (the predictor's `max_unet_rows` cap) off by one from the real layout."""
     for styles in (1, 2, 3):
-        layout = RowLayout.for_step([job(trajectory(-1), tuple(f"s{k}" for k in range(styles)), 0)], 1, reference_model, with_uncond, True)
-        assert len(layout.references) + len(layout.styles) == rows_per_job(styles, reference_model, with_uncond)
+        one = job(trajectory(-1), tuple(f"s{k}" for k in range(styles)), 0, reference_model)
+        layout = RowLayout.for_step([one], 1, with_uncond)
+        assert len(layout.references) + len(layout.styles) == rows_per_job(one, with_uncond)
+        assert len(layout.references) == (1 if reference_model == "base" else styles)
 
 
 def test_base_reference_one_row_per_content_feeding_every_style_row_of_its_jobs():
     """Two jobs of one content (product pairing) and one of another. Caught: one reference row per
     job instead of per content, or a style row injected from another content's reference."""
     shared, other = trajectory(-1), trajectory(-2)
-    layout = RowLayout.for_step([job(shared, ("a",), 0), job(shared, ("b",), 1), job(other, ("a",), 2)], 2, "base", True, True)
+    layout = RowLayout.for_step([job(shared, ("a",), 0), job(shared, ("b",), 1), job(other, ("a",), 2)], 2, True)
     assert values(layout.references) == [-1, -2] and [r.adapter for r in layout.references] == [BASE_ROW, BASE_ROW]
     assert layout.sources == (0, 0, 0, 0, 1, 1)  # uncond and cond rows of each job
     assert layout.job_references == ((0,), (0,), (1,))
@@ -58,7 +71,7 @@ def test_base_reference_one_row_per_content_feeding_every_style_row_of_its_jobs(
 
 def test_style_reference_one_row_per_style_adapter_shared_by_jobs_of_one_content():
     shared = trajectory(-1)
-    layout = RowLayout.for_step([job(shared, ("a", "b"), 0), job(shared, ("b",), 5)], 0, "style", False, True)
+    layout = RowLayout.for_step([job(shared, ("a", "b"), 0, "style"), job(shared, ("b",), 5, "style")], 0, False)
     assert [r.adapter for r in layout.references] == ["a", "b"]
     assert layout.sources == (0, 1, 1)  # job 2's style b shares job 1's b reference
     assert layout.job_references == ((0, 1), (1,))
@@ -67,18 +80,18 @@ def test_style_reference_one_row_per_style_adapter_shared_by_jobs_of_one_content
 def test_the_reference_row_is_the_trajectory_at_the_step():
     """Caught: the reference taken at step i + 1 (or i - 1) of the inversion trajectory."""
     path = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 2, 2)
-    layout = RowLayout.for_step([job(path, ("a",), 9)], 2, "base", True, True)
+    layout = RowLayout.for_step([job(path, ("a",), 9)], 2, True)
     assert values(layout.references) == [2.0]
 
 
 def test_without_an_open_window_there_are_no_reference_rows():
-    layout = RowLayout.for_step([job(trajectory(-1), ("a",), 0)], 0, "base", True, False)
+    layout = RowLayout.for_step([job(trajectory(-1), ("a",), 0, method=CLOSED)], 0, True)
     assert layout.references == () and layout.sources == () and layout.split_references(torch.ones(2, 1))[0] is None
 
 
 def test_outputs_are_split_and_guided_per_job_and_style():
     """Caught: guidance pairing one style's cond row with another's uncond row, or jobs' outputs shifted."""
-    layout = RowLayout.for_step([job(trajectory(-1), ("a", "b"), 0), job(trajectory(-2), ("c",), 5)], 0, "base", True, True)
+    layout = RowLayout.for_step([job(trajectory(-1), ("a", "b"), 0), job(trajectory(-2), ("c",), 5)], 0, True)
     output = torch.arange(2 + 6, dtype=torch.float32).view(-1, 1, 1, 1)  # row k's output is k
     reference, styles = layout.split_references(output)
     assert reference.flatten().tolist() == [0, 1]

@@ -37,6 +37,7 @@ LayerSelection = Sequence[Union[int, str]]
 # Rule names the injection's layer settings accept instead of numbers, on every backbone.
 FEATURE_RULES = ("paper", "pnp")
 ATTENTION_RULES = ("all", "from_pnp")
+STYLEID_RULES = ("styleid",)  # StyleID's self-attention layers (`methods.styleid`)
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class LayerMap:
     """
 
     def __init__(self, layers: Sequence[Layer], rules: dict[str, list[int]], noun: str = "layer", model: str = "model"):
-        missing = set(FEATURE_RULES + ATTENTION_RULES) - set(rules)
+        missing = set(FEATURE_RULES + ATTENTION_RULES + STYLEID_RULES) - set(rules)
         if missing:
             raise ValueError(f"layer map without the rules {sorted(missing)}")
         self.layers = tuple(layers)
@@ -375,6 +376,12 @@ class Backbone(abc.ABC):
             raise config_error(f"{key_prefix}inversion_solver", f"{solver!r} is not for {self.sampler_name} sampling "
                                                                  f"({self.family.name or 'this model'}): use {', '.join(self.inversion_solvers)}")
 
+    def inversion_level(self, step: int) -> int:
+        """The trajectory level whose activations the inversion computed at `timesteps[step]`: DDIM
+        evaluates the move up to a level at the level below (the clean end has no timestep), so
+        step + 1; flow matching the step's own level."""
+        return step
+
     # -- where the method hooks in ---------------------------------------------------------------
 
     @abc.abstractmethod
@@ -386,9 +393,9 @@ class Backbone(abc.ABC):
         ...
 
     @abc.abstractmethod
-    def attention_sites(self, layer: int, kind: AttentionKind) -> list[Site]:
-        """The query and key projections of a layer's attention over image tokens (`to_q`, `to_k`
-        of every attention module of that kind in the layer)."""
+    def attention_sites(self, layer: int, kind: AttentionKind, projections: tuple[str, ...] = ("to_q", "to_k")) -> list[Site]:
+        """The projections (default: query and key) of a layer's attention over image tokens, of
+        every attention module of that kind in the layer."""
 
     def attention_kinds(self) -> tuple[str, ...]:
         """The attention kinds the model has: a UNet self- and cross-attention, a transformer one

@@ -260,12 +260,12 @@ class MMDiTBackbone(Backbone):
     def attention_kinds(self) -> tuple[str, ...]:
         return ("self",)
 
-    def attention_sites(self, layer: int, kind: AttentionKind) -> list[Site]:
+    def attention_sites(self, layer: int, kind: AttentionKind, projections: tuple[str, ...] = ("to_q", "to_k")) -> list[Site]:
         block = self.blocks[layer]
         single = layer >= len(self.pipe.transformer.transformer_blocks)
         attentions = [block.attn] + ([block.attn2] if getattr(block, "use_dual_attention", False) else [])
         return [Site(f"{kind}.{layer}.{index}.{projection}", "attention", getattr(attention, projection), "tail" if single else "tensor")
-                for index, attention in enumerate(attentions) for projection in ("to_q", "to_k")]
+                for index, attention in enumerate(attentions) for projection in projections]
 
     # -- training ------------------------------------------------------------------------------------
 
@@ -305,6 +305,8 @@ def transformer_layer_map(names: list[str]) -> LayerMap:
         "paper": list(range(last_third, count)),
         "pnp": [last_third],
         "from_pnp": list(range(last_third + 1, count)),
+        # StyleID's: the last 5/12 of the blocks, as its 7-11 are the last 5 of SD's 12 decoder layers
+        "styleid": list(range(count - math.floor(5 * count / 12 + 0.5), count)),
     }
     return LayerMap(layers, rules, noun="block", model="transformer")
 

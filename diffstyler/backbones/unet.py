@@ -127,6 +127,7 @@ class DecoderLayers(LayerMap):
     - `paper` (feature default): every layer from `pnp` on; SD: 4-11, SDXL: 1-8.
     - `all` (attention default): every layer followed by a transformer; SD: 3-11, SDXL: 0-5.
     - `from_pnp`: the attention layers from `pnp` on (the paper's code); SD: 4-11, SDXL: 1-5.
+    - `styleid`: StyleID's self-attention layers (the authors' 7-11 on SD; SDXL: 1-5).
     """
 
     def __init__(self, layers: Sequence[DecoderLayer]):
@@ -138,6 +139,7 @@ class DecoderLayers(LayerMap):
             "pnp": [pnp],
             "all": attention,
             "from_pnp": [layer for layer in attention if layer >= pnp],
+            "styleid": _styleid_layers(layers),
         }
         super().__init__(layers, rules, noun="decoder layer", model="UNet")
         self.pnp_layer = pnp
@@ -155,6 +157,16 @@ class DecoderLayers(LayerMap):
         name = "attn1" if kind == "self" else "attn2"
         transformer = unet.up_blocks[place.block].attentions[place.resnet]
         return [getattr(block, name) for block in transformer.transformer_blocks]
+
+
+def _styleid_layers(layers: Sequence[DecoderLayer]) -> list[int]:
+    """StyleID's layers: the authors' 7-11 on SD 1.x / 2.x, the attention layers of the two finest
+    levels that have attention without the coarser level's first (SDXL: 1-5)."""
+    attention = [index for index, layer in enumerate(layers) if layer.attention]
+    levels = sorted({layers[index].downscale for index in attention})[:2]
+    chosen = [index for index in attention if layers[index].downscale in levels]
+    first_of_coarser = next(index for index in chosen if layers[index].downscale == max(levels))
+    return [index for index in chosen if index != first_of_coarser]
 
 
 def _pnp_layer(layers: Sequence[DecoderLayer]) -> int:
@@ -274,10 +286,13 @@ class UNetBackbone(Backbone):
         resnet = self._layers.resnet(self.pipe.unet, layer)
         return Site(f"feature.{layer}", "feature", resnet if where == "output" else resnet.conv2)
 
-    def attention_sites(self, layer: int, kind: AttentionKind) -> list[Site]:
+    def attention_sites(self, layer: int, kind: AttentionKind, projections: tuple[str, ...] = ("to_q", "to_k")) -> list[Site]:
         return [Site(f"{kind}.{layer}.{block}.{projection}", "attention", getattr(attention, projection))
                 for block, attention in enumerate(self._layers.attentions(self.pipe.unet, layer, kind))
-                for projection in ("to_q", "to_k")]
+                for projection in projections]
+
+    def inversion_level(self, step: int) -> int:
+        return step + 1  # DDIM's inversion evaluates timesteps[step] at the level below
 
     # -- training ------------------------------------------------------------------------------------
 

@@ -40,29 +40,42 @@ from diffstyler.masks import MaskSpec, open_mask_file
 
 @dataclass
 class StyleEntry:
-    """One style of a job.
+    """One style of a job: a LoRA (DiffStyler, the paper's method) or a style image alone (StyleID,
+    training-free).
 
     Args:
         lora: a LoRA `.safetensors` file or a folder holding `pytorch_lora_weights.safetensors`
             (ours from `diffstyler fit`, or a community LoRA in a format diffusers reads), or a
             folder of such folders (what `diffstyler fit` with `data.one_lora_per_image` writes),
-            which stands for one style per LoRA folder in it (`expand_lora_folders`).
-        prompt: the style prompt; None takes the prompt recorded in the LoRA's `diffstyler_lora.json`.
+            which stands for one style per LoRA folder in it (`expand_lora_folders`). None: the
+            style is `image`, applied by StyleID (no training).
+        prompt: the style prompt; None takes the prompt recorded in the LoRA's `diffstyler_lora.json`
+            (an image style has none: StyleID uses no text).
         scale: LoRA scale (0 = base model).
         mask: where the style goes (a `MaskSpec`); None styles the whole image.
-        name: used in output file names (default: the LoRA's folder or file name).
-        image: the style image, shown in the result grid when given.
+        name: used in output file names (default: the LoRA's folder or file name, or the image's).
+        image: the style image: with `lora`, shown in the result grid and paired with the results
+            by `diffstyler test`; without, the style itself (StyleID).
     """
 
-    lora: str
+    lora: Optional[str] = None
     prompt: Optional[str] = None
     scale: float = 1.0
     mask: Optional[MaskSpec] = None
     name: Optional[str] = None
     image: Optional[str] = None
 
+    @property
+    def method(self) -> str:
+        """"diffstyler" for a LoRA style, "styleid" for an image style."""
+        return "diffstyler" if self.lora is not None else "styleid"
+
     def resolved(self) -> "StyleEntry":
-        """A copy with the LoRA file checked and prompt and name filled in."""
+        """A copy with the LoRA file (or the image) checked and prompt and name filled in."""
+        if self.lora is None:
+            if self.image is None:
+                raise config_error("data.styles", "a style needs a `lora` (DiffStyler) or an `image` alone (StyleID)")
+            return dataclasses.replace(self, prompt="", name=self.name or Path(self.image).stem)
         file = resolve_lora_file(self.lora)
         prompt = self.prompt if self.prompt is not None else recorded_prompt(file)
         name = self.name or (file.parent.name if file.name == LORA_WEIGHTS_NAME else file.stem)
@@ -80,7 +93,7 @@ def expand_lora_folders(styles: list[StyleEntry]) -> list[StyleEntry]:
     it (sorted; each named after its folder, with the entry's prompt, scale and mask)."""
     expanded = []
     for index, entry in enumerate(styles):
-        folders = lora_folders_in(entry.lora)
+        folders = lora_folders_in(entry.lora) if entry.lora is not None else []
         if not folders:
             expanded.append(entry)
             continue

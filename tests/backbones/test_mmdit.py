@@ -18,6 +18,7 @@ from diffstyler.callbacks.preview import sample_text_to_image
 from diffstyler.injection import InjectionConfig, Injector, ReferenceMode
 from diffstyler.inversion import invert
 from diffstyler.lora import StyleLoRAConfig, add_style_adapter, set_adapter_scales
+from diffstyler.methods import DiffStylerMethod
 from diffstyler.models import ModelSpec, load_pipeline
 from diffstyler.rows import JobRows, RowLayout
 from diffstyler.sampling import FlowSchedule, Move, flow_inversion_step, sample
@@ -135,9 +136,11 @@ def _one_call(pipe, injection: InjectionConfig, watched: dict, scale: float = 1.
     generator = torch.Generator().manual_seed(0)
     trajectory = torch.randn(STEPS + 1, 16, 8, 6, generator=generator)
     prompts = backbone.encode_prompts(["", "painting of sss"])
-    layout = RowLayout.for_step([JobRows(trajectory, prompts[0:1], ("style",), (prompts[1:2],), (prompts[0:1],), (torch.randn(1, 16, 8, 6, generator=generator),))],
-                                0, "base", False, True)
-    injector = Injector(backbone, injection, STEPS)
+    method = DiffStylerMethod(injection.resolved(backbone.layer_map(), STEPS))
+    styles = (StyleRows("style", prompts[1:2], prompts[0:1]),)
+    layout = RowLayout.for_step([JobRows(trajectory, prompts[0:1], styles, (method,), (torch.randn(1, 16, 8, 6, generator=generator),))],
+                                0, False)
+    injector = Injector(backbone, [method])
     injector.image_tokens = backbone.image_tokens(8, 6)
     schedule = backbone.schedule(STEPS, injector.image_tokens)
     injector.set_step(0, schedule.timesteps[0], ReferenceMode.BATCH_ROW, layout)
