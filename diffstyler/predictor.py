@@ -46,6 +46,7 @@ from diffstyler.masks import SegmenterConfig, check_segmenter
 from diffstyler.memory import check_offload, check_offload_device, vae_tiling_setting
 from diffstyler.models import ModelSpec, load_pipeline, model_lora_width
 from diffstyler.pipeline import DiffStylerPipeline
+from diffstyler.quantization import check_quantization_device
 from diffstyler.results import DONE, FAILED, SKIPPED, settings_hash
 from diffstyler.rows import rows_per_job
 from diffstyler.stylize import DenoiseJob, SamplingConfig, StepCallback, StyleRows
@@ -92,8 +93,10 @@ class StylizePredictor(LightningModule):
         max_loaded_adapters: LoRAs kept loaded at once (least recently used deleted first).
         vae_tiling / vae_slicing / offload: for small GPUs (`memory`): the VAE in tiles (pixels change
           near tile borders of images larger than the VAE's sample size; recorded in the settings),
-          one image at a time (same pixels); offload "model" / "sequential" keeps the weights in
-          CPU memory, moving each model / layer to the GPU when it runs (same pixels; CUDA only).
+          one image at a time (same pixels); offload "model" / "sequential" / "group" /
+          "group_leaf" keeps the weights in CPU memory, moving each model / layer / block (with
+          the next one prefetched) / layer (prefetched) to the GPU when it runs (same pixels; CUDA
+          only). A quantized transformer is `model.model.quantization` / `model.model.transformer`.
     """
 
     def __init__(
@@ -189,6 +192,7 @@ class StylizePredictor(LightningModule):
         # Before `configure_model`: nothing is loaded yet.
         self.check_run(self.trainer.datamodule)
         check_offload_device(self.offload, self.trainer.strategy.root_device, "model.offload")
+        check_quantization_device(self.model_spec.quantization, self.trainer.strategy.root_device)
 
     def on_predict_start(self) -> None:
         datamodule = self.trainer.datamodule

@@ -148,6 +148,13 @@ class MMDiTBackbone(Backbone):
     def negative_rows(self, guidance_scale: float) -> bool:
         return not self.flux and guidance_scale != 1.0
 
+    @property
+    def latent_dtype(self) -> torch.dtype:
+        """float32 whatever the transformer's dtype: a bfloat16 trajectory loses bits at every step
+        of the inversion and of the sampling (both integrate one ODE), so the latents stay float32
+        and only the transformer's input is cast (`predict`); its output comes back float32."""
+        return torch.float32
+
     # -- images and text ---------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -182,10 +189,11 @@ class MMDiTBackbone(Backbone):
                 guidance: Optional[float] = None) -> torch.Tensor:
         transformer = self.pipe.transformer
         rows = latents.shape[0]
+        latents = latents.to(self.dtype)  # float32 between the calls (`latent_dtype`)
         timesteps = timestep.to(latents.device, torch.float32).reshape(-1).expand(rows)  # one for all rows, or one each
         if not self.flux:
             return transformer(hidden_states=latents, timestep=timesteps, encoder_hidden_states=conditioning.hidden,
-                               pooled_projections=conditioning.pooled, return_dict=False)[0]
+                               pooled_projections=conditioning.pooled, return_dict=False)[0].float()
         height, width = latents.shape[-2:]
         tokens = FluxPipeline._pack_latents(latents, rows, latents.shape[1], height, width)
         image_ids = FluxPipeline._prepare_latent_image_ids(rows, height // PATCH, width // PATCH, latents.device, latents.dtype)
@@ -196,7 +204,7 @@ class MMDiTBackbone(Backbone):
         output = transformer(hidden_states=tokens, timestep=timesteps / 1000, guidance=embedded_guidance,
                              pooled_projections=conditioning.pooled, encoder_hidden_states=conditioning.hidden,
                              txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
-        return FluxPipeline._unpack_latents(output, height * self.latent_factor, width * self.latent_factor, self.latent_factor)
+        return FluxPipeline._unpack_latents(output, height * self.latent_factor, width * self.latent_factor, self.latent_factor).float()
 
     # -- sampling ------------------------------------------------------------------------------------
 
