@@ -282,13 +282,15 @@ def _quantized(spec: ModelSpec, load: Callable[[], torch.nn.Module]) -> torch.nn
     """`load()`, its errors as one line naming the key (a GGUF file of another family or layout, a
     quantizer refusing its environment)."""
     key = "model.model.transformer" if spec.transformer is not None else "model.model.quantization"
+    hint = "; is it a GGUF file of this model family's transformer?" if spec.transformer is not None else ""
     try:
         return load()
-    except (OSError, ValueError, RuntimeError, ImportError, TypeError) as error:
+    except (OSError, ValueError, RuntimeError, ImportError, TypeError, KeyError, IndexError) as error:
+        # diffusers' converters fail on another family's keys with KeyError or IndexError
         if isinstance(error, UserError):
             raise
         raise ModelLoadError("cannot load the quantized transformer", f"{key}={spec.transformer or spec.quantization}",
-                             first_line(error)) from error
+                             f"{first_line(error)}{hint}") from error
 
 
 def _load_vae(spec: ModelSpec) -> AutoencoderKL:
