@@ -15,6 +15,7 @@ import os
 from collections import OrderedDict
 from typing import Iterator
 
+import torch
 from diffusers import DiffusionPipeline
 
 from diffstyler.backbones import backbone_for
@@ -59,10 +60,13 @@ class StyleAdapters:
         if key in self.loaded:
             self.loaded.move_to_end(key)
         else:
-            self._make_room()
             name = f"style{self._count}"
             self._count += 1
-            load_style_adapter(self.pipe, lora, name)
+            # Outside inference mode, which Lightning's predict runs in: loading reads the denoiser's
+            # state dict, and a quantized weight (a torchao tensor subclass) cannot be detached there.
+            with torch.inference_mode(False):
+                self._make_room()
+                load_style_adapter(self.pipe, lora, name)
             self.loaded[key] = name
             self.scales[name] = float(scale)
         name = self.loaded[key]

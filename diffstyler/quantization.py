@@ -45,7 +45,7 @@ INSTALL = "pip install -c constraints.txt -e '.[quant]'"
 # mechanism -> (the Python package it needs, what it is, in messages)
 PACKAGES = {
     "int8": ("torchao", "torchao's int8 weight-only"),
-    "nf4": ("bitsandbytes", "bitsandbytes' 4-bit NF4"),
+    "nf4": ("bitsandbytes", "bitsandbytes' 4-bit"),
     "gguf": ("gguf", "a GGUF file"),
 }
 QUANTIZATION_KEY, TRANSFORMER_KEY = "model.model.quantization", "model.model.transformer"
@@ -72,8 +72,8 @@ def mechanism(quantization: str, transformer: Optional[str]) -> Optional[str]:
 
 def check_quantization(quantization: str, transformer: Optional[str], denoiser: str, model: str) -> None:
     """Before any weight loads: the model is a transformer family (`denoiser`: its kind's denoiser
-    subfolder, "unet" or "transformer"), the mechanism's package is installed, a GGUF file exists
-    and is one."""
+    subfolder, "unet" or "transformer"), nf4 has CUDA on this machine, the mechanism's package is
+    installed, a GGUF file exists and is one."""
     method = mechanism(quantization, transformer)
     if method is None:
         return
@@ -82,6 +82,9 @@ def check_quantization(quantization: str, transformer: Optional[str], denoiser: 
     if denoiser != "transformer":
         raise config_error(key, f"{what} quantizes a diffusion transformer (SD 3.5, FLUX.1); {model} has a UNet "
                                 "(SD 1.x, SD 2.x, SDXL): leave it " + ("null" if method == "gguf" else "none"))
+    if method == "nf4" and not torch.cuda.is_available():
+        # said before the package: on a machine without CUDA, installing bitsandbytes would not help
+        raise config_error(key, f"nf4 ({what}) needs a CUDA device, this machine has none; use int8 (torchao, runs on the CPU too) or none")
     if importlib.util.find_spec(package) is None:
         raise config_error(key, f"{what} needs the {package} package, which is not installed: {INSTALL} (or pip install {package})")
     if method == "gguf":

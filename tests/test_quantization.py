@@ -95,6 +95,7 @@ def test_a_missing_package_is_refused_with_its_install_command(monkeypatch, tmp_
     """The package is made to look absent (which the CI machine's install decides, not the code).
     Caught: diffusers' ImportError from inside the loading, after the rest of the model is built,
     instead of one line with the install command; and the GGUF check forgotten."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # nf4 is refused first on a machine without CUDA
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == package else real_find_spec(name, *args))
     monkeypatch.setattr("diffstyler.models.kind_of", lambda pipe: pytest.fail("the model was built before the check"))
@@ -120,6 +121,9 @@ def test_nf4_needs_cuda():
     diffusers fails deep inside, or the model loads unquantized)."""
     with pytest.raises(UserError, match=r"nf4 .*needs a CUDA device, the run is on cpu; use int8"):
         DiffStylerPipeline.from_pretrained("tiny-flux", quantization="nf4", device="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match=r"model\.model\.quantization.*nf4 .*needs a CUDA device, this machine has none"):
+            load_pipeline(ModelSpec("tiny-flux", quantization="nf4"))
     with pytest.raises(UserError, match=r"model\.model\.quantization.*nf4.*needs a CUDA device"):
         check_quantization_device("nf4", torch.device("cpu"))
     check_quantization_device("int8", torch.device("cpu"))  # int8 runs anywhere
@@ -159,6 +163,15 @@ def test_int8_stays_close_to_float32_and_carries_the_style(request, model, lora)
     base.load_style(folder, name="style", scale=0.0)  # the same LoRA at scale 0: the int8 base alone
     style_effect = np.abs(results["int8"] - np.asarray(base(CONTENT, masks=[MASK], **FAST).composite)).mean()
     assert style_effect > 5 * quantization_error
+
+
+def test_a_lora_loads_on_an_int8_model_in_inference_mode(flux_lora):
+    """Lightning's predict loads the styles' LoRAs inside `torch.inference_mode`. Caught: the load
+    reading the model's state dict there, where torchao's weights cannot be detached ("Cannot set
+    version_counter for inference tensor": every job of a predict run failed)."""
+    pipeline = DiffStylerPipeline.from_pretrained("tiny-flux", quantization="int8", progress=False)
+    with torch.inference_mode():
+        assert pipeline.load_style(flux_lora, name="style") == ["style"]
 
 
 @pytest.mark.slow
