@@ -104,6 +104,7 @@ def memory_section(args) -> None:
     import numpy as np
     from PIL import Image
 
+    from diffstyler.errors import UserError
     from diffstyler.lora import save_lora
     from diffstyler.models import ModelSpec, model_kind
     from diffstyler.pipeline import DiffStylerPipeline
@@ -141,13 +142,18 @@ def memory_section(args) -> None:
                 injection = InjectionConfig()  # the paper's windows, as fractions of the steps
                 call = lambda: pipeline(content, num_inference_steps=args.steps, injection=injection,  # noqa: E731
                                         resolution=args.resolution, **substeps)
-                seconds = timed(args.device, call, repeats=1, warm_up=False)
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                seconds = timed(args.device, call, repeats=1, warm_up=False)  # one call: its seconds and its peak
                 if not cuda:
                     print(f"{label}: {seconds:.2f} s")
                     continue
-                peak = peak_memory(args.device, call)
+                peak = torch.cuda.max_memory_allocated() / 2**20
             except torch.cuda.OutOfMemoryError:
                 print(f"{label}: out of CUDA memory{cap}")
+                continue
+            except UserError as error:  # a package of the quant extra missing, nf4 off CUDA
+                print(f"{label}: refused: {error.line()}")
                 continue
             finally:
                 pipeline = call = None  # frees this pipeline's memory before the next one loads

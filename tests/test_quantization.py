@@ -254,6 +254,29 @@ def test_a_gguf_transformer_replaces_the_models_own(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_diffusers_folder_loads_its_transformer_quantized(tmp_path):
+    """The path of a downloaded model (hub id or folder): the transformer loads quantized from the
+    folder's own weights (int8) or from a GGUF file (its configs from the folder), the rest of the
+    pipeline from the folder. Caught: the quantized transformer not passed to the pipeline's
+    `from_pretrained` (the folder's full-size one loaded instead), or the GGUF file read with
+    another model's configs."""
+    load_pipeline(ModelSpec("tiny-flux")).save_pretrained(tmp_path / "flux")
+    folder = str(tmp_path / "flux")
+    int8 = load_pipeline(ModelSpec(folder, quantization="int8"))
+    assert isinstance(int8, FluxPipeline) and type(int8.transformer.transformer_blocks[0].attn.to_q.weight).__name__ == "Int8Tensor"
+    gguf_file = write_gguf(load_pipeline(ModelSpec("tiny-flux")).transformer, tmp_path / "flux-Q8_0.gguf")
+    from_gguf = load_pipeline(ModelSpec(folder, transformer=str(gguf_file)))
+    assert type(from_gguf.transformer.transformer_blocks[0].attn.to_q.weight).__name__ == "GGUFParameter"
+    backbone, reference = backbone_for(from_gguf), backbone_for(load_pipeline(ModelSpec(folder)))
+    latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    prompt = reference.encode_prompts(["a photo"])
+    with torch.no_grad():
+        expected = reference.predict(latents, torch.tensor(300.0), prompt)
+        assert (backbone.predict(latents, torch.tensor(300.0), prompt) - expected).norm() < 0.02 * expected.norm()
+        assert (backbone_for(int8).predict(latents, torch.tensor(300.0), prompt) - expected).norm() < 0.02 * expected.norm()
+
+
+@pytest.mark.slow
 def test_a_gguf_file_of_another_family_fails_in_one_line(tmp_path):
     """Caught: diffusers' shape-mismatch traceback instead of a line naming the key."""
     path = write_gguf(load_pipeline(ModelSpec("tiny-sd3")).transformer, tmp_path / "sd3.gguf")
