@@ -50,6 +50,7 @@ def test_the_24gb_configs_parse_with_their_memory_settings(capsys, monkeypatch):
     assert printed["predict"]["data"]["styles"][0]["lora"] == printed["fit"]["model"]["output_dir"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a machine with CUDA, nf4 runs")
 def test_nf4_is_refused_in_one_line_on_a_machine_without_cuda(capsys, monkeypatch, tmp_path):
     """Caught: the run reaching the loader (or the missing-package message, which installing
