@@ -19,6 +19,7 @@ The family itself is then read from the loaded components (`backbone_for(pipe).f
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -272,8 +273,6 @@ def check_model_quantization(spec: ModelSpec) -> None:
 
 def _transformer_class(pipeline_class: type) -> type:
     """The transformer class a pipeline class loads (its `__init__`'s `transformer` annotation)."""
-    import inspect
-
     annotation = inspect.signature(pipeline_class.__init__).parameters["transformer"].annotation
     return getattr(importlib.import_module("diffusers"), annotation) if isinstance(annotation, str) else annotation
 

@@ -38,7 +38,9 @@ def write_transformer_lora(folder: Path, model: str, seed: int = 1) -> Path:
 def write_gguf(transformer: torch.nn.Module, path: Path) -> Path:
     """The transformer's weights as a GGUF file, as the community's converters write them: every
     2-D weight whose rows fill whole Q8_0 blocks of 32 quantized to Q8_0, the rest float32. Its
-    keys are diffusers' (published files use the original layouts, which diffusers converts)."""
+    keys are diffusers' layout, which `from_single_file` reads as it is: published FLUX.1 files use
+    Black Forest Labs' layout, whose converter in diffusers assumes FLUX.1's real width (3072), so a
+    tiny file cannot be written in it."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), arch="flux")
