@@ -19,7 +19,7 @@ from diffstyler.memory import enable_offload, execution_device, group_onload_dev
 from diffstyler.models import ModelSpec, decode_latents, encode_images
 from diffstyler.predictor import StylizePredictor
 from diffstyler.stylize import SamplingConfig
-from tests.helpers import CONTENT, MASK, write_random_lora
+from tests.helpers import CONTENT, MASK, write_random_lora, write_transformer_lora
 
 FAST = dict(num_inference_steps=4, injection=InjectionConfig(feature_steps=3, attention_steps=2), inversion_substeps=1, resolution=64)
 FAST_FLUX = dict(num_inference_steps=4, inversion_substeps=1, resolution=64)
@@ -139,8 +139,6 @@ def test_a_bad_offload_names_the_key_and_offload_needs_cuda():
 
 @pytest.fixture(scope="module")
 def flux_lora(tmp_path_factory) -> Path:
-    from tests.test_quantization import write_transformer_lora
-
     return write_transformer_lora(tmp_path_factory.mktemp("memory_flux_lora"), "tiny-flux")
 
 

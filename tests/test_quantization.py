@@ -6,7 +6,6 @@ only) and every bad value are refused in one line before a weight loads."""
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,45 +16,12 @@ from diffusers import FluxPipeline
 from diffstyler import DiffStylerPipeline
 from diffstyler.backbones import backbone_for
 from diffstyler.errors import UserError
-from diffstyler.lora import StyleLoRAConfig, add_style_adapter, save_lora
+from diffstyler.lora import StyleLoRAConfig, add_style_adapter
 from diffstyler.models import ModelSpec, load_pipeline
 from diffstyler.quantization import check_quantization_device, is_quantized
-from tests.helpers import CONTENT, MASK, randomize_adapter
+from tests.helpers import CONTENT, MASK, write_gguf, write_transformer_lora
 
 FAST = dict(num_inference_steps=4, inversion_substeps=1, resolution=64)
-
-
-def write_transformer_lora(folder: Path, model: str, seed: int = 1) -> Path:
-    """A random style LoRA of a tiny transformer model, as `diffstyler fit` writes it."""
-    transformer = load_pipeline(ModelSpec(model)).transformer
-    add_style_adapter(transformer, StyleLoRAConfig(rank=4), "style")
-    randomize_adapter(transformer, "style", seed)
-    save_lora(transformer, "style", folder)
-    (folder / "diffstyler_lora.json").write_text(json.dumps({"prompt": "painting of sss", "base_model": model}))
-    return folder
-
-
-def write_gguf(transformer: torch.nn.Module, path: Path) -> Path:
-    """The transformer's weights as a GGUF file, as the community's converters write them: every
-    2-D weight whose rows fill whole Q8_0 blocks of 32 quantized to Q8_0, the rest float32. Its
-    keys are diffusers' layout, which `from_single_file` reads as it is: published FLUX.1 files use
-    Black Forest Labs' layout, whose converter in diffusers assumes FLUX.1's real width (3072), so a
-    tiny file cannot be written in it."""
-    import gguf
-
-    writer = gguf.GGUFWriter(str(path), arch="flux")
-    for name, tensor in transformer.state_dict().items():
-        values = tensor.float().numpy()
-        if values.ndim == 2 and values.shape[1] % 32 == 0:
-            blocks = gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
-            writer.add_tensor(name, values)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 @pytest.fixture(scope="module")

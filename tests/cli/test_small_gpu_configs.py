@@ -15,7 +15,7 @@ import yaml
 
 from diffstyler.cli import main
 from diffstyler.results import RESULTS_NAME, read_json_lines
-from tests.test_quantization import write_transformer_lora
+from tests.helpers import write_transformer_lora
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STYLIZE, STYLE = "configs/flux/stylize_24gb.yaml", "configs/flux/style_24gb.yaml"
