@@ -3,13 +3,16 @@
     .venv/bin/python benchmarks/bench_style_memory.py --model sd15-random   # 512 px
     .venv/bin/python benchmarks/bench_style_memory.py --model sd21-random   # 512 px
     .venv/bin/python benchmarks/bench_style_memory.py --model sdxl-random   # 1024 px (about 14 GB of RAM)
+    .venv/bin/python benchmarks/bench_style_memory.py --model sd35-medium-random --resolution 512
+        # SD 3.5 Medium's transformer (2.2 G parameters); its text encoders at real widths, T5 shallower
 
 What it measures (float32, the model's native resolution unless --resolution is given):
 1. parameter bytes of the UNet and of one style's LoRA (rank 16 on the attention's Q/K/V: what
    each loaded style adds, whatever the image size);
 2. one denoising step of `stylize.denoise_jobs` exactly as `diffstyler predict` runs it (one UNet
-   call: the reference row, then per style an unconditional and a conditional row; features and
-   attention injected in the paper's layers), for 1 and then 2 styles: the peak resident set size
+   or transformer call: the reference row, then per style an unconditional and a conditional row
+   (FLUX.1: the conditional one only); features and attention injected in the paper's layers, or
+   the family's rules over its blocks), for 1 and then 2 styles: the peak resident set size
    during that call above the resident set size before the first call (Linux VmHWM, reset before
    each call). The difference between 2 and 1 styles is the activation memory of one more style
    (its two rows) in one call; a GPU's peak differs by its allocator, not by the rows' sizes.
@@ -49,7 +52,8 @@ def reset_peak_rss() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="sd21-random", help="sd15-random, sd21-random, sdxl-random (or a tiny model)")
+    parser.add_argument("--model", default="sd21-random", help="sd15-random, sd21-random, sdxl-random, sd35-medium-random, "
+                                                               "flux-random (or a tiny model)")
     parser.add_argument("--resolution", type=int, default=None, help="default: the model's native resolution")
     args = parser.parse_args()
 
@@ -64,16 +68,18 @@ def main() -> None:
     unet.requires_grad_(False)
     style_bytes = sum(p.numel() * p.element_size() for name, p in unet.named_parameters() if ".s0." in name)
     prompts = backbone.size_conditioning(encode_prompts(pipe, ["", "painting of sss", "ugly"]), (resolution, resolution))
-    pipe.text_encoder = pipe.text_encoder_2 = pipe.vae = None  # the denoiser's call needs none of them
+    channels, side = backbone.latent_channels, resolution // backbone.latent_factor  # read before the VAE goes
+    for component in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):  # the denoiser's call needs none of them
+        if hasattr(pipe, component):
+            setattr(pipe, component, None)
     gc.collect()
 
-    side = resolution // backbone.latent_factor
-    trajectory = torch.randn(2, backbone.latent_channels, side, side, generator=torch.Generator().manual_seed(0))
+    trajectory = torch.randn(2, channels, side, side, generator=torch.Generator().manual_seed(0))
     schedule = backbone.schedule(1, backbone.image_tokens(side, side))
     injection = InjectionConfig(feature_steps=1, attention_steps=1)  # the paper's layers, injected in this step
     print(f"model={args.model} resolution={resolution} px (latent {side}x{side}) float32 cpu, threads {torch.get_num_threads()}, "
           f"built in {time.perf_counter() - started:.0f} s")
-    print(f"UNet parameters {unet_bytes / MIB:.0f} MiB; one style's rank-16 Q/K/V LoRA {style_bytes / MIB:.1f} MiB")
+    print(f"{type(unet).__name__} parameters {unet_bytes / MIB:.0f} MiB; one style's rank-16 Q/K/V LoRA {style_bytes / MIB:.1f} MiB")
 
     before = resident_bytes("VmRSS")
     peaks = {}
@@ -87,7 +93,8 @@ def main() -> None:
         with torch.no_grad():
             denoise_jobs(backbone, [job], schedule, injection, SamplingConfig(steps=1), progress=False)
         peaks[styles] = resident_bytes("VmHWM") - before
-        print(f"styles={styles} ({1 + 2 * styles} rows): peak RSS above the loaded model {peaks[styles] / MIB:.0f} MiB "
+        row_count = 1 + (2 if backbone.negative_rows(SamplingConfig().guidance_scale) else 1) * styles
+        print(f"styles={styles} ({row_count} rows): peak RSS above the loaded model {peaks[styles] / MIB:.0f} MiB "
               f"({time.perf_counter() - started:.0f} s)")
     per_style = peaks[2] - peaks[1]
     print(f"one more style: activations {per_style / MIB:.0f} MiB + its LoRA {style_bytes / MIB:.1f} MiB "

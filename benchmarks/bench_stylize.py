@@ -23,11 +23,19 @@ Measures
 4. two styles with `reference_model: style` (one reference row per style, the authors' code)
    against `base` (one shared base-model row), and the residual-branch feature site (default)
    against the resnet-output site.
-5. with --memory (instead of 1-4): low VRAM (`diffstyler.memory`): one `DiffStylerPipeline` call
-   (one style, the paper's inversion) with nothing, VAE slicing, VAE tiling, offload model and
-   offload sequential: seconds and, on CUDA, peak allocated memory (`max_memory_allocated`) and its
-   ratio to nothing. On the CPU only the seconds mean something (offload needs CUDA and is skipped;
-   tiling applies only above the VAE's sample size: 512 px for SD 1.x / 2.x, 1024 px for SDXL).
+5. with --memory (instead of 1-4): low VRAM (`diffstyler.memory`, `diffstyler.quantization`): one
+   `DiffStylerPipeline` call (one style, the paper's inversion) with nothing, VAE slicing, VAE
+   tiling, offload model / sequential / group / group_leaf, and for SD 3.5 and FLUX.1 a quantized
+   transformer (int8, nf4, and nf4 or int8 with offload): seconds and, on CUDA, peak allocated
+   memory (`max_memory_allocated`) and its ratio to the first option measured. On the CPU only the
+   seconds mean something (offload and nf4 need CUDA and are skipped; tiling applies only above
+   the VAE's sample size: 512 px for SD 1.x / 2.x, 1024 px for SDXL, SD 3.5 and FLUX.1).
+   --options picks some; --memory-cap-gb makes a larger GPU behave as a smaller one
+   (`torch.cuda.set_per_process_memory_fraction`): an option that does not fit reports it.
+
+    .venv/bin/python benchmarks/bench_stylize.py --memory --model flux-full-random --device cuda \
+        --dtype bfloat16 --resolution 1024 --steps 8 --memory-cap-gb 24 \
+        --options "offload model,offload group,nf4,nf4 + offload model,int8 + offload group"
 """
 
 from __future__ import annotations
@@ -73,50 +81,93 @@ def load_benchmark_pipeline(name: str, dtype: str) -> AnyPipeline:
     return load_pipeline(ModelSpec(name=name, dtype=dtype))
 
 
+MEMORY_OPTIONS = {
+    "none": {}, "vae_slicing": {"vae_slicing": True}, "vae_tiling": {"vae_tiling": True},
+    "offload model": {"offload": "model"}, "offload sequential": {"offload": "sequential"},
+    "offload group": {"offload": "group"}, "offload group_leaf": {"offload": "group_leaf"},
+    "int8": {"quantization": "int8"}, "nf4": {"quantization": "nf4"},
+    "nf4 + offload model": {"quantization": "nf4", "offload": "model"},
+    "int8 + offload group": {"quantization": "int8", "offload": "group"},
+}
+
+
+def skipped_because(option: dict, device: str, transformer: bool) -> str | None:
+    if option.get("quantization") and not transformer:
+        return "quantization is for a diffusion transformer (SD 3.5, FLUX.1)"
+    if (option.get("offload") or option.get("quantization") == "nf4") and not device.startswith("cuda"):
+        return "needs a CUDA device"
+    return None
+
+
 def memory_section(args) -> None:
     """Measure 5: one pipeline call per low-VRAM option, each on a freshly loaded pipeline."""
     import numpy as np
     from PIL import Image
 
+    from diffstyler.errors import UserError
     from diffstyler.lora import save_lora
+    from diffstyler.models import ModelSpec, model_kind
     from diffstyler.pipeline import DiffStylerPipeline
 
     content = Image.fromarray(np.random.default_rng(0).integers(0, 256, (args.resolution, args.resolution, 3), dtype=np.uint8))
-    options = {"none": {}, "vae_slicing": {"vae_slicing": True}, "vae_tiling": {"vae_tiling": True},
-               "offload model": {"offload": "model"}, "offload sequential": {"offload": "sequential"}}
+    chosen = [label.strip() for label in args.options.split(",")] if args.options else list(MEMORY_OPTIONS)
+    unknown = [label for label in chosen if label not in MEMORY_OPTIONS]
+    if unknown:
+        raise SystemExit(f"--options: unknown {unknown}; known: {', '.join(MEMORY_OPTIONS)}")
+    transformer = model_kind(ModelSpec(args.model)).denoiser_subfolder == "transformer"
+    cuda = args.device.startswith("cuda")
+    if cuda and args.memory_cap_gb:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gb * 2**30 / total))
     with tempfile.TemporaryDirectory() as folder:
-        lora_pipe = load_benchmark_pipeline(args.model, "float32")
+        lora_pipe = load_benchmark_pipeline(args.model, args.dtype)  # the LoRA is float32 whatever the base's dtype
         denoiser = backbone_for(lora_pipe).denoiser
         add_style_adapter(denoiser, StyleLoRAConfig(rank=16), "style")
         save_lora(denoiser, "style", folder)
-        del lora_pipe
-        baseline = None
-        print(f"model={args.model} resolution={args.resolution} steps={args.steps} device={args.device} dtype={args.dtype}")
-        for label, option in options.items():
-            if "offload" in option and not args.device.startswith("cuda"):
-                print(f"{label}: skipped (offload needs a CUDA device)")
+        del lora_pipe, denoiser
+        baseline, baseline_label = None, None
+        cap = f" cap={args.memory_cap_gb} GB" if cuda and args.memory_cap_gb else ""
+        print(f"model={args.model} resolution={args.resolution} steps={args.steps} device={args.device} dtype={args.dtype}{cap}")
+        for label in chosen:
+            option = MEMORY_OPTIONS[label]
+            why = skipped_because(option, args.device, transformer)
+            if why:
+                print(f"{label}: skipped ({why})")
                 continue
-            pipeline = DiffStylerPipeline.from_pretrained(args.model, args.dtype, args.device, progress=False, **option)
-            pipeline.load_style(folder, name="style", prompt="painting of sss")
-            substeps = {"inversion_substeps": args.inversion_substeps} if args.inversion_substeps else {}
-            injection = InjectionConfig()  # the paper's windows, as fractions of the steps
-            call = lambda: pipeline(content, num_inference_steps=args.steps, injection=injection, resolution=args.resolution,  # noqa: E731
-                                    **substeps)
-            seconds = timed(args.device, call, repeats=1, warm_up=False)
-            if not args.device.startswith("cuda"):
-                print(f"{label}: {seconds:.2f} s")
+            pipeline = call = None
+            try:
+                pipeline = DiffStylerPipeline.from_pretrained(args.model, args.dtype, args.device, progress=False, **option)
+                pipeline.load_style(folder, name="style", prompt="painting of sss")
+                substeps = {"inversion_substeps": args.inversion_substeps} if args.inversion_substeps else {}
+                injection = InjectionConfig()  # the paper's windows, as fractions of the steps
+                call = lambda: pipeline(content, num_inference_steps=args.steps, injection=injection,  # noqa: E731
+                                        resolution=args.resolution, **substeps)
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                seconds = timed(args.device, call, repeats=1, warm_up=False)  # one call: its seconds and its peak
+                if not cuda:
+                    print(f"{label}: {seconds:.2f} s")
+                    continue
+                peak = torch.cuda.max_memory_allocated() / 2**20
+            except torch.cuda.OutOfMemoryError:
+                print(f"{label}: out of CUDA memory{cap}")
                 continue
-            peak = peak_memory(args.device, call)
-            baseline = peak if baseline is None else baseline
-            print(f"{label}: {seconds:.2f} s, peak CUDA memory {peak:.0f} MiB (x{peak / baseline:.2f} of none)")
-            pipeline = call = None  # frees this pipeline's memory before the next one loads
-            if args.device.startswith("cuda"):
-                torch.cuda.empty_cache()
+            except UserError as error:  # a package of the quant extra missing, nf4 off CUDA
+                print(f"{label}: refused: {error.line()}")
+                continue
+            finally:
+                pipeline = call = None  # frees this pipeline's memory before the next one loads
+                if cuda:
+                    torch.cuda.empty_cache()
+            if baseline is None:
+                baseline, baseline_label = peak, label
+            print(f"{label}: {seconds:.2f} s, peak CUDA memory {peak:.0f} MiB (x{peak / baseline:.2f} of {baseline_label})")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="tiny, tiny-sd15, tiny-sdxl, sd15-random, sd21-random, sdxl-random, "
+    parser.add_argument("--model", default="tiny", help="tiny, tiny-sd15, tiny-sdxl, tiny-sd3, tiny-flux, sd15-random, sd21-random, "
+                                                        "sdxl-random, sd35-medium-random, flux-random, flux-full-random, "
                                                         "or any model.name (its family is read from it)")
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
@@ -126,6 +177,9 @@ def main() -> None:
                         help="sub-steps of the fine inversion (default 1000 // steps: the paper's 1000-step inversion)")
     parser.add_argument("--memory", action="store_true",
                         help="measure 5 only: seconds and peak CUDA memory of one pipeline call with each low-VRAM option")
+    parser.add_argument("--options", default=None, help="with --memory: a comma-separated subset of " + ", ".join(MEMORY_OPTIONS))
+    parser.add_argument("--memory-cap-gb", type=float, default=None,
+                        help="with --memory on CUDA: let this process use at most this many GB (a 24 GB GPU on a larger one)")
     args = parser.parse_args()
     if args.memory:
         memory_section(args)

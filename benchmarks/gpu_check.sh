@@ -65,3 +65,11 @@ $PY benchmarks/bench_stylize.py --memory --model sd21-random --device cuda --dty
 .venv/bin/diffstyler predict --config configs/smoke/stylize.yaml --trainer.accelerator gpu --model.offload sequential \
   --model.vae_tiling true --model.vae_slicing true --data.styles "[{lora: $OUT/lora}]" --model.output.folder "$OUT/offload" \
   --model.inversion_cache "$OUT/cache" --trainer.logger.init_args.save_dir "$OUT/logs" 2>&1 | tail -3 | tee "$OUT/offload.txt"
+
+# 8. SD 3.5 and FLUX.1 (docs/small-gpus.md): the 24 GB FLUX configs on tiny-flux with nf4 and group
+#    offload for real, then one stylization call at 1024 px at SD 3.5 Medium's and FLUX.1-dev's full
+#    sizes (random weights) with none / offload model / offload group / int8 / nf4: seconds and peak
+#    CUDA memory, FLUX under a 24 GB cap. Three parts, one device call each (see the script).
+for part in smoke sd35 flux; do
+  bash benchmarks/gpu_check_mmdit.sh "$part"
+done

@@ -15,6 +15,7 @@ import os
 from collections import OrderedDict
 from typing import Iterator
 
+import torch
 from diffusers import DiffusionPipeline
 
 from diffstyler.backbones import backbone_for
@@ -60,10 +61,13 @@ class StyleAdapters:
         if key in self.loaded:
             self.loaded.move_to_end(key)
         else:
-            self._make_room()
             name = f"style{self._count}"
             self._count += 1
-            with quiet_library_calls():  # diffusers' "No LoRA keys ... CLIPTextModel", PEFT's "Already found a `peft_config`"
+            # Outside inference mode, which Lightning's predict runs in: loading reads the denoiser's
+            # state dict, and a quantized weight (a torchao tensor subclass) cannot be detached there.
+            # Quiet: diffusers' "No LoRA keys ... CLIPTextModel", PEFT's "Already found a `peft_config`".
+            with torch.inference_mode(False), quiet_library_calls():
+                self._make_room()
                 load_style_adapter(self.pipe, lora, name)
             self.loaded[key] = name
             self.scales[name] = float(scale)

@@ -19,7 +19,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import safe_open
 
 from diffstyler.errors import MissingFileError, UserError, config_error, first_line
-from diffstyler.models import ModelSpec, model_load_error, random_kind
+from diffstyler.models import ModelSpec, check_model_quantization, model_load_error, random_kind
 
 LATENT_FACTOR = 8  # the VAE downsamples by 8 (same constant as diffstyler.images)
 
@@ -80,7 +80,13 @@ def check_model_reference(spec: ModelSpec) -> None:
     """`model.model.name` names a model that can be loaded, without reading its weights: a model built here (`tiny`, ...), a
     local diffusers folder (with model_index.json), a `.safetensors` / `.ckpt` file, or a Hugging
     Face model id (in the local cache when HF_HUB_OFFLINE is set; otherwise it is downloaded when
-    the model loads, and nothing is checked now)."""
+    the model loads, and nothing is checked now). A quantized or GGUF transformer: the model is a
+    transformer family and the package is installed (`models.check_model_quantization`)."""
+    check_named_model(spec)
+    check_model_quantization(spec)
+
+
+def check_named_model(spec: ModelSpec) -> None:
     if random_kind(spec.name) is not None:
         return
     path = Path(spec.name).expanduser()

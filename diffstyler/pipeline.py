@@ -50,6 +50,7 @@ from diffstyler.methods import StyleIDConfig
 from diffstyler.masks import FastSAMSegmenter, MaskSpec, SegmenterConfig, hard_mask_from_image, resolve_mask, shape_mask
 from diffstyler.memory import check_offload, check_offload_device, enable_offload, execution_device, set_vae_options, vae_tiling_setting
 from diffstyler.models import DEFAULT_MODEL, AnyPipeline, ModelSpec, load_pipeline
+from diffstyler.quantization import check_quantization_device
 from diffstyler.outputs import a1111_fields, pil_to_unit, to_pil
 from diffstyler.sampling import Schedule
 from diffstyler.stylize import DenoiseJob, SamplingConfig, StepCallback, StyleRows, check_finite, denoise_jobs, fuse_styles
@@ -117,16 +118,22 @@ class DiffStylerPipeline:
                         device: Optional[str | torch.device] = None, *, revision: Optional[str] = None,
                         variant: Optional[str] = None, config: Optional[str] = None,
                         prediction_type: Optional[str] = None, vae: Optional[str] = None,
+                        quantization: str = "none", transformer: Optional[str] = None,
                         vae_tiling: bool = False, vae_slicing: bool = False, offload: str = "none",
                         **options: Any) -> "DiffStylerPipeline":
         """Load a model of any family (SD 1.x, SD 2.x, SDXL, SD 3.5, FLUX.1): a hub id, a local
         diffusers folder, a single `.safetensors`/`.ckpt` file (its configs from `config`, default
         its family's base model), or a tiny model (`tiny`, `tiny-sd15`, `tiny-sdxl`, ...: seeded
         random models for trying things without weights). `vae`: another VAE (e.g. SDXL's fp16-fixed one). `vae_tiling`, `vae_slicing`,
-        `offload`: for small GPUs (`set_memory_options`). `options` go to the constructor
-        (segmenter, inversion_cache, max_loaded_adapters, progress)."""
+        `offload`: for small GPUs (`set_memory_options`). `quantization` ("int8", "nf4": CUDA
+        only) or a GGUF `transformer` file: SD 3.5 and FLUX.1's transformer in fewer bits
+        (`diffstyler.quantization`). `options` go to the constructor (segmenter, inversion_cache,
+        max_loaded_adapters, progress)."""
         spec = ModelSpec(name=model, revision=revision, variant=variant, dtype=dtype_name(dtype), config=config,
-                         prediction_type=prediction_type, vae=vae)
+                         prediction_type=prediction_type, vae=vae, quantization=quantization, transformer=transformer)
+        check_offload(offload, "offload")
+        # bitsandbytes quantizes onto the GPU as it loads: refused before, where no GPU is named or there
+        check_quantization_device(spec.quantization, device or "cuda", "quantization")
         pipeline = cls(load_pipeline(spec), spec, **options)
         return pipeline.set_memory_options(vae_tiling, vae_slicing, offload, device)
 
@@ -150,7 +157,9 @@ class DiffStylerPipeline:
         """Trade speed for GPU memory (`memory`): the VAE in tiles (pixels change near tile borders,
         and only for images larger than the VAE's sample size: the settings record it) or one image
         at a time (same pixels); `offload` "model" or "sequential" keeps the weights in CPU memory
-        and runs them on `device` (default "cuda", a CUDA device; same pixels). With offload "none"
+        and runs them on `device` (default "cuda", a CUDA device; same pixels); "group" /
+        "group_leaf" do it a block / a layer at a time (diffusers' group offloading, prefetching
+        the next on a CUDA stream: `memory`). With offload "none"
         the pipeline moves to `device` when one is given."""
         check_offload(offload, "offload")
         set_vae_options(self.pipe.vae, vae_tiling, vae_slicing)
@@ -388,7 +397,7 @@ class DiffStylerPipeline:
         backbone = self.backbone
 
         def invert_many(images: list[Image.Image]) -> list[torch.Tensor]:
-            latents = backbone.encode_images(torch.stack([to_tensor(i) for i in images])).to(backbone.dtype)
+            latents = backbone.encode_images(torch.stack([to_tensor(i) for i in images])).to(backbone.latent_dtype)
             conditioning = backbone.size_conditioning(reference, (images[0].height, images[0].width))  # one size per group
             with base_model(backbone.denoiser):
                 return invert_batch(backbone, latents, conditioning, self.schedule(images[0], sampling),
@@ -397,7 +406,7 @@ class DiffStylerPipeline:
         requests = [(self.inversion_key(content, sampling), content) for content in contents]
         return (store or self.store).trajectories(
             requests, lambda key: (sampling.steps + 1, backbone.latent_channels, *backbone.latent_size(key.height, key.width)),
-            invert_many, self.device, backbone.dtype, max_batch,
+            invert_many, self.device, backbone.latent_dtype, max_batch,
         )
 
     def denoise(self, jobs: list[DenoiseJob], injection: InjectionConfig, sampling: SamplingConfig,

@@ -47,6 +47,7 @@ from diffstyler.memory import check_offload, check_offload_device, vae_tiling_se
 from diffstyler.models import ModelSpec, load_pipeline, model_lora_width, pixel_multiple_for
 from diffstyler.methods import StyleIDConfig
 from diffstyler.pipeline import DiffStylerPipeline, attach_style_trajectories
+from diffstyler.quantization import check_quantization_device
 from diffstyler.results import DONE, FAILED, SKIPPED, settings_hash
 from diffstyler.rows import rows_per_job
 from diffstyler.stylize import DenoiseJob, SamplingConfig, StepCallback, StyleRows, call_methods
@@ -96,8 +97,10 @@ class StylizePredictor(LightningModule):
         vae_tiling: for small GPUs (`memory`): the VAE in tiles (pixels change near tile borders of
             images larger than the VAE's sample size; recorded in the settings).
         vae_slicing: for small GPUs: the VAE one image at a time (same pixels).
-        offload: for small GPUs: "model" / "sequential" keeps the weights in CPU memory, moving each
-            model / layer to the GPU when it runs (same pixels; CUDA only); "none" keeps them there.
+        offload: for small GPUs: "model" / "sequential" / "group" / "group_leaf" keeps the weights in
+            CPU memory, moving each model / layer / block (the next one prefetched) / layer
+            (prefetched) to the GPU when it runs (same pixels; CUDA only); "none" keeps them there. A
+            quantized transformer is `model.model.quantization` / `model.model.transformer`.
     """
 
     def __init__(
@@ -199,6 +202,7 @@ class StylizePredictor(LightningModule):
         # Before `configure_model`: nothing is loaded yet.
         self.check_run(self.trainer.datamodule)
         check_offload_device(self.offload, self.trainer.strategy.root_device, "model.offload")
+        check_quantization_device(self.model_spec.quantization, self.trainer.strategy.root_device)
 
     def on_predict_start(self) -> None:
         datamodule = self.trainer.datamodule

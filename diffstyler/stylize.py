@@ -34,6 +34,7 @@ from diffstyler.injection import InjectionConfig, Injector, ReferenceMode
 from diffstyler.methods import DiffStylerMethod, Method, StyleIDConfig, StyleIDMethod
 from diffstyler.rows import JobRows, RowLayout
 from diffstyler.sampling import INVERSION_SOLVERS, Schedule
+from diffstyler.quantization import is_quantized
 from diffstyler.torch_utils import float32_model
 
 DEFAULT_NEGATIVE_PROMPT = "ugly, blurry, black, low res, unrealistic"
@@ -209,7 +210,8 @@ def outputs(backbone: Backbone, injector: Injector, layout: RowLayout, sampling:
 def finite_outputs(backbone: Backbone, injector: Injector, layout: RowLayout, sampling: SamplingConfig, step: int, t: torch.Tensor):
     """`outputs`, run again in float32 when a half-precision call gives NaN or inf."""
     result = outputs(backbone, injector, layout, sampling, step, t)
-    if all_finite(result) or backbone.dtype == torch.float32:
+    # A quantized denoiser has no float32 weights to retry with.
+    if all_finite(result) or backbone.dtype == torch.float32 or is_quantized(backbone.denoiser):
         return result
     with float32_model(backbone.denoiser):
         result = outputs(backbone, injector, layout.as_float(), sampling, step, t)

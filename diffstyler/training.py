@@ -43,6 +43,7 @@ from diffstyler.console import quiet_library_calls
 from diffstyler.export import export_lora
 from diffstyler.lora import LORA_INFO_NAME, LORA_WEIGHTS_NAME, StyleLoRAConfig, add_style_adapter, save_lora, write_lora_info
 from diffstyler.models import AnyPipeline, ModelSpec, encode_images, encode_prompts, load_pipeline
+from diffstyler.quantization import check_quantization_device
 from diffstyler.torch_utils import eval_mode
 
 METADATA_NAME = LORA_INFO_NAME
@@ -130,7 +131,8 @@ class StyleLoRAModule(LightningModule):
         self.text_encoders = torch.nn.ModuleList(backbone.text_encoders)
 
     def setup(self, stage: str) -> None:
-        # Lightning calls setup before configure_model: the check needs no model, so it comes first.
+        # Lightning calls setup before configure_model: the checks need no model, so they come first.
+        check_quantization_device(self.model_spec.quantization, self.trainer.strategy.root_device)
         frozen_half = self.model_spec.torch_dtype != torch.float32
         if frozen_half and "mixed" not in str(self.trainer.precision):
             raise config_error(

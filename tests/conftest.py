@@ -15,6 +15,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
 
+from diffstyler.console import quiet_imports  # noqa: E402
+
+quiet_imports()  # before diffusers imports: torchao's import notes (diffstyler.console)
+
 import lightning.pytorch  # noqa: E402, F401  (its log handler takes sys.stderr when imported: before any test captures it;
 #                                        `diffstyler.cli.main` imports lightning only when a command gets that far)
 import pytest  # noqa: E402

@@ -141,3 +141,38 @@ def make_job(styles, seed=7, content=CONTENT):
     from diffstyler.data.jobs import StylizeDataModule
 
     return StylizeDataModule(content=[str(content)], styles=styles, seed=seed, resolution=64).jobs()[0]
+
+
+# --- transformer families (SD 3.5, FLUX.1) ----------------------------------------------------------
+
+def write_transformer_lora(folder: Path, model: str, seed: int = 1) -> Path:
+    """A random style LoRA of a tiny transformer model, as `diffstyler fit` writes it."""
+    transformer = load_pipeline(ModelSpec(model)).transformer
+    add_style_adapter(transformer, StyleLoRAConfig(rank=4), "style")
+    randomize_adapter(transformer, "style", seed)
+    save_lora(transformer, "style", folder)
+    (folder / "diffstyler_lora.json").write_text(json.dumps({"prompt": "painting of sss", "base_model": model}))
+    return folder
+
+
+def write_gguf(transformer: torch.nn.Module, path: Path) -> Path:
+    """The transformer's weights as a GGUF file, as the community's converters write them: every
+    2-D weight whose rows fill whole Q8_0 blocks of 32 quantized to Q8_0, the rest float32. Its
+    keys are diffusers' layout, which `from_single_file` reads as it is: published FLUX.1 files use
+    Black Forest Labs' layout, whose converter in diffusers assumes FLUX.1's real width (3072), so a
+    tiny file cannot be written in it."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch="flux")
+    for name, tensor in transformer.state_dict().items():
+        values = tensor.float().numpy()
+        if values.ndim == 2 and values.shape[1] % 32 == 0:
+            blocks = gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

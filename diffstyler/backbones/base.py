@@ -253,7 +253,15 @@ class Backbone(abc.ABC):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype the denoiser computes in (diffusers reads it from the first floating-point
+        weight: a quantized model's compute dtype, not its storage's)."""
         return self.denoiser.dtype
+
+    @property
+    def latent_dtype(self) -> torch.dtype:
+        """The dtype of the latents between denoiser calls: inversion trajectories, sampler steps,
+        the fusion with the content. The denoiser's, unless a backbone keeps them in float32."""
+        return self.dtype
 
     @property
     @abc.abstractmethod

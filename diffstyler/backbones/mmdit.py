@@ -165,6 +165,13 @@ class MMDiTBackbone(Backbone):
             fields["Distilled CFG Scale"] = guidance_scale
         return fields
 
+    @property
+    def latent_dtype(self) -> torch.dtype:
+        """float32 whatever the transformer's dtype: a bfloat16 trajectory loses bits at every step
+        of the inversion and of the sampling (both integrate one ODE), so the latents stay float32
+        and only the transformer's input is cast (`predict`); its output comes back float32."""
+        return torch.float32
+
     # -- images and text ---------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -199,10 +206,11 @@ class MMDiTBackbone(Backbone):
                 guidance: Optional[float] = None) -> torch.Tensor:
         transformer = self.pipe.transformer
         rows = latents.shape[0]
+        latents = latents.to(self.dtype)  # float32 between the calls (`latent_dtype`)
         timesteps = timestep.to(latents.device, torch.float32).reshape(-1).expand(rows)  # one for all rows, or one each
         if not self.flux:
             return transformer(hidden_states=latents, timestep=timesteps, encoder_hidden_states=conditioning.hidden,
-                               pooled_projections=conditioning.pooled, return_dict=False)[0]
+                               pooled_projections=conditioning.pooled, return_dict=False)[0].float()
         height, width = latents.shape[-2:]
         tokens = FluxPipeline._pack_latents(latents, rows, latents.shape[1], height, width)
         image_ids = FluxPipeline._prepare_latent_image_ids(rows, height // PATCH, width // PATCH, latents.device, latents.dtype)
@@ -213,7 +221,7 @@ class MMDiTBackbone(Backbone):
         output = transformer(hidden_states=tokens, timestep=timesteps / 1000, guidance=embedded_guidance,
                              pooled_projections=conditioning.pooled, encoder_hidden_states=conditioning.hidden,
                              txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
-        return FluxPipeline._unpack_latents(output, height * self.latent_factor, width * self.latent_factor, self.latent_factor)
+        return FluxPipeline._unpack_latents(output, height * self.latent_factor, width * self.latent_factor, self.latent_factor).float()
 
     # -- sampling ------------------------------------------------------------------------------------
 
@@ -386,12 +394,84 @@ def build_sd3(seed: int, layers: int = 6, dual: tuple[int, ...] = (0, 1, 2, 3), 
                                     text_encoder_3=t5, tokenizer_3=t5_tokenizer)
 
 
+# Real widths with random weights, for benchmarks (speed and memory without a download). The text
+# encoders have their real widths, CLIP-L and CLIP-G their real depths, T5-XXL 2 of its 24 layers
+# (its 4.7 G parameters would not fit beside a transformer in this machine's 24 GB: it runs once per
+# prompt, before the transformer). SD 3.5 Medium: 2.2 G transformer parameters (9 GB in float32).
+# FLUX.1-dev's widths: `flux-random` has 5 of its 19 double-stream and 10 of its 38 single-stream
+# blocks (3.1 G parameters: 12.5 GB in float32, fits this CPU machine), `flux-full-random` all of
+# them (11.9 G: 48 GB in float32, 24 GB in bfloat16: for a GPU machine only).
+SD35_MEDIUM = dict(layers=24, heads=24, head_dim=64, dual=tuple(range(13)), joint=4096, caption=1536, pooled=2048, pos_embed=384)
+FLUX_DEV = dict(heads=24, head_dim=128, joint=4096, pooled=768, axes=(16, 56, 56))
+CLIP_L = dict(width=768, layers=12, heads=12, ffn=3072, activation="quick_gelu")
+CLIP_G = dict(width=1280, layers=32, heads=20, ffn=5120, activation="gelu")
+T5_XXL_SHALLOW = dict(width=4096, layers=2, heads=64, ffn=10240)
+REAL_VAE = dict(channels=(128, 256, 512, 512), layers=2, groups=32, sample_size=1024)
+
+
+def _real_clip(tokenizer, width: int, layers: int, heads: int, ffn: int, activation: str, projection: bool):
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=ffn, num_hidden_layers=layers,
+                            num_attention_heads=heads, max_position_embeddings=77, hidden_act=activation,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id, **({"projection_dim": width} if projection else {}))
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+
+def _real_vae(scaling: float, shift: float) -> AutoencoderKL:
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=REAL_VAE["channels"], latent_channels=16,
+                         layers_per_block=REAL_VAE["layers"], norm_num_groups=REAL_VAE["groups"],
+                         sample_size=REAL_VAE["sample_size"], scaling_factor=scaling, shift_factor=shift,
+                         use_quant_conv=False, use_post_quant_conv=False)
+
+
+def build_real_size(name: str, seed: int) -> Any:
+    """`sd35-medium-random`, `flux-random` or `flux-full-random` (see `REAL_SIZE_RANDOM_MODELS`):
+    the family's real widths, seeded random weights, the tiny tokenizers (T5's at the family's prompt
+    length: FLUX.1-dev 512 tokens, SD 3.5 256)."""
+    flux = name.startswith("flux")
+    tokenizer, t5_tokenizer = build_tiny_tokenizer(), build_tiny_t5_tokenizer(512 if flux else 256)
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        t5 = _t5(T5_XXL_SHALLOW["width"], T5_XXL_SHALLOW["layers"], T5_XXL_SHALLOW["heads"], T5_XXL_SHALLOW["ffn"], t5_tokenizer)
+        if flux:
+            double, single = (19, 38) if name == "flux-full-random" else (5, 10)
+            transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=double, num_single_layers=single,
+                                                 attention_head_dim=FLUX_DEV["head_dim"], num_attention_heads=FLUX_DEV["heads"],
+                                                 joint_attention_dim=FLUX_DEV["joint"], pooled_projection_dim=FLUX_DEV["pooled"],
+                                                 guidance_embeds=True, axes_dims_rope=FLUX_DEV["axes"])
+            vae, clip = _real_vae(0.3611, 0.1159), _real_clip(tokenizer, **CLIP_L, projection=False)
+        else:
+            m = SD35_MEDIUM
+            transformer = SD3Transformer2DModel(sample_size=128, patch_size=PATCH, in_channels=16, num_layers=m["layers"],
+                                                attention_head_dim=m["head_dim"], num_attention_heads=m["heads"],
+                                                joint_attention_dim=m["joint"], caption_projection_dim=m["caption"],
+                                                pooled_projection_dim=m["pooled"], out_channels=16, pos_embed_max_size=m["pos_embed"],
+                                                dual_attention_layers=m["dual"], qk_norm="rms_norm")
+            vae = _real_vae(1.5305, 0.0609)
+            clip_l, clip_g = _real_clip(tokenizer, **CLIP_L, projection=True), _real_clip(tokenizer, **CLIP_G, projection=True)
+    finally:
+        torch.random.set_rng_state(state)
+    if flux:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                    base_image_seq_len=256, max_image_seq_len=4096)
+        return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tokenizer, text_encoder_2=t5,
+                            tokenizer_2=t5_tokenizer, transformer=transformer)
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                                    text_encoder=clip_l, tokenizer=tokenizer, text_encoder_2=clip_g, tokenizer_2=build_tiny_tokenizer(),
+                                    text_encoder_3=t5, tokenizer_3=t5_tokenizer)
+
+
+REAL_SIZE_RANDOM_MODELS = ("sd35-medium-random", "flux-random", "flux-full-random")
 RANDOM_MODELS = {
     "tiny-flux": lambda seed: build_flux(seed),
     "tiny-flux-schnell": lambda seed: build_flux(seed, guidance=False),
     "tiny-sd3": lambda seed: build_sd3(seed),
+    **{name: (lambda seed, name=name: build_real_size(name, seed)) for name in REAL_SIZE_RANDOM_MODELS},
 }
-RANDOM_WIDTHS = {"tiny-flux": 32, "tiny-flux-schnell": 32, "tiny-sd3": 32}
+RANDOM_WIDTHS = {"tiny-flux": 32, "tiny-flux-schnell": 32, "tiny-sd3": 32, "sd35-medium-random": 1536, "flux-random": 3072,
+                 "flux-full-random": 3072}
 
 
 def _pipeline_class_for_index(index: dict) -> Optional[type]:

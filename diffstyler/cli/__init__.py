@@ -53,7 +53,7 @@ from typing import Optional
 from diffstyler.cli.command_line import DEBUG_VARIABLE, TOOL_COMMANDS, find_subcommand, main_help, split_debug_flag, wants_main_help
 from diffstyler.cli.config_files import config_sources, expand_extends, protocol_stage
 from diffstyler.cli.status import JOBS_FAILED_STATUS, USER_ERROR_STATUS, interrupted_status
-from diffstyler.console import VERBOSE_VARIABLE, quiet_libraries, verbose_requested
+from diffstyler.console import VERBOSE_VARIABLE, quiet_imports, quiet_libraries, verbose_requested
 from diffstyler.errors import UserError
 
 __all__ = ["JOBS_FAILED_STATUS", "USER_ERROR_STATUS", "main", "protocol_stage"]
@@ -94,6 +94,8 @@ def main(args: Optional[list[str]] = None) -> None:
         # LightningCLI reads sys.argv itself, and DDP relaunches sys.argv for the other ranks.
         sys.argv[1:], args = args, None
     try:
+        if from_console and not verbose:
+            quiet_imports()
         # Imported only now: torch, lightning and diffusers take seconds to import, and the errors
         # above need none of them.
         from diffstyler.cli.app import run_subcommand
