@@ -17,6 +17,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from diffstyler.console import quiet_imports
+
+quiet_imports()  # the notes torch and diffusers give while importing torchao: before they import
+
 _EXPORTS = {
     "DiffStylerPipeline": "diffstyler.pipeline",
     "StylizationOutput": "diffstyler.pipeline",
@@ -32,6 +36,7 @@ _EXPORTS = {
     "UserError": "diffstyler.errors",
     "set_verbosity": "diffstyler.console",
     "get_verbosity": "diffstyler.console",
+    "StyleIDConfig": "diffstyler.methods",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -39,9 +39,12 @@ CHATTY_LOGGERS = ("lightning.pytorch", "lightning.fabric")
 # logger -> the starts of the messages it gives that are notes about what we do on purpose.
 DROPPED_LOG_MESSAGES = {
     "diffusers.loaders.lora_base": ("No LoRA keys associated to CLIPTextModel",),  # also CLIPTextModelWithProjection (SDXL)
-    # Given while diffusers imports, when torchao (int8 quantization) is installed: torchao 0.18
-    # registers its Enums as pytree constants, which torch 2.14 deprecates, and diffusers 0.42 looks
-    # for tensor types torchao 0.18 moved (neither matters to its int8 weight-only config).
+}
+# The same, for notes given while the libraries import (`quiet_imports`: dropped for the whole
+# process, since an import happens once): when torchao (int8 quantization) is installed, torchao
+# 0.18 registers its Enums as pytree constants, which torch 2.14 deprecates, and diffusers 0.42
+# looks for tensor types torchao 0.18 moved (neither matters to its int8 weight-only config).
+IMPORT_LOG_MESSAGES = {
     "torch.utils._pytree": ("<enum '",),
     "diffusers.quantizers.torchao.torchao_quantizer": ("Unable to import `torchao` Tensor objects",),
 }
@@ -72,12 +75,13 @@ class DropMessages(logging.Filter):
 
 # One filter object per logger, so that quieting twice adds nothing (`addFilter` skips a filter it has).
 _MESSAGE_FILTERS = {name: DropMessages(starts) for name, starts in DROPPED_LOG_MESSAGES.items()}
+_IMPORT_FILTERS = {name: DropMessages(starts) for name, starts in IMPORT_LOG_MESSAGES.items()}
 
 
 def quiet_imports() -> None:
-    """Drop the notes `DROPPED_LOG_MESSAGES` names, those given while the libraries import
-    included: call it before importing them (filters on a logger outlive its configuration)."""
-    for name, message_filter in _MESSAGE_FILTERS.items():
+    """Drop the notes the libraries give while they import (`IMPORT_LOG_MESSAGES`), for this
+    process: call it before importing them (filters on a logger outlive its configuration)."""
+    for name, message_filter in _IMPORT_FILTERS.items():
         logging.getLogger(name).addFilter(message_filter)
 
 
@@ -87,6 +91,8 @@ def quiet_libraries() -> None:
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     quiet_imports()
+    for name, message_filter in _MESSAGE_FILTERS.items():
+        logging.getLogger(name).addFilter(message_filter)
     for message, category in WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
 
