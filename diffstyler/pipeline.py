@@ -29,7 +29,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Optional, Sequence, Union
 
 import numpy as np
@@ -190,6 +190,11 @@ class DiffStylerPipeline:
         checked against the model (one line naming the valid range); with `steps`, its windows in steps."""
         return injection_config(injection).resolved(self.layer_map, steps)
 
+    def resolve_styleid(self, styleid: Optional[StyleIDConfig]) -> StyleIDConfig:
+        """StyleID's settings (default: the authors') with this model's layer numbers for its rule."""
+        styleid = styleid or StyleIDConfig()
+        return replace(styleid, layers=self.layer_map.attention_layer_numbers(styleid.layers, "styleid.layers"))
+
     @property
     def native_resolution(self) -> int:
         return self.backbone.native_resolution
@@ -285,6 +290,7 @@ class DiffStylerPipeline:
         guidance_scale = self.backbone.default_guidance_scale if guidance_scale is None else guidance_scale
         sampling = sampling_for_call(steps, guidance_scale, negative_prompt, inversion_prompt, inversion_substeps, inversion_solver)
         self.backbone.check_sampling(sampling.steps, sampling.inversion_solver, key_prefix="")
+        styleid = self.resolve_styleid(styleid)
         check_injection_window(injection_config(injection), sampling.steps, prefix="injection.")
         injection = self.resolve_injection(injection, sampling.steps)
         if output_type not in ("pil", "np", "latent"):

@@ -191,6 +191,7 @@ class StylizePredictor(LightningModule):
         # numbers of steps: what the run records.
         backbone.check_sampling(self.sampling.steps, self.sampling.inversion_solver)
         self.injection = self.pipeline.resolve_injection(self.injection, self.sampling.steps)
+        self.styleid = self.pipeline.resolve_styleid(self.styleid)
         warn_about_ineffective_sites(self.injection, self.pipeline.layer_map, self.sampling.steps)
 
     def configure_callbacks(self) -> list[Any]:

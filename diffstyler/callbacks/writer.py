@@ -264,7 +264,7 @@ class StylizationWriter(BasePredictionWriter):
                 save_mask_png(mask, path, chunks)
         styles = result.job.styles
         prompt = " | ".join(entry.prompt for entry in styles)
-        tags = " ".join(lora_tag(entry.name, entry.scale) for entry in styles)
+        tags = " ".join(lora_tag(entry.name, entry.scale) for entry in styles if entry.lora is not None)  # image styles have no LoRA
         negative = result.settings["Sampling"]["negative_prompt"]
         written = []
         for image, path in zip(result.images, paths.results):

@@ -143,7 +143,7 @@ def test_the_style_image_alone_stylizes_and_the_settings_say_how(pipe):
     assert seen[-STEPS:] == [3] * STEPS  # content row, style row, stylized row: no negative row
     style = result.settings["Styles"][0]
     assert (style["method"], style["lora"], style["name"]) == ("styleid", None, "waves")
-    assert result.settings["StyleID"] == {"gamma": 0.75, "tau": 1.5, "adain": True, "layers": ["styleid"]}
+    assert result.settings["StyleID"] == {"gamma": 0.75, "tau": 1.5, "adain": True, "layers": [7, 8, 9, 10, 11]}
     assert "image_sha256" in style and "Lora hashes" not in result.settings
     assert result.images[0].size == resize_to_multiple(load_image(CONTENT), 64).size
 
