@@ -8,11 +8,13 @@ square images of the paper this equals its `Resize(512)`; for other shapes it bo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -58,6 +60,31 @@ def open_image_file(path: str | os.PathLike) -> Image.Image:
     Raises MissingFileError (a FileNotFoundError too) for a missing file and ImageLoadError for anything Pillow cannot
     decode and for images of more than `max_image_pixels()` pixels; all messages name the file.
     """
+    with guarded_image(path) as image:
+        image.load()  # decode now: truncated files fail here, not later in a worker
+        return image
+
+
+def upright_image_size(path: str | os.PathLike, decode: bool = True) -> tuple[int, int]:
+    """(width, height) of the image at `path` once turned upright per its EXIF orientation (as
+    `load_image` gives it), failing as `open_image_file` does. `decode` False reads only the header:
+    a missing file, a file that is not an image and one over the pixel limit fail, a truncated one
+    does not (its decode would)."""
+    with guarded_image(path) as image:
+        if decode:
+            image.load()
+        width, height = image.size
+        return (height, width) if image.getexif().get(EXIF_ORIENTATION) in EXIF_TRANSPOSED else (width, height)
+
+
+EXIF_ORIENTATION = 0x0112
+EXIF_TRANSPOSED = (5, 6, 7, 8)  # orientations that swap width and height (ImageOps.exif_transpose)
+
+
+@contextlib.contextmanager
+def guarded_image(path: str | os.PathLike) -> Iterator[Image.Image]:
+    """`Image.open(path)` under the pixel limit, with every way of failing (in the block too, e.g.
+    a decode) as a MissingFileError or ImageLoadError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError("image file not found", str(path))
@@ -71,8 +98,7 @@ def open_image_file(path: str | os.PathLike) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                image.load()  # decode now: truncated files fail here, not later in a worker
-                return image
+                yield image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageLoadError(
             "image too large",
@@ -138,12 +164,17 @@ def resize_to_multiple_of_8(image: Image.Image, resolution: int) -> Image.Image:
     """Resize so the longer side is `resolution` and both sides are multiples of 8 (aspect kept)."""
     if resolution < LATENT_FACTOR or resolution % LATENT_FACTOR:
         raise ValueError(f"resolution must be a positive multiple of {LATENT_FACTOR}, got {resolution}")
-    width, height = image.size
-    scale = resolution / max(width, height)
-    size = (_round_to_multiple_of_8(width * scale), _round_to_multiple_of_8(height * scale))
+    size = resized_size(image.size, resolution)
     if size == image.size:
         return image.copy()
     return image.resize(size, Image.Resampling.BICUBIC)
+
+
+def resized_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """The (width, height) `resize_to_multiple_of_8` gives an image of `size` (width, height)."""
+    width, height = size
+    scale = resolution / max(width, height)
+    return _round_to_multiple_of_8(width * scale), _round_to_multiple_of_8(height * scale)
 
 
 def _round_to_multiple_of_8(length: float) -> int:

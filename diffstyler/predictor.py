@@ -29,6 +29,7 @@ from PIL import Image
 from diffstyler.callbacks.tensorboard import PredictionLogger
 from diffstyler.callbacks.writer import JobResult, OutputConfig, StylizationWriter, content_ssim
 from diffstyler.checks import check_lora_finite, check_model_reference, check_writable_folder
+from diffstyler.data.inputs import job_input_failures, jobs_that_run
 from diffstyler.data.jobs import Job, StyleEntry, StylizeDataModule
 from diffstyler.errors import UserError, config_error
 from diffstyler.families import DecoderLayers
@@ -141,9 +142,12 @@ class StylizePredictor(LightningModule):
         error stops the run in one line instead of failing each job: the model reference, the
         inversion cache folder (the output folder: `StylizationWriter`), each LoRA of `data.styles`
         (made for this model family, every weight finite), FastSAM's weights and, for text prompts,
-        the CLIP model. What differs per job (its content, a manifest row's mask or LoRA, a box
-        against its image) fails that job only. Runs once per data module; `setup` calls it, and
-        the CLI earlier, before a multi-process run starts its processes."""
+        the CLIP model. Then what differs per job where the files tell (`data.inputs`: its content
+        decodes, its masks leave pixels to style, its boxes and points lie inside the content, a
+        manifest row's LoRA fits): every job failing stops the run (one line per kind of failure),
+        else the failing jobs are recorded as failed when the run starts and the others run. Runs
+        once per data module; `setup` calls it, and the CLI earlier, before a multi-process run
+        starts its processes."""
         if datamodule is self._checked_datamodule:
             return
         check_model_reference(self.model_spec)
@@ -151,12 +155,16 @@ class StylizePredictor(LightningModule):
             check_writable_folder(self.inversion_cache, "model.inversion_cache", "inversion cache folder")
         if isinstance(datamodule, StylizeDataModule):
             model_width = unet_cross_attention_width(self.model_spec)  # None: not known without a download
-            for lora in dict.fromkeys(Path(entry.lora) for entry in datamodule.styles):
+            loras = list(dict.fromkeys(Path(entry.lora) for entry in datamodule.styles))
+            for lora in loras:
                 if model_width is not None:
                     check_lora_width(lora, model_width)
                 check_lora_finite(lora)
             if datamodule.needs_segmenter():
                 check_segmenter(self.segmenter_config, datamodule.needs_text_prompts())
+            jobs = datamodule.jobs()
+            failures = job_input_failures(jobs, model_width, [str(lora) for lora in loras])
+            datamodule.failed_up_front = jobs_that_run(jobs, failures, datamodule.on_error)
         self._checked_datamodule = datamodule
 
     def configure_model(self) -> None:
