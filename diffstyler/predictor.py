@@ -195,6 +195,20 @@ class StylizePredictor(LightningModule):
         self.check_run(self.trainer.datamodule)
         check_offload_device(self.offload, self.trainer.strategy.root_device, "model.offload")
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A predict run's state is its output folder (the finished files and results.jsonl), not
+        the model: a checkpoint of it (Lightning's SLURM requeue on SIGUSR1 saves one) holds no
+        weights, which would be gigabytes of what the model name already says, and no loop
+        progress, which a rerun must not take for finished jobs."""
+        checkpoint["state_dict"] = {}
+        checkpoint.pop("loops", None)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The requeued run resumes from that checkpoint (Lightning finds it under SLURM): the model
+        # is the one `configure_model` loaded, whatever the checkpoint holds.
+        checkpoint["state_dict"] = {}
+        self.strict_loading = False
+
     def on_predict_start(self) -> None:
         datamodule = self.trainer.datamodule
         if isinstance(datamodule, StylizeDataModule) and datamodule.needs_segmenter():
