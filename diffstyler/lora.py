@@ -79,9 +79,26 @@ def add_style_adapter(unet: UNet2DConditionModel, config: StyleLoRAConfig, name:
 
 
 def adapter_state_dict(unet: UNet2DConditionModel, name: str) -> dict[str, torch.Tensor]:
-    """The adapter's weights with diffusers' key names (`unet.`-less, `lora.down/up` style)."""
+    """The adapter's weights with diffusers' key names (`unet.`-less), every module spelled
+    `<module>.lora.down.weight` / `.lora.up.weight`.
+
+    diffusers' `convert_state_dict_to_diffusers` renames PEFT's `lora_A` / `lora_B` only for the
+    attention projections (to_q, to_k, to_v, to_out.0) and leaves the rest (feed-forward, proj_in,
+    resnet convolutions, ...) as they are: one spelling for every module keeps a file what tools
+    expect of one format; diffusers' loader reads `lora.down` / `lora.up` for any module."""
     peft_state = get_peft_model_state_dict(unet, adapter_name=name)
-    return convert_state_dict_to_diffusers(peft_state)
+    return {diffusers_lora_key(key): tensor for key, tensor in convert_state_dict_to_diffusers(peft_state).items()}
+
+
+PEFT_TO_DIFFUSERS_SUFFIXES = {".lora_A.weight": ".lora.down.weight", ".lora_B.weight": ".lora.up.weight"}
+
+
+def diffusers_lora_key(key: str) -> str:
+    """`<module>.lora_A.weight` -> `<module>.lora.down.weight` (and lora_B -> lora.up); other keys as they are."""
+    for peft, diffusers in PEFT_TO_DIFFUSERS_SUFFIXES.items():
+        if key.endswith(peft):
+            return key.removesuffix(peft) + diffusers
+    return key
 
 
 def save_lora(unet: UNet2DConditionModel, name: str, output_dir: str | os.PathLike) -> Path:
