@@ -73,8 +73,12 @@ def upright_image_size(path: str | os.PathLike, decode: bool = True) -> tuple[in
     with guarded_image(path) as image:
         if decode:
             image.load()
+        # A PNG's EXIF may follow its pixels, and Pillow decodes them to find it: from the header,
+        # only an EXIF chunk before them counts.
+        exif_known = decode or image.format != "PNG" or "exif" in image.info
+        turned = exif_known and image.getexif().get(EXIF_ORIENTATION) in EXIF_TRANSPOSED
         width, height = image.size
-        return (height, width) if image.getexif().get(EXIF_ORIENTATION) in EXIF_TRANSPOSED else (width, height)
+        return (height, width) if turned else (width, height)
 
 
 EXIF_ORIENTATION = 0x0112

@@ -54,6 +54,9 @@ class BadFiles:
         self.lora_with_broken_info = self.lora_folder_with_info(folder / "broken_info", "{not json")
         self.lora_without_prompt = self.lora_folder_with_info(folder / "no_prompt", json.dumps({"rank": 4}))
         self.text_file = self.write(folder / "notes.png", b"this is not an image")
+        self.truncated_photo = self.write(folder / "truncated.png", CONTENT.read_bytes()[: CONTENT.stat().st_size // 2])
+        self.black_mask = folder / "black_mask.png"
+        Image.new("L", (64, 48)).save(self.black_mask)
         self.checkpoint_text = self.write(folder / "notes.ckpt", b"this is not a checkpoint")
         self.checkpoint_with_code = folder / "crafted.ckpt"
         self.code_ran_marker = folder / "code_ran"
@@ -216,6 +219,12 @@ ROWS = [
     Row("style_images_sharing_a_stem", lambda t, b: fit_args(t, "--data.images", json.dumps([str(b.styles_sharing_a_stem)]),
         "--data.one_lora_per_image", "true"), ["data.images", "stripes.png", "stripes.jpg"]),
     Row("mask_file_not_an_image", lambda t, b: masked_predict_args(t, b, {"file": str(b.text_file)}), ["notes.png"]),
+    # what differs per job, where the files show it: before the model loads too (data.inputs)
+    Row("content_truncated", lambda t, b: predict_args(t, b.lora, "--data.content", json.dumps([str(b.truncated_photo)])),
+        ["not a readable image", "truncated.png"]),
+    Row("mask_file_empty", lambda t, b: masked_predict_args(t, b, {"file": str(b.black_mask)}), ["empty mask", "black_mask.png"]),
+    Row("box_outside_the_photo", lambda t, b: masked_predict_args(t, b, {"box": [0, 0, 100, 80]}) + ["--model.segmenter.weights", "tiny"],
+        ["box outside the content image", "64x48"]),
     # LoRA files
     Row("lora_missing", lambda t, b: predict_args(t, t / "no_lora"), ["no_lora"]),
     Row("lora_pickled", lambda t, b: predict_args(t, b.pickled_lora), ["style.ckpt", "pickled"]),
@@ -383,24 +392,17 @@ def test_console_mask_spec_error_is_one_line_with_status_2(bad, tmp_path):
 
 @pytest.mark.slow
 def test_ddp_job_failing_on_one_rank_is_the_last_line(bad, tmp_path):
-    """Job 1 (rank 1) fails: its mask, eroded on a flat content, is empty; job 0 (rank 0) is fine.
-    The user must read rank 1's error last, not rank 0's broken connection."""
-    from PIL import Image, ImageDraw
-
-    mask = tmp_path / "mask_square.png"
-    image = Image.new("L", (64, 64))
-    ImageDraw.Draw(image).rectangle([20, 20, 39, 39], fill=255)
-    image.save(mask)
-    contents = [tmp_path / "content_square.png", tmp_path / "content_flat.png"]
-    Image.open(CONTENT).resize((64, 64)).save(contents[0])
-    Image.open(CONTENT).resize((64, 16)).save(contents[1])
+    """Job 1 (rank 1) fails: its style's scale overflows the latents, which only the run can find
+    (what the files show stops the run before any process starts: tests/data/test_inputs.py); job 0
+    (rank 0) is fine. The user must read rank 1's error last, not rank 0's broken connection."""
+    manifest = tmp_path / "jobs.csv"
+    manifest.write_text(f"content,styles,scale,output\n{CONTENT},{bad.lora},1,fine\n{CONTENT},{bad.lora},1e30,overflowing\n")
     args = predict_args(tmp_path, bad.lora, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--model.progress", "false",
-                        "--data.content", json.dumps([str(path) for path in contents]),
-                        "--data.styles", json.dumps([{"lora": str(bad.lora), "mask": {"file": str(mask), "grow": -8}}]))
+                        "--data.content", "null", "--data.manifest", str(manifest))
     result = run_console(args)
     assert result.returncode == USER_ERROR_STATUS, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("diffstyler predict: error: [rank 1] ") and "square.png" in last and "empty" in last, result.stderr[-3000:]
+    assert last.startswith("diffstyler predict: error: [rank 1] ") and "non-finite" in last, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
 
 
