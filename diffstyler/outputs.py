@@ -290,10 +290,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     for attempt in (1, 2):
         temporary = temporary_path(path)
         try:
-            with open(temporary, "xb") as handle:
-                lock(handle, blocking=True)
+            with open(temporary, "xb") as handle, open(temporary, "rb") as lock_holder:
+                lock(lock_holder, blocking=True)  # held by its own descriptor until after the rename
                 write(handle)
-                os.replace(temporary, path)  # same folder, so a rename on one filesystem; still locked
+                handle.close()  # flushed and closed first: a full disk fails here, not in the renamed file
+                os.replace(temporary, path)  # same folder, so a rename on one filesystem
             return path
         except FileNotFoundError:
             temporary.unlink(missing_ok=True)
