@@ -69,3 +69,28 @@ def unet_probe() -> Callable[[torch.nn.Module], torch.Tensor]:
         return unet(latents, timesteps, encoder_hidden_states=text).sample
 
     return probe
+
+
+@pytest.fixture
+def model_builds(monkeypatch) -> list[str]:
+    """Records every model load ("random" for `tiny` and the like, or a real model's name) and every UNet built ("unet"),
+    while still doing them: a check that must come before the model leaves it empty."""
+    import functools
+
+    import diffusers
+
+    import diffstyler.models
+
+    built: list[str] = []
+    build_random, load_real = diffstyler.models.build_random_pipeline, diffstyler.models._load_real_pipeline
+    unet_init = diffusers.UNet2DConditionModel.__init__
+
+    @functools.wraps(unet_init)  # diffusers reads the config's keys from its signature
+    def record_unet(self, *args, **kwargs):
+        built.append("unet")
+        unet_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(diffstyler.models, "build_random_pipeline", lambda *a, **k: built.append("random") or build_random(*a, **k))
+    monkeypatch.setattr(diffstyler.models, "_load_real_pipeline", lambda spec: built.append(spec.name) or load_real(spec))
+    monkeypatch.setattr(diffusers.UNet2DConditionModel, "__init__", record_unet)
+    return built

@@ -283,17 +283,17 @@ ROWS = [
 def model_loads(monkeypatch) -> list[str]:
     """Records every model load (the tiny model and real ones) while still loading it."""
     loads: list[str] = []
-    build_tiny, load_real = diffstyler.models.build_tiny_pipeline, diffstyler.models._load_real_pipeline
+    build_random, load_real = diffstyler.models.build_random_pipeline, diffstyler.models._load_real_pipeline
 
-    def record_tiny(*args, **kwargs):
+    def record_tiny(*args, **kwargs):  # `tiny` and the other models built here (`load_pipeline` calls it)
         loads.append("tiny")
-        return build_tiny(*args, **kwargs)
+        return build_random(*args, **kwargs)
 
     def record_real(spec):
         loads.append(spec.name)
         return load_real(spec)
 
-    monkeypatch.setattr(diffstyler.models, "build_tiny_pipeline", record_tiny)
+    monkeypatch.setattr(diffstyler.models, "build_random_pipeline", record_tiny)
     monkeypatch.setattr(diffstyler.models, "_load_real_pipeline", record_real)
     return loads
 

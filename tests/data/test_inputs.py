@@ -11,12 +11,10 @@ import shutil
 import sys
 from pathlib import Path
 
-import diffusers
 import pytest
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 
-import diffstyler.models
 from diffstyler.cli import main
 from diffstyler.data.inputs import EveryJobFails, job_input_failures, jobs_that_run
 from diffstyler.data.jobs import StyleEntry, StylizeDataModule
@@ -163,23 +161,6 @@ def test_every_job_failing_is_one_line_per_kind_else_the_failures_are_kept_for_t
 
 
 # --- the run, through the command ------------------------------------------------------------------
-
-@pytest.fixture
-def model_builds(monkeypatch) -> list[str]:
-    """Records every model load and every UNet built, while still doing them."""
-    built: list[str] = []
-    build_tiny, load_real = diffstyler.models.build_tiny_pipeline, diffstyler.models._load_real_pipeline
-    unet_init = diffusers.UNet2DConditionModel.__init__
-
-    def record_unet(self, *args, **kwargs):
-        built.append("unet")
-        unet_init(self, *args, **kwargs)
-
-    monkeypatch.setattr(diffstyler.models, "build_tiny_pipeline", lambda *a, **k: built.append("tiny") or build_tiny(*a, **k))
-    monkeypatch.setattr(diffstyler.models, "_load_real_pipeline", lambda spec: built.append(spec.name) or load_real(spec))
-    monkeypatch.setattr(diffusers.UNet2DConditionModel, "__init__", record_unet)
-    return built
-
 
 def predict(tmp_path: Path, monkeypatch, capsys, *extra: str) -> tuple[int, str]:
     monkeypatch.chdir(ROOT)
