@@ -32,8 +32,10 @@ import multiprocessing
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -71,16 +73,19 @@ def inputs(tmp_path_factory) -> tuple[str, str]:
     return str(lora), str(folder / "photos")
 
 
-def predict_args(run: Path, inputs, *extra: str, out: Optional[Path] = None, cache: Optional[Path] = None) -> list[str]:
-    """The 20-job run at 4 steps, writing results and grids into `out` (default run/out)."""
+def predict_args(run: Path, inputs, *extra: str, out: Optional[Path] = None, cache: Optional[Path] = None,
+                 logger: bool = False) -> list[str]:
+    """The 20-job run at 4 steps, writing results and grids into `out` (default run/out); without a
+    logger, Lightning's own files (the resolved config) into run/root, with one, its logs into run/logs."""
     lora, photos = inputs
     styles = [{"lora": lora, "name": "full"}, {"lora": lora, "name": "half", "scale": 0.5}]
+    lightning = (["--trainer.logger.init_args.save_dir", str(run / "logs")] if logger else
+                 ["--trainer.logger", "false", "--trainer.default_root_dir", str(run / "root")])
     return ["predict", "--config", STYLIZE_CONFIG, "--data.content", json.dumps([photos]), "--data.pairing", "product",
             "--data.batch_size", "2", "--data.styles", json.dumps(styles), "--model.output.folder", str(out or run / "out"),
             "--model.output.overwrite", "false", "--model.inversion_cache", str(cache or run / "cache"),
             "--model.sampling.steps", "4", "--model.injection.feature_steps", "2", "--model.injection.attention_steps", "2",
-            "--trainer.logger", "false", "--trainer.default_root_dir", str(run / "root"), "--model.progress", "false",
-            "--trainer.enable_progress_bar", "false", *extra]
+            *lightning, "--model.progress", "false", "--trainer.enable_progress_bar", "false", *extra]
 
 
 def output_files(folder: Path) -> dict[str, bytes]:
@@ -479,3 +484,68 @@ def test_a_results_line_that_does_not_fit_is_cut_off_again(tmp_path, monkeypatch
     log.record({"id": "c", "status": "done"})
     assert [line["id"] for line in read_json_lines(log.path)] == ["a", "c"]
     assert all(json.loads(line) for line in log.path.read_text().splitlines())
+
+
+# --- SLURM's requeue ---------------------------------------------------------------------------------
+
+SLURM_JOB = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "predict", "SLURM_JOB_ID": "7",
+             "SLURM_NODEID": "0", "SLURM_LOCALID": "0", "SLURM_PROCID": "0", "SLURM_NODELIST": "127.0.0.1"}
+
+
+def tensors_in(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [tensor for item in value.values() for tensor in tensors_in(item)]
+    if isinstance(value, (list, tuple)):
+        return [tensor for item in value for tensor in tensors_in(item)]
+    return []
+
+
+@pytest.mark.slow
+def test_a_slurm_requeue_saves_a_checkpoint_without_weights_and_the_requeued_run_does_the_rest(inputs, reference, tmp_path, monkeypatch,
+                                                                                             capsys):
+    """Under SLURM, Lightning saves `hpc_ckpt_<n>.ckpt` on SIGUSR1 and requeues the job (scontrol),
+    which SLURM then stops (SIGTERM); the requeued job, the same command, restores that checkpoint.
+    A predict's state is its output folder: the checkpoint holds no weights. Caught: the whole
+    predictor saved (the UNet's weights: gigabytes at real sizes), the checkpoint written outside
+    the output folder (the working folder), the requeued run failing on a checkpoint without weights."""
+    from diffstyler.predictor import StylizePredictor
+
+    for name, value in SLURM_JOB.items():
+        monkeypatch.setenv(name, value)
+    (tmp_path / "bin").mkdir()
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "out"
+
+    def slurm() -> None:  # SIGUSR1 once the run has results, SIGTERM once it has requeued itself
+        deadline = time.monotonic() + 240
+        while not (out.exists() and finished_jobs(out)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        while not (tmp_path / "scontrol.log").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    sender = threading.Thread(target=slurm)
+    sender.start()
+    status, output = run_cli_in_process(predict_args(tmp_path, inputs, logger=True), monkeypatch, capsys)
+    sender.join()
+    assert status == 128 + signal.SIGTERM, output[-3000:]
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 7\n"
+    assert [path.name for path in out.glob("*.ckpt")] == ["hpc_ckpt_1.ckpt"] and not list(REPO_ROOT.glob("hpc_ckpt_*"))
+    checkpoint = torch.load(out / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["state_dict"] == {} and "loops" not in checkpoint
+    assert [tensor.numel() for tensor in tensors_in(checkpoint)] == [1]  # Lightning's ModelCheckpoint state: its kth_value
+    assert (out / "hpc_ckpt_1.ckpt").stat().st_size < 64 << 10
+
+    restored = []
+    on_load_checkpoint = StylizePredictor.on_load_checkpoint
+    monkeypatch.setattr(StylizePredictor, "on_load_checkpoint", lambda self, checkpoint: restored.append(1) or on_load_checkpoint(self, checkpoint))
+    status, output = run_cli_in_process(predict_args(tmp_path, inputs, logger=True), monkeypatch, capsys)
+    assert status == 0 and restored == [1], output[-3000:]
+    (out / "hpc_ckpt_1.ckpt").unlink()
+    assert_like_the_uninterrupted_run(out, reference)
