@@ -211,3 +211,28 @@ def test_a_run_whose_jobs_fail_for_two_reasons_says_both_in_two_lines(files, lor
         + err.split(f"({files / 'truncated.png'}): ")[1].splitlines()[0],
         f"diffstyler predict: error: empty mask (mask file '{files / 'black_mask.png'}'): no pixel would be styled"]
     assert model_builds == []
+
+
+@pytest.mark.slow
+def test_jobs_that_would_fail_are_recorded_up_front_and_the_others_run(files, lora, tmp_path, monkeypatch, capsys):
+    """Three photos, one truncated, `data.on_error: continue`. Caught: the failing job prepared with
+    the others (its decode failing again in its chunk), left out of results.jsonl or the summary,
+    or stopping the run."""
+    from diffstyler.predictor import StylizePredictor
+    from diffstyler.results import RESULTS_NAME, read_json_lines
+
+    prepared = []
+    prepare = StylizePredictor.prepare
+    monkeypatch.setattr(StylizePredictor, "prepare", lambda self, job: prepared.append(job.id) or prepare(self, job))
+    listing = tmp_path / "photos.txt"
+    listing.write_text("".join(f"{files / name}\n" for name in ("good.png", "truncated.png", "big.png")))
+    status, err = predict(tmp_path, monkeypatch, capsys, "--data.content", json.dumps([str(listing)]),
+                          "--data.styles", json.dumps([{"lora": str(lora)}]), "--model.sampling.steps", "2",
+                          "--model.injection.feature_steps", "1", "--model.injection.attention_steps", "1", "--model.output.grid", "false")
+    assert status == 1, err[-3000:]  # jobs failed, the others done
+    assert prepared == ["good", "big"]
+    lines = read_json_lines(tmp_path / "out" / RESULTS_NAME)
+    assert [(line["id"], line["status"]) for line in lines] == [("good", "done"), ("truncated", "failed"), ("big", "done")]
+    assert lines[1]["error"].startswith(f"not a readable image ({files / 'truncated.png'}): ")
+    assert "3 jobs: 2 done, 0 already done (skipped), 1 failed" in err
+    assert sorted(path.name for path in (tmp_path / "out").glob("*.png")) == ["big.png", "good.png"]
