@@ -71,13 +71,15 @@ def upright_image_size(path: str | os.PathLike, decode: bool = True) -> tuple[in
     a missing file, a file that is not an image and one over the pixel limit fail, a truncated one
     does not (its decode would)."""
     with guarded_image(path) as image:
+        width, height = image.size
         if decode:
+            # A JPEG is decoded at 1/8 scale, which reads every byte all the same (a truncated file fails).
+            image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
             image.load()
         # A PNG's EXIF may follow its pixels, and Pillow decodes them to find it: from the header,
         # only an EXIF chunk before them counts.
         exif_known = decode or image.format != "PNG" or "exif" in image.info
         turned = exif_known and image.getexif().get(EXIF_ORIENTATION) in EXIF_TRANSPOSED
-        width, height = image.size
         return (height, width) if turned else (width, height)
 
 

@@ -36,9 +36,10 @@ from diffstyler.lora import check_lora_width
 from diffstyler.masks.shape import hard_mask_from_image, open_mask_file, styled_region
 from diffstyler.masks.spec import MaskSpec, check_prompt_inside, describe_mask_file
 
-# Pixels decoded in full before the model loads (about 500 photos of 512 x 512, or 10 of 12 MP: a
-# second or two); the files beyond it are checked by their headers only.
-FULL_DECODE_PIXELS = 1 << 27
+# Pixels decoded in full before the model loads: 256 photos of 512 x 512, or 5 of 12 MP, 1-3 s on a
+# busy CPU core (benchmarks/bench_job_inputs.py: 10 ms per 512 x 512 PNG, 250 ms per 12 MP JPEG,
+# against 0.2-1.6 ms for a header); the files beyond it are checked by their headers only.
+FULL_DECODE_PIXELS = 1 << 26
 MASK_FILES_KEPT = 8  # decoded mask files kept for the jobs that share them
 
 
