@@ -549,3 +549,43 @@ def test_a_slurm_requeue_saves_a_checkpoint_without_weights_and_the_requeued_run
     assert status == 0 and restored == [1], output[-3000:]
     (out / "hpc_ckpt_1.ckpt").unlink()
     assert_like_the_uninterrupted_run(out, reference)
+
+
+@pytest.mark.slow
+def test_slurms_requeue_signal_is_handled_at_the_end_of_the_chunk_in_progress(inputs, tmp_path, monkeypatch):
+    """Lightning's requeue closes the loggers and saves a checkpoint: inside the signal handler it
+    would close the TensorBoard writer in the middle of a write (seen: "Writer is closed", a
+    traceback). Caught: the requeue run at once, inside the chunk (scontrol already called when the
+    signal returns), or never (a signal during the last chunk lost)."""
+    from lightning import Trainer
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from diffstyler.callbacks.stop import StopOnSignal
+    from diffstyler.data.jobs import StylizeDataModule
+
+    for name, value in SLURM_JOB.items():
+        monkeypatch.setenv(name, value)
+    (tmp_path / "bin").mkdir()
+    scontrol, calls = tmp_path / "bin" / "scontrol", tmp_path / "scontrol.log"
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    lora, photos = inputs
+    predictor = make_predictor(tmp_path, grid=False)
+    data = StylizeDataModule(content=[photos], styles=[StyleEntry(lora=lora)], resolution=64, batch_size=2)
+    trainer = Trainer(accelerator="cpu", devices=1, logger=TensorBoardLogger(tmp_path / "logs"), default_root_dir=tmp_path / "out",
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=[StopOnSignal(predictor.writer)])
+    last_chunk = {job.id for job in data.jobs()[-2:]}
+    requeued_at_once = []
+
+    def requeue_signal_in_the_last_chunk(state) -> None:
+        if state.job in last_chunk and not requeued_at_once:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            requeued_at_once.append(calls.exists())  # the handler has run by now, whatever it does
+
+    predictor.step_callback = requeue_signal_in_the_last_chunk
+    trainer.predict(predictor, datamodule=data, return_predictions=False)
+    assert requeued_at_once == [False]
+    assert calls.read_text() == "requeue 7\n"
+    assert predictor.writer.summary == {"done": PHOTOS, "skipped": 0, "failed": 0}
+    assert [path.name for path in (tmp_path / "out").glob("*.ckpt")] == ["hpc_ckpt_1.ckpt"]
