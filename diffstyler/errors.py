@@ -35,6 +35,15 @@ class UserError(ValueError):
         return self.line()
 
 
+class UserErrors(UserError):
+    """Several user errors found together (e.g. the reasons every job of a run would fail): the
+    `diffstyler` command prints one line per entry of `lines`; `str` is the first."""
+
+    def __init__(self, lines: list[str]):
+        self.lines = list(lines)
+        super().__init__(self.lines[0])
+
+
 class MissingFileError(UserError, FileNotFoundError):
     """A file or folder the user named does not exist. Also a FileNotFoundError, so that code which
     catches FileNotFoundError keeps working."""

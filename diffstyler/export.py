@@ -28,6 +28,7 @@ Only the denoiser's LoRA layers (what `diffstyler fit` makes) are converted.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -41,7 +42,7 @@ from safetensors.torch import save as safetensors_bytes
 from diffstyler import export_mmdit
 from diffstyler.errors import MissingFileError, UserError, first_line
 from diffstyler.lora import LORA_WEIGHTS_NAME, read_lora_info
-from diffstyler.outputs import atomic_write
+from diffstyler.outputs import a1111_lora_hash, atomic_write
 
 # kohya: every family; comfyui: ComfyUI's own layout, for SD 3.5 and FLUX.1 (ComfyUI loads UNet LoRAs in kohya's).
 FORMATS = ("kohya", "comfyui")
@@ -327,9 +328,41 @@ def exported_lora_hash(lora: str | os.PathLike) -> str:
     hashes`, 12 hex digits), without writing it: A1111 takes the file's `sshs_model_hash`, which
     depends on the tensors only, not on the output's name or the other metadata."""
     source = _lora_file(lora)
-    tensors, file_metadata = _read_safetensors(source)
-    _, metadata = _file_contents(tensors, file_metadata, read_lora_info(source) or {}, "", source, "kohya")
+    status = source.stat()
+    return _exported_lora_hash(str(source.resolve()), status.st_size, status.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _exported_lora_hash(source: str, size: int, mtime_ns: int) -> str:
+    """Once per LoRA file version (path, size, modification time): every result's PNG asks for it."""
+    tensors, file_metadata = _read_safetensors(Path(source))
+    _, metadata = _file_contents(tensors, file_metadata, read_lora_info(Path(source)) or {}, "", Path(source), "kohya")
     return metadata["sshs_model_hash"][:12]
+
+
+def kohya_export_path(lora_folder: str | os.PathLike) -> Path:
+    """Where `diffstyler fit --model.export_kohya true` writes the kohya file of the LoRA in
+    `lora_folder`: `<lora_folder>/<its name>.safetensors`."""
+    folder = Path(lora_folder)
+    return folder / f"{folder.resolve().name}.safetensors"
+
+
+def a1111_lora_file(lora: str | os.PathLike) -> Path:
+    """The file A1111 loads for this LoRA (`lora`: our `pytorch_lora_weights.safetensors`, or any
+    LoRA file): the kohya export `fit` wrote beside it, when there is one and it holds these
+    weights (its hash is the one `export_lora` gives them; a stale export of an earlier fit does
+    not count); else the file itself. Its hash is what `Lora hashes` records (`outputs.a1111_fields`)."""
+    file = Path(lora)
+    if file.name != LORA_WEIGHTS_NAME:
+        return file
+    kohya = kohya_export_path(file.parent)
+    if not kohya.is_file():
+        return file
+    try:
+        its_export = a1111_lora_hash(kohya) == exported_lora_hash(file)
+    except UserError:  # a LoRA the kohya layout cannot express: the file beside it is not its export
+        its_export = False
+    return kohya if its_export else file
 
 
 def _file_contents(tensors, file_metadata, info, output_name, source, format) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -8,11 +8,13 @@ square images of the paper this equals its `Resize(512)`; for other shapes it bo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -58,6 +60,37 @@ def open_image_file(path: str | os.PathLike) -> Image.Image:
     Raises MissingFileError (a FileNotFoundError too) for a missing file and ImageLoadError for anything Pillow cannot
     decode and for images of more than `max_image_pixels()` pixels; all messages name the file.
     """
+    with guarded_image(path) as image:
+        image.load()  # decode now: truncated files fail here, not later in a worker
+        return image
+
+
+def upright_image_size(path: str | os.PathLike, decode: bool = True) -> tuple[int, int]:
+    """(width, height) of the image at `path` once turned upright per its EXIF orientation (as
+    `load_image` gives it), failing as `open_image_file` does. `decode` False reads only the header:
+    a missing file, a file that is not an image and one over the pixel limit fail, a truncated one
+    does not (its decode would)."""
+    with guarded_image(path) as image:
+        width, height = image.size
+        if decode:
+            # A JPEG is decoded at 1/8 scale, which reads every byte all the same (a truncated file fails).
+            image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
+            image.load()
+        # A PNG's EXIF may follow its pixels, and Pillow decodes them to find it: from the header,
+        # only an EXIF chunk before them counts.
+        exif_known = decode or image.format != "PNG" or "exif" in image.info
+        turned = exif_known and image.getexif().get(EXIF_ORIENTATION) in EXIF_TRANSPOSED
+        return (height, width) if turned else (width, height)
+
+
+EXIF_ORIENTATION = 0x0112
+EXIF_TRANSPOSED = (5, 6, 7, 8)  # orientations that swap width and height (ImageOps.exif_transpose)
+
+
+@contextlib.contextmanager
+def guarded_image(path: str | os.PathLike) -> Iterator[Image.Image]:
+    """`Image.open(path)` under the pixel limit, with every way of failing (in the block too, e.g.
+    a decode) as a MissingFileError or ImageLoadError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError("image file not found", str(path))
@@ -71,8 +104,7 @@ def open_image_file(path: str | os.PathLike) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                image.load()  # decode now: truncated files fail here, not later in a worker
-                return image
+                yield image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageLoadError(
             "image too large",

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save
 from diffstyler.backbones import Backbone
 from diffstyler.conditioning import Conditioning
 from diffstyler.errors import first_line
-from diffstyler.outputs import atomic_write
+from diffstyler.outputs import atomic_write, remove_abandoned_temporary_files
 from diffstyler.sampling import InversionCallback, Schedule
 from diffstyler.sampling import invert as invert_latents
 
@@ -83,13 +83,16 @@ class InversionKey:
 class InversionCache:
     """Trajectories on disk as `<digest>.safetensors`, written atomically.
 
-    The cache only saves time: a file that cannot be read (truncated, not safetensors, another
-    shape) is reported with a warning naming it and recomputed, and a folder that cannot be written
-    is reported and skipped; neither stops the run.
+    The cache only saves time, and a trajectory from it is used only when it is whole: a file that
+    cannot be read (truncated, not safetensors), of another shape, or holding NaN or inf values is
+    reported with a warning naming it, recomputed and written again. A folder that cannot be written
+    (full, read-only) is reported once, and the run goes on without it. Temporary files of killed
+    writes of an entry are removed when the entry is next read or written.
     """
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
+        self.write_failed = False  # reported once per folder
 
     def path(self, key: InversionKey) -> Path:
         return self.folder / f"{key.digest()}.safetensors"
@@ -110,6 +113,9 @@ class InversionCache:
         if shape is not None and tuple(trajectory.shape) != tuple(shape):
             warn_cache_ignored(path, f"it holds shape {tuple(trajectory.shape)}, expected {tuple(shape)}")
             return None
+        if not torch.isfinite(trajectory).all():
+            warn_cache_ignored(path, "it holds NaN or inf values")
+            return None
         return trajectory
 
     def save(self, key: InversionKey, trajectory: torch.Tensor) -> Optional[Path]:
@@ -117,9 +123,13 @@ class InversionCache:
         metadata = {k: str(v) for k, v in key.__dict__.items()}
         data = save({"trajectory": trajectory.detach().cpu().contiguous()}, metadata=metadata)
         try:
+            remove_abandoned_temporary_files(path)
             atomic_write(path, lambda handle: handle.write(data))
         except OSError as error:
-            warnings.warn(f"inversion cache not written ({self.folder}): {first_line(error)}; the run goes on without it")
+            if not self.write_failed:
+                self.write_failed = True
+                warnings.warn(f"inversion cache not written ({self.folder}): {error.strerror or first_line(error)}; "
+                              "the run goes on without it")
             return None
         return path
 

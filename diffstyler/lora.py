@@ -95,11 +95,27 @@ def add_style_adapter(denoiser: torch.nn.Module, config: StyleLoRAConfig, name: 
 def adapter_state_dict(denoiser: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
     """The adapter's weights with the key names the family's loader reads (prefix-less): a UNet's in
     diffusers' `lora.down/up` style, a transformer's in PEFT's `lora_A/B` (diffusers' transformer
-    loaders read a file as PEFT's as soon as one key is: one spelling per file)."""
+    loaders read a file as PEFT's as soon as one key is: one spelling per file).
+
+    diffusers' `convert_state_dict_to_diffusers` renames PEFT's `lora_A` / `lora_B` only for the
+    attention projections (to_q, to_k, to_v, to_out.0) and leaves the rest (feed-forward, proj_in,
+    resnet convolutions, ...) as they are: one spelling for every module keeps a file what tools
+    expect of one format; diffusers' loader reads `lora.down` / `lora.up` for any module."""
     peft_state = get_peft_model_state_dict(denoiser, adapter_name=name)
     if kind_of_denoiser(denoiser).denoiser_subfolder == "transformer":
         return peft_state
-    return convert_state_dict_to_diffusers(peft_state)
+    return {diffusers_lora_key(key): tensor for key, tensor in convert_state_dict_to_diffusers(peft_state).items()}
+
+
+PEFT_TO_DIFFUSERS_SUFFIXES = {".lora_A.weight": ".lora.down.weight", ".lora_B.weight": ".lora.up.weight"}
+
+
+def diffusers_lora_key(key: str) -> str:
+    """`<module>.lora_A.weight` -> `<module>.lora.down.weight` (and lora_B -> lora.up); other keys as they are."""
+    for peft, diffusers in PEFT_TO_DIFFUSERS_SUFFIXES.items():
+        if key.endswith(peft):
+            return key.removesuffix(peft) + diffusers
+    return key
 
 
 def save_lora(denoiser: torch.nn.Module, name: str, output_dir: str | os.PathLike) -> Path:

@@ -9,11 +9,14 @@ Every PNG holds two text chunks:
 - `diffstyler`: the same settings as JSON, for exact round trips (`read_settings`).
 
 Every file is written by `atomic_write` (temporary name, then rename) at a path checked by
-`path_inside`.
+`path_inside`. A temporary file is locked while it is written (`flock`), so that a run cleaning up
+after a killed one (`remove_abandoned_temporary_files`) removes only files whose writer is gone,
+never the file another run is writing into the same folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -21,7 +24,12 @@ import os
 import re
 import secrets
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Sequence
+from typing import IO, Any, BinaryIO, Callable, Sequence
+
+try:  # POSIX; elsewhere temporary files are written unlocked
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
 
 import torch
 from PIL import Image, PngImagePlugin
@@ -192,12 +200,16 @@ def lora_tag(name: str, scale: float) -> str:
 def a1111_fields(model: str | os.PathLike | None, loras: Sequence[tuple[str, str | os.PathLike]]) -> dict[str, str]:
     """The fields A1111 adds to its settings line for the model and the LoRAs (name, file):
     `Model hash` where the model is one file (a hub id or a diffusers folder has no A1111 hash),
-    and `Lora hashes`, "name: hash, name: hash" (`format_parameters` quotes it, as A1111 does)."""
+    and `Lora hashes`, "name: hash, name: hash" (`format_parameters` quotes it, as A1111 does), each
+    the hash of the file A1111 loads: the kohya export beside our LoRA when `fit` wrote one
+    (`export.a1111_lora_file`)."""
+    from diffstyler.export import a1111_lora_file  # it writes through this module: imported when asked
+
     fields = {}
     if model is not None and str(model).endswith(SINGLE_FILE_CHECKPOINT_SUFFIXES) and Path(model).is_file():
         fields["Model hash"] = a1111_model_hash(model)
     if loras:
-        fields["Lora hashes"] = ", ".join(f"{a1111_lora_name(name)}: {a1111_lora_hash(file)}" for name, file in loras)
+        fields["Lora hashes"] = ", ".join(f"{a1111_lora_name(name)}: {a1111_lora_hash(a1111_lora_file(file))}" for name, file in loras)
     return fields
 
 
@@ -269,19 +281,58 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     into place: a reader or a crash never sees a half-written file, and a failed write leaves none.
 
     The temporary file is opened with "xb" (not mkstemp / NamedTemporaryFile, which create 0600
-    files), so the result gets the usual umask permissions (0644 under umask 022).
+    files), so the result gets the usual umask permissions (0644 under umask 022). It stays locked
+    until it has its final name (see `remove_abandoned_temporary_files`); when a cleaner took it in
+    the instant between its creation and its lock, it is written once more.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = temporary_path(path)
+    for attempt in (1, 2):
+        temporary = temporary_path(path)
+        try:
+            with open(temporary, "xb") as handle, open(temporary, "rb") as lock_holder:
+                lock(lock_holder, blocking=True)  # held by its own descriptor until after the rename
+                write(handle)
+                handle.close()  # flushed and closed first: a full disk fails here, not in the renamed file
+                os.replace(temporary, path)  # same folder, so a rename on one filesystem
+            return path
+        except FileNotFoundError:
+            temporary.unlink(missing_ok=True)
+            if attempt == 2 or not path.parent.is_dir():
+                raise
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+    raise AssertionError("unreachable: the second attempt returns or raises")
+
+
+def lock(handle: IO[bytes], blocking: bool) -> bool:
+    """An exclusive `flock` on an open file, released when it is closed (or its process dies).
+    False when another process holds it (non-blocking); True, unlocked, where locks are not
+    supported (no fcntl, or a filesystem that refuses them)."""
+    if fcntl is None:
+        return True
     try:
-        with open(temporary, "xb") as handle:
-            write(handle)
-        os.replace(temporary, path)  # same folder, so a rename on one filesystem
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    except OSError:  # ENOLCK, EOPNOTSUPP: a filesystem without locks
+        return True
+    return True
+
+
+def remove_abandoned_temporary_files(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files left next to `path` by writes that will never finish (a killed or
+    failed process); a temporary file still locked by its writer (another run writing into the same
+    folder now) is left alone. Returns the files removed."""
+    removed = []
+    for temporary in temporary_files(path):
+        # FileNotFoundError: renamed into place (or removed) meanwhile by its writer
+        with contextlib.suppress(FileNotFoundError), open(temporary, "rb") as handle:
+            if lock(handle, blocking=False):  # else being written
+                temporary.unlink()
+                removed.append(temporary)
+    return removed
 
 
 def atomic_save(image: Image.Image, path: str | os.PathLike, text_chunks: dict[str, str] | None = None) -> Path:

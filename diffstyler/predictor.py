@@ -30,10 +30,11 @@ from PIL import Image
 from diffstyler.callbacks.tensorboard import PredictionLogger
 from diffstyler.callbacks.writer import JobResult, OutputConfig, StylizationWriter, content_ssim
 from diffstyler.checks import check_lora_finite, check_model_reference, check_writable_folder
+from diffstyler.data.inputs import job_input_failures, jobs_that_run
 from diffstyler.data.jobs import Job, StyleEntry, StylizeDataModule
 from diffstyler.errors import UserError, config_error
 from diffstyler.backbones import LayerMap
-from diffstyler.images import load_image, resize_to_multiple, sha256_file
+from diffstyler.images import LATENT_FACTOR, load_image, resize_to_multiple, sha256_file
 from diffstyler.injection import (
     INJECTION_WINDOWS,
     InjectionConfig,
@@ -150,9 +151,12 @@ class StylizePredictor(LightningModule):
         error stops the run in one line instead of failing each job: the model reference, the
         inversion cache folder (the output folder: `StylizationWriter`), each LoRA of `data.styles`
         (made for this model family, every weight finite), FastSAM's weights and, for text prompts,
-        the CLIP model. What differs per job (its content, a manifest row's mask or LoRA, a box
-        against its image) fails that job only. Runs once per data module; `setup` calls it, and
-        the CLI earlier, before a multi-process run starts its processes."""
+        the CLIP model. Then what differs per job where the files tell (`data.inputs`: its content
+        decodes, its masks leave pixels to style, its boxes and points lie inside the content, a
+        manifest row's LoRA fits): every job failing stops the run (one line per kind of failure),
+        else the failing jobs are recorded as failed when the run starts and the others run. Runs
+        once per data module; `setup` calls it, and the CLI earlier, before a multi-process run
+        starts its processes."""
         if datamodule is self._checked_datamodule:
             return
         check_model_reference(self.model_spec)
@@ -164,12 +168,16 @@ class StylizePredictor(LightningModule):
             check_writable_folder(self.inversion_cache, "model.inversion_cache", "inversion cache folder")
         if isinstance(datamodule, StylizeDataModule):
             model = model_lora_width(self.model_spec)  # None: not known without a download
-            for lora in dict.fromkeys(Path(entry.lora) for entry in datamodule.styles if entry.lora is not None):
+            loras = list(dict.fromkeys(Path(entry.lora) for entry in datamodule.styles if entry.lora is not None))
+            for lora in loras:
                 if model is not None:
                     check_lora_width(lora, model[1], model[0])
                 check_lora_finite(lora)
             if datamodule.needs_segmenter():
                 check_segmenter(self.segmenter_config, datamodule.needs_text_prompts())
+            jobs = datamodule.jobs()
+            failures = job_input_failures(jobs, model, [str(lora) for lora in loras], multiple=multiple or LATENT_FACTOR)
+            datamodule.failed_up_front = jobs_that_run(jobs, failures, datamodule.on_error)
         self._checked_datamodule = datamodule
 
     def configure_model(self) -> None:
@@ -204,6 +212,20 @@ class StylizePredictor(LightningModule):
         self.check_run(self.trainer.datamodule)
         check_offload_device(self.offload, self.trainer.strategy.root_device, "model.offload")
         check_quantization_device(self.model_spec.quantization, self.trainer.strategy.root_device)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A predict run's state is its output folder (the finished files and results.jsonl), not
+        the model: a checkpoint of it (Lightning's SLURM requeue on SIGUSR1 saves one) holds no
+        weights, which would be gigabytes of what the model name already says, and no loop
+        progress, which a rerun must not take for finished jobs."""
+        checkpoint["state_dict"] = {}
+        checkpoint.pop("loops", None)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The requeued run resumes from that checkpoint (Lightning finds it under SLURM): the model
+        # is the one `configure_model` loaded, whatever the checkpoint holds.
+        checkpoint["state_dict"] = {}
+        self.strict_loading = False
 
     def on_predict_start(self) -> None:
         datamodule = self.trainer.datamodule

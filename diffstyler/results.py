@@ -4,7 +4,8 @@ A job counts as done only when every one of its output files exists, decodes, an
 of the settings the job would be made with now (`settings_hash`, stored in each PNG's
 `outputs.SETTINGS_HASH_KEY` text chunk). Otherwise it is redone:
 - a file that does not decode (truncated by a crash or a full disk) is removed;
-- temporary files left by interrupted writes of the job's files are removed;
+- temporary files left by interrupted writes of the job's files are removed (not those that
+  another run writing into the same folder is writing now: `outputs.remove_abandoned_temporary_files`);
 - a file made with other settings is replaced, and a log line says so, so that a changed config
   never silently keeps an old result.
 """
@@ -23,7 +24,7 @@ from typing import Any, Optional
 
 from PIL import Image
 
-from diffstyler.outputs import SETTINGS_HASH_KEY, atomic_write, temporary_files
+from diffstyler.outputs import SETTINGS_HASH_KEY, atomic_write, remove_abandoned_temporary_files
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,9 @@ def output_problem(path: Path, expected_hash: str) -> Optional[str]:
 
 
 def remove_temporary_files(paths: list[Path]) -> None:
+    """The temporary files of `paths` left by killed writes; those another run is writing stay."""
     for path in paths:
-        for temporary in temporary_files(path):
-            temporary.unlink(missing_ok=True)
+        remove_abandoned_temporary_files(path)
 
 
 def job_is_done(paths: list[Path], expected_hash: str) -> bool:
@@ -96,13 +97,22 @@ class ResultsLog:
         self.path = Path(folder) / PARTS_FOLDER / f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}.jsonl"
 
     def record(self, entry: dict[str, Any]) -> None:
-        """Append one job's line (keys: id, content, styles, loras, outputs, status, seconds, error)."""
+        """Append one job's line (keys: id, content, styles, loras, outputs, status, seconds, error).
+
+        All or nothing: a write that fails part way (a full disk) is cut off again before the error
+        goes on, so that the next line does not land on the end of a torn one (both would be lost)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({**entry, "time": time.time()}, default=str) + "\n"
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
+        line = (json.dumps({**entry, "time": time.time()}, default=str) + "\n").encode("utf-8")
+        with open(self.path, "ab", buffering=0) as handle:  # unbuffered: nothing left to flush after an error
+            start = handle.seek(0, os.SEEK_END)
+            try:
+                written = 0
+                while written < len(line):
+                    written += handle.write(line[written:])
+                os.fsync(handle.fileno())
+            except OSError:
+                handle.truncate(start)
+                raise
 
 
 def read_json_lines(path: Path) -> list[dict[str, Any]]:

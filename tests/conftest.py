@@ -96,3 +96,38 @@ def unet_probe() -> Callable[[torch.nn.Module], torch.Tensor]:
         return unet(latents, timesteps, encoder_hidden_states=text).sample
 
     return probe
+
+
+@pytest.fixture
+def model_builds(monkeypatch) -> list[str]:
+    """Records every model load ("random" for `tiny` and the like, or a real model's name) and every denoiser built
+    ("unet", "transformer"), while still doing them: a check that must come before the model leaves it empty."""
+    import dataclasses
+    import functools
+
+    import diffusers
+
+    import diffstyler.models
+
+    built: list[str] = []
+    random_kind, load_real = diffstyler.models.random_kind, diffstyler.models._load_real_pipeline
+
+    def recording_random_kind(name):
+        kind = random_kind(name)
+        if kind is None:
+            return None
+        return dataclasses.replace(kind, build_random=lambda *a, **k: built.append("random") or kind.build_random(*a, **k))
+
+    def recording_init(label, init):
+        @functools.wraps(init)  # diffusers reads the config's keys from its signature
+        def record(self, *args, **kwargs):
+            built.append(label)
+            init(self, *args, **kwargs)
+        return record
+
+    monkeypatch.setattr(diffstyler.models, "random_kind", recording_random_kind)
+    monkeypatch.setattr(diffstyler.models, "_load_real_pipeline", lambda spec: built.append(spec.name) or load_real(spec))
+    for label, denoiser in [("unet", diffusers.UNet2DConditionModel), ("transformer", diffusers.SD3Transformer2DModel),
+                            ("transformer", diffusers.FluxTransformer2DModel)]:
+        monkeypatch.setattr(denoiser, "__init__", recording_init(label, denoiser.__init__))
+    return built

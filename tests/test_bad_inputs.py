@@ -54,6 +54,9 @@ class BadFiles:
         self.lora_with_broken_info = self.lora_folder_with_info(folder / "broken_info", "{not json")
         self.lora_without_prompt = self.lora_folder_with_info(folder / "no_prompt", json.dumps({"rank": 4}))
         self.text_file = self.write(folder / "notes.png", b"this is not an image")
+        self.truncated_photo = self.write(folder / "truncated.png", CONTENT.read_bytes()[: CONTENT.stat().st_size // 2])
+        self.black_mask = folder / "black_mask.png"
+        Image.new("L", (64, 48)).save(self.black_mask)
         self.checkpoint_text = self.write(folder / "notes.ckpt", b"this is not a checkpoint")
         self.checkpoint_with_code = folder / "crafted.ckpt"
         self.code_ran_marker = folder / "code_ran"
@@ -216,6 +219,12 @@ ROWS = [
     Row("style_images_sharing_a_stem", lambda t, b: fit_args(t, "--data.images", json.dumps([str(b.styles_sharing_a_stem)]),
         "--data.one_lora_per_image", "true"), ["data.images", "stripes.png", "stripes.jpg"]),
     Row("mask_file_not_an_image", lambda t, b: masked_predict_args(t, b, {"file": str(b.text_file)}), ["notes.png"]),
+    # what differs per job, where the files show it: before the model loads too (data.inputs)
+    Row("content_truncated", lambda t, b: predict_args(t, b.lora, "--data.content", json.dumps([str(b.truncated_photo)])),
+        ["not a readable image", "truncated.png"]),
+    Row("mask_file_empty", lambda t, b: masked_predict_args(t, b, {"file": str(b.black_mask)}), ["empty mask", "black_mask.png"]),
+    Row("box_outside_the_photo", lambda t, b: masked_predict_args(t, b, {"box": [0, 0, 100, 80]}) + ["--model.segmenter.weights", "tiny"],
+        ["box outside the content image", "64x48"]),
     # LoRA files
     Row("lora_missing", lambda t, b: predict_args(t, t / "no_lora"), ["no_lora"]),
     Row("lora_pickled", lambda t, b: predict_args(t, b.pickled_lora), ["style.ckpt", "pickled"]),
@@ -270,25 +279,6 @@ ROWS = [
 ]
 
 
-@pytest.fixture
-def model_loads(monkeypatch) -> list[str]:
-    """Records every model load (the tiny model and real ones) while still loading it."""
-    loads: list[str] = []
-    build_tiny, load_real = diffstyler.models.build_tiny_pipeline, diffstyler.models._load_real_pipeline
-
-    def record_tiny(*args, **kwargs):
-        loads.append("tiny")
-        return build_tiny(*args, **kwargs)
-
-    def record_real(spec):
-        loads.append(spec.name)
-        return load_real(spec)
-
-    monkeypatch.setattr(diffstyler.models, "build_tiny_pipeline", record_tiny)
-    monkeypatch.setattr(diffstyler.models, "_load_real_pipeline", record_real)
-    return loads
-
-
 def run_cli(args: list[str], capsys) -> tuple[int, str]:
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
@@ -307,7 +297,7 @@ def files_under(folder: Path) -> list[Path]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("row", ROWS, ids=[row.id for row in ROWS])
-def test_bad_input_is_one_line_naming_it(row: Row, bad, tmp_path, capsys, monkeypatch, model_loads):
+def test_bad_input_is_one_line_naming_it(row: Row, bad, tmp_path, capsys, monkeypatch, model_builds):
     monkeypatch.chdir(REPO_ROOT)
     monkeypatch.setattr(sys, "argv", ["diffstyler"])
     monkeypatch.setenv("DIFFSTYLER_DEBUG", "0")  # off; and undone after the test, also when --debug set it
@@ -321,7 +311,7 @@ def test_bad_input_is_one_line_naming_it(row: Row, bad, tmp_path, capsys, monkey
     assert len(lines) == 1 and stderr.rstrip().endswith(lines[0]), stderr[-2000:]
     assert all(name in lines[0] for name in row.names), lines[0]
     if row.before_model:
-        assert model_loads == [], "the model was loaded before the check"
+        assert model_builds == [], "the model was loaded before the check"
     assert files_under(tmp_path / "out") == [] and files_under(tmp_path / "lora") == []
     assert not bad.code_ran_marker.exists()
 
@@ -383,24 +373,17 @@ def test_console_mask_spec_error_is_one_line_with_status_2(bad, tmp_path):
 
 @pytest.mark.slow
 def test_ddp_job_failing_on_one_rank_is_the_last_line(bad, tmp_path):
-    """Job 1 (rank 1) fails: its mask, eroded on a flat content, is empty; job 0 (rank 0) is fine.
-    The user must read rank 1's error last, not rank 0's broken connection."""
-    from PIL import Image, ImageDraw
-
-    mask = tmp_path / "mask_square.png"
-    image = Image.new("L", (64, 64))
-    ImageDraw.Draw(image).rectangle([20, 20, 39, 39], fill=255)
-    image.save(mask)
-    contents = [tmp_path / "content_square.png", tmp_path / "content_flat.png"]
-    Image.open(CONTENT).resize((64, 64)).save(contents[0])
-    Image.open(CONTENT).resize((64, 16)).save(contents[1])
+    """Job 1 (rank 1) fails: its style's scale overflows the latents, which only the run can find
+    (what the files show stops the run before any process starts: tests/data/test_inputs.py); job 0
+    (rank 0) is fine. The user must read rank 1's error last, not rank 0's broken connection."""
+    manifest = tmp_path / "jobs.csv"
+    manifest.write_text(f"content,styles,scale,output\n{CONTENT},{bad.lora},1,fine\n{CONTENT},{bad.lora},1e30,overflowing\n")
     args = predict_args(tmp_path, bad.lora, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--model.progress", "false",
-                        "--data.content", json.dumps([str(path) for path in contents]),
-                        "--data.styles", json.dumps([{"lora": str(bad.lora), "mask": {"file": str(mask), "grow": -8}}]))
+                        "--data.content", "null", "--data.manifest", str(manifest))
     result = run_console(args)
     assert result.returncode == USER_ERROR_STATUS, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("diffstyler predict: error: [rank 1] ") and "square.png" in last and "empty" in last, result.stderr[-3000:]
+    assert last.startswith("diffstyler predict: error: [rank 1] ") and "non-finite" in last, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
 
 
@@ -416,7 +399,7 @@ def three_boxed_jobs(tmp_path: Path, bad: BadFiles, *extra: str) -> list[str]:
         "--data.on_error", "continue", "--data.content", json.dumps([str(path) for path in contents]), *extra]
 
 
-def test_missing_fastsam_weights_stop_a_run_of_three_jobs_in_one_line(bad, tmp_path, capsys, monkeypatch, model_loads):
+def test_missing_fastsam_weights_stop_a_run_of_three_jobs_in_one_line(bad, tmp_path, capsys, monkeypatch, model_builds):
     """Catches the weights checked per job: three "job failed" lines, a summary naming neither key
     nor file, exit status 1, after the base model loaded."""
     monkeypatch.chdir(REPO_ROOT)
@@ -428,7 +411,7 @@ def test_missing_fastsam_weights_stop_a_run_of_three_jobs_in_one_line(bad, tmp_p
     assert len(lines) == 1 and stderr.rstrip().endswith(lines[0]), stderr[-2000:]
     assert "(model.segmenter.weights)" in lines[0] and "FastSAM-s.pt" in lines[0]
     assert "job failed" not in stderr and " jobs: " not in stderr  # no job counted
-    assert model_loads == []
+    assert model_builds == []
     assert files_under(tmp_path / "out") == []
 
 

@@ -217,14 +217,17 @@ def test_zero_jobs_is_one_clear_line(inputs, tmp_path, monkeypatch, capsys, case
 @pytest.mark.slow
 def test_a_run_whose_one_job_failed_says_why_in_its_last_line(inputs, tmp_path, monkeypatch, capsys):
     """Catches a summary that counts the failure without its reason, which the user would look for
-    further up (and would not find in a scheduler's one-line report)."""
-    _, styles = inputs
+    further up (and would not find in a scheduler's one-line report). The failure is one only the
+    run finds (a LoRA scale that overflows the latents): inputs that the files show to fail stop a
+    one-job run before the model loads (tests/data/test_inputs.py)."""
+    folder, styles = inputs
     photos = tmp_path / "photos"
     photos.mkdir()
-    (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    status, output = run_cli_in_process(batch_args(tmp_path, styles[:1], content=str(photos)), monkeypatch, capsys)
+    shutil.copy(folder / "photos" / "p0.png", photos / "p0.png")
+    overflowing = [{**styles[0], "scale": 1e30}]
+    status, output = run_cli_in_process(batch_args(tmp_path, overflowing, content=str(photos)), monkeypatch, capsys)
     assert status == JOBS_FAILED_STATUS, output[-3000:]
     last = output.strip().splitlines()[-1]
     assert last.startswith("diffstyler predict: 1 job: 0 done, 0 already done (skipped), 1 failed (data.content[0]"), last
-    assert "broken.png" in last and "not a readable image" in last and last.endswith(str(tmp_path / "out" / RESULTS_NAME))
+    assert "non-finite" in last and "style 'full'" in last and last.endswith(str(tmp_path / "out" / RESULTS_NAME))
     assert "job failed" not in output  # said once, in the last line

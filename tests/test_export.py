@@ -275,3 +275,51 @@ def test_unknown_format_and_text_encoder_layers_are_refused(tmp_path):
     with pytest.raises(UserError, match=r"\(--lora\): .*text-encoder layer"):
         export_lora(tmp_path / "te.safetensors", output=tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_each_kohya_matrix_holds_the_update_a1111_computes_from_it():
+    """The update kohya's readers (A1111, ComfyUI, sd-scripts) rebuild: lora_up @ lora_down scaled by
+    alpha / rank, the rank being lora_down's first dimension. Layers of other in and out widths,
+    so that a swap of up and down cannot pass. Caught (fast): up and down swapped, the wrong
+    alpha, a module under another module's name."""
+    generator = torch.Generator().manual_seed(0)
+    widths = {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (24, 32),
+              "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.2": (128, 32),
+              "down_blocks.1.resnets.0.time_emb_proj": (64, 48)}
+    ours = {}
+    for module, (width_in, width_out) in widths.items():
+        ours[f"unet.{module}.lora.down.weight"] = torch.randn(4, width_in, generator=generator)
+        ours[f"unet.{module}.lora.up.weight"] = torch.randn(width_out, 4, generator=generator)
+    kohya = diffusers_to_kohya(ours, alpha=8.0)
+    assert len(kohya) == 3 * len(widths)
+    for module in widths:
+        name = "lora_unet_" + module.replace(".", "_")
+        down, up, alpha = kohya[f"{name}.lora_down.weight"], kohya[f"{name}.lora_up.weight"], kohya[f"{name}.alpha"]
+        rebuilt = up @ down * (float(alpha) / down.shape[0])
+        expected = ours[f"unet.{module}.lora.up.weight"] @ ours[f"unet.{module}.lora.down.weight"] * (8.0 / 4)
+        assert torch.equal(rebuilt, expected), module
+
+
+def test_lora_hashes_name_the_kohya_export_beside_our_lora_when_it_holds_its_weights(tmp_path):
+    """What `fit --model.export_kohya true` leaves: A1111 loads the kohya file, so `Lora hashes`
+    must hold its hash. Caught: the diffusers file's hash with an export beside it, or a stale
+    export's (of other weights) taken for this LoRA's."""
+    from diffstyler.export import kohya_export_path
+    from diffstyler.outputs import a1111_fields
+
+    def write_lora(folder: Path, seed: int) -> Path:
+        generator = torch.Generator().manual_seed(seed)
+        module = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+        folder.mkdir(exist_ok=True)
+        save_file({f"{module}.lora.down.weight": torch.randn(4, 32, generator=generator),
+                   f"{module}.lora.up.weight": torch.randn(32, 4, generator=generator)}, str(folder / LORA_WEIGHTS_NAME))
+        return folder / LORA_WEIGHTS_NAME
+
+    lora = write_lora(tmp_path / "stripes", seed=0)
+    assert a1111_fields(None, [("stripes", lora)]) == {"Lora hashes": f"stripes: {a1111_lora_hash(lora)}"}
+    kohya = export_lora(lora.parent, "kohya", kohya_export_path(lora.parent))
+    assert kohya == tmp_path / "stripes" / "stripes.safetensors"
+    assert a1111_fields(None, [("stripes", lora)]) == {"Lora hashes": f"stripes: {a1111_lora_hash(kohya)}"}
+    assert a1111_lora_hash(kohya) != a1111_lora_hash(lora)
+    export_lora(write_lora(tmp_path / "other", seed=1).parent, "kohya", kohya)  # a stale export: other weights
+    assert a1111_fields(None, [("stripes", lora)]) == {"Lora hashes": f"stripes: {a1111_lora_hash(lora)}"}

@@ -269,8 +269,9 @@ def test_a_signal_stops_the_run_after_the_chunk_in_progress_with_results_merged(
 @pytest.mark.slow
 def test_under_slurm_lightnings_requeue_and_sigterm_handlers_stay_during_predict(inputs, tmp_path, monkeypatch):
     """Lightning's SLURM environment requeues the job on SIGUSR1 and chains a SIGTERM handler of its
-    own; during the predict loop only its notifier (which broadcasts from the handler) is replaced.
-    Catches either handler lost (the requeue gone) or the notifier kept."""
+    own; during the predict loop its notifier (which broadcasts from the handler) is replaced, and
+    the requeue is deferred to the end of the chunk (`StopOnSignal.on_requeue_signal`). Catches
+    either handler lost (the requeue gone), the notifier kept, or the requeue run inside the handler."""
     for name, value in {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "predict", "SLURM_JOB_ID": "7",
                         "SLURM_NODEID": "0", "SLURM_LOCALID": "0", "SLURM_PROCID": "0", "SLURM_NODELIST": "127.0.0.1"}.items():
         monkeypatch.setenv(name, value)
@@ -282,6 +283,8 @@ def test_under_slurm_lightnings_requeue_and_sigterm_handlers_stay_during_predict
 
     trainer, predictor, data = predict_in_process(tmp_path, inputs, [RecordHandlers()])
     trainer.predict(predictor, datamodule=data, return_predictions=False)
-    assert [getattr(handler, "__name__", "") for handler in seen["usr1"].signal_handlers] == ["_slurm_sigusr_handler_fn"]
+    deferral = seen["usr1"]
+    assert deferral.__name__ == "on_requeue_signal" and isinstance(deferral.__self__, StopOnSignal)
+    assert [getattr(handler, "__name__", "") for handler in deferral.__self__.requeue_handlers.signal_handlers] == ["_slurm_sigusr_handler_fn"]
     assert [getattr(handler, "__name__", "") for handler in seen["term"].signal_handlers] == ["on_sigterm", "_sigterm_handler_fn"]
     assert predictor.writer.summary == {"done": 3, "skipped": 0, "failed": 0} and predictor.writer.stopped_by is None

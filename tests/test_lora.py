@@ -185,3 +185,40 @@ def test_routing_sees_lora_layers_of_adapters_added_after_its_first_use():
     base = forward()
     unet.enable_adapters()
     assert (routed - base).abs().max().item() < 1e-6
+
+
+# Every kind of UNet layer a config's `target_modules` can name (PEFT adapts Linear and Conv2d
+# layers): the attention projections, the transformers' feed-forward and in/out projections, the
+# resnets' convolutions and time projections, the down/upsamplers' convolutions, and all at once.
+TARGET_KINDS = {
+    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
+    "feed-forward": ["ff.net.0.proj", "ff.net.2"],
+    "transformer projections": ["proj_in", "proj_out"],
+    "resnet convolutions": ["conv1", "conv2", "conv_shortcut"],
+    "resnet time projections": ["time_emb_proj"],
+    "down/upsamplers": ["downsamplers.0.conv", "upsamplers.0.conv"],
+    "all at once": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "conv1", "conv2",
+                    "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(TARGET_KINDS))
+def test_save_lora_writes_one_key_spelling_for_any_target_and_diffusers_loads_the_same_weights(kind, tiny_pipe, tmp_path):
+    """diffusers' `convert_state_dict_to_diffusers` renames PEFT's lora_A / lora_B to lora.down /
+    lora.up for the attention projections only. Caught: mixed spellings in one file (the
+    feed-forward and convolution layers kept as lora_A / lora_B), or a spelling diffusers' loader
+    puts into other layers or other tensors than ours."""
+    trained = tiny_pipe()
+    randomize(add_style_adapter(trained.unet, StyleLoRAConfig(rank=4, alpha=8, target_modules=TARGET_KINDS[kind]), "style"), seed=3)
+    file = save_lora(trained.unet, "style", tmp_path)
+    keys = list(load_file(file))
+    assert keys and all(key.startswith("unet.") and key.endswith((".lora.down.weight", ".lora.up.weight")) for key in keys), keys[:4]
+
+    fresh = tiny_pipe()
+    fresh.load_lora_weights(str(tmp_path), weight_name=LORA_WEIGHTS_NAME, adapter_name="loaded")
+    ours = {name.replace(".style.", "."): value for name, value in trained.unet.named_parameters() if ".style." in name}
+    loaded = {name.replace(".loaded.", "."): value for name, value in fresh.unet.named_parameters() if ".loaded." in name}
+    assert sorted(loaded) == sorted(ours)
+    assert all(torch.equal(loaded[name], ours[name]) for name in ours)
+    assert fresh.unet.peft_config["loaded"].lora_alpha == 8

@@ -262,3 +262,38 @@ def test_model_hash_is_the_first_10_hex_digits_of_the_whole_files_sha256(tmp_pat
 def test_a1111_names_keep_what_a1111_can_carry():
     assert a1111_lora_name(" ink: wash, <2> ") == "ink wash <2"
     assert lora_tag("ink", 0.75) == "<lora:ink:0.75>" and lora_tag("ink", 1.0) == "<lora:ink:1>"
+
+
+def test_a_temporary_file_being_written_is_left_alone_and_an_abandoned_one_removed(tmp_path):
+    """A run cleaning up before a job (results.job_is_done) while another run writes the same file
+    into the same folder. Caught: every temporary file removed (the writer's rename then fails), or
+    none (a killed write's file stays for ever)."""
+    from diffstyler.outputs import lock, remove_abandoned_temporary_files, temporary_path
+
+    target = tmp_path / "photo.png"
+    being_written, abandoned = temporary_path(target), temporary_path(target)
+    abandoned.write_bytes(b"half a png")  # its writer was killed: no one holds its lock
+    with open(being_written, "xb") as handle, open(being_written, "rb") as holder:
+        assert lock(holder, blocking=True)
+        handle.write(b"a png in progress")
+        assert remove_abandoned_temporary_files(target) == [abandoned]
+        assert being_written.exists() and not abandoned.exists()
+    assert remove_abandoned_temporary_files(target) == [being_written]  # its writer is gone now
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_write_holds_its_temporary_file_against_cleaners_until_it_is_in_place(tmp_path):
+    """Another run cleans up the folder in the middle of this write. Caught: the temporary file not
+    locked by its writer (removed under it: its rename fails)."""
+    from diffstyler.outputs import atomic_write, remove_abandoned_temporary_files
+
+    target, removed = tmp_path / "photo.png", []
+
+    def write_with_a_cleaner_in_between(handle):
+        handle.write(b"first half, ")
+        removed.extend(remove_abandoned_temporary_files(target))
+        handle.write(b"second half")
+
+    atomic_write(target, write_with_a_cleaner_in_between)
+    assert removed == [] and target.read_bytes() == b"first half, second half"
+    assert list(tmp_path.iterdir()) == [target]

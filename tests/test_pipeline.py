@@ -168,3 +168,23 @@ def test_train_style_writes_the_lora_the_cli_writes_and_both_loaders_read_it(tmp
     before = unet_probe(diffusers_pipe.unet)
     diffusers_pipe.load_lora_weights(str(ours), adapter_name="api")
     assert (unet_probe(diffusers_pipe.unet) - before).abs().max().item() > 1e-6
+
+
+def test_the_composite_is_the_result_inside_the_union_of_the_masks_and_the_content_elsewhere():
+    """Several styles' soft masks: the result where any mask is 1, a blend by the largest mask where
+    they are soft, the content's own pixels where every mask is 0. Caught (fast): the intersection
+    (or the mean) of the masks, which keeps the content where only one style is; their sum, which
+    overshoots where they overlap."""
+    from diffstyler.pipeline import composite_in_pixels
+
+    content = Image.fromarray(np.full((4, 6, 3), 40, np.uint8))
+    result = Image.fromarray(np.full((4, 6, 3), 200, np.uint8))
+    first, second = torch.zeros(4, 6), torch.zeros(4, 6)
+    first[:, :2] = 1  # columns 0-1
+    second[:, 1:4] = 1  # columns 1-3: both styles in column 1
+    second[0, 4] = 0.5  # a feathered edge
+    composite = np.asarray(composite_in_pixels(content, result, [first, second]))
+    expected = np.full((4, 6), 40)
+    expected[:, :4] = 200
+    expected[0, 4] = 120  # 0.5 * 200 + 0.5 * 40
+    assert np.array_equal(composite, np.repeat(expected[..., None], 3, axis=2))

@@ -8,7 +8,10 @@ nothing written). The writer, after each chunk:
 - appends each job's line to this process's part of `results.jsonl` (`results.ResultsLog`) and
   counts it (done, skipped, failed);
 - applies the failure policy (`data.on_error`): "continue" records a failed job and goes on,
-  "stop" raises its error (the run's one error line).
+  "stop" raises its error (the run's one error line); the jobs found failing before the model
+  loaded (`data.inputs`) are recorded when the run starts;
+- stops the run with one line naming the folder when it cannot write there (a full disk, a folder
+  made read-only: `folder_errors_as_one_line`); every file is whole or absent, so a rerun does the rest.
 At the end of the run it sums the counts of every process and rank zero merges results.jsonl; so it
 does when a signal stopped the run between two chunks (`callbacks.stop`: the run's stop requests go
 through the writer, whose folder every process shares). Whether a job is already done (`is_done`:
@@ -18,12 +21,13 @@ does any work for the job.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import signal
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
@@ -34,7 +38,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from diffstyler.callbacks.stop import PredictInterrupted
 from diffstyler.checks import check_writable_folder
 from diffstyler.data.jobs import Job, StylizeDataModule
-from diffstyler.errors import first_line
+from diffstyler.errors import UserError, first_line
 from diffstyler.images import load_image
 from diffstyler.masks import save_mask_png
 from diffstyler.outputs import SETTINGS_HASH_KEY, atomic_write, image_grid, lora_tag, path_inside, pil_to_unit, save_result, to_pil
@@ -146,6 +150,9 @@ class StylizationWriter(BasePredictionWriter):
         self.start()
         datamodule = trainer.datamodule
         self.jobs_in_run = len(datamodule.job_ids()) if isinstance(datamodule, StylizeDataModule) else None
+        if isinstance(datamodule, StylizeDataModule) and trainer.is_global_zero:
+            # the jobs whose inputs fail, found before the model loaded (`data.inputs`): no process runs them
+            self.write([JobResult(job, FAILED, 0.0, error=error) for job, error in datamodule.failed_up_front])
         self.stopped_by = None
         if trainer.world_size > 1:  # one name for the run's stop requests, that every process knows
             self._stop_file = self.folder / PARTS_FOLDER / f"stop-{trainer.strategy.broadcast(secrets.token_hex(8))}"
@@ -177,7 +184,8 @@ class StylizationWriter(BasePredictionWriter):
             if stop_file is not None:
                 stop_file.unlink(missing_ok=True)
             if isinstance(trainer.datamodule, StylizeDataModule):
-                merge_results(self.folder, trainer.datamodule.job_ids())
+                with folder_errors_as_one_line(self.folder):
+                    merge_results(self.folder, trainer.datamodule.job_ids())
         skipped = self.summary[SKIPPED]
         if skipped:
             rank_zero_info(f"{skipped} job{'' if skipped == 1 else 's'} already done, skipped")
@@ -217,7 +225,10 @@ class StylizationWriter(BasePredictionWriter):
         )
 
     def is_done(self, job: Job, settings_hash: str) -> bool:
-        return not self.output.overwrite and job_is_done(self.paths(job).every_file(), settings_hash)
+        if self.output.overwrite:
+            return False
+        with folder_errors_as_one_line(self.folder):  # it removes what a killed run left
+            return job_is_done(self.paths(job).every_file(), settings_hash)
 
     def _inside(self, name: str) -> Path:
         return path_inside(self.output.folder, name, "model.output.folder")
@@ -241,7 +252,8 @@ class StylizationWriter(BasePredictionWriter):
         paths = self.paths(result.job)
         outputs: tuple[Path, ...] = ()
         if result.status == DONE:
-            outputs = self._write_files(result, paths)
+            with folder_errors_as_one_line(self.folder):
+                outputs = self._write_files(result, paths)
         elif result.status == SKIPPED:
             outputs = paths.results
         line = first_line(result.error) if result.error is not None else None  # a UserError's str is its one line
@@ -250,8 +262,9 @@ class StylizationWriter(BasePredictionWriter):
         job = result.job
         record = JobRecord(job.id, job.content, tuple(s.name for s in job.styles), tuple(s.lora for s in job.styles),
                            outputs, result.status, round(result.seconds, 3), line)
+        with folder_errors_as_one_line(self.folder):
+            self._log.record(record.as_line(self.folder))
         self.counts[result.status] += 1
-        self._log.record(record.as_line(self.folder))
         if result.error is not None:
             self.failures.append(f"{job.where}: {line}")
             log.warning("job %s failed (%s): %s", job.id, job.where, line)
@@ -277,6 +290,23 @@ class StylizationWriter(BasePredictionWriter):
             grid = image_grid([result.content, *extras, *result.images, *mask_tiles], height=result.content.height)
             save_result(grid, paths.grid, prompt, negative, result.settings, result.settings_hash, tags)
         return tuple(written)
+
+
+@contextlib.contextmanager
+def folder_errors_as_one_line(folder: Path) -> Iterator[None]:
+    """An OSError while writing into the output folder (a full disk, a quota, a folder made
+    read-only) stops the run with one line naming the folder, instead of a traceback. Every file
+    is written whole or not at all (`outputs.atomic_write`, `results.ResultsLog`), so what the run
+    finished is kept and the same command does the rest. The user errors of reading an input
+    (a style image of the grid) stay what they are."""
+    try:
+        yield
+    except UserError:
+        raise
+    except OSError as error:
+        raise UserError("cannot write into the output folder", f"model.output.folder={folder}",
+                        f"{error.strerror or first_line(error)}; the finished jobs are kept, and the same command "
+                        "does the rest once it can write there") from error
 
 
 def content_ssim(content: Image.Image, result: Image.Image) -> float:

@@ -93,9 +93,12 @@ class DiffStylerCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_config = self.config[self.subcommand].trainer
-        if not trainer_config.get("logger") and trainer_config.get("default_root_dir") is None:
+        no_logger = not trainer_config.get("logger")
+        if (no_logger or self.subcommand == "predict") and trainer_config.get("default_root_dir") is None:
             # Without a logger, Lightning writes the run's own files (the resolved config, fit's
             # checkpoints) into default_root_dir, the working folder: they go next to the outputs.
+            # So does, for predict, the checkpoint of Lightning's SLURM requeue (`hpc_ckpt_<n>.ckpt`,
+            # without weights: `StylizePredictor.on_save_checkpoint`), where the requeued run finds it.
             kwargs.setdefault("default_root_dir", OUTPUT_FOLDERS[self.subcommand](self.model))
         trainer = super().instantiate_trainer(**kwargs)
         subcommand = self.subcommand

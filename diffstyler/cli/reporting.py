@@ -16,7 +16,7 @@ from diffstyler.callbacks import first_failure
 from diffstyler.callbacks.first_failure import AnotherRankFailed, failure_of_another_rank, wait_for_launcher_exit
 from diffstyler.callbacks.interrupt import Interruption
 from diffstyler.cli.status import USER_ERROR_STATUS
-from diffstyler.errors import UserError, config_error, first_line
+from diffstyler.errors import UserError, UserErrors, config_error, first_line
 
 # Errors about the user's inputs: shown as one line instead of a traceback. ArgumentError is
 # jsonargparse's (exit_on_error off); ours are all UserErrors.
@@ -42,8 +42,11 @@ def argument_error_line(message: str) -> str:
 
 
 def failure_line(subcommand: str, error: BaseException, rank: Optional[int]) -> tuple[str, int]:
-    """The line and exit status for `error`; user errors are one line, others point at their traceback."""
+    """The line and exit status for `error`; user errors are one line (`UserErrors`: one line for
+    each of its errors), others point at their traceback."""
     place = f"[rank {rank}] " if rank is not None else ""
+    if isinstance(error, UserErrors):
+        return "\n".join(f"diffstyler {subcommand}: error: {place}{line}" for line in error.lines), USER_ERROR_STATUS
     if isinstance(error, USER_ERRORS):
         return f"diffstyler {subcommand}: error: {place}{user_error_line(error)}", USER_ERROR_STATUS
     return f"diffstyler {subcommand}: error: {place}{type(error).__name__}: {first_line(error)} (traceback above)", 1

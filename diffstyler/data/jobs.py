@@ -277,8 +277,10 @@ OnError = Literal["continue", "stop"]
 class StylizeDataModule(LightningDataModule):
     """Stylization jobs from content inputs and style entries, or from a manifest.
 
-    Nothing is decoded here: the files named one by one in `content` are checked by their headers,
-    every other input when its job runs.
+    Nothing is decoded here: the files named one by one in `content` are checked by their headers.
+    Each job's own inputs are checked before the model loads (`data.inputs`, from
+    `StylizePredictor.check_run`): the jobs that would fail are set in `failed_up_front`, left out
+    of the chunks, and recorded as failed by the writer when the run starts.
 
     Args:
         content: image files, folders (recursive), glob patterns and `.txt` lists of paths
@@ -336,6 +338,7 @@ class StylizeDataModule(LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.on_error = on_error
+        self.failed_up_front: list[tuple[Job, UserError]] = []  # set before the model loads (see above)
 
     def jobs(self) -> list[Job]:
         return [
@@ -362,7 +365,8 @@ class StylizeDataModule(LightningDataModule):
         return [spec.name for spec, _ in self.outputs]
 
     def predict_dataloader(self) -> DataLoader:
-        chunks = chunked(self.jobs(), self.batch_size)
+        failed = {job.id for job, _ in self.failed_up_front}
+        chunks = chunked([job for job in self.jobs() if job.id not in failed], self.batch_size)
         processes = self.trainer.world_size if self.trainer is not None else 1
         # Lightning's sampler needs an item per process: fewer chunks than processes get empty ones
         chunks += [[] for _ in range(processes - len(chunks))]

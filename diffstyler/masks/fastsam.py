@@ -26,7 +26,7 @@ from huggingface_hub.utils import HFValidationError
 from PIL import Image
 
 from diffstyler.errors import MissingFileError, UserError, first_line
-from diffstyler.masks.spec import MaskError, SegmenterConfig, checked_box, checked_labels, checked_points
+from diffstyler.masks.spec import MaskError, SegmenterConfig, check_box_inside, check_points_inside
 
 FASTSAM_WEIGHTS_URL = "https://github.com/ultralytics/assets/releases/download/v8.4.0/"
 TINY_FASTSAM = "tiny"
@@ -141,23 +141,11 @@ class FastSAMSegmenter:
         self._model = None
 
     def box(self, image: Image.Image, box) -> torch.Tensor:
-        x0, y0, x1, y1 = checked_box(box)
-        width, height = image.size
-        if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
-            raise MaskError("box outside the content image", f"box {box}", f"the content image is {width}x{height} pixels")
-        return self._prompted(image, f"box {box}", bboxes=[x0, y0, x1, y1])
+        checked = check_box_inside(box, image.size)
+        return self._prompted(image, f"box {box}", bboxes=checked)
 
     def points(self, image: Image.Image, points, labels=None) -> torch.Tensor:
-        points = checked_points(points)
-        labels = checked_labels(labels, len(points)) if labels is not None else [1] * len(points)
-        width, height = image.size
-        # Points index pixels, so x == width is already outside (ultralytics would clamp it silently).
-        outside = [p for p in points if not (0 <= p[0] < width and 0 <= p[1] < height)]
-        source = f"points {points} (labels {labels})"
-        if outside:
-            raise MaskError(
-                "points outside the content image", source, f"points {outside} lie outside the {width}x{height} content image"
-            )
+        points, labels, source = check_points_inside(points, labels, image.size)
         return self._prompted(image, source, points=points, labels=labels)
 
     def text(self, image: Image.Image, prompt: str) -> torch.Tensor:

@@ -161,14 +161,22 @@ def shape_mask(hard: torch.Tensor, source: str, invert: bool = False, grow: int 
     """Float [H, W] soft mask in [0, 1] from a bool [H, W] hard mask: inverted, grown (or shrunk
     for grow < 0), then feathered. A MaskError naming `source` (e.g. `MaskSpec.describe()`) if no
     pixel is left to style."""
-    grow, feather = checked_grow(grow), checked_feather(feather)
+    feather = checked_feather(feather)
+    return feather_mask(styled_region(hard, source, invert, grow), feather)
+
+
+def styled_region(hard: torch.Tensor, source: str, invert: bool = False, grow: int = 0) -> torch.Tensor:
+    """The bool [H, W] region `shape_mask` styles before feathering: `hard` inverted, grown (or
+    shrunk); a MaskError naming `source` if it is empty (also checked before the model loads:
+    `data.inputs`)."""
+    grow = checked_grow(grow)
     hard = ~hard.bool() if invert else hard.bool()
     hard = grow_mask(hard, grow)
     if not hard.any():
         steps = [step for step, used in (("invert", invert), (f"grow={grow}", grow)) if used]
         after = f" after {' and '.join(steps)}" if steps else ""
         raise MaskError("empty mask", source, f"no pixel would be styled{after}")
-    return feather_mask(hard, feather)
+    return hard
 
 
 def grow_mask(mask: torch.Tensor, pixels: int) -> torch.Tensor:

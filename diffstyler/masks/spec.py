@@ -90,6 +90,36 @@ def checked_box(box) -> list[float]:
     return [x0, y0, x1, y1]
 
 
+def check_box_inside(box, size: tuple[int, int]) -> list[float]:
+    """The box, checked to lie inside an image of `size` (width, height) in pixels."""
+    x0, y0, x1, y1 = checked_box(box)
+    width, height = size
+    if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+        raise MaskError("box outside the content image", f"box {box}", f"the content image is {width}x{height} pixels")
+    return [x0, y0, x1, y1]
+
+
+def check_points_inside(points, labels, size: tuple[int, int]) -> tuple[list[list[float]], list[int], str]:
+    """(points, labels, their description), the points checked to index pixels of an image of
+    `size` (width, height): x == width is already outside (ultralytics would clamp it silently)."""
+    points = checked_points(points)
+    labels = checked_labels(labels, len(points)) if labels is not None else [1] * len(points)
+    width, height = size
+    outside = [p for p in points if not (0 <= p[0] < width and 0 <= p[1] < height)]
+    source = f"points {points} (labels {labels})"
+    if outside:
+        raise MaskError("points outside the content image", source, f"points {outside} lie outside the {width}x{height} content image")
+    return points, labels, source
+
+
+def check_prompt_inside(spec: "MaskSpec", size: tuple[int, int]) -> None:
+    """A box or points prompt fits an image of `size` (width, height); text and files need no size."""
+    if spec.box is not None:
+        check_box_inside(spec.box, size)
+    elif spec.points is not None:
+        check_points_inside(spec.points, spec.point_labels, size)
+
+
 def checked_points(points) -> list[list[float]]:
     if not isinstance(points, (list, tuple)) or not points:
         raise ValueError(f"points must be a non-empty list of [x, y] pairs, got {points!r}")

@@ -10,8 +10,10 @@ from safetensors import safe_open
 
 from diffstyler.cli import main
 from diffstyler.export import exported_lora_hash
-from diffstyler.outputs import a1111_lora_hash
-from tests.helpers import REPO_ROOT
+from diffstyler.data.jobs import StyleEntry
+from diffstyler.outputs import a1111_lora_hash, read_parameters
+from tests.a1111 import a1111_lora_hashes
+from tests.helpers import REPO_ROOT, make_job, make_predictor, stylize_one
 
 LORA = REPO_ROOT / "tests" / "reference" / "smoke" / "lora"
 
@@ -82,3 +84,8 @@ def test_fit_with_export_kohya_writes_both_files_and_a_model_card(tmp_path, monk
     card = info["model_card"]
     assert card["type"] == "LORA" and card["trigger_words"] == ["painting of <sss>"] and card["rank"] == 4 and card["steps"] == 4
     assert card["training_images_sha256"] == [info["style_images"][0]["sha256"]] and card["base_model_name"] == "tiny"
+    # A1111 loads the kohya file: a result made with this LoRA names its hash (not the diffusers file's)
+    record = stylize_one(make_predictor(tmp_path, grid=False), make_job([StyleEntry(lora=str(tmp_path / "stripes"))]))
+    hashes = a1111_lora_hashes(read_parameters(record.outputs[0])["Lora hashes"])
+    assert hashes == {"stripes": a1111_lora_hash(tmp_path / "stripes" / "stripes.safetensors")}
+    assert hashes["stripes"] != a1111_lora_hash(tmp_path / "stripes" / "pytorch_lora_weights.safetensors")
