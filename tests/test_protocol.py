@@ -74,7 +74,7 @@ def test_the_smoke_protocol_runs_fit_predict_and_test_from_one_file(tmp_path, re
     assert "6 jobs: 0 done, 6 already done (skipped)" in run_stage(protocol, "predict", monkeypatch, capsys)
     run_stage(protocol, "test", monkeypatch, capsys)
     again = scores_of(evaluation)
-    assert all(again[key] == pytest.approx(scores[key], abs=1e-9) for key in ("lpips", "fid", "artfid", "cfsd"))
+    assert all(again[key] == pytest.approx(scores[key], abs=1e-9) for key in ("lpips", "fid", "artfid", "cfsd", "csd"))
 
 
 @pytest.mark.slow

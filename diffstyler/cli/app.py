@@ -165,7 +165,8 @@ class DiffStylerCLI(LightningCLI):
         for name, entry in (scores.get("runs") or {"": scores}).items():
             label = f" {name}:" if name else ""
             print(f"diffstyler test:{label} scored {entry['count']} of {entry['listed']} results: LPIPS {entry['lpips']:.4f}, "
-                  f"FID {entry['fid']:.2f}, ArtFID {entry['artfid']:.2f}, CFSD {entry['cfsd']:.4f}", file=sys.stderr)
+                  f"FID {entry['fid']:.2f}, ArtFID {entry['artfid']:.2f}, CFSD {entry['cfsd']:.4f}, "
+                  f"CSD {entry['csd']:.4f}", file=sys.stderr)
         print(f"diffstyler test: reports in {Path(self.model.output) / METRICS_NAME} (and the CSV and PNG beside it)", file=sys.stderr)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

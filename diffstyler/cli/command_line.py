@@ -27,7 +27,7 @@ DESCRIPTION = ("DiffStyler (Li, arXiv 2403.18461): learn a style from one image 
 SUBCOMMAND_HELP = {
     "fit": "learn a style LoRA from a style image (or one LoRA per image of a folder)",
     "predict": "stylize photos with style LoRAs, whole or inside masks, from one photo to a dataset",
-    "test": "score stylized results: LPIPS, FID, ArtFID and CFSD (StyleID's protocol)",
+    "test": "score stylized results: LPIPS, FID, ArtFID, CFSD (StyleID's protocol) and CSD",
     "demo": "the browser page: a photo, its styles and their regions, the results",
     "export": "write a LoRA in the kohya / A1111 layout (A1111, ComfyUI, kohya's sd-scripts)",
 }

@@ -36,8 +36,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
+
+from diffstyler.evaluation.pair_metric import PairMeanMetric, check_image_pair
 
 
 def cfsd_from_features(
@@ -75,57 +75,22 @@ def _scaled_positions(features: Tensor, dtype: torch.dtype) -> Tensor:
     return features.to(dtype).flatten(2).transpose(1, 2) / channels
 
 
-class CFSD(Metric):
+class CFSD(PairMeanMetric):
     """Mean CFSD over all (content, result) pairs, on a given feature network (see the module docstring).
 
     `features` maps images [B, 3, H, W] in [0, 1] to feature maps [B, C, h, w], including any input
-    normalisation it needs (`networks.vgg_features()` for StyleID's CFSD). The states are a sum and a
-    count (`dist_reduce_fx="sum"`), so DDP sync and `merge_state` give the mean over all pairs.
-
-    Per-pair values: `pair_values()`, in update order on one process (a "cat" list state: after a DDP
-    sync it holds all processes' values, process by process; `merge_state(other)` puts `other`'s first).
+    normalisation it needs (`networks.vgg_features()` for StyleID's CFSD). The mean over pairs, its DDP
+    sync and the per-pair values (`pair_values()`) are `PairMeanMetric`'s.
     """
 
-    is_differentiable = False
     higher_is_better = False
-    full_state_update = False
 
     def __init__(self, features: nn.Module, row_chunk: int = 1024, dtype: torch.dtype = torch.float64, **kwargs):
         super().__init__(**kwargs)
         self.features = features
         self.row_chunk = row_chunk
         self.compute_dtype = dtype
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("values", [], dist_reduce_fx="cat")
 
     def update(self, content: Tensor, result: Tensor) -> None:
-        check_unit_images(content, "CFSD content")
-        check_unit_images(result, "CFSD result")
-        if content.shape != result.shape:
-            raise ValueError(f"CFSD: content {tuple(content.shape)} and result {tuple(result.shape)} differ in shape")
-        values = cfsd_from_features(self.features(content), self.features(result), self.row_chunk, self.compute_dtype)
-        self.total += values.sum().to(self.total.dtype)
-        self.count += values.numel()
-        self.values.append(values)
-
-    def compute(self) -> Tensor:
-        if int(self.count) == 0:
-            raise RuntimeError("CFSD.compute() before any update: no pairs")
-        return self.total / self.count
-
-    def pair_values(self) -> Tensor:
-        """The CFSD of every pair so far, [N] (see the class docstring for the order)."""
-        if isinstance(self.values, Tensor):
-            return self.values
-        if not self.values:
-            return torch.zeros(0, dtype=self.total.dtype, device=self.total.device)
-        return dim_zero_cat(self.values)
-
-
-def check_unit_images(images: Tensor, name: str) -> None:
-    """A ValueError unless `images` are float RGB images [B, 3, H, W] with values in [0, 1]."""
-    if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
-        raise ValueError(f"{name}: expected float images [B, 3, H, W], got {images.dtype} {tuple(images.shape)}")
-    if images.numel() and (images.min() < 0 or images.max() > 1):
-        raise ValueError(f"{name}: expected values in [0, 1], got [{images.min():.3g}, {images.max():.3g}]")
+        check_image_pair(content, result, ("CFSD content", "CFSD result"))
+        self.add_pairs(cfsd_from_features(self.features(content), self.features(result), self.row_chunk, self.compute_dtype))

@@ -13,8 +13,9 @@ summary says how many were scored.
 Each metric sees the images as in StyleID's evaluation by default: LPIPS and FID at shorter side 512
 with the aspect kept, CFSD at the result's own size (`styleid_images`). `data.size: N` stretches every
 image to N x N instead (`stretched_images`), a deliberate deviation for speed whose numbers are not
-comparable with StyleID's. Images of different sizes travel as lists (`collate_triples`) and are
-stacked where their sizes agree (`same_size_groups`).
+comparable with StyleID's. CSD always sees its authors' input, a 224 x 224 center crop of each image
+(`csd.csd_input`), whatever `data.size` says: its network takes no other size. Images of different
+sizes travel as lists (`collate_triples`) and are stacked where their sizes agree (`same_size_groups`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import InterpolationMode, resize
 
 from diffstyler.errors import MissingFileError, UserError, config_error
+from diffstyler.evaluation.csd import CSD_INPUT_SIZE, csd_input
 from diffstyler.images import load_image
 from diffstyler.lora import read_lora_info
 from diffstyler.outputs import pil_to_unit
@@ -126,12 +128,13 @@ def existing(triples: list[ScoredTriple]) -> list[ScoredTriple]:
 # where StyleID's code would fail on the shapes; the content is then resized to the result's size.
 
 STYLEID_SHORTER_SIDE = 512
-IMAGE_KEYS = ("content", "style", "result", "cfsd_content", "cfsd_result")
+IMAGE_KEYS = ("content", "style", "result", "cfsd_content", "cfsd_result", "csd_style", "csd_result")
 
 
 def styleid_images(content: Image.Image, style: Image.Image, result: Image.Image) -> dict[str, torch.Tensor]:
     """The triple as StyleID's metrics see it (see above), [3, H, W] in [0, 1] each: `content` and
-    `result` for LPIPS, `style` and `result` for FID, `cfsd_content` and `cfsd_result` for CFSD."""
+    `result` for LPIPS, `style` and `result` for FID, `cfsd_content` and `cfsd_result` for CFSD
+    (and `csd_style` and `csd_result` for CSD, `csd_images`)."""
     scaled_result = shorter_side_to(result, STYLEID_SHORTER_SIDE)
     return {
         # for a content of the result's aspect this is Resize(512) of the content itself
@@ -140,7 +143,13 @@ def styleid_images(content: Image.Image, style: Image.Image, result: Image.Image
         "result": pil_to_unit(scaled_result),
         "cfsd_content": pil_to_unit(content.resize(result.size, Image.Resampling.BILINEAR)),  # unchanged at equal size
         "cfsd_result": pil_to_unit(result),
+        **csd_images(style, result),
     }
+
+
+def csd_images(style: Image.Image, result: Image.Image) -> dict[str, torch.Tensor]:
+    """The style image and the result as CSD's authors read them (`csd.csd_input`), [3, 224, 224]."""
+    return {"csd_style": csd_input(style), "csd_result": csd_input(result)}
 
 
 def shorter_side_to(image: Image.Image, length: int) -> Image.Image:
@@ -151,18 +160,21 @@ def shorter_side_to(image: Image.Image, length: int) -> Image.Image:
 
 def stretched_images(content: Image.Image, style: Image.Image, result: Image.Image, size: int) -> dict[str, torch.Tensor]:
     """`data.size`, a deliberate deviation from StyleID: every image stretched (not cropped) to
-    size x size, bicubic, and every metric on these, CFSD included."""
-    content, style, result = (pil_to_unit(image.resize((size, size), Image.Resampling.BICUBIC))
-                              for image in (content, style, result))
-    return {"content": content, "style": style, "result": result, "cfsd_content": content, "cfsd_result": result}
+    size x size, bicubic, and every metric on these, CFSD included; CSD still on its own input."""
+    content_pixels, style_pixels, result_pixels = (pil_to_unit(image.resize((size, size), Image.Resampling.BICUBIC))
+                                                   for image in (content, style, result))
+    return {"content": content_pixels, "style": style_pixels, "result": result_pixels, "cfsd_content": content_pixels,
+            "cfsd_result": result_pixels, **csd_images(style, result)}
 
 
 def describe_preprocessing(size: Optional[int]) -> str:
     """What the metrics saw, for metrics.json."""
+    csd = f"; CSD on the authors' {CSD_INPUT_SIZE}x{CSD_INPUT_SIZE} center crop (shorter side resized, bicubic)"
     if size is None:
         return (f"StyleID's: LPIPS and FID at shorter side {STYLEID_SHORTER_SIDE} (aspect kept, bilinear), "
-                "CFSD at the result's own size")
-    return f"data.size {size}: every image stretched to {size}x{size} (bicubic), not comparable with StyleID's numbers"
+                f"CFSD at the result's own size{csd}")
+    return (f"data.size {size}: every image stretched to {size}x{size} (bicubic), not comparable with StyleID's "
+            f"numbers{csd}")
 
 
 class TripleDataset(Dataset):
@@ -215,8 +227,9 @@ class EvaluationDataModule(LightningDataModule):
         results: output folders of predict runs (several: a comparison of runs).
         pairs: a CSV `content,style,result` instead of `results`.
         size: None (default) for StyleID's preprocessing (LPIPS and FID at shorter side 512, aspect
-            kept; CFSD at the result's own size); a number N stretches every image to N x N for all
-            metrics, a deliberate deviation (faster, not comparable with StyleID's numbers).
+            kept; CFSD at the result's own size); a number N stretches every image to N x N for
+            LPIPS, FID and CFSD, a deliberate deviation (faster, not comparable with StyleID's
+            numbers). CSD sees its authors' 224 x 224 center crop either way.
         batch_size: triples per batch of the metrics' networks.
         num_workers: DataLoader workers reading the images.
     """

@@ -1,10 +1,10 @@
 """`QualityEvaluator`: the LightningModule that `diffstyler test` runs through Lightning's test loop.
 
 Every test batch holds (content, style, result) triples of one or more runs, each image at the size
-its metric needs (`data.EvaluationDataModule`). Each run has its own metrics (LPIPS, FID, CFSD from
-`metrics.build_metrics`), all on ONE set of feature networks; torchmetrics syncs their states over DDP
+its metric needs (`data.EvaluationDataModule`). Each run has its own metrics (LPIPS, FID, CFSD, CSD
+from `metrics.build_metrics`), all on ONE set of feature networks; torchmetrics syncs their states over DDP
 processes when they are computed, so each triple is counted once whichever process scored it.
-Per-triple LPIPS and CFSD travel in `CatMetric`s with the triple's index, so rank zero can write the
+Per-triple LPIPS, CFSD and CSD travel in `CatMetric`s with the triple's index, so rank zero can write the
 per-image table in dataset order. At the end rank zero writes the reports (`report.write_reports`);
 the metrics go to the logger, and where it is a TensorBoardLogger, the per-image scores too
 (`report.log_per_image`).
@@ -24,7 +24,7 @@ from diffstyler.evaluation.data import describe_preprocessing, same_size_groups
 from diffstyler.evaluation.metrics import MetricsConfig, build_metrics, feature_networks
 from diffstyler.evaluation.report import describe_networks, log_per_image, per_image_rows, write_reports
 
-PER_IMAGE_COLUMNS = ("index", "lpips", "cfsd")
+PER_IMAGE_COLUMNS = ("index", "lpips", "cfsd", "csd")
 
 
 class QualityEvaluator(LightningModule):
@@ -57,10 +57,11 @@ class QualityEvaluator(LightningModule):
         for group in same_size_groups(batch):
             values = self.run_metrics[group["run"]].update(
                 group["content"], group["style"], group["result"],
-                cfsd_content=group["cfsd_content"], cfsd_result=group["cfsd_result"])
+                cfsd_content=group["cfsd_content"], cfsd_result=group["cfsd_result"],
+                csd_style=group["csd_style"], csd_result=group["csd_result"])
             self.per_image["index"].update(group["index"].double())
-            self.per_image["lpips"].update(values["lpips"].double())
-            self.per_image["cfsd"].update(values["cfsd"].double())
+            for metric in PER_IMAGE_COLUMNS[1:]:
+                self.per_image[metric].update(values[metric].double())
 
     def on_test_epoch_end(self) -> None:
         data = self.trainer.datamodule

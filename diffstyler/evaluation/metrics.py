@@ -1,4 +1,4 @@
-"""Stylization quality metrics: LPIPS, FID, ArtFID and CFSD on torchmetrics, from local weights only.
+"""Stylization quality metrics: LPIPS, FID, ArtFID, CFSD and CSD on torchmetrics, from local weights only.
 
 What is measured (the protocol of StyleID, Chung et al., CVPR 2024, which follows ArtFID):
 
@@ -9,13 +9,15 @@ What is measured (the protocol of StyleID, Chung et al., CVPR 2024, which follow
   module, the 2048-d average-pool output of an Inception-v3 (`networks.inception_features`); `fid_metric`.
 * ArtFID = (1 + LPIPS) * (1 + FID) (Wright & Ommer, GCPR 2022; `artfid`).
 * CFSD (content feature structure distance, StyleID): `cfsd.py` says exactly what is computed.
+* CSD (style similarity, Somepalli et al. 2024: the cosine similarity of the style embeddings of the
+  result and its style image, higher is closer): `csd.py` says exactly what is computed.
 
 `build_metrics` gives one run its metrics on a set of feature networks (`networks.py` loads the real
 ones from local files, `random_networks.py` makes small random ones); `feature_networks` picks them
 from a `MetricsConfig`. Images everywhere are float tensors [B, 3, H, W] in [0, 1]; what size each
-metric sees (StyleID's: LPIPS and FID at shorter side 512, CFSD at the result's own size) is the
-caller's job (`data.py`). StyleID also reports LPIPS on greyscale images and ArtFID_infinity; neither
-is computed here.
+metric sees (StyleID's: LPIPS and FID at shorter side 512, CFSD at the result's own size; CSD its
+authors' 224 x 224 center crop) is the caller's job (`data.py`). StyleID also reports LPIPS on
+greyscale images and ArtFID_infinity; neither is computed here.
 """
 
 from __future__ import annotations
@@ -32,10 +34,12 @@ from torchmetrics.utilities import dim_zero_cat
 
 from diffstyler.errors import config_error
 from diffstyler.evaluation.cfsd import CFSD
+from diffstyler.evaluation.csd import CSD
 from diffstyler.evaluation.networks import (
     INCEPTION_FILES,
     VGG_FILES,
     FeatureNetworks,
+    csd_network,
     inception_features,
     lpips_network,
     vgg_features,
@@ -58,6 +62,8 @@ class MetricsConfig:
             package).
         vgg_weights: VGG's weight file for CFSD (`vgg19-dcbb9e9d.pth`).
         vgg_arch: "vgg19" (StyleID's CFSD) or "vgg16" (not comparable with published numbers).
+        csd_weights: the CSD checkpoint, the authors' `pytorch_model.bin` (None:
+            `weights/CSD-ViT-L/pytorch_model.bin`, relative to where the command runs).
         random: seeded random networks from `seed`, no files (the smoke config; numbers mean nothing).
         seed: the seed of the random networks.
     """
@@ -68,6 +74,7 @@ class MetricsConfig:
     lpips_linear_weights: Optional[str] = None
     vgg_weights: Optional[str] = None
     vgg_arch: str = "vgg19"
+    csd_weights: Optional[str] = None
     random: bool = False
     seed: int = 0
 
@@ -88,50 +95,58 @@ def feature_networks(config: MetricsConfig) -> FeatureNetworks:
         cfsd=vgg_features(config.vgg_weights, config.vgg_arch),
         lpips=lpips_network(config.alexnet_weights, config.lpips_linear_weights),
         fid=inception_features(config.inception_weights, config.fid_kind),
+        csd=csd_network(config.csd_weights),
     )
 
 
 def build_metrics(networks: FeatureNetworks) -> QualityMetrics:
     """One run's metrics on `networks` (shared, not copied: several runs can use the same networks).
     On the device of the networks; move them with `.to(device)`."""
-    return QualityMetrics(lpips=OfflineLPIPS(networks.lpips), fid=fid_metric(networks.fid), cfsd=CFSD(networks.cfsd))
+    return QualityMetrics(lpips=OfflineLPIPS(networks.lpips), fid=fid_metric(networks.fid), cfsd=CFSD(networks.cfsd),
+                          csd=CSD(networks.csd))
 
 
 class QualityMetrics(nn.Module):
-    """LPIPS (content vs result), FID (style vs result) and CFSD (content vs result) of one run, fed together.
+    """LPIPS (content vs result), FID (style vs result), CFSD (content vs result) and CSD (style vs
+    result) of one run, fed together.
 
     A module, so that a LightningModule holding it moves it to its device and torchmetrics syncs its
     states over DDP processes.
     """
 
-    def __init__(self, lpips: OfflineLPIPS, fid: FrechetInceptionDistance, cfsd: CFSD):
+    def __init__(self, lpips: OfflineLPIPS, fid: FrechetInceptionDistance, cfsd: CFSD, csd: CSD):
         super().__init__()
         self.lpips = lpips
         self.fid = fid
         self.cfsd = cfsd
+        self.csd = csd
 
     def update(self, content: Tensor, style: Tensor, result: Tensor, *, cfsd_content: Tensor,
-               cfsd_result: Tensor) -> dict[str, Tensor]:
+               cfsd_result: Tensor, csd_style: Tensor, csd_result: Tensor) -> dict[str, Tensor]:
         """One batch of triples: result[i] was made from content[i] and style[i].
 
         LPIPS compares `content` with `result`, FID `style` with `result`, CFSD `cfsd_content` with
-        `cfsd_result` (the same triples at the size CFSD needs); all [B, 3, H, W] in [0, 1], one size per
-        tensor. As in StyleID, the style set of FID has one style image per result (repeated styles count
-        again). Returns this batch's per-pair LPIPS and CFSD, [B] each.
+        `cfsd_result` and CSD `csd_style` with `csd_result` (the same triples as each of those needs
+        them); all [B, 3, H, W] in [0, 1], one size per tensor. As in StyleID, the style set of FID has
+        one style image per result (repeated styles count again). Returns this batch's per-pair LPIPS,
+        CFSD and CSD, [B] each.
         """
         self.lpips.update(content, result)
         self.fid.update(style, real=True)
         self.fid.update(result, real=False)
         self.cfsd.update(cfsd_content, cfsd_result)
+        self.csd.update(csd_style, csd_result)
         # the metrics' list states end with this batch's values
-        return {"lpips": self.lpips.all_scores[-1].flatten(), "cfsd": self.cfsd.values[-1].flatten()}
+        return {"lpips": self.lpips.all_scores[-1].flatten(), "cfsd": self.cfsd.values[-1].flatten(),
+                "csd": self.csd.values[-1].flatten()}
 
     def compute(self) -> dict[str, float]:
         lpips, fid = float(self.lpips.compute()), float(self.fid.compute())
-        return {"lpips": lpips, "fid": fid, "artfid": artfid(lpips, fid), "cfsd": float(self.cfsd.compute())}
+        return {"lpips": lpips, "fid": fid, "artfid": artfid(lpips, fid), "cfsd": float(self.cfsd.compute()),
+                "csd": float(self.csd.compute())}
 
     def reset(self) -> None:
-        for metric in (self.lpips, self.fid, self.cfsd):
+        for metric in (self.lpips, self.fid, self.cfsd, self.csd):
             metric.reset()
 
 

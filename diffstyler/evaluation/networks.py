@@ -3,7 +3,7 @@
 Weights are read weights-only (`torch.load(..., weights_only=True)` or `.safetensors`). A missing file
 is a `MissingFileError` naming the file and the official URL; a pickle that needs code is refused (a
 `UserError`). Defaults are the file names torchvision itself would use in the torch hub cache,
-`<torch.hub.get_dir()>/checkpoints/<name>`:
+`<torch.hub.get_dir()>/checkpoints/<name>` (CSD's: `weights/CSD-ViT-L/pytorch_model.bin`):
 
 * CFSD, `vgg_features`: VGG-19 `vgg19-dcbb9e9d.pth` (VGG-16 `vgg16-397923af.pth`), torchvision layout
   `features.<i>.weight/bias`; the trunk up to relu3_1 behind an ImageNet normalisation (`cfsd.py`).
@@ -26,6 +26,18 @@ is a `MissingFileError` naming the file and the official URL; a pickle that need
   ArtFID's strict=False, which would silently keep random layers). Gap: this reading is from ArtFID's
   loading code; the real `art_inception.pth` could not be downloaded here, so its keys are unverified.
   If it does not match, loading fails loudly with the mismatching keys, never silently.
+* CSD, `csd_network`: the authors' `pytorch_model.bin` (huggingface.co/tomg-group-umd/CSD-ViT-L), what
+  their `CSD/train_csd.py` saves: `{"model_state_dict": DDP state dict, "opt_bb", "opt_proj", "iter",
+  "args": argparse.Namespace, ...}`, read as their `main_sim.py` reads it (`model_state_dict`, the
+  `module.` prefix removed) into `csd.CSDNetwork`, whose names are theirs (`backbone.<OpenAI CLIP visual
+  names without proj>`, `last_layer_style`, `last_layer_content`), every key and shape required
+  (their loader's strict=False would silently keep random layers). The pickle holds the training
+  arguments and numpy numbers beside the tensors, which weights_only refuses by default; exactly those
+  plain-data classes are allowed for this file (`csd_release_globals`), any other global is still
+  refused. A flat state dict (`.pth` or `.safetensors`) with the same names, with or without the
+  prefix, loads too. Gap: the release itself (2.4 GB) could not be downloaded here: its names are
+  reconstructed from the authors' code (others' code loads the file into the authors' class with
+  strict=True); a mismatch fails loudly with the keys.
 * FID, `inception_features(kind="imagenet")`: torchvision's `inception_v3_google-0cc3c7bd.pth`, images
   resized to 299x299 (bilinear, antialiased) and scaled to [-1, 1] (what torchvision's `transform_input`
   does for these weights). These are NOT the TensorFlow FID-Inception weights of pytorch-fid /
@@ -42,7 +54,7 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +63,7 @@ from torch import Tensor, nn
 from torchmetrics.functional.image import lpips as torchmetrics_lpips
 
 from diffstyler.errors import MissingFileError, UserError, first_line
+from diffstyler.evaluation.csd import VIT_L_14, CSDArchitecture, CSDNetwork
 
 WeightsPath = Union[str, os.PathLike, None]
 
@@ -84,14 +97,24 @@ INCEPTION_HEADS = ("fc", "fc1", "fc2", "AuxLogits", "AuxLogits1", "AuxLogits2") 
 INCEPTION_FEATURES = 2048
 IMAGENET_INCEPTION_SIZE = 299
 
+# CSD: the authors' release, on the Hugging Face page of their lab (Tom Goldstein's, University of Maryland),
+# 2,438,228,893 bytes, sha256 40e92fad63a361b8136100cd234c42d401ef9b34ff1748234318929ebcc7e7a1 (as recorded
+# by two projects that downloaded it; not checked here). Its name says nothing, so the default is a folder
+# named after the repository, where `hf download ... --local-dir` puts it.
+CSD_FILE = ("pytorch_model.bin", "https://huggingface.co/tomg-group-umd/CSD-ViT-L/resolve/main/pytorch_model.bin")
+CSD_DEFAULT_WEIGHTS = Path("weights") / "CSD-ViT-L" / "pytorch_model.bin"
+DDP_PREFIX = "module."  # the authors trained under DistributedDataParallel and saved its state dict
+
 
 @dataclass
 class FeatureNetworks:
-    """The three networks the metrics need: CFSD features, the LPIPS network, the FID feature module."""
+    """The networks the metrics need: CFSD features, the LPIPS network, the FID feature module and the
+    CSD network (`csd.CSDNetwork`)."""
 
     cfsd: nn.Module
     lpips: nn.Module
     fid: nn.Module
+    csd: nn.Module
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -113,20 +136,30 @@ def load_state_dict_file(weights: WeightsPath, default_name: str, how_to_get: st
     """The tensors of a local weights file (`weights`, else the hub-cache default), never downloading.
 
     A missing file is a MissingFileError whose reason is `how_to_get` (e.g. `download_hint(url)`).
-
-    `.safetensors` files are read with safetensors; anything else with `torch.load(weights_only=True)`,
-    so a pickle that would run code is refused instead of executed.
+    How the file is read: `read_weights_file`.
     """
     path = Path(weights) if weights is not None else default_weights_path(default_name)
+    return flat_state_dict(read_weights_file(path, how_to_get), str(path))
+
+
+def read_weights_file(path: Path, how_to_get: str, allowed_globals: Sequence = ()) -> object:
+    """What a local weights file holds, never downloading; a missing file is a MissingFileError whose
+    reason is `how_to_get`.
+
+    `.safetensors` files are read with safetensors; anything else with `torch.load(weights_only=True)`,
+    so a pickle that would run code is refused instead of executed. `allowed_globals` widens
+    weights_only's allowlist for this one file by plain-data classes (`torch.serialization.safe_globals`
+    entries: a class, or a (class, "pickled.name") pair), for a release that stores more than tensors.
+    """
     if not path.is_file():
         raise MissingFileError("weights file not found", str(path), how_to_get)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path), device="cpu")
+        with torch.serialization.safe_globals(list(allowed_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         detail = _weights_unpickler_detail(str(error))
         if "Unsupported global" in detail:  # the pickle names a class or function: it would run code
@@ -139,8 +172,12 @@ def load_state_dict_file(weights: WeightsPath, default_name: str, how_to_get: st
         raise UserError("unreadable weights file", str(path), f"not a torch weights file ({detail})") from error
     except Exception as error:  # truncated, not a torch file, ...: the user's file, not our bug
         raise UserError("unreadable weights file", str(path), first_line(error)) from error
+
+
+def flat_state_dict(state: object, shown: str) -> dict[str, Tensor]:
+    """`state` if it is a flat mapping of names to tensors, else a UserError naming the file."""
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
-        raise UserError("not a state dict", str(path), "expected a flat mapping of names to tensors")
+        raise UserError("not a state dict", shown, "expected a flat mapping of names to tensors")
     return state
 
 
@@ -351,3 +388,42 @@ def inception_features(weights: WeightsPath = None, kind: str = "art") -> Incept
             trunk_state.setdefault(key, value)
     _load_exactly(trunk, trunk_state, shown, "the Inception-v3 trunk (torchvision layout)")
     return frozen(InceptionPoolFeatures(trunk, kind))
+
+
+# ---------------------------------------------------------------------------------------------------
+# CSD (the authors' CSD_CLIP, ViT-L/14)
+# ---------------------------------------------------------------------------------------------------
+
+
+def csd_release_globals() -> list:
+    """The plain-data classes the authors' checkpoint pickles beside its tensors, for weights_only's
+    allowlist: Hugging Face's pickle scan of the file lists `argparse.Namespace` (their training
+    arguments), `numpy.core.multiarray.scalar` and `numpy.dtype` (numpy numbers), besides what torch
+    allows anyway. They make values and call nothing else. The file was written under numpy 1.x
+    (`numpy.core`), which numpy 2 calls `numpy._core`: both names are allowed, for the same function;
+    numpy 2 rebuilds a dtype as an instance of its `numpy.dtypes` class, so those classes are allowed."""
+    import argparse
+
+    import numpy
+
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1.x before `_core` existed
+        from numpy.core import multiarray
+    dtype_classes = [getattr(numpy.dtypes, name) for name in numpy.dtypes.__all__]
+    return [argparse.Namespace, numpy.dtype, *dtype_classes,
+            (multiarray.scalar, "numpy.core.multiarray.scalar"), (multiarray.scalar, "numpy._core.multiarray.scalar")]
+
+
+def csd_network(weights: WeightsPath = None, architecture: CSDArchitecture = VIT_L_14) -> CSDNetwork:
+    """The CSD network from a local file: the authors' checkpoint (`pytorch_model.bin`, default
+    `weights/CSD-ViT-L/pytorch_model.bin`; see the module docstring) or a flat state dict with its names.
+    `architecture`: the sizes to expect (the tests load small files of the same layout)."""
+    path = Path(weights) if weights is not None else CSD_DEFAULT_WEIGHTS
+    content = read_weights_file(path, download_hint(CSD_FILE[1]), csd_release_globals())
+    if isinstance(content, dict) and "model_state_dict" in content:
+        content = content["model_state_dict"]
+    state = {key.removeprefix(DDP_PREFIX): value for key, value in flat_state_dict(content, str(path)).items()}
+    network = CSDNetwork(architecture)
+    _load_exactly(network, state, str(path), "the authors' CSD_CLIP")
+    return frozen(network)

@@ -7,12 +7,17 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.functional.image import lpips as torchmetrics_lpips
 
+from diffstyler.evaluation.csd import CSDArchitecture, CSDNetwork
 from diffstyler.evaluation.networks import FeatureNetworks, ImageNetNormalize, frozen, seeded
+
+# CSD's layout and input (224 x 224, what `data.py` always gives CSD) at a tiny width and depth.
+TINY_CSD = CSDArchitecture(input_resolution=224, patch_size=32, width=32, layers=2, heads=2, embedding_dim=16)
 
 
 def random_feature_networks(seed: int = 0) -> FeatureNetworks:
-    """Seeded random networks for CFSD, LPIPS and FID (each from its own seed, derived from `seed`)."""
-    return FeatureNetworks(random_cfsd_network(seed), random_lpips_network(seed + 1), random_fid_network(seed + 2))
+    """Seeded random networks for CFSD, LPIPS, FID and CSD (each from its own seed, derived from `seed`)."""
+    return FeatureNetworks(random_cfsd_network(seed), random_lpips_network(seed + 1), random_fid_network(seed + 2),
+                           random_csd_network(seed + 3))
 
 
 def random_cfsd_network(seed: int = 0) -> nn.Module:
@@ -64,3 +69,10 @@ class RandomPoolFeatures(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         x = images.float() / 255 if images.dtype == torch.uint8 else images
         return self.layers(x)
+
+
+def random_csd_network(seed: int = 0, architecture: CSDArchitecture = TINY_CSD) -> CSDNetwork:
+    """The CSD network (the authors' architecture, `csd.CSDNetwork`) at tiny sizes with seeded random weights."""
+    with seeded(seed):
+        network = CSDNetwork(architecture)
+    return frozen(network)

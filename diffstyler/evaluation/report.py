@@ -1,10 +1,10 @@
 """The reports of `diffstyler test`, written by rank zero into the output folder (atomically):
 
-- `metrics.json`: `lpips`, `fid`, `artfid`, `cfsd`, `count` (triples scored), `listed` (triples named
+- `metrics.json`: `lpips`, `fid`, `artfid`, `cfsd`, `csd`, `count` (triples scored), `listed` (triples named
   by the inputs), `networks` (the feature extractor of each metric) and `preprocessing` (the sizes
   the metrics saw); with several runs, one entry of scores and counts per run under `runs`;
-- `metrics_per_image.csv`: run, content, style, result, LPIPS, CFSD, in the inputs' order;
-- `metrics_per_style.csv`: run, style, count, mean LPIPS, mean CFSD;
+- `metrics_per_image.csv`: run, content, style, result, LPIPS, CFSD, CSD, in the inputs' order;
+- `metrics_per_style.csv`: run, style, count, mean LPIPS, mean CFSD, mean CSD;
 - `metrics.png` (matplotlib): with several runs, LPIPS against FID per run (the settings compared);
   with one run, mean LPIPS against mean CFSD per style (FID needs a set of results per point: one
   style's 20 results against its one image say little).
@@ -25,8 +25,10 @@ from typing import Any
 import torch
 
 from diffstyler.evaluation.metrics import MetricsConfig
+from diffstyler.evaluation.networks import CSD_DEFAULT_WEIGHTS
 from diffstyler.outputs import atomic_write
 
+PAIR_METRICS = ("lpips", "cfsd", "csd")  # the metrics with a value per result
 METRICS_NAME = "metrics.json"
 PER_IMAGE_NAME = "metrics_per_image.csv"
 PER_STYLE_NAME = "metrics_per_style.csv"
@@ -36,11 +38,12 @@ PLOT_NAME = "metrics.png"
 def describe_networks(config: MetricsConfig) -> dict[str, str]:
     """Which feature extractor each metric used, for metrics.json."""
     if config.random:
-        return {name: f"random (seed {config.seed}): the numbers mean nothing" for name in ("lpips", "fid", "cfsd")}
+        return {name: f"random (seed {config.seed}): the numbers mean nothing" for name in ("lpips", "fid", "cfsd", "csd")}
     return {
         "lpips": f"AlexNet LPIPS v0.1 ({config.alexnet_weights or 'alexnet-owt-7be5be79.pth'})",
         "fid": f"Inception-v3 pool features, {config.fid_kind} ({config.inception_weights or 'default file'})",
         "cfsd": f"{config.vgg_arch} relu3_1 ({config.vgg_weights or 'default file'})",
+        "csd": f"CSD ViT-L/14 style head ({config.csd_weights or CSD_DEFAULT_WEIGHTS})",
     }
 
 
@@ -51,8 +54,7 @@ def per_image_rows(data, per_image: dict[str, torch.Tensor]) -> list[dict[str, A
     for position in order.tolist():
         triple = data.triples[int(per_image["index"][position])]
         rows.append({"run": triple.run, "content": triple.content, "style": triple.style, "style_name": triple.style_name,
-                     "result": triple.result, "lpips": float(per_image["lpips"][position]),
-                     "cfsd": float(per_image["cfsd"][position])})
+                     "result": triple.result, **{metric: float(per_image[metric][position]) for metric in PAIR_METRICS}})
     return rows
 
 
@@ -62,7 +64,7 @@ def per_style_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups[(row["run"], row["style_name"])].append(row)
     return [
         {"run": run, "style": style, "count": len(members),
-         "lpips": sum(m["lpips"] for m in members) / len(members), "cfsd": sum(m["cfsd"] for m in members) / len(members)}
+         **{metric: sum(m[metric] for m in members) / len(members) for metric in PAIR_METRICS}}
         for (run, style), members in groups.items()
     ]
 
@@ -112,30 +114,30 @@ def write_reports(folder: str, data, runs: dict[str, dict[str, float]], rows: li
     summary = {**summary, "networks": networks, "preprocessing": preprocessing}
     text = json.dumps(summary, indent=2) + "\n"
     atomic_write(folder_path / METRICS_NAME, lambda handle: handle.write(text.encode("utf-8")))
-    write_csv(folder_path / PER_IMAGE_NAME, rows, ["run", "content", "style", "result", "lpips", "cfsd"])
+    write_csv(folder_path / PER_IMAGE_NAME, rows, ["run", "content", "style", "result", *PAIR_METRICS])
     styles = per_style_rows(rows)
-    write_csv(folder_path / PER_STYLE_NAME, styles, ["run", "style", "count", "lpips", "cfsd"])
+    write_csv(folder_path / PER_STYLE_NAME, styles, ["run", "style", "count", *PAIR_METRICS])
     write_plot(folder_path / PLOT_NAME, runs, styles)
     return summary
 
 
 def log_per_image(experiment, rows: list[dict[str, Any]], labels: dict[str, str], step: int) -> None:
-    """Per run (tags `<label>/...`, `labels`: run -> label): a histogram of the per-image LPIPS and one
-    of the CFSD, and the per-image table as a markdown table (TensorBoard's text tab renders it).
+    """Per run (tags `<label>/...`, `labels`: run -> label): a histogram of the per-image LPIPS, one of
+    the CFSD and one of the CSD, and the per-image table as a markdown table (TensorBoard's text tab renders it).
     `experiment` is a TensorBoard `SummaryWriter`."""
     for run, label in labels.items():
         mine = [row for row in rows if row["run"] == run]
         if not mine:
             continue
-        for metric in ("lpips", "cfsd"):
+        for metric in PAIR_METRICS:
             experiment.add_histogram(f"{label}/{metric}_per_image", torch.tensor([row[metric] for row in mine]), step)
         experiment.add_text(f"{label}/per_image", markdown_table(mine), step)
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """Per-image rows as a markdown table: result, content, style, LPIPS, CFSD."""
-    lines = ["| result | content | style | LPIPS | CFSD |", "|---|---|---|---|---|"]
+    """Per-image rows as a markdown table: result, content, style, LPIPS, CFSD, CSD."""
+    lines = ["| result | content | style | LPIPS | CFSD | CSD |", "|---|---|---|---|---|---|"]
     for row in rows:
         paths = [str(row[key]).replace("|", "\\|") for key in ("result", "content", "style")]  # | ends a cell
-        lines.append("| " + " | ".join([*paths, f"{row['lpips']:.4f}", f"{row['cfsd']:.4f}"]) + " |")
+        lines.append("| " + " | ".join([*paths, *(f"{row[metric]:.4f}" for metric in PAIR_METRICS)]) + " |")
     return "\n".join(lines)

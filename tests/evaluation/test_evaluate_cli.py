@@ -87,14 +87,20 @@ def test_the_results_of_a_predict_run_are_scored_with_every_report(predicted, on
     assert metrics["count"] == metrics["listed"] == 6
     assert metrics["artfid"] == pytest.approx((1 + metrics["lpips"]) * (1 + metrics["fid"]), rel=1e-12)
     assert all(metrics[key] > 0 for key in ("lpips", "fid", "cfsd"))  # the results differ from contents and style
-    assert "mean nothing" in metrics["networks"]["fid"]
+    assert 0 < metrics["csd"] < 1
+    assert "mean nothing" in metrics["networks"]["fid"] and "mean nothing" in metrics["networks"]["csd"]
     rows = per_image(one_process)
     jobs = [line for line in read_json_lines(predicted / "results.jsonl")]
     assert [row["result"] for row in rows] == [str(predicted / line["outputs"][0]) for line in jobs]
     assert sum(float(row["lpips"]) for row in rows) / 6 == pytest.approx(metrics["lpips"], rel=1e-6)
     assert sum(float(row["cfsd"]) for row in rows) / 6 == pytest.approx(metrics["cfsd"], rel=1e-6)
+    assert sum(float(row["csd"]) for row in rows) / 6 == pytest.approx(metrics["csd"], rel=1e-6)
     with open(one_process / "evaluation" / "metrics_per_style.csv", newline="") as handle:
-        assert [(row["style"], row["count"]) for row in csv.DictReader(handle)] == [("full", "3"), ("half", "3")]
+        styles = list(csv.DictReader(handle))
+    assert [(row["style"], row["count"]) for row in styles] == [("full", "3"), ("half", "3")]
+    for style in styles:  # each style's mean CSD is the mean of its results'
+        mine = [float(row["csd"]) for row in rows if Path(row["result"]).stem.endswith(style["style"])]
+        assert len(mine) == 3 and float(style["csd"]) == pytest.approx(sum(mine) / 3, rel=1e-6)
     assert (one_process / "evaluation" / "metrics.png").stat().st_size > 0
 
 
@@ -106,7 +112,7 @@ def test_two_ddp_processes_give_the_metrics_of_one(predicted, one_process, tmp_p
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     expected, metrics = read_metrics(one_process), read_metrics(tmp_path)
     assert metrics["count"] == 6
-    for key in ("lpips", "fid", "artfid", "cfsd"):
+    for key in ("lpips", "fid", "artfid", "cfsd", "csd"):
         assert metrics[key] == pytest.approx(expected[key], abs=1e-5, rel=1e-5), key
     assert [row["result"] for row in per_image(tmp_path)] == [row["result"] for row in per_image(one_process)]
     # rank zero logs the per-image scores of both processes, once
@@ -147,12 +153,12 @@ def test_a_missing_weights_file_is_one_line_naming_it(predicted, tmp_path, monke
 
 
 def test_the_per_image_scores_are_in_tensorboard(one_process):
-    """A histogram of the per-image LPIPS and one of the CFSD, and the per-image table as text, read back
-    from the event file. Catches: per-image scores not logged, logged for some images only, or another
+    """A histogram of the per-image LPIPS, one of the CFSD and one of the CSD, and the per-image table as
+    text, read back from the event file. Catches: per-image scores not logged, logged for some images only, or another
     metric's values under a tag."""
     events = tensorboard_events(one_process)
     rows = per_image(one_process)
-    for metric in ("lpips", "cfsd"):
+    for metric in ("lpips", "cfsd", "csd"):
         [event] = events.Histograms(f"test/{metric}_per_image")
         values = [float(row[metric]) for row in rows]
         assert event.histogram_value.num == 6
@@ -160,10 +166,11 @@ def test_the_per_image_scores_are_in_tensorboard(one_process):
         assert (event.histogram_value.min, event.histogram_value.max) == pytest.approx((min(values), max(values)), rel=1e-5)
     [text] = events.Tensors("test/per_image/text_summary")
     table = text.tensor_proto.string_val[0].decode().splitlines()
-    assert table[0].startswith("| result | content | style | LPIPS | CFSD |") and len(table) == 2 + 6
+    assert table[0].startswith("| result | content | style | LPIPS | CFSD | CSD |") and len(table) == 2 + 6
     for row, line in zip(rows, table[2:]):
-        assert line.startswith(f"| {row['result']} |") and f"| {float(row['lpips']):.4f} | {float(row['cfsd']):.4f} |" in line
-    assert "test/lpips" in events.Tags()["scalars"]  # the run's metrics, as before
+        scores = f"| {float(row['lpips']):.4f} | {float(row['cfsd']):.4f} | {float(row['csd']):.4f} |"
+        assert line.startswith(f"| {row['result']} |") and line.endswith(scores)
+    assert {"test/lpips", "test/csd"} <= set(events.Tags()["scalars"])  # the run's metrics
 
 
 def test_without_a_logger_nothing_is_written_for_tensorboard(predicted, tmp_path, monkeypatch, capsys):

@@ -1,10 +1,11 @@
-"""The run's metrics (diffstyler.evaluation.metrics): LPIPS, FID, ArtFID and CFSD together, on tiny
+"""The run's metrics (diffstyler.evaluation.metrics): LPIPS, FID, ArtFID, CFSD and CSD together, on tiny
 images and seeded random networks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from diffstyler.errors import UserError
@@ -83,20 +84,31 @@ def test_artfid_formula():
     assert metrics.artfid(0.25, 3.0) == pytest.approx(5.0)
 
 
+def csd_size(batch: torch.Tensor) -> torch.Tensor:
+    """The images at CSD's input size (any resampling: the tests compare with the same inputs)."""
+    return F.interpolate(batch, size=(224, 224), mode="bilinear", align_corners=False)
+
+
+def update(quality, content, style, result, rows: slice) -> dict[str, torch.Tensor]:
+    return quality.update(content[rows], style[rows], result[rows], cfsd_content=content[rows],
+                          cfsd_result=result[rows], csd_style=csd_size(style[rows]), csd_result=csd_size(result[rows]))
+
+
 @pytest.mark.slow
-def test_build_metrics_random_config_reports_all_four():
+def test_build_metrics_random_config_reports_all_five():
     quality = metrics.build_metrics(metrics.feature_networks(metrics.MetricsConfig(random=True, seed=3)))
     content, style = images(20, seed=11), images(20, seed=12)
     result = 0.5 * content + 0.5 * style
-    quality.update(content[:12], style[:12], result[:12], cfsd_content=content[:12], cfsd_result=result[:12])
-    quality.update(content[12:], style[12:], result[12:], cfsd_content=content[12:], cfsd_result=result[12:])
+    update(quality, content, style, result, slice(0, 12))
+    update(quality, content, style, result, slice(12, 20))
 
     scores = quality.compute()
 
-    assert set(scores) == {"lpips", "fid", "artfid", "cfsd"}
+    assert set(scores) == {"lpips", "fid", "artfid", "cfsd", "csd"}
     assert scores["artfid"] == pytest.approx((1 + scores["lpips"]) * (1 + scores["fid"]))
     assert scores["lpips"] > 0 and scores["cfsd"] > 0 and scores["fid"] > 0
-    assert len(quality.cfsd.pair_values()) == 20 and len(quality.lpips.pair_values()) == 20
+    assert 0 < scores["csd"] < 1
+    assert len(quality.cfsd.pair_values()) == len(quality.lpips.pair_values()) == len(quality.csd.pair_values()) == 20
 
 
 def test_metrics_config_refuses_unknown_kind():
@@ -110,9 +122,9 @@ def test_update_returns_the_per_pair_values_of_its_own_batch():
     quality = metrics.build_metrics(metrics.feature_networks(metrics.MetricsConfig(random=True, seed=3)))
     content, style = images(5, seed=11), images(5, seed=12)
     result = 0.5 * content + 0.5 * style
-    first = quality.update(content[:2], style[:2], result[:2], cfsd_content=content[:2], cfsd_result=result[:2])
-    second = quality.update(content[2:], style[2:], result[2:], cfsd_content=content[2:], cfsd_result=result[2:])
+    first = update(quality, content, style, result, slice(0, 2))
+    second = update(quality, content, style, result, slice(2, 5))
 
-    torch.testing.assert_close(torch.cat([first["lpips"], second["lpips"]]), quality.lpips.pair_values())
-    torch.testing.assert_close(torch.cat([first["cfsd"], second["cfsd"]]), quality.cfsd.pair_values())
-    assert second["lpips"].shape == second["cfsd"].shape == (3,)
+    for metric in ("lpips", "cfsd", "csd"):
+        torch.testing.assert_close(torch.cat([first[metric], second[metric]]), getattr(quality, metric).pair_values())
+        assert second[metric].shape == (3,)

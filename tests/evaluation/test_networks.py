@@ -17,14 +17,19 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from diffstyler.errors import MissingFileError, UserError
 from diffstyler.evaluation import metrics, networks
 from tests.evaluation.images import SIZE, images
+from tests.evaluation.weights import CreatesMarker
 
 
-def test_missing_weights_file_names_the_file_and_where_to_get_it(tmp_path):
-    missing = tmp_path / "nowhere" / "vgg19.pth"
+@pytest.mark.parametrize("load, url", [
+    (networks.vgg_features, "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"),
+    (networks.csd_network, "https://huggingface.co/tomg-group-umd/CSD-ViT-L/resolve/main/pytorch_model.bin"),
+])
+def test_missing_weights_file_names_the_file_and_where_to_get_it(tmp_path, load, url):
+    missing = tmp_path / "nowhere" / "weights.pth"
     with pytest.raises(MissingFileError) as caught:
-        networks.vgg_features(str(missing))
+        load(str(missing))
     line = str(caught.value)
-    assert str(missing) in line and "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth" in line
+    assert str(missing) in line and url in line
     assert "\n" not in line
 
 
@@ -41,16 +46,6 @@ def test_missing_default_file_names_the_torch_hub_cache_path(tmp_path, monkeypat
             load()
     with pytest.raises(MissingFileError, match="huggingface.co/matthias-wright/art_inception"):
         networks.inception_features(kind="art")
-
-
-class CreatesMarker:
-    """Unpickled by full pickle, this runs open(marker, "w"): a file appears."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
 
 
 def test_a_pickle_that_runs_code_is_refused_and_never_run(tmp_path):

@@ -1,5 +1,6 @@
 """What size each metric's network sees in `diffstyler test` (diffstyler.evaluation.data): StyleID's
-preprocessing by default, the stretch to data.size x data.size when it is given.
+preprocessing by default, the stretch to data.size x data.size when it is given, CSD's 224 x 224 crop
+always; and that CSD compares each result with its own style image.
 
 The triples go through Lightning's test loop with the evaluator, on random feature networks whose
 forward pre-hooks record the shapes they are fed.
@@ -8,6 +9,7 @@ forward pre-hooks record the shapes they are fed.
 from __future__ import annotations
 
 import csv
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import pytest
 import torch
 from lightning import Trainer
 from PIL import Image
-from torchvision.transforms import Compose, Resize, ToTensor
+from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Resize, ToTensor
 
 from diffstyler.evaluation import evaluator as evaluator_module
 from diffstyler.evaluation.data import EvaluationDataModule, TripleDataset
@@ -47,15 +49,17 @@ def write_pairs(folder: Path, triples: list[tuple[tuple[int, int], tuple[int, in
 
 def score(pairs: str, output: Path, monkeypatch, size=None) -> dict[str, list[tuple[int, ...]]]:
     """Run the evaluator on the CSV; the spatial sizes (height, width) each network was fed, in order
-    (CFSD: content then result; LPIPS: content and result, one call; FID: style then result)."""
+    (CFSD: content then result; LPIPS: content and result, one call; FID: style then result; CSD's
+    backbone: style then result)."""
     seen: dict[str, list[tuple[int, ...]]] = defaultdict(list)
 
     def recording_networks(config):
         networks = random_feature_networks(config.seed)
-        for name in ("cfsd", "lpips", "fid"):
+        modules = {"cfsd": networks.cfsd, "lpips": networks.lpips, "fid": networks.fid, "csd": networks.csd.backbone}
+        for name, module in modules.items():
             def record(module, inputs, name=name):
                 seen[name].extend(tuple(image.shape[-2:]) for image in inputs if isinstance(image, torch.Tensor))
-            getattr(networks, name).register_forward_pre_hook(record)
+            module.register_forward_pre_hook(record)
         return networks
 
     monkeypatch.setattr(evaluator_module, "feature_networks", recording_networks)
@@ -68,14 +72,15 @@ def score(pairs: str, output: Path, monkeypatch, size=None) -> dict[str, list[tu
 
 @pytest.mark.slow
 def test_each_metric_sees_styleids_sizes_on_non_square_images(tmp_path, monkeypatch):
-    """LPIPS and FID get the shorter side at 512 with the aspect kept, CFSD the result at its own size.
-    Catches: a stretch to a square, CFSD fed the resized images, the aspect lost (or width and height
-    swapped), the style left at its own size for FID."""
+    """LPIPS and FID get the shorter side at 512 with the aspect kept, CFSD the result at its own size,
+    CSD its 224 x 224 crop. Catches: a stretch to a square, CFSD fed the resized images, the aspect lost
+    (or width and height swapped), the style left at its own size for FID."""
     seen = score(write_pairs(tmp_path, [(CONTENT, STYLE, RESULT)] * 2), tmp_path / "out", monkeypatch)  # FID needs 2
 
     assert seen["lpips"] == [(512, 768), (512, 768)]  # content 96x64 and result 96x64: 64 -> 512, 96 -> 768
     assert seen["fid"] == [(640, 512), (512, 768)]  # style 64x80: 64 -> 512, 80 -> 640; then the result
     assert seen["cfsd"] == [(64, 96), (64, 96)]  # content and result as they are
+    assert seen["csd"] == [(224, 224), (224, 224)]
 
 
 @pytest.mark.slow
@@ -108,6 +113,10 @@ def test_lpips_and_fid_inputs_are_styleids_transform_pixel_for_pixel(tmp_path):
     torch.testing.assert_close(item["result"], styleid(read(triple.result)), rtol=0, atol=0)
     torch.testing.assert_close(item["cfsd_content"], ToTensor()(read(triple.content)), rtol=0, atol=0)
     torch.testing.assert_close(item["cfsd_result"], ToTensor()(read(triple.result)), rtol=0, atol=0)
+    # CSD's authors' `transforms_branch0` (its Normalize is in the network): the style image and the result.
+    authors = Compose([Resize(224, interpolation=InterpolationMode.BICUBIC), CenterCrop(224), ToTensor()])
+    torch.testing.assert_close(item["csd_style"], authors(read(triple.style)), rtol=0, atol=0)
+    torch.testing.assert_close(item["csd_result"], authors(read(triple.result)), rtol=0, atol=0)
 
 
 @pytest.mark.slow
@@ -135,10 +144,42 @@ def test_triples_of_different_sizes_in_one_batch_keep_their_own_scores(tmp_path,
 
 @pytest.mark.slow
 def test_an_explicit_size_stretches_every_image_to_a_square(tmp_path, monkeypatch):
-    """`data.size: 32`, the documented deviation: all three networks see 32x32, CFSD included.
-    Catches: data.size ignored, or applied to LPIPS and FID only."""
+    """`data.size: 32`, the documented deviation: LPIPS, FID and CFSD see 32x32; CSD, whose network takes
+    224 x 224 only, its own crop. Catches: data.size ignored, or applied to LPIPS and FID only."""
     seen = score(write_pairs(tmp_path, [(CONTENT, STYLE, RESULT)] * 2), tmp_path / "out", monkeypatch, size=32)
 
     assert seen["lpips"] == [(32, 32), (32, 32)]
     assert seen["fid"] == [(32, 32), (32, 32)]
     assert seen["cfsd"] == [(32, 32), (32, 32)]
+    assert seen["csd"] == [(224, 224), (224, 224)]
+
+
+@pytest.mark.slow
+def test_each_results_csd_is_with_its_own_style_image(tmp_path, monkeypatch):
+    """Three triples, each with its own style image, through Lightning's test loop: each per-image CSD
+    equals the cosine of the style embeddings of that triple's style image and result, computed here
+    from the image files with the same network. Catches: CSD fed the content instead of the style
+    image, the style images of other triples, the content head, the per-image values written against
+    other triples, the mean over something else than the results."""
+    pairs = write_pairs(tmp_path, [(CONTENT, STYLE, RESULT), ((64, 64), (80, 64), (64, 64)), (CONTENT, (64, 64), RESULT)])
+    score(pairs, tmp_path / "out", monkeypatch)
+    network = random_feature_networks(MetricsConfig(random=True).seed).csd
+    data = EvaluationDataModule(pairs=pairs)
+    authors = Compose([Resize(224, interpolation=InterpolationMode.BICUBIC), CenterCrop(224), ToTensor()])
+
+    def embedding(path: str) -> torch.Tensor:
+        with torch.no_grad():
+            return network.style_embedding(authors(Image.open(path).convert("RGB"))[None])[0]
+
+    expected = [float(embedding(triple.style) @ embedding(triple.result)) for triple in data.triples]
+    with open(tmp_path / "out" / "metrics_per_image.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [float(row["csd"]) for row in rows] == pytest.approx(expected, abs=1e-6)
+    swapped = [float(embedding(triple.content) @ embedding(triple.result)) for triple in data.triples]
+    assert min(abs(a - b) for a, b in zip(expected, swapped)) > 1e-4  # the content would show
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["csd"] == pytest.approx(sum(expected) / 3, abs=1e-6)
+    # data.size stretches the images of the other metrics only: CSD stays the authors' (documented).
+    score(pairs, tmp_path / "stretched", monkeypatch, size=32)
+    with open(tmp_path / "stretched" / "metrics_per_image.csv", newline="") as handle:
+        assert [float(row["csd"]) for row in csv.DictReader(handle)] == pytest.approx(expected, abs=1e-6)
