@@ -56,6 +56,9 @@ def invert_batch(backbone: Backbone, latents: torch.Tensor, conditioning: Condit
 
 # --- cache ------------------------------------------------------------------------------------
 
+OPTIONAL_KEY_FIELDS = ("vae_tiling", "solver", "guidance")
+
+
 @dataclass(frozen=True)
 class InversionKey:
     """Everything an inversion depends on."""
@@ -68,14 +71,16 @@ class InversionKey:
     substeps: int
     prompt: str
     dtype: str
-    # The VAE's tiles when the content is encoded in tiles (`memory.vae_tiling_setting`), and a
-    # flow-matching inversion's solver other than Euler; each left out of the digest when None, so
-    # that adding them changed no stored trajectory's name.
+    # The VAE's tiles when the content is encoded in tiles (`memory.vae_tiling_setting`), a
+    # flow-matching inversion's solver other than Euler, and the guidance scale of a model that
+    # reads it as an input (FLUX.1-dev); each left out of the digest when None, so that adding them
+    # changed no stored trajectory's name.
     vae_tiling: Optional[str] = None
     solver: Optional[str] = None
+    guidance: Optional[float] = None
 
     def digest(self) -> str:
-        fields = {k: v for k, v in self.__dict__.items() if not (k in ("vae_tiling", "solver") and v is None)}
+        fields = {k: v for k, v in self.__dict__.items() if not (k in OPTIONAL_KEY_FIELDS and v is None)}
         text = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 

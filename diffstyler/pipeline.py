@@ -51,7 +51,8 @@ from diffstyler.masks import FastSAMSegmenter, MaskSpec, SegmenterConfig, hard_m
 from diffstyler.memory import check_offload, check_offload_device, enable_offload, execution_device, set_vae_options, vae_tiling_setting
 from diffstyler.models import DEFAULT_MODEL, AnyPipeline, ModelSpec, load_pipeline
 from diffstyler.quantization import check_quantization_device
-from diffstyler.outputs import a1111_fields, pil_to_unit, to_pil
+from diffstyler.outputs import pil_to_unit, to_pil
+from diffstyler.provenance import PixelSettings, style_files
 from diffstyler.sampling import Schedule
 from diffstyler.stylize import DenoiseJob, SamplingConfig, StepCallback, StyleRows, check_finite, denoise_jobs, fuse_styles
 from diffstyler.torch_utils import base_model
@@ -297,6 +298,7 @@ class DiffStylerPipeline:
             raise config_error("output_type", f"must be 'pil', 'np' or 'latent', got {output_type!r}")
         seed = seed if seed is not None else (generator.initial_seed() if generator is not None else 0)
         torch.manual_seed(seed)
+        pixel_settings = self.pixel_settings(entries, sampling, injection, seed, max(image.size), composite, styleid)
         store = TrajectoryStore(inversion_cache) if inversion_cache is not None else self.store
 
         with self.adapters.pinned():
@@ -309,7 +311,9 @@ class DiffStylerPipeline:
             # 4. Invert the content with the base model at the sampler's timesteps (DDIM, or the
             #    flow-matching ODE backwards), or take the stored trajectory z_T ... z_0; and the
             #    image styles' images (StyleID), at the content's size, in the same calls.
-            trajectory, *style_trajectories = self.trajectories([image, *self.images_of(entries, image)], reference, sampling, store=store)
+            images = [image, *self.images_of(entries, image)]
+            trajectory, *style_trajectories = self.trajectories([(pixel_settings.inversion_key(i), i) for i in images],
+                                                                reference, sampling, store=store)
             attach_style_trajectories(rows, style_trajectories)
             # 5. Denoise every style from z_T with its LoRA, the base pass's features and attention
             #    injected (eq. 4-5), classifier-free guidance, the sampler's step, and outside its
@@ -320,7 +324,7 @@ class DiffStylerPipeline:
 
         # 6. Fuse the styles in their masks (eq. 7), decode, and put the content's own pixels back
         #    where no mask is.
-        settings = self.settings(image, entries, sampling, injection, seed, composite, content_name(content), styleid=styleid)
+        settings = pixel_settings.recorded(image.size, content_name(content))
         if output_type == "latent":
             fused = fuse_styles(latents, [row.mask for row in rows], trajectory[-1:]) if soft_masks[0] is not None else None
             return StylizationOutput(latents, fused, mask_images(soft_masks), settings)
@@ -378,28 +382,48 @@ class DiffStylerPipeline:
     def latent_size(self, content: Image.Image) -> tuple[int, int]:
         return self.backbone.latent_size(content.height, content.width)
 
-    def inversion_key(self, content: Image.Image, sampling: SamplingConfig) -> InversionKey:
-        """What a content's inversion depends on: its pixels (at the size it is inverted), the model,
-        the schedule, the inversion prompt and the dtype."""
-        return InversionKey(
-            image_sha256=hashlib.sha256(f"{content.width}x{content.height}:".encode() + content.tobytes()).hexdigest(),
-            model=self.model_id(),
-            height=content.height,
-            width=content.width,
-            steps=sampling.steps,
-            substeps=sampling.inversion_substeps,
-            prompt=sampling.inversion_prompt,
+    def pixel_settings(self, styles: Sequence[StyleEntry], sampling: SamplingConfig, injection: InjectionConfig,
+                       seed: int, resolution: int, composite: bool, styleid: Optional[StyleIDConfig] = None,
+                       sweep: Optional[dict[str, Any]] = None) -> PixelSettings:
+        """Every setting that changes the pixels of a result of these styles (`provenance`): the one
+        list the PNG settings, the rerun hash and the inversion cache's keys are read from."""
+        solver = self.backbone.solver(sampling.inversion_solver)
+        has_masks = any(entry.mask is not None for entry in styles)
+        return PixelSettings(
+            model_name=self.model_name,
+            model=self.model_spec.fingerprint() if self.model_spec is not None else {"model_id": self.model_id()},
+            model_id=self.model_id(),
             dtype=str(self.backbone.dtype),
-            vae_tiling=vae_tiling_setting(self.pipe.vae, content.height, content.width),
-            solver=None if self.backbone.solver(sampling.inversion_solver) == "euler" else self.backbone.solver(sampling.inversion_solver),
+            sampler_fields=self.backbone.a1111_sampling_fields(sampling.guidance_scale),
+            sampling=sampling,
+            inversion_solver=None if solver == "euler" else solver,
+            inversion_guidance=float(sampling.guidance_scale) if self.backbone.guidance_embedded else None,
+            injection=injection,
+            styleid=(styleid or StyleIDConfig()) if any(entry.method == "styleid" for entry in styles) else None,
+            styles=tuple(styles),
+            style_files=tuple(style_files(entry, self.style_image_sha256, sha256_file) for entry in styles),
+            segmenter=asdict(self.segmenter_config) if has_masks else None,
+            composite=composite,
+            seed=seed,
+            resolution=resolution,
+            vae_tiling=vae_tiling_setting(self.pipe.vae, resolution, resolution),  # tiles are by the longer side
+            sweep=sweep,
         )
 
-    def trajectories(self, contents: Sequence[Image.Image], reference: Conditioning, sampling: SamplingConfig,
-                     store: Optional[TrajectoryStore] = None, max_batch: Optional[int] = None) -> list[torch.Tensor]:
-        """Each content's inversion trajectory [N + 1, C, h, w] (trajectory[i] is the latent at
-        sampling step i, trajectory[N] the clean latent): stored ones as they are, the others
-        inverted together, several of one size per call (at most `max_batch`). `reference` is the
-        inversion prompt's conditioning; each group gets its own size's conditioning and schedule."""
+    def style_image_sha256(self, entry: StyleEntry) -> str:
+        """A style image by content: the file's, or the pixels' of one given in memory."""
+        if entry.name in self.style_images:
+            return hashlib.sha256(self.style_images[entry.name].tobytes()).hexdigest()
+        return sha256_file(entry.image)
+
+    def trajectories(self, requests: Sequence[tuple[InversionKey, Image.Image]], reference: Conditioning,
+                     sampling: SamplingConfig, store: Optional[TrajectoryStore] = None,
+                     max_batch: Optional[int] = None) -> list[torch.Tensor]:
+        """Each image's inversion trajectory [N + 1, C, h, w] (trajectory[i] is the latent at
+        sampling step i, trajectory[N] the clean latent), the images given with their keys
+        (`PixelSettings.inversion_key`): stored ones as they are, the others inverted together,
+        several of one size per call (at most `max_batch`). `reference` is the inversion prompt's
+        conditioning; each group gets its own size's conditioning and schedule."""
         backbone = self.backbone
 
         def invert_many(images: list[Image.Image]) -> list[torch.Tensor]:
@@ -409,9 +433,8 @@ class DiffStylerPipeline:
                 return invert_batch(backbone, latents, conditioning, self.schedule(images[0], sampling),
                                     sampling.inversion_substeps, progress=self.progress, guidance=sampling.guidance_scale)
 
-        requests = [(self.inversion_key(content, sampling), content) for content in contents]
         return (store or self.store).trajectories(
-            requests, lambda key: (sampling.steps + 1, backbone.latent_channels, *backbone.latent_size(key.height, key.width)),
+            list(requests), lambda key: (sampling.steps + 1, backbone.latent_channels, *backbone.latent_size(key.height, key.width)),
             invert_many, self.device, backbone.latent_dtype, max_batch,
         )
 
@@ -451,43 +474,6 @@ class DiffStylerPipeline:
         fused = fuse_styles(latents, [row.mask for row in rows], trajectory[-1:])
         image = self.decode(fused, " + ".join(row.label for row in rows))
         return composite_in_pixels(content, image, list(masks)) if composite else image
-
-    def settings(self, content: Image.Image, styles: Sequence[StyleEntry], sampling: SamplingConfig,
-                 injection: InjectionConfig, seed: int, composite: bool, content_path: Optional[str] = None,
-                 job: Optional[str] = None, sweep: Optional[dict[str, Any]] = None,
-                 styleid: Optional[StyleIDConfig] = None) -> dict[str, Any]:
-        """What a result's PNG metadata records (A1111's names first, then ours)."""
-        return {
-            "Steps": sampling.steps,
-            **self.backbone.a1111_sampling_fields(sampling.guidance_scale),
-            "Seed": seed,
-            "Size": f"{content.width}x{content.height}",
-            "Model": self.model_name,
-            **a1111_fields(self.model_name, [(entry.name, entry.lora) for entry in styles if entry.lora is not None]),
-            **self.memory_settings(content),
-            "Content": content_path,
-            "Job": job,
-            "Styles": [{**asdict(entry), "method": entry.method, **self.style_hashes(entry)} for entry in styles],
-            **({"StyleID": asdict(styleid or StyleIDConfig())} if any(entry.method == "styleid" for entry in styles) else {}),
-            "Injection": asdict(injection),
-            **({"Sweep": sweep} if sweep else {}),
-            "Sampling": asdict(sampling),
-            "Composite": composite,
-        }
-
-    def style_hashes(self, entry: StyleEntry) -> dict[str, Optional[str]]:
-        """The files of a style by content: its LoRA's, or an image style's image (file or pixels)."""
-        if entry.lora is not None:
-            return {"lora_sha256": sha256_file(entry.lora)}
-        if entry.name in self.style_images:
-            return {"image_sha256": hashlib.sha256(self.style_images[entry.name].tobytes()).hexdigest()}
-        return {"image_sha256": sha256_file(entry.image)}
-
-    def memory_settings(self, content: Image.Image) -> dict[str, str]:
-        """The memory options that change this content's pixels: VAE tiling where it tiles the image
-        (slicing and offload give the same pixels and are not recorded)."""
-        tiling = vae_tiling_setting(self.pipe.vae, content.height, content.width)
-        return {"VAE tiling": tiling} if tiling else {}
 
     def _entries_for_call(self, styles: Optional[str | Sequence[str]], prompt: Optional[str | Sequence[str]]) -> list[StyleEntry]:
         """The call's styles (names from `load_style`, or LoRA paths loaded now) with the call's prompts."""

@@ -44,12 +44,13 @@ from diffstyler.injection import (
 )
 from diffstyler.lora import check_lora_width
 from diffstyler.masks import SegmenterConfig, check_segmenter
-from diffstyler.memory import check_offload, check_offload_device, vae_tiling_setting
+from diffstyler.memory import check_offload, check_offload_device
 from diffstyler.models import ModelSpec, load_pipeline, model_lora_width, pixel_multiple_for
 from diffstyler.methods import StyleIDConfig
 from diffstyler.pipeline import DiffStylerPipeline, attach_style_trajectories
 from diffstyler.quantization import check_quantization_device
-from diffstyler.results import DONE, FAILED, SKIPPED, settings_hash
+from diffstyler.provenance import PixelSettings
+from diffstyler.results import DONE, FAILED, SKIPPED
 from diffstyler.rows import rows_per_job
 from diffstyler.stylize import DenoiseJob, SamplingConfig, StepCallback, StyleRows, call_methods
 from diffstyler.sweep import SweepConfig, ablation_grid
@@ -66,6 +67,7 @@ class PreparedJob:
     """A job ready to denoise: its inputs decoded, masks made, adapters and prompts set up."""
 
     job: Job
+    pixel_settings: PixelSettings
     settings_hash: str
     content: Image.Image
     masks: list[Optional[torch.Tensor]]
@@ -262,7 +264,8 @@ class StylizePredictor(LightningModule):
 
     def prepare(self, job: Job) -> Optional[PreparedJob]:
         """Everything a job needs before denoising except its trajectory; None when it is done."""
-        job_hash = self.settings_hash(job)
+        pixel_settings = self.pixel_settings(job)
+        job_hash = pixel_settings.rerun_hash(sha256_file(job.content))
         if self.writer.is_done(job, job_hash):
             return None
         started = time.perf_counter()
@@ -270,7 +273,7 @@ class StylizePredictor(LightningModule):
         content = resize_to_multiple(load_image(job.content), job.resolution, self.pipeline.backbone.pixel_multiple)
         masks = [None if entry.mask is None else self.pipeline.make_mask(entry.mask, content) for entry in job.styles]
         reference, rows = self.pipeline.prepare_styles(job.styles, masks, content, self.sampling)
-        return PreparedJob(job, job_hash, content, masks, reference, rows, self.pipeline.images_of(job.styles, content),
+        return PreparedJob(job, pixel_settings, job_hash, content, masks, reference, rows, self.pipeline.images_of(job.styles, content),
                            seconds=time.perf_counter() - started)
 
     def add_trajectories(self, prepared: list[PreparedJob]) -> None:
@@ -279,8 +282,8 @@ class StylizePredictor(LightningModule):
         most `max_unet_rows` per call)."""
         if not prepared:
             return
-        images = [image for job in prepared for image in (job.content, *job.style_images)]
-        trajectories = iter(self.pipeline.trajectories(images, prepared[0].reference, self.sampling, max_batch=self.max_unet_rows))
+        requests = [(job.pixel_settings.inversion_key(image), image) for job in prepared for image in (job.content, *job.style_images)]
+        trajectories = iter(self.pipeline.trajectories(requests, prepared[0].reference, self.sampling, max_batch=self.max_unet_rows))
         for job in prepared:
             job.trajectory = next(trajectories)
             attach_style_trajectories(job.rows, [next(trajectories) for _ in job.style_images])
@@ -347,32 +350,18 @@ class StylizePredictor(LightningModule):
                              lambda image: content_ssim(job.content, image))
 
     def settings(self, job: PreparedJob) -> dict[str, Any]:
-        sweep = asdict(self.sweep) if self.sweep.active else None
-        return self.pipeline.settings(job.content, job.job.styles, self.sampling, self.injection, job.job.seed,
-                                      self.output.composite, job.job.content, job.job.id, sweep, self.styleid)
+        """What the job's PNGs and results.jsonl record."""
+        return job.pixel_settings.recorded(job.content.size, job.job.content, job.job.id)
+
+    def pixel_settings(self, job: Job) -> PixelSettings:
+        """Every setting that changes the pixels of this job's outputs (`provenance`)."""
+        return self.pipeline.pixel_settings(job.styles, self.sampling, self.injection, job.seed, job.resolution,
+                                            self.output.composite, self.styleid, asdict(self.sweep) if self.sweep.active else None)
 
     def settings_hash(self, job: Job) -> str:
         """The hash of everything that changes the pixels of this job's outputs (files by content,
         not by path), stored in each PNG: a rerun keeps a file only when it matches."""
-        has_masks = job.styles[0].mask is not None
-        tiling = vae_tiling_setting(self.pipeline.pipe.vae, job.resolution, job.resolution)  # the longer side is the resolution
-        return settings_hash({
-            "model": self.model_spec.fingerprint(),
-            "dtype": str(self.pipeline.backbone.dtype),
-            "sampling": self.sampling.fingerprint(),
-            "injection": asdict(self.injection),
-            # only where a style is an image (StyleID): the hashes of LoRA-only jobs stay as they were
-            **({"styleid": asdict(self.styleid)} if any(entry.lora is None for entry in job.styles) else {}),
-            "sweep": asdict(self.sweep) if self.sweep.active else None,
-            "segmenter": asdict(self.segmenter_config) if has_masks else None,
-            "composite": self.output.composite if has_masks else None,
-            "seed": job.seed,
-            "resolution": job.resolution,
-            # only where tiling changes the pixels (an image longer than a tile): other hashes stay as they were
-            **({"vae_tiling": tiling} if tiling else {}),
-            "content_sha256": sha256_file(job.content),
-            "styles": [style_fingerprint(entry) for entry in job.styles],
-        })
+        return self.pixel_settings(job).rerun_hash(sha256_file(job.content))
 
 
 def import_ultralytics() -> None:
@@ -399,17 +388,3 @@ def warn_about_ineffective_sites(injection: InjectionConfig, layers: LayerMap, s
     message = describe_ineffective_sites(injection, layers, steps)
     if message:
         rank_zero_warn(message)
-
-
-def style_fingerprint(entry: StyleEntry) -> dict[str, Any]:
-    """What of a style entry changes the pixels, with files (LoRA, mask file, style image) by sha256."""
-    mask = None
-    if entry.mask is not None:
-        mask = {**asdict(entry.mask), "file_sha256": sha256_file(entry.mask.file) if entry.mask.file else None}
-    return {
-        "prompt": entry.prompt,
-        "scale": float(entry.scale),
-        "lora_sha256": sha256_file(entry.lora) if entry.lora is not None else None,
-        "mask": mask,
-        "image_sha256": sha256_file(entry.image) if entry.image else None,
-    }

@@ -176,3 +176,11 @@ def write_gguf(transformer: torch.nn.Module, path: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def inversion_requests(pipe, images, sampling) -> list:
+    """The images with their inversion cache keys under `sampling` (`DiffStylerPipeline.trajectories`' input)."""
+    from diffstyler.injection import InjectionConfig
+
+    settings = pipe.pixel_settings([], sampling, InjectionConfig(), seed=0, resolution=max(images[0].size), composite=False)
+    return [(settings.inversion_key(image), image) for image in images]

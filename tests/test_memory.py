@@ -19,7 +19,8 @@ from diffstyler.memory import enable_offload, execution_device, group_onload_dev
 from diffstyler.models import ModelSpec, decode_latents, encode_images
 from diffstyler.predictor import StylizePredictor
 from diffstyler.stylize import SamplingConfig
-from tests.helpers import CONTENT, MASK, write_random_lora, write_transformer_lora
+from diffstyler.injection import InjectionConfig
+from tests.helpers import CONTENT, MASK, inversion_requests, write_random_lora, write_transformer_lora
 
 FAST = dict(num_inference_steps=4, injection=InjectionConfig(feature_steps=3, attention_steps=2), inversion_substeps=1, resolution=64)
 FAST_FLUX = dict(num_inference_steps=4, inversion_substeps=1, resolution=64)
@@ -106,10 +107,15 @@ def test_vae_tiling_is_recorded_only_where_it_changes_pixels(lora):
     plain = DiffStylerPipeline.from_pretrained("tiny", progress=False)
     small, large = Image.new("RGB", (64, 48)), Image.new("RGB", (128, 96))
     sampling = SamplingConfig(steps=4)
-    assert tiled.memory_settings(large) == {"VAE tiling": "64 px tiles, 0.25 overlap"}
-    assert tiled.memory_settings(small) == {} == plain.memory_settings(large)
-    assert tiled.inversion_key(large, sampling).digest() != plain.inversion_key(large, sampling).digest()
-    assert tiled.inversion_key(small, sampling).digest() == plain.inversion_key(small, sampling).digest()
+
+    def settings(pipeline, image):
+        return pipeline.pixel_settings(job_at(max(image.size), lora).styles, sampling, InjectionConfig(), 0, max(image.size), True)
+
+    assert settings(tiled, large).recorded(large.size)["VAE tiling"] == "64 px tiles, 0.25 overlap"
+    assert "VAE tiling" not in settings(tiled, small).recorded(small.size)
+    assert "VAE tiling" not in settings(plain, large).recorded(large.size)
+    assert settings(tiled, large).inversion_key(large).digest() != settings(plain, large).inversion_key(large).digest()
+    assert settings(tiled, small).inversion_key(small).digest() == settings(plain, small).inversion_key(small).digest()
 
     hashes = {}
     for tiling in (False, True):
@@ -188,7 +194,7 @@ def test_a_bfloat16_transformer_integrates_in_float32():
         backbone = pipeline.backbone
         sampling = SamplingConfig(steps=28, inversion_substeps=1, inversion_prompt="")
         reference = backbone.encode_prompts([""]).to(dtype=backbone.dtype)
-        trajectory = pipeline.trajectories([image], reference, sampling)[0]
+        trajectory = pipeline.trajectories(inversion_requests(pipeline, [image], sampling), reference, sampling)[0]
         assert trajectory.dtype == torch.float32
         schedule = pipeline.schedule(image, sampling)
         reconstructions[dtype] = sample(lambda x, t: backbone.predict(x, t, reference), trajectory[0:1], schedule)

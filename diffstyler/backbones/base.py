@@ -344,6 +344,12 @@ class Backbone(abc.ABC):
         `timesteps[i]`), on the latent grid. `guidance`: the scale for a guidance-distilled model's
         guidance embedding (ignored by models that guide with negative rows)."""
 
+    @property
+    def guidance_embedded(self) -> bool:
+        """Whether the denoiser reads the guidance scale as an input (a guidance-distilled model):
+        then every pass, the inversion's too, depends on it."""
+        return False
+
     def negative_rows(self, guidance_scale: float) -> bool:
         """Whether classifier-free guidance runs a row for the negative prompt beside each style's
         row (SD, SDXL, SD 3.5 unless the scale is 1; never on a guidance-distilled FLUX.1)."""

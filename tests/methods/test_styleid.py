@@ -19,7 +19,7 @@ from diffstyler.backbones.unet import decoder_layers
 from diffstyler.images import load_image, resize_to_multiple
 from diffstyler.methods import StyleIDConfig, adain
 from diffstyler.stylize import SamplingConfig
-from tests.helpers import CONTENT, REPO_ROOT, write_random_lora
+from tests.helpers import CONTENT, REPO_ROOT, inversion_requests, write_random_lora
 
 STYLE = REPO_ROOT / "data" / "styles" / "waves.png"
 STEPS = 6
@@ -37,7 +37,7 @@ def trajectories(pipe: DiffStylerPipeline) -> tuple[torch.Tensor, torch.Tensor]:
     style = ImageOps.fit(load_image(STYLE), content.size, Image.Resampling.BICUBIC)
     sampling = SamplingConfig(steps=STEPS, guidance_scale=pipe.backbone.default_guidance_scale)
     reference = pipe.backbone.encode_prompts([""])
-    return tuple(pipe.trajectories([content, style], reference, sampling))
+    return tuple(pipe.trajectories(inversion_requests(pipe, [content, style], sampling), reference, sampling))
 
 
 class ReferenceSelfAttention:
