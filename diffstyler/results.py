@@ -96,7 +96,8 @@ class ResultsLog:
         self.path = Path(folder) / PARTS_FOLDER / f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}.jsonl"
 
     def record(self, entry: dict[str, Any]) -> None:
-        """Append one job's line (keys: id, content, styles, loras, outputs, status, seconds, error)."""
+        """Append one job's line (keys: id, content, styles, loras, methods, images, outputs, status,
+        seconds, error)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps({**entry, "time": time.time()}, default=str) + "\n"
         with open(self.path, "a", encoding="utf-8") as handle:
