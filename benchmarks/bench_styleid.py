@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from PIL import ImageOps
 
+from bench_rows import counting_rows  # this folder: each denoiser call's rows, by a forward pre-hook
 from diffstyler import DiffStylerPipeline, train_style
 from diffstyler.images import load_image, resize_to_multiple
 from diffstyler.lora import StyleLoRAConfig
@@ -36,17 +37,6 @@ from diffstyler.lora import StyleLoRAConfig
 DATA = Path(__file__).resolve().parents[1] / "data"
 CONTENT, OTHER_CONTENT = DATA / "content_shapes.png", DATA / "batch" / "content" / "shapes.png"
 STYLE, SECOND_STYLE, WARM_UP_STYLE = DATA / "styles" / "waves.png", DATA / "styles" / "checks.png", DATA / "style_stripes.png"
-
-
-def counting_rows(denoiser: torch.nn.Module) -> tuple[list[int], object]:
-    """Each denoiser call's row count, appended as it runs."""
-    rows: list[int] = []
-
-    def count(module, args, kwargs):
-        latents = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
-        rows.append(latents.shape[0])
-
-    return rows, denoiser.register_forward_pre_hook(count, with_kwargs=True)
 
 
 def timed(call) -> tuple[float, object]:
