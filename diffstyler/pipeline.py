@@ -39,7 +39,7 @@ from PIL import Image, ImageOps
 from diffstyler.adapters import MAX_LOADED_ADAPTERS, StyleAdapters
 from diffstyler.backbones import Backbone, LayerMap, backbone_for, kind_of
 from diffstyler.conditioning import Conditioning
-from diffstyler.data.jobs import StyleEntry, check_styles, expand_lora_folders
+from diffstyler.data.jobs import StyleEntry, check_styles, expand_style_folders
 from diffstyler.data.sources import IMAGE_EXTENSIONS
 from diffstyler.errors import UserError, config_error
 from diffstyler.images import as_rgb_image, load_image, resize_to_multiple, sha256_file, to_tensor
@@ -222,15 +222,15 @@ class DiffStylerPipeline:
                    prompt: Optional[str] = None, image: Optional[str | os.PathLike | Image.Image] = None) -> list[str]:
         """Load styles; returns their names. A LoRA file, a LoRA folder, or a folder of LoRA folders
         (one style each, named after its folder) is a DiffStyler style; its prompt defaults to the
-        one `diffstyler fit` recorded in the LoRA's `diffstyler_lora.json`. An `image` alone (a file
-        or a PIL image) is a StyleID style: no training, its keys and values come from the image."""
+        one `diffstyler fit` recorded in the LoRA's `diffstyler_lora.json`. An `image` alone (a file,
+        a PIL image, or a folder of images: one style each) is a StyleID style: no training, its keys and values come from the image."""
         if lora is None and isinstance(image, Image.Image):
             name = name or f"image{len(self.style_images)}"
             self.style_images[name] = as_rgb_image(image, "image")
             image = f"<in memory: {name}>"
         entries = [StyleEntry(lora=None if lora is None else str(lora), prompt=prompt, scale=scale, name=name,
                               image=None if image is None else str(image))]
-        entries = check_styles(expand_lora_folders(entries)) if lora is not None or name not in self.style_images else \
+        entries = check_styles(expand_style_folders(entries)) if lora is not None or name not in self.style_images else \
             [entries[0].resolved()]
         for entry in entries:
             if entry.name in self.styles and self.styles[entry.name] != entry:

@@ -257,7 +257,11 @@ class StylizePredictor(LightningModule):
                     results[job.id] = JobResult(job, SKIPPED, time.perf_counter() - started)
                     continue
                 prepared.append(job_prepared)
+            inverting = time.perf_counter()
             self.add_trajectories(prepared)
+            share = (time.perf_counter() - inverting) / max(1, len(prepared))
+            for job in prepared:  # each job's share of the chunk's inversions, in its seconds
+                job.seconds += share
             for group in self.groups(prepared):
                 results.update((result.job.id, result) for result in self.stylize_group(group))
         return [results[job.id] for job in jobs]

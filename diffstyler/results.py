@@ -97,7 +97,8 @@ class ResultsLog:
         self.path = Path(folder) / PARTS_FOLDER / f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}.jsonl"
 
     def record(self, entry: dict[str, Any]) -> None:
-        """Append one job's line (keys: id, content, styles, loras, outputs, status, seconds, error).
+        """Append one job's line (keys: id, content, styles, loras, methods, images, outputs, status,
+        seconds, error).
 
         All or nothing: a write that fails part way (a full disk) is cut off again before the error
         goes on, so that the next line does not land on the end of a torn one (both would be lost)."""

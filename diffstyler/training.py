@@ -24,6 +24,7 @@ is reloaded from `model` on resume, so a checkpoint is a small fraction of the U
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -109,6 +110,7 @@ class StyleLoRAModule(LightningModule):
         # Encoded once and reused for every step (not saved: recomputed identically on resume).
         self.latent_cache: dict[int, torch.Tensor] = {}
         self.prompt_cache: dict[str, Conditioning] = {}
+        self.train_started: Optional[float] = None  # perf_counter at the training loop's start
 
     # --- model ----------------------------------------------------------------------------------
 
@@ -275,6 +277,9 @@ class StyleLoRAModule(LightningModule):
 
     # --- export ---------------------------------------------------------------------------------
 
+    def on_train_start(self) -> None:
+        self.train_started = time.perf_counter()
+
     def on_train_end(self) -> None:
         if self.trainer.is_global_zero:
             self.export(self.output_dir)
@@ -295,6 +300,9 @@ class StyleLoRAModule(LightningModule):
             **self.recipe(),
             "prediction_type": self.backbone.family.prediction_type,
             "steps": self.global_step,
+            # the training loop's seconds in this run (the model loaded; a resumed fit: since its
+            # resume): what a style costs before its first result (`diffstyler compare`)
+            "fit_seconds": None if self.train_started is None else round(time.perf_counter() - self.train_started, 3),
             **style,
             "model_card": self.model_card(style),
         }

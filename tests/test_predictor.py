@@ -3,6 +3,7 @@
 import dataclasses
 import logging
 import re
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -348,3 +349,26 @@ def test_a_result_reads_in_a1111_with_its_lora_tag_and_hash(tmp_path, loras):
     assert a1111_lora_hashes(read["Lora hashes"]) == {"first": a1111_lora_hash(loras[0])}
     assert "Model hash" not in read and read["Steps"] == "6"
     assert read_settings(record.outputs[0])["prompt"] == "painting of sss"  # the JSON keeps the exact prompt
+
+
+@pytest.mark.slow
+def test_a_jobs_seconds_include_its_share_of_the_inversions(tmp_path, loras, monkeypatch):
+    """results.jsonl's seconds are what `diffstyler compare` reports per image. Catches: the chunk's
+    inversions (run between preparing and denoising the jobs) left out of its jobs' seconds. The
+    inversion here is 10 sub-steps per step, far more than the rest of the job."""
+    predictor = _predictor(tmp_path)
+    predictor.sampling = dataclasses.replace(predictor.sampling, inversion_substeps=10)
+    spent = []
+    real_trajectories = predictor.pipeline.trajectories
+
+    def timed_trajectories(*args, **kwargs):
+        started = time.perf_counter()
+        value = real_trajectories(*args, **kwargs)
+        spent.append(time.perf_counter() - started)
+        return value
+
+    monkeypatch.setattr(predictor.pipeline, "trajectories", timed_trajectories)
+    jobs = StylizeDataModule(content=[str(CONTENT)], styles=[StyleEntry(lora=str(loras[0])), StyleEntry(lora=str(loras[1]))],
+                             pairing="product", resolution=64).jobs()
+    results = predictor.stylize_jobs(jobs)
+    assert len(spent) == 1 and all(result.seconds >= spent[0] / 2 for result in results)

@@ -99,15 +99,18 @@ class JobRecord:
     id: str
     content: str
     styles: tuple[Optional[str], ...]
-    loras: tuple[str, ...]
+    loras: tuple[Optional[str], ...]
     outputs: tuple[Path, ...]
     status: str
     seconds: float
     error: Optional[str]
+    methods: tuple[str, ...] = ()  # per style: "diffstyler" (a LoRA) or "styleid" (an image alone)
+    images: tuple[Optional[str], ...] = ()  # per style: its style image as given (None: none given)
 
     def as_line(self, folder: Path) -> dict[str, Any]:
         """The JSON line: outputs relative to the output folder (results.jsonl travels with it)."""
         return {"id": self.id, "content": self.content, "styles": list(self.styles), "loras": list(self.loras),
+                "methods": list(self.methods), "images": list(self.images),
                 "outputs": [path.relative_to(folder).as_posix() for path in self.outputs], "status": self.status,
                 "seconds": self.seconds, "error": self.error}
 
@@ -261,7 +264,8 @@ class StylizationWriter(BasePredictionWriter):
             raise result.error  # the run's one error line; nothing of the job is written
         job = result.job
         record = JobRecord(job.id, job.content, tuple(s.name for s in job.styles), tuple(s.lora for s in job.styles),
-                           outputs, result.status, round(result.seconds, 3), line)
+                           outputs, result.status, round(result.seconds, 3), line,
+                           tuple(s.method for s in job.styles), tuple(s.image for s in job.styles))
         with folder_errors_as_one_line(self.folder):
             self._log.record(record.as_line(self.folder))
         self.counts[result.status] += 1

@@ -12,7 +12,7 @@ from typing import Optional
 from diffstyler.errors import UserError
 
 SUBCOMMANDS = ("fit", "predict", "test")  # the keys of `app.MODES`, known before its imports
-TOOL_COMMANDS = ("export", "demo")  # the keys of `tools.TOOLS`: argparse commands, no Lightning
+TOOL_COMMANDS = ("export", "demo", "compare")  # the keys of `tools.TOOLS`: argparse commands, no Lightning
 DEFAULT_SUBCOMMAND = "fit"
 DEBUG_FLAG = "--debug"
 DEBUG_VARIABLE = "DIFFSTYLER_DEBUG"
@@ -30,9 +30,10 @@ SUBCOMMAND_HELP = {
     "test": "score stylized results: LPIPS, FID, ArtFID, CFSD (StyleID's protocol) and CSD",
     "demo": "the browser page: a photo, its styles and their regions, the results",
     "export": "write a LoRA in the kohya / A1111 layout (A1111, ComfyUI, kohya's sd-scripts)",
+    "compare": "run a protocol's methods on the same pairs and write one table and a side-by-side grid",
 }
 # The options of LightningCLI's main parser (before the subcommand) that take a separate value.
-MAIN_OPTIONS_WITH_VALUE = ("--config", "-c")
+MAIN_OPTIONS_WITH_VALUE = ("--config", "-c", "--method")
 
 
 def split_debug_flag(args: list[str]) -> tuple[bool, list[str]]:
@@ -74,6 +75,9 @@ def main_help() -> str:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also DIFFSTYLER_DEBUG=1)")
     parser.add_argument("--verbose", action="store_true",
                         help="show the libraries' notices that a run hides (also DIFFSTYLER_VERBOSE=1)")
+    parser.add_argument("--method", metavar="NAME",
+                        help="with a protocol file: the method its stages run (configs/protocols/styleid.yaml: "
+                             "diffstyler or styleid)")
     return parser.format_help()
 
 

@@ -13,7 +13,11 @@ configs/sd15/style.yaml>`, so a family or smoke config states only what differs 
 default is changed in one file (`expand_extends`). The base may itself extend another one.
 
 A protocol file (configs/protocols/styleid.yaml) has a section per subcommand (a subcommand's name
-among its top-level keys); each subcommand is given only its own section (`protocol_stage`).
+among its top-level keys); each subcommand is given only its own section (`protocol_stage`). It may
+run several methods on the same inputs: `methods` maps each method's name to what it changes in
+the sections (`{}`: nothing; a stage `null`: the method has no such stage, as StyleID has no fit),
+`method` names the one the stages run, and `--method NAME` on the command line chooses another
+(`protocol_section`). `diffstyler compare` runs every method of such a file and compares them.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from diffstyler.errors import MissingFileError, UserError
 
 CONFIG_OPTIONS = ("--config", "-c")
 EXTENDS_KEY = "extends"  # a config file's key naming the config file it overlays
+METHOD_OPTION = "--method"  # a protocol file's method (`protocol_section`)
+METHOD_KEY, METHODS_KEY = "method", "methods"  # a protocol file's chosen method, and every method's changes
 
 
 @dataclass(frozen=True)
@@ -53,8 +59,29 @@ def config_options(args: list[str]) -> Iterator[tuple[int, int, str]]:
         index += 1
 
 
+def method_option(args: list[str]) -> tuple[Optional[str], list[str]]:
+    """The value of `--method NAME` / `--method=NAME` (None when absent), and `args` without it."""
+    method, kept = None, []
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg == METHOD_OPTION:
+            if index + 1 >= len(args) or args[index + 1].startswith("-"):
+                raise UserError(f"{METHOD_OPTION} needs a value", METHOD_OPTION, "give the protocol's method, e.g. --method styleid")
+            method, index = args[index + 1], index + 2
+            continue
+        if arg.startswith(METHOD_OPTION + "="):
+            method = arg.split("=", 1)[1]
+        else:
+            kept.append(arg)
+        index += 1
+    return method, kept
+
+
 def config_sources(args: list[str], subcommand: str) -> list[ConfigSource]:
-    """Every config of the command line, in order; a protocol file gives its `subcommand` section."""
+    """Every config of the command line, in order; a protocol file gives its `subcommand` section
+    (of the method `--method` names)."""
+    method, args = method_option(args)
     sources = []
     for _, _, value in config_options(args):
         if not is_file(value):
@@ -62,7 +89,7 @@ def config_sources(args: list[str], subcommand: str) -> list[ConfigSource]:
             continue
         values = read_config_file(value)
         if is_protocol(values):
-            sources.append(ConfigSource(f"{value} ({subcommand} section)", protocol_section(values, value, subcommand)))
+            sources.append(ConfigSource(f"{value} ({subcommand} section)", protocol_section(values, value, subcommand, method)))
         else:
             sources += config_chain(value)
     return sources
@@ -182,12 +209,14 @@ def source_of(key: str, sources: list[ConfigSource]) -> Optional[str]:
 def protocol_stage(args: list[str], subcommand: str) -> list[str]:
     """Each `--config FILE` where FILE is a protocol replaced by `--config <FILE's section>` right
     after the subcommand: `diffstyler fit --config P` and `diffstyler --config P fit` both run P's fit.
+    `--method NAME` (taken out of the arguments) picks the section of that method of P.
 
     LightningCLI builds one module pair for all its subcommands, so it would check every section
     of such a file against this subcommand's classes and refuse the other stages' keys. The
     section goes inline as YAML (jsonargparse reads a config string as a file). The ranks that
-    DDP starts run `main` on the original command line, and so pick the same section.
+    DDP starts run `main` on the command line made here, and so run the same section.
     """
+    method, args = method_option(args)
     if subcommand not in args:
         return args
     kept, stages = [], []
@@ -196,11 +225,14 @@ def protocol_stage(args: list[str], subcommand: str) -> list[str]:
         kept += args[start:index]
         values = read_config_file(value) if is_file(value) else None
         if values is not None and is_protocol(values):
-            stages += ["--config", yaml.safe_dump(protocol_section(values, value, subcommand), sort_keys=False)]
+            stages += ["--config", yaml.safe_dump(protocol_section(values, value, subcommand, method), sort_keys=False)]
         else:
             kept += args[index : index + width]
         start = index + width
     kept += args[start:]
+    if method is not None and not stages:
+        raise UserError(f"{METHOD_OPTION} without a protocol file", METHOD_OPTION,
+                        "it chooses a method of a protocol file (--config configs/protocols/styleid.yaml)")
     position = kept.index(subcommand) + 1
     return kept[:position] + stages + kept[position:]
 
@@ -209,9 +241,49 @@ def is_protocol(values: dict[str, Any]) -> bool:
     return any(name in values for name in SUBCOMMANDS)
 
 
-def protocol_section(values: dict[str, Any], file: str, subcommand: str) -> dict[str, Any]:
-    """The subcommand's section of a protocol file's `values`."""
+def protocol_section(values: dict[str, Any], file: str, subcommand: str, method: Optional[str] = None) -> dict[str, Any]:
+    """The subcommand's section of a protocol file's `values` for `method` (None: the file's
+    `method`): the section with what `methods.<method>.<subcommand>` changes merged into it
+    (mappings key by key, any other value replaced whole, a list too)."""
     if not isinstance(values.get(subcommand), dict):
         stages = ", ".join(name for name in SUBCOMMANDS if name in values)
         raise UserError(f"no {subcommand} section", file, f"this protocol file has sections {stages}; add {subcommand}:")
-    return values[subcommand]
+    changes = protocol_methods(values, file)
+    method = method if method is not None else values.get(METHOD_KEY)
+    if method is None:
+        return values[subcommand]
+    if method not in changes:
+        known = ", ".join(changes) or "none"
+        raise UserError(f"unknown method {method!r}", file, f"this protocol's {METHODS_KEY} are {known}")
+    stage_changes = changes[method].get(subcommand, {})
+    if stage_changes is None:
+        raise UserError(f"no {subcommand} for method {method}", file,
+                        f"{METHODS_KEY}.{method}.{subcommand} is null: the method has no {subcommand} stage")
+    return merged(values[subcommand], stage_changes)
+
+
+def protocol_methods(values: dict[str, Any], file: str) -> dict[str, dict[str, Any]]:
+    """A protocol's `methods`: each method's name and its changes per stage (a mapping or null)."""
+    given = values.get(METHODS_KEY) or {}
+    if not isinstance(given, dict):
+        raise UserError(f"invalid {METHODS_KEY}", file, "give a mapping of method names to their changes per stage ({} for none)")
+    methods = {}
+    for name, changes in given.items():
+        changes = changes or {}
+        if not isinstance(changes, dict) or any(stage not in SUBCOMMANDS for stage in changes):
+            raise UserError(f"invalid {METHODS_KEY}.{name}", file, f"give stages ({', '.join(SUBCOMMANDS)}) and what the "
+                                                                   "method changes in each (null: no such stage)")
+        if any(section is not None and not isinstance(section, dict) for section in changes.values()):
+            raise UserError(f"invalid {METHODS_KEY}.{name}", file, "each stage's changes are a mapping of keys, or null")
+        methods[name] = changes
+    if values.get(METHOD_KEY) is not None and values[METHOD_KEY] not in methods:
+        raise UserError(f"unknown {METHOD_KEY} {values[METHOD_KEY]!r}", file, f"name one of {METHODS_KEY}: {', '.join(methods) or 'none'}")
+    return methods
+
+
+def merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `changes`: mappings merged key by key, any other value (a list too) replaced."""
+    result = dict(base)
+    for key, value in changes.items():
+        result[key] = merged(result[key], value) if isinstance(value, dict) and isinstance(result.get(key), dict) else value
+    return result

@@ -3,6 +3,7 @@
     diffstyler export --lora outputs/lora_mine --format kohya --output mine.safetensors
     diffstyler export --lora outputs/lora_flux --format comfyui --output mine_flux.safetensors
     diffstyler demo --config configs/smoke/demo.yaml       # a Gradio page (pip install -e ".[demo]")
+    diffstyler compare --config configs/protocols/styleid.yaml   # DiffStyler and StyleID: one table
 
 `TOOLS` maps a name to its function(argv) -> exit status. Their errors are one line like the
 Lightning subcommands' (`diffstyler <tool>: error: <what> (<where>): <why>`, status 2).
@@ -58,5 +59,28 @@ def demo(argv: list[str]) -> int:
     return 0
 
 
-TOOLS: dict[str, Callable[[list[str]], int]] = {"export": export, "demo": demo}
-PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {"export": export_parser, "demo": demo_parser}  # for the docs' tests
+def compare_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffstyler compare", allow_abbrev=False, description=compare.__doc__)
+    parser.add_argument("--config", required=True, help="a protocol file with methods and a compare section "
+                                                        "(configs/protocols/styleid.yaml; configs/smoke/protocols/styleid.yaml)")
+    parser.add_argument("--report-only", action="store_true", help="run no stage: write the table and the grid from "
+                                                                   "what the stages wrote")
+    return parser
+
+
+def compare(argv: list[str]) -> int:
+    """Every method of a protocol on the same pairs (DiffStyler: fit, then predict; StyleID: predict
+    from the style images), scored by one `diffstyler test`: one table (the scores, seconds per
+    image, style preparation) and a side-by-side grid in the protocol's compare.output."""
+    arguments = compare_parser().parse_args(argv)
+    from diffstyler.cli.compare import compare as run_comparison
+
+    table, folder = run_comparison(arguments.config, arguments.report_only)
+    print(table, end="")
+    print(f"diffstyler compare: the table, its notes and the grid in {folder}", file=sys.stderr)
+    return 0
+
+
+TOOLS: dict[str, Callable[[list[str]], int]] = {"export": export, "demo": demo, "compare": compare}
+PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {"export": export_parser, "demo": demo_parser,
+                                                             "compare": compare_parser}  # for the docs' tests

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from diffstyler.checks import check_resolution
 from diffstyler.errors import UserError, config_error
-from diffstyler.data.sources import IMAGE_EXTENSIONS, ContentFile, ManifestRow, expand_content, read_manifest
+from diffstyler.data.sources import IMAGE_EXTENSIONS, ContentFile, ManifestRow, expand_content, expand_entry, read_manifest
 from diffstyler.images import check_image_header, load_image
 from diffstyler.data.naming import (
     JobFiles,
@@ -47,7 +47,7 @@ class StyleEntry:
         lora: a LoRA `.safetensors` file or a folder holding `pytorch_lora_weights.safetensors`
             (ours from `diffstyler fit`, or a community LoRA in a format diffusers reads), or a
             folder of such folders (what `diffstyler fit` with `data.one_lora_per_image` writes),
-            which stands for one style per LoRA folder in it (`expand_lora_folders`). None: the
+            which stands for one style per LoRA folder in it (`expand_style_folders`). None: the
             style is `image`, applied by StyleID (no training).
         prompt: the style prompt; None takes the prompt recorded in the LoRA's `diffstyler_lora.json`
             (an image style has none: StyleID uses no text).
@@ -55,7 +55,9 @@ class StyleEntry:
         mask: where the style goes (a `MaskSpec`); None styles the whole image.
         name: used in output file names (default: the LoRA's folder or file name, or the image's).
         image: the style image: with `lora`, shown in the result grid and paired with the results
-            by `diffstyler test`; without, the style itself (StyleID).
+            by `diffstyler test`; without, the style itself (StyleID), where a folder, a glob
+            pattern or a `.txt` list of images (as `data.content` reads them) stands for one
+            StyleID style per image, named after its file (`expand_style_folders`).
     """
 
     lora: Optional[str] = None
@@ -88,22 +90,37 @@ def job_seed(base_seed: int, job_id: int | str) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def expand_lora_folders(styles: list[StyleEntry]) -> list[StyleEntry]:
-    """Each entry whose `lora` is a folder of LoRA folders replaced by one entry per LoRA folder in
-    it (sorted; each named after its folder, with the entry's prompt, scale and mask)."""
+def expand_style_folders(styles: list[StyleEntry]) -> list[StyleEntry]:
+    """Each entry that stands for several styles replaced by one entry per style, with the entry's
+    prompt, scale and mask: a `lora` that is a folder of LoRA folders by one per LoRA folder in it
+    (sorted, each named after its folder); an `image` alone (StyleID) that is a folder, a glob
+    pattern or a list of images by one per image (in `data.content`'s order, each named after its file)."""
     expanded = []
     for index, entry in enumerate(styles):
-        folders = lora_folders_in(entry.lora) if entry.lora is not None else []
-        if not folders:
+        if entry.lora is not None:
+            parts = [dataclasses.replace(entry, lora=str(folder)) for folder in lora_folders_in(entry.lora)]
+            what = f"{len(parts)} LoRAs", f"{entry.lora} is a folder of LoRA folders", "LoRA folder"
+        else:
+            parts = [dataclasses.replace(entry, image=file.path) for file in style_images_in(entry.image, index)]
+            what = f"{len(parts)} style images", f"{entry.image} names several images", "image file"
+        if not parts:
             expanded.append(entry)
             continue
-        if entry.name is not None or entry.image is not None:
-            given = "name" if entry.name is not None else "image"
-            raise UserError(f"{given} given for {len(folders)} LoRAs", f"data.styles[{index}].{given}",
-                            f"{entry.lora} is a folder of LoRA folders; leave {given} out (each style is named "
-                            "after its LoRA folder), or name the LoRA folders one by one")
-        expanded += [dataclasses.replace(entry, lora=str(folder)) for folder in folders]
+        given = "name" if entry.name is not None else "image" if entry.lora is not None and entry.image is not None else None
+        if given is not None:
+            many, why, each = what
+            raise UserError(f"{given} given for {many}", f"data.styles[{index}].{given}",
+                            f"{why}; leave {given} out (each style is named after its {each}), or name them one by one")
+        expanded += parts
     return expanded
+
+
+def style_images_in(image: Optional[str], index: int) -> list[ContentFile]:
+    """The images an image style's `image` names when it is a folder, a pattern or a list file;
+    [] for one image file (or none)."""
+    if image is None or (Path(image).is_file() and Path(image).suffix.lower() in IMAGE_EXTENSIONS):
+        return []
+    return expand_entry(image, f"data.styles[{index}].image")
 
 
 def lora_folders_in(path: str) -> list[Path]:
@@ -190,15 +207,16 @@ def content_jobs(contents: list[ContentFile], styles: list[StyleEntry], pairing:
 
 
 def manifest_jobs(rows: list[ManifestRow], styles: list[StyleEntry], manifest: str) -> list[JobSpec]:
-    """One job per manifest row: its styles by name (from `data.styles`) or LoRA path, with the row's
-    masks, prompt and scale; `output` is the output name (checked to stay inside the output folder)."""
+    """One job per manifest row: its styles by name (from `data.styles`), LoRA path (DiffStyler) or
+    style image path (StyleID), with the row's masks, prompt and scale; `output` is the output name
+    (checked to stay inside the output folder)."""
     by_name = {entry.name: entry for entry in styles}
     folder = Path(manifest).parent
-    loras: dict[str, StyleEntry] = {}  # LoRA path -> resolved entry, so each is resolved once
+    paths: dict[str, StyleEntry] = {}  # LoRA or image path -> resolved entry, so each is resolved once
     specs = []
     for row in rows:
         where = f"data.manifest row {row.number} ({row.where})"
-        entries = [_manifest_style(name, by_name, folder, loras, where) for name in row.styles] or list(styles)
+        entries = [_manifest_style(name, by_name, folder, paths, where) for name in row.styles] or list(styles)
         if not entries:
             raise UserError("row has no styles", where, "give the row's styles, or data.styles for rows without any")
         if row.masks and len(row.masks) != len(entries):
@@ -214,19 +232,25 @@ def manifest_jobs(rows: list[ManifestRow], styles: list[StyleEntry], manifest: s
     return specs
 
 
-def _manifest_style(name: str, by_name: dict[str, StyleEntry], folder: Path, loras: dict, where: str) -> StyleEntry:
+def _manifest_style(name: str, by_name: dict[str, StyleEntry], folder: Path, paths: dict, where: str) -> StyleEntry:
+    """A row's style: a name from `data.styles`, else a path (relative to the manifest's folder): a
+    style image (StyleID, by its extension) or a LoRA file or folder (DiffStyler)."""
     if name in by_name:
         return by_name[name]
     path = name if Path(name).is_absolute() else str(folder / name)
-    if path not in loras:
+    if path not in paths:
         if not Path(path).exists():
             known = ", ".join(sorted(by_name)) or "none"
-            raise UserError(f"unknown style {name!r}", where, f"neither a style name in data.styles ({known}) nor a LoRA file or folder")
+            raise UserError(f"unknown style {name!r}", where,
+                            f"neither a style name in data.styles ({known}) nor a LoRA file or folder nor a style image")
+        is_image = Path(path).suffix.lower() in IMAGE_EXTENSIONS
         try:
-            loras[path] = StyleEntry(lora=path).resolved()
+            if is_image:
+                check_image_header(path)  # decoded when its job runs, as contents are
+            paths[path] = StyleEntry(image=path).resolved() if is_image else StyleEntry(lora=path).resolved()
         except UserError as error:
             raise UserError(error.what, where, f"{error.where}: {error.why}") from error
-    return loras[path]
+    return paths[path]
 
 
 def _with_row_settings(entries: list[StyleEntry], row: ManifestRow) -> list[StyleEntry]:
@@ -323,7 +347,7 @@ class StylizeDataModule(LightningDataModule):
             raise config_error("data.manifest", "give data.content or data.manifest, not both")
         content, styles = list(content or []), list(styles or [])
         check_scales(styles)
-        self.styles = check_styles(expand_lora_folders(styles)) if styles or manifest is None else []
+        self.styles = check_styles(expand_style_folders(styles)) if styles or manifest is None else []
         if manifest is not None:
             specs = manifest_jobs(read_manifest(manifest), self.styles, manifest)
         else:

@@ -1,10 +1,12 @@
 """What `diffstyler test` scores: (content, style image, result) triples, from the output folders of
 `diffstyler predict` runs or from a CSV.
 
-- A predict run's folder: its `results.jsonl` names each job's content, LoRAs and outputs; the style
-  image of a LoRA is the one it was trained on, recorded in its `diffstyler_lora.json`
-  (`style_images`, written by `diffstyler fit`). Jobs that did not finish (`failed`) are left out,
-  and so are jobs with several styles in one fused image (no single style to compare with).
+- A predict run's folder: its `results.jsonl` names each job's content, styles and outputs. The
+  style image of a result is its style's `image` where the style entry gave one (a StyleID style is
+  that image; a LoRA style may name it), else the image its LoRA was trained on, recorded in the
+  LoRA's `diffstyler_lora.json` (`style_images`, written by `diffstyler fit`). Jobs that did not
+  finish (`failed`) are left out, and so are jobs with several styles in one fused image (no single
+  style to compare with).
 - A CSV with the columns `content,style,result` (paths relative to the CSV's folder).
 
 A triple whose file is missing is reported (one warning line naming the file) and skipped; the
@@ -62,15 +64,27 @@ def triples_from_results(folder: str) -> list[ScoredTriple]:
                                f"{results} does not exist; give the output folder of a `diffstyler predict` run")
     triples = []
     for line in read_json_lines(results):
-        loras, outputs = line.get("loras") or [], line.get("outputs") or []
-        if line.get("status") not in (DONE, SKIPPED) or len(loras) != 1 or len(outputs) != 1:
+        styles, outputs = line.get("styles") or [], line.get("outputs") or []
+        if line.get("status") not in (DONE, SKIPPED) or len(styles) != 1 or len(outputs) != 1:
             continue
-        style = recorded_style_image(loras[0])
+        style = style_image_of(line)
         if style is None:
-            log.warning("not scored: %s (its LoRA %s records no style image)", line["id"], loras[0])
+            log.warning("not scored: %s (no style image: its style entry names none, nor does its LoRA %s)",
+                        line["id"], (line.get("loras") or [None])[0])
             continue
-        triples.append(ScoredTriple(line["content"], style, str(Path(folder) / outputs[0]), line["styles"][0], folder))
+        triples.append(ScoredTriple(line["content"], style, str(Path(folder) / outputs[0]), styles[0], folder))
     return triples
+
+
+def style_image_of(line: dict[str, Any]) -> Optional[str]:
+    """The style image of a single-style job's line of results.jsonl: the image its style entry
+    gave (a StyleID style's own; lines of runs before `images` was recorded have none), else the
+    one its LoRA records."""
+    image = (line.get("images") or [None])[0]
+    if image is not None:
+        return str(image)
+    lora = (line.get("loras") or [None])[0]
+    return None if lora is None else recorded_style_image(lora)
 
 
 def recorded_style_image(lora: str) -> Optional[str]:

@@ -54,7 +54,7 @@ def test_the_main_help_lists_every_subcommand_in_our_words_without_importing_tor
     assert result.returncode == 0, result.stderr
     helps = option_helps(result.stdout)
     assert {name: helps.get(name) for name in SUBCOMMAND_HELP} == SUBCOMMAND_HELP, result.stdout
-    assert set(SUBCOMMAND_HELP) == {"fit", "predict", "test", "demo", "export"}
+    assert set(SUBCOMMAND_HELP) == {"fit", "predict", "test", "demo", "export", "compare"}
     assert "optimization routine" not in result.stdout and " ".join(DESCRIPTION.split()) in " ".join(result.stdout.split())
 
 

@@ -88,7 +88,7 @@ def test_an_unknown_key_is_named_in_the_last_file_that_sets_it():
 @pytest.mark.parametrize(
     ("args", "line"),
     [
-        (["predcit"], "diffstyler: error: unknown subcommand 'predcit': did you mean predict? choose one of fit, predict, test, export, demo"),
+        (["predcit"], "diffstyler: error: unknown subcommand 'predcit': did you mean predict? choose one of fit, predict, test, export, demo, compare"),
         (["fit", "--config", "nope.yaml"], "diffstyler fit: error: config file not found (nope.yaml): no such file"),
         (["fit", "--config", "{broken.yaml}"], "diffstyler fit: error: config file is not valid YAML ({broken.yaml}:2): "
                                               "expected <block end>, but found '-'"),

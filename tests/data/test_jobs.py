@@ -205,3 +205,78 @@ def test_a_name_or_image_for_a_folder_of_loras_is_refused(photos, loras, given):
     with pytest.raises(UserError, match=f"{given} given for 2 LoRAs") as caught:
         StylizeDataModule(content=[str(photos)], styles=[entry])
     assert caught.value.where == f"data.styles[0].{given}"
+
+
+# --- style images (StyleID): a style given by its image alone ------------------------------------
+
+@pytest.fixture
+def style_folder(tmp_path):
+    """style/checks.png, style/waves.png (the repository's two style images) and a hidden file."""
+    folder = tmp_path / "style"
+    folder.mkdir()
+    for name in ("waves", "checks"):
+        shutil.copy(ROOT / "data" / "styles" / f"{name}.png", folder / f"{name}.png")
+    (folder / ".thumbnail.png").write_bytes(b"")
+    return folder
+
+
+def test_a_folder_of_style_images_is_one_styleid_style_per_image_in_the_product(photos, style_folder):
+    """What the StyleID protocol gives as data.styles (40 images in one folder). Catches: the folder
+    taken as one style (or refused as no image), a hidden file taken as a style, names from a
+    position in the folder, the entry's other keys dropped, a LoRA method for an image style."""
+    data = StylizeDataModule(content=[str(photos)], styles=[StyleEntry(image=str(style_folder), scale=0.5)], pairing="product")
+    assert [(entry.name, entry.image, entry.lora, entry.scale, entry.method) for entry in data.styles] == [
+        ("checks", str(style_folder / "checks.png"), None, 0.5, "styleid"),
+        ("waves", str(style_folder / "waves.png"), None, 0.5, "styleid")]
+    assert data.job_ids() == ["a_checks", "a_waves", "sub/b_checks", "sub/b_waves"]
+    assert [[style.image for style in job.styles] for job in data.jobs()] == [[str(style_folder / f"{name}.png")] for name in ("checks", "waves")] * 2
+    # a pattern and a list file name images too
+    (style_folder / "list.txt").write_text("waves.png\n")
+    for given in (str(style_folder / "w*.png"), str(style_folder / "list.txt")):
+        assert [entry.image for entry in StylizeDataModule(content=[str(photos)], styles=[StyleEntry(image=given)]).styles] == [
+            str(style_folder / "waves.png")]
+
+
+def test_a_name_for_a_folder_of_style_images_is_refused_and_an_empty_one_named(photos, style_folder, tmp_path):
+    with pytest.raises(UserError, match="name given for 2 style images") as caught:
+        StylizeDataModule(content=[str(photos)], styles=[StyleEntry(image=str(style_folder), name="mine")])
+    assert caught.value.where == "data.styles[0].name"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no image files") as caught:
+        StylizeDataModule(content=[str(photos)], styles=[StyleEntry(image=str(tmp_path / "empty"))])
+    assert caught.value.where == "data.styles[0].image"
+
+
+def test_one_run_mixes_lora_styles_and_image_styles(photos, loras, style_folder):
+    """The product over a LoRA and a folder of images: each job has one style and its method.
+    Catches: the LoRA folder expansion dropping the image entries after it (or the reverse)."""
+    data = StylizeDataModule(content=[str(photos)], styles=[StyleEntry(lora=str(loras[0])), StyleEntry(image=str(style_folder))],
+                             pairing="product")
+    assert [(job.id, job.styles[0].method) for job in data.jobs()][:3] == [
+        ("a_ink", "diffstyler"), ("a_checks", "styleid"), ("a_waves", "styleid")]
+    assert len(data.jobs()) == 6
+
+
+def test_manifest_rows_take_style_images_beside_loras(tmp_path, photos, loras, style_folder):
+    """A CSV row and a JSONL row naming a style image by its path (relative to the manifest), alone
+    and beside a LoRA in two masks. Catches: the image read as a LoRA (no weights file), a path
+    not joined to the manifest's folder, the row's masks not given to the image style."""
+    shutil.copy(ROOT / "data" / "content_shapes_mask.png", tmp_path / "mask.png")
+    for name, text in (
+        ("jobs.csv", f"content,styles,masks\nphotos/a.png,style/waves.png,\nphotos/sub/b.png,ink;style/checks.png,mask.png;mask.png\n"),
+        ("jobs.jsonl", '{"content": "photos/a.png", "styles": "style/waves.png"}\n'
+                       '{"content": "photos/sub/b.png", "styles": ["ink", "style/checks.png"], "masks": ["mask.png", "mask.png"]}\n'),
+    ):
+        data = StylizeDataModule(manifest=str(write_manifest(tmp_path, text, name)), styles=[StyleEntry(lora=str(loras[0]), name="ink")])
+        first, second = data.jobs()
+        assert first.id == "photos/a_waves"
+        assert [(s.image, s.lora, s.method) for s in first.styles] == [(str(tmp_path / "style" / "waves.png"), None, "styleid")]
+        assert [(s.name, s.method, s.mask.file) for s in second.styles] == [
+            ("ink", "diffstyler", str(tmp_path / "mask.png")), ("checks", "styleid", str(tmp_path / "mask.png"))]
+
+
+def test_a_broken_style_image_in_a_manifest_names_its_row(tmp_path, loras):
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    manifest = write_manifest(tmp_path, f"content,styles\n{CONTENT},broken.png\n")
+    with pytest.raises(UserError, match=r"row 1 .*broken\.png"):
+        StylizeDataModule(manifest=str(manifest), styles=[StyleEntry(lora=str(loras[0]), name="ink")])

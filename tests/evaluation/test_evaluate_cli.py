@@ -17,6 +17,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from diffstyler.cli import USER_ERROR_STATUS, main
+from diffstyler.evaluation.data import EvaluationDataModule
 from diffstyler.results import read_json_lines
 from tests.helpers import run_cli_in_process, write_random_lora
 
@@ -183,3 +184,30 @@ def test_without_a_logger_nothing_is_written_for_tensorboard(predicted, tmp_path
           "--data.results", json.dumps([str(predicted)]), "--trainer.logger", "false"])
     assert read_metrics(tmp_path)["count"] == 6
     assert not list(tmp_path.rglob("*tfevents*"))
+
+
+def test_a_run_mixing_lora_and_image_styles_pairs_each_result_with_its_style_image(predicted, tmp_path, monkeypatch, capsys):
+    """One product run over a LoRA (trained on data/style_stripes.png), the same LoRA given another
+    `image`, and a folder of style images alone (StyleID). Catches: an image style's result left
+    unscored or paired with a LoRA's image, a LoRA style's own `image` ignored, and results.jsonl
+    without each style's method."""
+    lora = json.loads((predicted / "results.jsonl").read_text().splitlines()[0])["loras"][0]
+    styles = [{"lora": lora, "name": "trained"}, {"lora": lora, "name": "shown", "image": str(CONTENT)},
+              {"lora": None, "image": str(REPO_ROOT / "data" / "styles")}]
+    status, output = run_cli_in_process(["predict", "--config", "configs/smoke/batch.yaml", "--data.content", json.dumps([str(CONTENT)]),
+                                         "--data.styles", json.dumps(styles), "--model.output.folder", str(tmp_path / "run"),
+                                         "--model.inversion_cache", str(tmp_path / "cache"), "--model.sampling.steps", "4",
+                                         "--model.injection.feature_steps", "2", "--model.injection.attention_steps", "2",
+                                         "--trainer.logger", "false"], monkeypatch, capsys)
+    assert status == 0, output[-3000:]
+    lines = {line["id"]: line for line in read_json_lines(tmp_path / "run" / "results.jsonl")}
+    assert {name: (line["methods"], line["loras"], line["images"]) for name, line in lines.items()} == {
+        "content_shapes_trained": (["diffstyler"], [lora], [None]),
+        "content_shapes_shown": (["diffstyler"], [lora], [str(CONTENT)]),
+        "content_shapes_checks": (["styleid"], [None], [str(REPO_ROOT / "data" / "styles" / "checks.png")]),
+        "content_shapes_waves": (["styleid"], [None], [str(REPO_ROOT / "data" / "styles" / "waves.png")])}
+    triples = EvaluationDataModule(results=[str(tmp_path / "run")]).triples
+    assert {Path(triple.result).stem: (triple.style_name, triple.style) for triple in triples} == {
+        "content_shapes_trained": ("trained", str(STYLE_IMAGE)), "content_shapes_shown": ("shown", str(CONTENT)),
+        "content_shapes_checks": ("checks", str(REPO_ROOT / "data" / "styles" / "checks.png")),
+        "content_shapes_waves": ("waves", str(REPO_ROOT / "data" / "styles" / "waves.png"))}
