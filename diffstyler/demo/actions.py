@@ -9,8 +9,11 @@ whoever uses the page. Anything else is a bug and keeps Gradio's bare "Error".
 
 Each page session (a browser tab, or a script's Gradio client) has a `Session` on the server: its
 own folder under the output folder (a random name) and the styles it trained, which only its own
-menus offer. An upload is decoded once, in the model's queue, and its file deleted then: the photo
-at the demo's resolution, the style image at the training's, a mask as its region. What the page
+menus offer. A style image uploaded in a page is a style of that page at once (StyleID, no
+training: `ImageStyles`), and the LoRA it trains from the same image is another (DiffStyler); the
+menus and the results' captions say which method each style is (`method_label`). An upload is
+decoded once, in the model's queue, and its file deleted then: the photo at the demo's resolution,
+the style image at the larger of the demo's and the training's, a mask as its region. What the page
 shows and offers for download are copies in a new folder with a random name in Gradio's upload
 folder (`served_copies`): a session's results reach that session only, and the output folder
 itself is never served.
@@ -29,7 +32,7 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import gradio as gr
 import numpy as np
@@ -40,9 +43,9 @@ from PIL import Image
 
 from diffstyler.demo.config import DemoConfig
 from diffstyler.demo.controls import (
-    ATTENTION_STEPS, CANVAS, CLICK_KIND, FEATURE_STEPS, GUIDANCE, MASK_IMAGE, MAX_STYLES, PHOTO, PRESET, REGION,
-    REGION_TEXT, REGION_TEXT_LABEL, SEED, STEPS, STYLE, STYLE_IMAGE, STYLE_NAME, check_choice, check_window, in_tab,
-    is_control,
+    ATTENTION_STEPS, CANVAS, CLICK_KIND, FEATURE_STEPS, GUIDANCE, LORA_NAME, MASK_IMAGE, MAX_IMAGE_STYLES, MAX_STYLES,
+    PHOTO, PRESET, REGION, REGION_TEXT, REGION_TEXT_LABEL, SEED, STEPS, STYLE, STYLE_IMAGE, STYLEID_ADAIN,
+    STYLEID_GAMMA, STYLEID_TAU, check_choice, check_switch, check_window, in_tab, is_control, tab_name,
 )
 from diffstyler.demo.regions import (
     BOX, MASK_FILE, POINT_LABELS, POINTS, REGION_MODES, TEXT, WHOLE_IMAGE, Click, add_click, canvas, mask_source,
@@ -53,6 +56,7 @@ from diffstyler.images import ImageLoadError, load_image, max_image_pixels, open
 from diffstyler.injection import INJECTION_PRESETS, injection_config
 from diffstyler.lora import LORA_WEIGHTS_NAME, StyleLoRAConfig
 from diffstyler.masks import MaskError, hard_mask_from_image
+from diffstyler.methods import StyleIDConfig
 from diffstyler.outputs import lora_tag, save_result
 from diffstyler.pipeline import DiffStylerPipeline, StylizationOutput
 from diffstyler.training import train_style
@@ -64,6 +68,10 @@ REGION_CONTROLS = {POINTS: CANVAS, BOX: CANVAS, TEXT: REGION_TEXT_LABEL, MASK_FI
 
 Progress = Callable[..., Any]  # gr.Progress: progress((done, total), desc=...)
 Gallery = list[tuple[str, str]]  # (served PNG path, caption)
+# A page's image styles (StyleID), by name, oldest first: kept in the page's state (`gr.State`, which
+# no request can set), not on the server's pipeline, which every page shares.
+ImageStyles = dict[str, Image.Image]
+IMAGE_STYLE_KEY = "page-image-"  # what the pipeline calls a page's image style during a run, + a random suffix
 
 
 # -- messages -------------------------------------------------------------------------------------
@@ -149,6 +157,46 @@ def file_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")
 
 
+def numbered_name(wanted: str, taken: Callable[[str], bool]) -> str:
+    """`wanted` as a file name part, or with the first number (_2, _3, ...) that makes it a name not `taken`."""
+    base = file_stem(wanted) or "style"
+    name, number = base, 1
+    while taken(name):
+        number += 1
+        name = f"{base}_{number}"
+    return name
+
+
+# -- styles by method ------------------------------------------------------------------------------
+
+def method_label(name: str, method: str) -> str:
+    """A style as the menus and the results' captions show it: the method that makes its results."""
+    return f"StyleID (image {name}, no training)" if method == "styleid" else f"DiffStyler (LoRA {name})"
+
+
+def shown_style(entry: dict[str, Any], name: str) -> dict[str, Any]:
+    """A style's settings as a result records them: named as the page names it, that name in place of
+    its LoRA's path on the server and of its image's (an upload, or the pipeline's key for a page's
+    image); its hash (`lora_sha256` or `image_sha256`) still says which file or pixels it was."""
+    return {**entry, "name": name, "lora": None if entry["lora"] is None else name,
+            "image": None if entry["image"] is None else name}
+
+
+@contextlib.contextmanager
+def image_styles_loaded(pipe: DiffStylerPipeline, images: ImageStyles) -> Iterator[dict[str, str]]:
+    """A page's image styles loaded on the shared pipeline for one run (its keys: each style's name
+    there, a random one, which no other style has), and unloaded after it, whatever happens: the
+    pipeline keeps no page's image, and no page's name meets another's."""
+    loaded: dict[str, str] = {}
+    try:
+        for name, image in images.items():
+            (loaded[name],) = pipe.load_style(image=image, name=IMAGE_STYLE_KEY + secrets.token_hex(8))
+        yield loaded
+    finally:
+        for key in loaded.values():
+            del pipe.styles[key], pipe.style_images[key]
+
+
 # -- a page session --------------------------------------------------------------------------------
 
 @dataclass
@@ -207,9 +255,21 @@ class DemoActions:
             self.offered += self.pipe.load_style(folder)
         return self.offered
 
-    def style_names(self, session: Optional[Session] = None) -> list[str]:
-        """The styles a session's menus offer: the configured ones and those it trained."""
-        return self.offered + (session.styles if session is not None else [])
+    def style_names(self, session: Optional[Session] = None, images: Optional[ImageStyles] = None) -> list[str]:
+        """The styles a page's menus offer: the configured ones, the LoRAs it trained, its image styles."""
+        return self.offered + (session.styles if session is not None else []) + list(images or {})
+
+    def style_choices(self, session: Optional[Session], images: ImageStyles) -> list[tuple[str, str]]:
+        """A menu's choices: (what it shows: the style and its method, the style's name)."""
+        return [(method_label(name, "styleid" if name in images else "diffstyler"), name)
+                for name in self.style_names(session, images)]
+
+    def style_menus(self, session: Session, images: ImageStyles, values: Optional[list[Optional[str]]] = None) -> list[gr.Dropdown]:
+        """Each tab's menu updated: the page's styles (`style_choices`); `values`: each tab's choice too."""
+        choices = self.style_choices(session, images)
+        if values is None:
+            return [gr.Dropdown(choices=choices) for _ in range(MAX_STYLES)]
+        return [gr.Dropdown(choices=choices, value=value) for value in values]
 
     def tab(self, number: int) -> "TabActions":
         return TabActions(self, number)
@@ -266,29 +326,46 @@ class DemoActions:
         except MaskError as error:  # it names the prompt ("points [[3, 4]]"); the page names its control
             raise RegionError(error.what, where, error.why) from None
 
-    # -- training a style -------------------------------------------------------------------------
+    # -- a style from an image: at once (StyleID), or trained (a LoRA) -------------------------------
 
     @shown_in_page
-    def load_style_image(self, file: Any) -> tuple:
-        """The uploaded style image at the training's resolution, shown, and its file name offered as
-        the style's name."""
-        name = Path(upload_path(file, STYLE_IMAGE) or "").stem
+    def load_style_image(self, session: Session, images: ImageStyles, file: Any, *tab_styles: Any) -> tuple:
+        """The uploaded style image, shown, becomes a style of this page at once (StyleID, no
+        training), named after its file and picked in the first tab without a style; it is kept to
+        train a LoRA from (`train`), whose name box gets the file's name + "_lora". A page keeps
+        `MAX_IMAGE_STYLES` image styles, forgetting the oldest. `tab_styles`: each tab's choice.
+        Clearing the upload box keeps the image styles."""
+        wanted = file_stem(Path(upload_path(file, STYLE_IMAGE) or "").stem)[: LORA_NAME.max_length] or "image"
         image = read_upload(file, STYLE_IMAGE)
         if image is None:
-            return None, None, ""
-        style = resize_to_multiple(image, self.config.train_resolution)
-        return style, style, file_stem(name)[: STYLE_NAME.max_length]
+            return None, None, "", gr.skip(), gr.skip(), *[gr.skip()] * MAX_STYLES
+        image = resize_to_multiple(image, max(self.config.resolution, self.config.train_resolution))
+        name = numbered_name(wanted, lambda taken: taken in self.style_names(session, images))
+        recent = list(images.items())[max(0, len(images) - (MAX_IMAGE_STYLES - 1)):]
+        kept = {**dict(recent), name: image}
+        names = self.style_names(session, kept)
+        values = [value if isinstance(value, str) and value in names else None for value in tab_styles]
+        free = [number for number, value in enumerate(values, start=1) if value is None]
+        if free:
+            values[free[0] - 1] = name
+        forgotten = [old for old in images if old not in kept]
+        message = (f"{name} is a style of this page: {method_label(name, 'styleid')}"
+                   + (f", picked in {tab_name(free[0])}" if free else "") + ". Run, or train a LoRA from it below."
+                   + (f" {', '.join(forgotten)} is no longer offered (a page keeps {MAX_IMAGE_STYLES} style images)." if forgotten else ""))
+        return image, image, f"{name}_lora"[: LORA_NAME.max_length], kept, message, *self.style_menus(session, kept, values)
 
     @shown_in_page
-    def train(self, session: Session, style_image: Optional[Image.Image], name: Any, progress=gr.Progress()) -> tuple:
+    def train(self, session: Session, images: ImageStyles, style_image: Optional[Image.Image], name: Any,
+              progress=gr.Progress()) -> tuple:
         """Learn a LoRA from the uploaded style image on the loaded model (the progress bar counts its
-        steps) and offer it in this session's menus, with the LoRA file to download; the cancel
-        button stops it after the current step, saving nothing."""
-        wanted = STYLE_NAME.check(name).strip()
+        steps) and offer it in this session's menus (DiffStyler), with the LoRA file to download;
+        the cancel button stops it after the current step, saving nothing."""
+        wanted = LORA_NAME.check(name).strip()
         if style_image is None:
             raise UserError("no style image", STYLE_IMAGE, "upload the image whose style to learn")
         folder = self.session_folder(session)
-        name = self.new_style_name(wanted, folder)
+        # used by no loaded style, no LoRA folder of the session, and none of the page's image styles
+        name = numbered_name(wanted, lambda taken: taken in self.pipe.styles or taken in images or (folder / "loras" / taken).exists())
         lora_folder, image_file = folder / "loras" / name, folder / "styles" / f"{name}.png"
         image_file.parent.mkdir(exist_ok=True)
         style_image.save(image_file)
@@ -300,7 +377,7 @@ class DemoActions:
                         callbacks=[TrainingProgress(progress, cancel, self.config.train_steps, name)])
         except TrainingCancelled as stop:  # the LoRA is written only when training ends: nothing to remove
             return (f"Training of {name} cancelled at step {stop.step}; nothing was saved.", session, None,
-                    *self.style_menus(session))
+                    *self.style_menus(session, images))
         finally:
             self.cancel_requests.pop(session.folder, None)
             if not (lora_folder / LORA_WEIGHTS_NAME).is_file():
@@ -310,7 +387,7 @@ class DemoActions:
         (lora,) = served_copies([(lora_folder / LORA_WEIGHTS_NAME, f"{name}.safetensors")])
         message = (f"Trained {name} ({self.config.train_steps} steps): pick it in a style's menu. "
                    "It is offered in this page only; download its LoRA below.")
-        return message, session, lora, *self.style_menus(session)
+        return message, session, lora, *self.style_menus(session, images)
 
     def cancel_training(self, session: Session) -> str:
         cancel = self.cancel_requests.get(session.folder)
@@ -319,25 +396,17 @@ class DemoActions:
         cancel.set()
         return "Cancelling after the current step..."
 
-    def new_style_name(self, wanted: str, folder: Path) -> str:
-        """A name for a new style, used by no loaded style and no LoRA folder of the session."""
-        base = file_stem(wanted) or "style"
-        name, number = base, 1
-        while name in self.pipe.styles or (folder / "loras" / name).exists():
-            number += 1
-            name = f"{base}_{number}"
-        return name
-
-    def style_menus(self, session: Session) -> list[gr.Dropdown]:
-        return [gr.Dropdown(choices=self.style_names(session)) for _ in range(MAX_STYLES)]
 
     # -- the run ----------------------------------------------------------------------------------
 
     @shown_in_page
-    def run(self, session: Session, content: Optional[Image.Image], steps: Any, guidance_scale: Any, feature_steps: Any,
-            attention_steps: Any, preset: Any, seed: Any, progress=gr.Progress(), *tabs: Any) -> tuple[Gallery, list[str]]:
-        """Stylize the photo with each chosen style in its region. Shows the content, the composite
-        and each style's image side by side; offers the PNGs (with their settings) and the masks.
+    def run(self, session: Session, images: ImageStyles, content: Optional[Image.Image], steps: Any, guidance_scale: Any,
+            feature_steps: Any, attention_steps: Any, preset: Any, seed: Any, gamma: Any, tau: Any, adain: Any,
+            progress=gr.Progress(), *tabs: Any) -> tuple[Gallery, list[str]]:
+        """Stylize the photo with each chosen style in its region: a LoRA style by DiffStyler (the
+        injection settings), an image style by StyleID (`gamma`, `tau`, `adain`). Shows the
+        content, the composite and each style's image side by side, captioned with the method that
+        made it; offers the PNGs (with their settings) and the masks.
 
         `tabs` are the style tabs' inputs, TAB_INPUTS each (Gradio passes the page's components in
         order; `progress` sits before them so that Gradio can fill it in)."""
@@ -346,7 +415,9 @@ class DemoActions:
         attention_steps = check_window(ATTENTION_STEPS.check(attention_steps), steps, ATTENTION_STEPS)
         injection = dataclasses.replace(injection_config(check_choice(preset, list(INJECTION_PRESETS), PRESET), "preset"),
                                         feature_steps=feature_steps, attention_steps=attention_steps)
-        chosen = self.chosen_styles(session, tabs)
+        styleid = StyleIDConfig(gamma=STYLEID_GAMMA.check(gamma), tau=STYLEID_TAU.check(tau),
+                                adain=check_switch(adain, STYLEID_ADAIN))
+        chosen = self.chosen_styles(session, images, tabs)
         if content is None:
             raise UserError("no content photo", PHOTO, "upload a photo first")
         progress(0, desc="making the regions")
@@ -357,38 +428,42 @@ class DemoActions:
         else:  # a whole-image style among masked ones: its region is every pixel
             masks = [np.ones((content.height, content.width), bool) if mask is None else (mask > 0.5).numpy() for mask in masks]
         progress(0, desc="inverting the photo")
-        result = self.pipe(
-            content, styles=[style for _, style, *_ in chosen], masks=masks, num_inference_steps=steps,
-            guidance_scale=guidance_scale, injection=injection, seed=seed, resolution=self.config.resolution,
-            callback_on_step_end=lambda state: progress((state.step + 1, state.num_steps), desc="denoising"),
-        )
-        return self.save_run(session, content, result)
+        names = [style for _, style, *_ in chosen]
+        with image_styles_loaded(self.pipe, {name: images[name] for name in names if name in images}) as loaded:
+            result = self.pipe(
+                content, styles=[loaded.get(name, name) for name in names], masks=masks, num_inference_steps=steps,
+                guidance_scale=guidance_scale, injection=injection, styleid=styleid, seed=seed,
+                resolution=self.config.resolution,
+                callback_on_step_end=lambda state: progress((state.step + 1, state.num_steps), desc="denoising"),
+            )
+        return self.save_run(session, content, result, names)
 
-    def chosen_styles(self, session: Session, tabs: tuple) -> list[tuple]:
+    def chosen_styles(self, session: Session, images: ImageStyles, tabs: tuple) -> list[tuple]:
         """(tab number, style, region mode, clicks, text, mask) of each tab with a style, checked."""
         chosen = []
         for number in range(1, len(tabs) // TAB_INPUTS + 1):
             style, mode, clicks, text, mask = tabs[(number - 1) * TAB_INPUTS: number * TAB_INPUTS]
             if style is None or style == "":
                 continue
-            style = check_choice(style, self.style_names(session), in_tab(STYLE, number))
+            style = check_choice(style, self.style_names(session, images), in_tab(STYLE, number))
             mode = check_choice(mode, REGION_MODES, in_tab(REGION, number))
             chosen.append((number, style, mode, clicks, REGION_TEXT.check(text, in_tab(REGION_TEXT_LABEL, number)), mask))
         if not chosen:
-            raise UserError("no style chosen", in_tab(STYLE, 1), "pick a style in a style tab's menu (or train one from an image)")
+            raise UserError("no style chosen", in_tab(STYLE, 1), "pick a style in a style tab's menu (or upload a style image)")
         return chosen
 
-    def save_run(self, session: Session, content: Image.Image, result: StylizationOutput) -> tuple[Gallery, list[str]]:
+    def save_run(self, session: Session, content: Image.Image, result: StylizationOutput,
+                 names: list[str]) -> tuple[Gallery, list[str]]:
         """The run's PNGs in a new folder of the session's: the content, the composite and each
-        style's image (with the A1111 parameters and the JSON settings, which name each LoRA by its
-        style's name and hash), and each style's mask; the page gets served copies."""
+        style's image (with the A1111 parameters and the JSON settings, which name each style as
+        the page does, `names`, with its method and hash: no path on the server), and each style's
+        mask; the page gets served copies, each style's captioned with its method."""
         folder = Path(tempfile.mkdtemp(prefix="run-", dir=self.session_folder(session)))
-        # Each LoRA as the page names it (with its hash), not by its path on the server.
-        styles = [{**entry, "lora": entry["name"]} for entry in result.settings["Styles"]]
+        styles = [shown_style(entry, name) for entry, name in zip(result.settings["Styles"], names, strict=True)]
         settings = {**result.settings, "Styles": styles}
-        prompt = " | ".join(entry["prompt"] for entry in styles)
+        prompt = " | ".join(entry["prompt"] for entry in styles if entry["lora"] is not None)  # StyleID reads no text
         negative = result.settings["Sampling"]["negative_prompt"]
-        tags = " ".join(lora_tag(entry["name"], entry["scale"]) for entry in styles)
+        tags = " ".join(lora_tag(entry["name"], entry["scale"]) for entry in styles if entry["lora"] is not None)
 
         def saved(image: Image.Image, name: str) -> Path:
             return save_result(image, folder / name, prompt, negative, settings, tags=tags)
@@ -399,7 +474,7 @@ class DemoActions:
             shown.append((saved(result.composite, "composite.png"), "composite"))
         for number, (entry, image, mask) in enumerate(zip(styles, result.images, result.masks), start=1):
             stem = f"{number}_{file_stem(entry['name'])}"
-            shown.append((saved(image, f"{stem}.png"), entry["name"]))
+            shown.append((saved(image, f"{stem}.png"), method_label(entry["name"], entry["method"])))
             if mask is not None:
                 mask.save(folder / f"{stem}_mask.png")
                 masks.append(folder / f"{stem}_mask.png")

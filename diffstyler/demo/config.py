@@ -17,15 +17,17 @@ from pathlib import Path
 from typing import Any, Optional
 
 from diffstyler.cli.config_files import read_config_file
-from diffstyler.demo.controls import ATTENTION_STEPS, FEATURE_STEPS, GUIDANCE, SEED, STEPS
+from diffstyler.demo.controls import ATTENTION_STEPS, FEATURE_STEPS, GUIDANCE, SEED, STEPS, STYLEID_GAMMA, STYLEID_TAU
 from diffstyler.errors import MissingFileError, UserError, config_error
 from diffstyler.images import DEFAULT_RESOLUTION
 from diffstyler.injection import INJECTION_PRESETS, InjectionConfig, window_steps
 from diffstyler.masks import SegmenterConfig
+from diffstyler.methods import StyleIDConfig
 from diffstyler.models import DEFAULT_MODEL
 from diffstyler.stylize import SamplingConfig
 
 PAPER_INJECTION = InjectionConfig()
+STYLEID_AUTHORS = StyleIDConfig()
 
 
 @dataclass
@@ -43,6 +45,8 @@ class DemoConfig:
     max_upload_mb: the largest upload accepted.
     steps ... seed: the page's starting settings (the paper's: 50 steps, guidance 10.5, features
       injected for 30 steps and attention for 25, the "paper" preset).
+    styleid_gamma, styleid_tau, styleid_adain: the page's starting settings for image styles
+      (StyleID, no training; the authors': query preservation 0.75, temperature 1.5, AdaIN on).
     train_steps, train_rank, train_resolution: how a style uploaded in the page is learned (paper:
       200 steps, rank 16, 512 px).
     """
@@ -66,6 +70,9 @@ class DemoConfig:
     attention_steps: int = window_steps(PAPER_INJECTION.attention_steps, SamplingConfig.steps)
     preset: str = "paper"
     seed: int = 0
+    styleid_gamma: float = STYLEID_AUTHORS.gamma
+    styleid_tau: float = STYLEID_AUTHORS.tau
+    styleid_adain: bool = STYLEID_AUTHORS.adain
     train_steps: int = 200
     train_rank: int = 16
     train_resolution: int = 512
@@ -79,7 +86,7 @@ class DemoConfig:
             if getattr(self, key) < 1:
                 raise config_error(key, f"must be >= 1, got {getattr(self, key)}")
         page = {"steps": STEPS, "guidance_scale": GUIDANCE, "seed": SEED, "feature_steps": FEATURE_STEPS,
-                "attention_steps": ATTENTION_STEPS}
+                "attention_steps": ATTENTION_STEPS, "styleid_gamma": STYLEID_GAMMA, "styleid_tau": STYLEID_TAU}
         for key, control in page.items():
             refused = control.problem(getattr(self, key))
             if refused:

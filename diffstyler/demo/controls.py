@@ -21,13 +21,15 @@ from typing import Any, Optional, Sequence
 from diffstyler.errors import UserError
 
 MAX_STYLES = 3  # style tabs on the page
+MAX_IMAGE_STYLES = MAX_STYLES  # style images a page keeps as styles (a run uses at most MAX_STYLES)
 
 # -- labels -------------------------------------------------------------------------------------
 
 PHOTO = "Content photo"
 STYLE_IMAGE = "Style image"
-STYLE_NAME_LABEL = "Style name"
+LORA_NAME_LABEL = "LoRA name"
 PRESET = "Injection preset"
+STYLEID_ADAIN = "StyleID: start from the style's statistics (AdaIN)"
 
 STYLE = "Style"  # in each style tab, as are the labels below
 REGION = "Region"
@@ -107,6 +109,13 @@ class Text:
         return value
 
 
+def check_switch(value: Any, label: str) -> bool:
+    """A checkbox's value: True or False (not 1, "yes" or None)."""
+    if not isinstance(value, bool):
+        raise UserError("invalid value", label, f"must be true or false, got {shown(value)}")
+    return value
+
+
 def check_choice(value: Any, choices: Sequence[str], label: str) -> str:
     """One of a menu's or radio's `choices`."""
     if not isinstance(value, str) or value not in choices:
@@ -119,7 +128,11 @@ GUIDANCE = Number("Guidance scale", 1.0, 20.0)
 SEED = Number("Seed", 0, 2**32 - 1, whole=True)  # A1111's seeds are 32-bit; the PNGs record it
 FEATURE_STEPS = Number("Feature injection: first steps", 0, 100, whole=True)
 ATTENTION_STEPS = Number("Attention injection: first steps", 0, 100, whole=True)
-STYLE_NAME = Text(STYLE_NAME_LABEL, 64)  # a folder name on the server: kept well under file-name limits
+# StyleID's query preservation and attention temperature (the authors' 0.75 and 1.5); tau is
+# bounded where the page's slider ends, not only above 0 as the method's config is
+STYLEID_GAMMA = Number("StyleID: query preservation (gamma)", 0.0, 1.0)
+STYLEID_TAU = Number("StyleID: attention temperature (tau)", 0.5, 3.0)
+LORA_NAME = Text(LORA_NAME_LABEL, 64)  # a folder name on the server: kept well under file-name limits
 REGION_TEXT = Text(REGION_TEXT_LABEL, 300)  # CLIP reads 77 tokens; a script could send megabytes
 
 
@@ -133,7 +146,7 @@ def check_window(window: int, steps: int, control: Number) -> int:
 
 def is_control(where: Optional[str]) -> bool:
     """`where` names a control of the page (a message about it is the user's to act on)."""
-    page = {PHOTO, STYLE_IMAGE, STYLE_NAME_LABEL, PRESET, STEPS.label, GUIDANCE.label, SEED.label,
-            FEATURE_STEPS.label, ATTENTION_STEPS.label}
+    page = {PHOTO, STYLE_IMAGE, LORA_NAME_LABEL, PRESET, STEPS.label, GUIDANCE.label, SEED.label,
+            FEATURE_STEPS.label, ATTENTION_STEPS.label, STYLEID_GAMMA.label, STYLEID_TAU.label, STYLEID_ADAIN}
     tabs = {in_tab(label, number) for number in range(1, MAX_STYLES + 1) for label in TAB_CONTROLS}
     return where in page or where in tabs

@@ -23,8 +23,8 @@ import gradio as gr
 from diffstyler.demo.actions import DemoActions, new_session
 from diffstyler.demo.config import DemoConfig
 from diffstyler.demo.controls import (
-    ATTENTION_STEPS, CANVAS, CLICK_KIND, FEATURE_STEPS, GUIDANCE, MASK_IMAGE, MAX_STYLES, PHOTO, PRESET, REGION,
-    REGION_TEXT, SEED, STEPS, STYLE, STYLE_IMAGE, STYLE_NAME, tab_name,
+    ATTENTION_STEPS, CANVAS, CLICK_KIND, FEATURE_STEPS, GUIDANCE, LORA_NAME, MASK_IMAGE, MAX_STYLES, PHOTO, PRESET,
+    REGION, REGION_TEXT, SEED, STEPS, STYLE, STYLE_IMAGE, STYLEID_ADAIN, STYLEID_GAMMA, STYLEID_TAU, tab_name,
 )
 from diffstyler.demo.regions import INCLUDE, POINT_LABELS, POINTS, REGION_MODES
 from diffstyler.injection import INJECTION_PRESETS
@@ -41,9 +41,10 @@ SESSION_LIFETIME_S = 24 * 3600  # which styles a page trained, and its folder's 
 SERVED_FILES_LIFETIME_S = 24 * 3600  # results and LoRAs served to pages (checked hourly)
 
 INTRODUCTION = """# DiffStyler
-Upload a photo, pick a style for each tab (or train one from an image), show each style where it goes
-(click points or two box corners on the photo, type what it covers, or upload a mask), then **Run**.
-Pixels outside every mask stay the photo's own."""
+Upload a photo, pick a style for each tab, show each style where it goes (click points or two box
+corners on the photo, type what it covers, or upload a mask), then **Run**. Pixels outside every
+mask stay the photo's own. A style image is a style at once (StyleID, no training); train a LoRA
+from it for DiffStyler. Each result says which method made it."""
 
 
 def image_upload(label: str, elem_id: str) -> gr.Image:
@@ -84,20 +85,21 @@ def build_page(actions: DemoActions, config: DemoConfig) -> gr.Blocks:
         session = gr.State(new_session, time_to_live=SESSION_LIFETIME_S)
         content = gr.State(None, time_to_live=PAGE_STATE_LIFETIME_S)
         style_image = gr.State(None, time_to_live=PAGE_STATE_LIFETIME_S)
+        image_styles = gr.State(dict, time_to_live=PAGE_STATE_LIFETIME_S)  # actions.ImageStyles
         with gr.Row():
             with gr.Column(scale=1):
                 upload = image_upload(PHOTO, "content-upload")
-                with gr.Accordion("Train a style from an image", open=False):
+                with gr.Accordion("A style from an image: at once (StyleID), or train a LoRA", open=True):
                     style_upload = image_upload(STYLE_IMAGE, "style-upload")
-                    style_name = gr.Textbox(label=STYLE_NAME.label, placeholder="the file's name", max_length=STYLE_NAME.max_length,
-                                            elem_id="style-name")
-                    with gr.Row():
-                        train_button = gr.Button("Train", elem_id="train")
-                        cancel_button = gr.Button("Cancel training", elem_id="cancel-training")
                     training_status = gr.Markdown(elem_id="training-status")
+                    style_name = gr.Textbox(label=LORA_NAME.label, placeholder="the file's name + _lora",
+                                            max_length=LORA_NAME.max_length, elem_id="style-name")
+                    with gr.Row():
+                        train_button = gr.Button("Train a LoRA from this image", elem_id="train")
+                        cancel_button = gr.Button("Cancel training", elem_id="cancel-training")
                     trained_lora = gr.File(label="Your LoRA (diffusers format)", interactive=False, elem_id="trained-lora")
             with gr.Column(scale=2):
-                tabs = [style_tab(number, actions.style_names()) for number in range(1, MAX_STYLES + 1)]
+                tabs = [style_tab(number, actions.style_choices(None, {})) for number in range(1, MAX_STYLES + 1)]
         with gr.Accordion("Settings", open=False):
             with gr.Row():
                 steps = gr.Slider(STEPS.minimum, STEPS.maximum, value=config.steps, step=1, label=STEPS.label, elem_id="steps")
@@ -110,8 +112,15 @@ def build_page(actions: DemoActions, config: DemoConfig) -> gr.Blocks:
                                           label=FEATURE_STEPS.label)
                 attention_steps = gr.Slider(ATTENTION_STEPS.minimum, ATTENTION_STEPS.maximum, value=config.attention_steps,
                                             step=1, label=ATTENTION_STEPS.label)
+            with gr.Row():  # image styles' (StyleID reads no guidance scale, preset or injection window)
+                gamma = gr.Slider(STYLEID_GAMMA.minimum, STYLEID_GAMMA.maximum, value=config.styleid_gamma, step=0.05,
+                                  label=STYLEID_GAMMA.label, elem_id="styleid-gamma")
+                tau = gr.Slider(STYLEID_TAU.minimum, STYLEID_TAU.maximum, value=config.styleid_tau, step=0.05,
+                                label=STYLEID_TAU.label, elem_id="styleid-tau")
+                adain = gr.Checkbox(value=config.styleid_adain, label=STYLEID_ADAIN, elem_id="styleid-adain")
         run_button = gr.Button("Run", variant="primary", elem_id="run")
-        results = gr.Gallery(label="Content, composite and each style", columns=MAX_STYLES + 2, object_fit="contain",
+        results = gr.Gallery(label="Content, composite and each style (its caption: the method that made it)",
+                             columns=MAX_STYLES + 2, object_fit="contain",
                              buttons=["download", "fullscreen"], elem_id="results")
         downloads = gr.File(label="PNGs with their settings, and the masks", file_count="multiple", elem_id="downloads")
 
@@ -120,21 +129,24 @@ def build_page(actions: DemoActions, config: DemoConfig) -> gr.Blocks:
               **ONE_AT_A_TIME)
         for tab in tabs:
             wire_tab(tab, actions, content)
-        gr.on([style_upload.upload, style_upload.clear], actions.load_style_image, [style_upload],
-              [style_image, style_upload, style_name], api_name="load_style_image", **ONE_AT_A_TIME)
-        train_button.click(actions.train, [session, style_image, style_name],
+        gr.on([style_upload.upload, style_upload.clear], actions.load_style_image,
+              [session, image_styles, style_upload, *[tab.style for tab in tabs]],
+              [style_image, style_upload, style_name, image_styles, training_status, *[tab.style for tab in tabs]],
+              api_name="load_style_image", **ONE_AT_A_TIME)
+        train_button.click(actions.train, [session, image_styles, style_image, style_name],
                            [training_status, session, trained_lora, *[tab.style for tab in tabs]], api_name="train",
                            **ONE_AT_A_TIME)
         cancel_button.click(actions.cancel_training, [session], [training_status], api_name="cancel_training", queue=False,
                             preprocess=False)
-        run_button.click(actions.run, [session, content, steps, guidance, feature_steps, attention_steps, preset, seed,
-                                       *[value for tab in tabs for value in tab.inputs]],
+        run_button.click(actions.run, [session, image_styles, content, steps, guidance, feature_steps, attention_steps,
+                                       preset, seed, gamma, tau, adain, *[value for tab in tabs for value in tab.inputs]],
                          [results, downloads], api_name="run", **ONE_AT_A_TIME)
     page.queue(max_size=config.max_queue, default_concurrency_limit=1)
     return page
 
 
-def style_tab(number: int, styles: list[str]) -> StyleTab:
+def style_tab(number: int, styles: list[tuple[str, str]]) -> StyleTab:
+    """A style tab; `styles`: its menu's choices (`DemoActions.style_choices`)."""
     with gr.Tab(tab_name(number)):
         style = gr.Dropdown(styles, value=None, label=STYLE, elem_id=f"style-{number}")
         with gr.Row():

@@ -45,7 +45,10 @@ EXCLUDE_POINT = (16, 16)  # so that a swapped click (y, x) lies outside the phot
 START_TIMEOUT_S = 180
 RUN_TIMEOUT_MS = 240_000
 NO_REGIONS = ("points", "") * 3  # /load_photo's inputs after the photo: each tab's region mode and text
-NO_OTHER_STYLES = ("", "points", "") * 2  # /run's inputs of the other tabs: style, region mode, text
+NO_STYLE = ("", "points", "")  # /run's inputs of a tab without a style: style, region mode, text
+NO_OTHER_STYLES = NO_STYLE * 2  # /run's inputs of the other tabs
+STYLEID_AUTHORS = (0.75, 1.5, True)  # /run's gamma, tau, AdaIN
+NO_TAB_STYLES = (None,) * 3  # /load_style_image's inputs after the image: each tab's style
 MAX_QUEUE = 3  # three large uploads at once are all accepted
 
 
@@ -155,9 +158,15 @@ def load_photo(session, photo: Path = CONTENT):
 
 
 def run(session, style: str = "smoke", steps=4, seed=0, **values):
+    """A run with `style` over the whole image in tab 1."""
+    return run_tabs(session, (style, "whole image", ""), NO_STYLE, NO_STYLE, steps=steps, seed=seed, **values)
+
+
+def run_tabs(session, *tabs, steps=4, seed=0, **values):
+    """A run with each tab's (style, region mode, text)."""
     settings = {"guidance": 7.5, "feature_steps": 2, "attention_steps": 2, "preset": "paper", **values}
     return session.predict(steps, settings["guidance"], settings["feature_steps"], settings["attention_steps"],
-                           settings["preset"], seed, style, "whole image", "", *NO_OTHER_STYLES, api_name="/run")
+                           settings["preset"], seed, *STYLEID_AUTHORS, *[value for tab in tabs for value in tab], api_name="/run")
 
 
 def message_of_json(server: DemoServer, api_name: str, inputs: str) -> str:
@@ -201,11 +210,13 @@ def test_a_script_gets_one_line_naming_the_control_and_never_a_server_path(serve
     session = client(server)
     load_photo(session)
     other_tabs = '"", "points", [], "", null, "", "points", [], "", null'
+    before_tabs = "0.75, 1.5, true"  # StyleID's gamma, tau, AdaIN
     messages = {
         "seed": message_of(lambda: run(session, seed=10**20)),
-        "steps": message_of_json(server, "run", f'[null, null, NaN, 7.5, 2, 2, "paper", 0, "smoke", "whole image", [], "", null, {other_tabs}]'),
-        "window": message_of_json(server, "run", f'[null, null, 4, 7.5, NaN, 2, "paper", 0, "smoke", "whole image", [], "", null, {other_tabs}]'),
-        "guidance": message_of_json(server, "run", f'[null, null, 4, Infinity, 2, 2, "paper", 0, "smoke", "whole image", [], "", null, {other_tabs}]'),
+        "steps": message_of_json(server, "run", f'[null, null, null, NaN, 7.5, 2, 2, "paper", 0, {before_tabs}, "smoke", "whole image", [], "", null, {other_tabs}]'),
+        "window": message_of_json(server, "run", f'[null, null, null, 4, 7.5, NaN, 2, "paper", 0, {before_tabs}, "smoke", "whole image", [], "", null, {other_tabs}]'),
+        "guidance": message_of_json(server, "run", f'[null, null, null, 4, Infinity, 2, 2, "paper", 0, {before_tabs}, "smoke", "whole image", [], "", null, {other_tabs}]'),
+        "tau": message_of_json(server, "run", f'[null, null, null, 4, 7.5, 2, 2, "paper", 0, 0.75, NaN, true, "smoke", "whole image", [], "", null, {other_tabs}]'),
         "style": message_of(lambda: run(session, style="../../loras/smoke")),
         "clip": message_of(lambda: session.predict("text", "the square", api_name="/show_region_1")),
         "not an image": message_of(lambda: session.predict(handle_file(str(Path(__file__))), *NO_REGIONS, api_name="/load_photo")),
@@ -216,10 +227,11 @@ def test_a_script_gets_one_line_naming_the_control_and_never_a_server_path(serve
         "steps": "invalid value (Denoising steps): must be a whole number from 1 to 100, got nan",
         "window": "invalid value (Feature injection: first steps): must be a whole number from 0 to 100, got nan",
         "guidance": "invalid value (Guidance scale): must be a number from 1 to 20, got inf",
+        "tau": "invalid value (StyleID: attention temperature (tau)): must be a number from 0.5 to 3, got nan",
         "style": "not one of the choices (Style 1 › Style): choose one of smoke; got '../../loras/smoke'",
         "clip": SERVER_FAULT,  # FastSAM has loaded: ultralytics now patches PIL.Image.open
         "not an image": "not a readable image (Content photo): not an image file (PNG, JPEG, WebP, ...), or a damaged one",
-        "name": "text too long (Style name): at most 64 characters, got 300",
+        "name": "text too long (LoRA name): at most 64 characters, got 300",
     }
     assert "openai/clip-vit-base-patch32" in (server.folder / "demo.log").read_text()  # the console has the details
 
@@ -231,10 +243,12 @@ def test_a_style_trained_in_one_session_is_that_sessions_own(server):
     from gradio_client import handle_file
 
     trainer, stranger = client(server), client(server)
-    trainer.predict(handle_file(str(STYLE_IMAGE)), api_name="/load_style_image")
+    trainer.predict(handle_file(str(STYLE_IMAGE)), *NO_TAB_STYLES, api_name="/load_style_image")
     status, lora, *menus = trainer.predict("stripes", api_name="/train")
     assert status == "Trained stripes (5 steps): pick it in a style's menu. It is offered in this page only; download its LoRA below."
-    assert all(menu["choices"] == [["smoke", "smoke"], ["stripes", "stripes"]] for menu in menus)
+    offered = [["DiffStyler (LoRA smoke)", "smoke"], ["DiffStyler (LoRA stripes)", "stripes"],
+               ["StyleID (image style_stripes, no training)", "style_stripes"]]
+    assert all(menu["choices"] == offered for menu in menus)
     assert not any(part in status for part in server_paths(server))
 
     (trained,) = server.outputs.glob("*/loras/stripes/pytorch_lora_weights.safetensors")
@@ -251,9 +265,64 @@ def test_a_style_trained_in_one_session_is_that_sessions_own(server):
         "not one of the choices (Style 1 › Style): choose one of smoke; got 'stripes'"
     load_photo(trainer)
     gallery, _ = run(trainer, style="stripes")
-    assert [item["caption"] for item in gallery] == ["content", "stripes"]
+    assert [item["caption"] for item in gallery] == ["content", "DiffStyler (LoRA stripes)"]
     uploaded = {path.name for path in server.uploads.rglob("*") if path.is_file()}
     assert not uploaded & {CONTENT.name, STYLE_IMAGE.name}, uploaded
+
+
+def served_png(url: str, path: Path) -> tuple[np.ndarray, str, dict]:
+    """A served PNG's pixels, its A1111 text and its settings (as a script downloads it)."""
+    with urllib.request.urlopen(url, timeout=30) as response:
+        path.write_bytes(response.read())
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB")), image.text["parameters"], read_settings(path)
+
+
+def test_a_style_image_gives_a_result_without_training_and_beside_a_lora_in_two_masks(server, tmp_path):
+    """Through Gradio's client, as a script would: the uploaded style image is a style of the page
+    at once (picked in tab 1); a run with it alone is captioned StyleID and trains nothing; a run
+    with the LoRA in tab 1's mask and the image in tab 2's keeps the photo's pixels outside both
+    masks; no served PNG's metadata holds a server path.
+
+    Caught: a LoRA trained (written to the output folder) for an image style; the upload's
+    temporary path, or any other server path, in a served PNG's metadata (the image style's
+    `image`, the LoRA's `lora`); a caption that does not name the method; a tab's style or mask
+    lost between the page's events (the photo's pixels changed outside the masks, or a region
+    left unstyled)."""
+    from gradio_client import handle_file
+
+    session = client(server)
+    load_photo(session)
+    trained = sorted(server.outputs.glob("*/loras/*"))
+    _, lora_name, status, *menus = session.predict(handle_file(str(STYLE_IMAGE)), *NO_TAB_STYLES, api_name="/load_style_image")
+    assert [menu["value"] for menu in menus] == ["style_stripes", None, None] and lora_name == "style_stripes_lora"
+    assert status.startswith("style_stripes is a style of this page: StyleID (image style_stripes, no training)")
+
+    gallery, downloads = run(session, style="style_stripes")
+    assert [item["caption"] for item in gallery] == ["content", "StyleID (image style_stripes, no training)"]
+    assert sorted(server.outputs.glob("*/loras/*")) == trained  # nothing trained
+    _, parameters, settings = served_png(downloads[0]["url"], tmp_path / "alone.png")
+    assert [(style["method"], style["image"]) for style in settings["Styles"]] == [("styleid", "style_stripes")]
+
+    photo = np.asarray(Image.open(CONTENT).convert("RGB"))
+    height, width = photo.shape[:2]
+    left, right = np.zeros((height, width), bool), np.zeros((height, width), bool)
+    left[:, : width // 3], right[:, 2 * width // 3:] = True, True
+    for number, region in ((1, left), (2, right)):
+        Image.fromarray(region.astype(np.uint8) * 255).save(tmp_path / f"mask_{number}.png")
+        session.predict(handle_file(str(tmp_path / f"mask_{number}.png")), "mask file", "", api_name=f"/load_mask_{number}")
+    gallery, downloads = run_tabs(session, ("smoke", "mask file", ""), ("style_stripes", "mask file", ""), NO_STYLE)
+    assert [item["caption"] for item in gallery] == \
+        ["content", "composite", "DiffStyler (LoRA smoke)", "StyleID (image style_stripes, no training)"]
+    composite, mixed_parameters, mixed_settings = served_png(downloads[0]["url"], tmp_path / "composite.png")
+    outside = ~left & ~right
+    assert np.array_equal(composite[outside], photo[outside])
+    assert not np.array_equal(composite[left], photo[left]) and not np.array_equal(composite[right], photo[right])
+    assert [(style["method"], style["lora"], style["image"]) for style in mixed_settings["Styles"]] == \
+        [("diffstyler", "smoke", None), ("styleid", None, "style_stripes")]
+    assert sorted(server.outputs.glob("*/loras/*")) == trained
+    for text in (parameters, json.dumps(settings), mixed_parameters, json.dumps(mixed_settings)):
+        assert not any(part in text for part in server_paths(server)), text
 
 
 def test_beyond_the_queues_size_a_request_is_told_the_demo_is_busy(server):
@@ -265,12 +334,13 @@ def test_beyond_the_queues_size_a_request_is_told_the_demo_is_busy(server):
     running, *waiting, one_more = [client(server) for _ in range(MAX_QUEUE + 2)]
     for session in (running, *waiting, one_more):
         load_photo(session)
-    long_run = running.submit(50, 7.5, 2, 2, "paper", 0, "smoke", "whole image", "", *NO_OTHER_STYLES, api_name="/run")
+    long_run = running.submit(50, 7.5, 2, 2, "paper", 0, *STYLEID_AUTHORS, "smoke", "whole image", "", *NO_OTHER_STYLES, api_name="/run")
     running_codes = (Status.PROCESSING, Status.PROGRESS)  # a run reports its steps' progress
     wait_for(lambda: long_run.status().code in running_codes)
     queued = []
     for session in waiting:
-        queued.append(session.submit(4, 7.5, 2, 2, "paper", 0, "smoke", "whole image", "", *NO_OTHER_STYLES, api_name="/run"))
+        queued.append(session.submit(4, 7.5, 2, 2, "paper", 0, *STYLEID_AUTHORS, "smoke", "whole image", "", *NO_OTHER_STYLES,
+                                     api_name="/run"))
         wait_for(lambda: queued[-1].status().code == Status.IN_QUEUE)
     with pytest.raises(Exception) as busy:
         run(one_more)
@@ -404,7 +474,7 @@ def test_a_run_in_the_browser_keeps_the_photo_outside_the_clicked_region(chromiu
         assert (photo_width, photo_height) == (64, 48)  # the upload box shows the photo itself
         assert (natural_width, natural_height) == (512, 384) and canvas_width >= 384  # enlarged: clickable
         page.locator("#style-1 input").click()
-        page.get_by_role("option", name="smoke").click()
+        page.get_by_role("option", name="DiffStyler (LoRA smoke)").click()
         click_photo_pixel(page, "#photo-1 img", (64, 48), *INCLUDE_POINT)
         page.locator("#kind-1").get_by_label("exclude").check()
         click_photo_pixel(page, "#photo-1 img", (64, 48), *EXCLUDE_POINT)
@@ -413,7 +483,6 @@ def test_a_run_in_the_browser_keeps_the_photo_outside_the_clicked_region(chromiu
             centre_x, centre_y = mark_centre(canvas, label)
             assert abs(centre_x - (8 * x + 3.5)) <= 0.5 and abs(centre_y - (8 * y + 3.5)) <= 0.5, (label, centre_x, centre_y)
 
-        page.get_by_text("Train a style from an image").click()
         page.locator("#style-upload input[type=file]").set_input_files(str(not_an_image))
         message = toast(page)
         assert message == "not a readable image (Style image): not an image file (PNG, JPEG, WebP, ...), or a damaged one"
@@ -438,8 +507,8 @@ def test_a_run_in_the_browser_keeps_the_photo_outside_the_clicked_region(chromiu
     assert np.array_equal(mask, expected_mask(server))
     assert 0 < mask.sum() < mask.size and mask[INCLUDE_POINT[1], INCLUDE_POINT[0]] and not mask[EXCLUDE_POINT[1], EXCLUDE_POINT[0]]
     upload_pixels = np.asarray(Image.open(CONTENT).convert("RGB"))
-    assert list(shown) == ["content", "composite", "smoke"]
-    for caption in ("composite", "smoke"):
+    assert list(shown) == ["content", "composite", "DiffStyler (LoRA smoke)"]
+    for caption in ("composite", "DiffStyler (LoRA smoke)"):
         result = np.asarray(shown[caption].convert("RGB"))
         assert np.array_equal(result[~mask], upload_pixels[~mask]), caption
         assert not np.array_equal(result[mask], upload_pixels[mask]), caption  # styled inside
