@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from diffstyler.backbones import backbone_for
 from diffstyler.inversion import invert
@@ -41,6 +42,16 @@ def write_random_lora(folder: Path, seed: int, prompt: str = "painting of sss", 
     save_lora(backbone_for(pipe).denoiser, "style", folder)
     (folder / "diffstyler_lora.json").write_text(json.dumps({"prompt": prompt, "base_model": model}))
     return folder / "pytorch_lora_weights.safetensors"
+
+
+def lora_and_rotated_photos(folder: Path, photos: int, degrees: int) -> tuple[str, str]:
+    """A random LoRA folder and a folder of `photos` copies of the test photo, each rotated by
+    `degrees` more than the last (different contents of one size): both as the CLI takes them."""
+    lora = write_random_lora(folder / "lora", seed=2).parent
+    (folder / "photos").mkdir()
+    for k in range(photos):
+        Image.open(CONTENT).rotate(degrees * k).save(folder / "photos" / f"photo{k}.png")
+    return str(lora), str(folder / "photos")
 
 
 def two_style_setup(steps: int):

@@ -52,12 +52,11 @@ import diffstyler.results
 from diffstyler.cli import main
 from diffstyler.data.jobs import StyleEntry
 from diffstyler.results import PARTS_FOLDER, RESULTS_NAME, read_json_lines
-from tests.helpers import make_job, make_predictor, run_cli_in_process, stylize_one, write_random_lora
+from tests.helpers import lora_and_rotated_photos, make_job, make_predictor, run_cli_in_process, stylize_one
 from tests.test_interruptions import assert_same_files
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STYLIZE_CONFIG = str(REPO_ROOT / "configs" / "smoke" / "stylize.yaml")
-CONTENT = REPO_ROOT / "data" / "content_shapes.png"
 PHOTOS, STYLES = 10, ("full", "half")
 JOBS = PHOTOS * len(STYLES)
 PAGE = 4096  # tmpfs counts whole pages
@@ -65,12 +64,7 @@ PAGE = 4096  # tmpfs counts whole pages
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> tuple[str, str]:
-    folder = tmp_path_factory.mktemp("fault_inputs")
-    lora = write_random_lora(folder / "lora", seed=2).parent
-    (folder / "photos").mkdir()
-    for k in range(PHOTOS):
-        Image.open(CONTENT).rotate(12 * k).save(folder / "photos" / f"photo{k}.png")
-    return str(lora), str(folder / "photos")
+    return lora_and_rotated_photos(tmp_path_factory.mktemp("fault_inputs"), PHOTOS, degrees=12)
 
 
 def predict_args(run: Path, inputs, *extra: str, out: Optional[Path] = None, cache: Optional[Path] = None,

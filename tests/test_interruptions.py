@@ -31,11 +31,10 @@ from diffstyler.callbacks.stop import PredictInterrupted, StopOnSignal
 from diffstyler.cli import main
 from diffstyler.data.jobs import StyleEntry, StylizeDataModule
 from diffstyler.results import PARTS_FOLDER, RESULTS_NAME, read_json_lines
-from tests.helpers import make_predictor, write_random_lora
+from tests.helpers import lora_and_rotated_photos, make_predictor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STYLIZE_CONFIG = str(REPO_ROOT / "configs" / "smoke" / "stylize.yaml")
-CONTENT = REPO_ROOT / "data" / "content_shapes.png"
 CONTENTS, STYLES = 3, ("full", "half")
 JOBS = CONTENTS * len(STYLES)
 RESULT = re.compile(r"photo\d_(full|half)\.png")
@@ -43,12 +42,7 @@ RESULT = re.compile(r"photo\d_(full|half)\.png")
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("inputs")
-    lora = write_random_lora(folder / "lora", seed=2).parent
-    (folder / "photos").mkdir()
-    for k in range(CONTENTS):
-        Image.open(CONTENT).rotate(15 * k).save(folder / "photos" / f"photo{k}.png")
-    return str(lora), str(folder / "photos")
+    return lora_and_rotated_photos(tmp_path_factory.mktemp("inputs"), CONTENTS, degrees=15)
 
 
 def predict_args(run: Path, inputs, *extra: str) -> list[str]:
