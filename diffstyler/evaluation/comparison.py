@@ -5,7 +5,7 @@ Each method is a finished `diffstyler predict` run (its output folder: the image
 (an entry per run under `runs`). Written into the output folder (atomically):
 
 - `comparison.csv` and `comparison.md`: one row per method: the results scored, every score
-  `metrics.json` gives a run (LPIPS, FID, ArtFID, CFSD, and any metric `diffstyler test` adds: a
+  `metrics.json` gives a run (LPIPS, FID, ArtFID, CFSD, CSD, and any metric `diffstyler test` adds: a
   column per number, in its order), seconds per image, the style preparation's seconds per style
   and the total;
 - `comparison_grid.png`: content | style | each method's result, one row per pair, for a sample of
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 TABLE_NAME, CSV_NAME, GRID_NAME = "comparison.md", "comparison.csv", "comparison_grid.png"
 # Columns of metrics.json's entry of a run that are counts, not scores.
 COUNT_KEYS = ("count", "listed")
-METRIC_NAMES = {"lpips": "LPIPS", "fid": "FID", "artfid": "ArtFID", "cfsd": "CFSD"}  # others: upper case
+METRIC_NAMES = {"lpips": "LPIPS", "fid": "FID", "artfid": "ArtFID", "cfsd": "CFSD", "csd": "CSD"}  # others: upper case
 METHOD_NAMES = {"diffstyler": "DiffStyler", "styleid": "StyleID"}
 GRID_CELL = 256  # the longest side of a grid tile, at most
 LABEL_HEIGHT = 14
