@@ -5,9 +5,10 @@
   the metrics saw); with several runs, one entry of scores and counts per run under `runs`;
 - `metrics_per_image.csv`: run, content, style, result, LPIPS, CFSD, CSD, in the inputs' order;
 - `metrics_per_style.csv`: run, style, count, mean LPIPS, mean CFSD, mean CSD;
-- `metrics.png` (matplotlib): with several runs, LPIPS against FID per run (the settings compared);
-  with one run, mean LPIPS against mean CFSD per style (FID needs a set of results per point: one
-  style's 20 results against its one image say little).
+- `metrics.png` (matplotlib, two panels: `plot_panels`): with several runs, LPIPS against FID and
+  against CSD per run (the settings compared); with one run, mean LPIPS against mean CFSD and
+  against mean CSD per style (FID needs a set of results per point: one style's 20 results against
+  its one image say little).
 
 `log_per_image` puts the per-image scores into TensorBoard (a histogram per metric and the table as
 text), for the evaluator to call where the run has a TensorBoardLogger.
@@ -19,6 +20,7 @@ import csv
 import io
 import json
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,24 +79,44 @@ def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> Non
     atomic_write(path, lambda handle: handle.write(text.getvalue().encode("utf-8")))
 
 
+@dataclass(frozen=True)
+class PlotPanel:
+    """One panel of metrics.png: LPIPS (content kept: lower is better) against `x_label`, a point
+    per run or per style (`points`: label, x, LPIPS)."""
+
+    x_label: str
+    points: tuple[tuple[str, float, float], ...]
+
+
+def plot_panels(runs: dict[str, dict[str, float]], styles: list[dict[str, Any]]) -> tuple[PlotPanel, PlotPanel]:
+    """What metrics.png shows: LPIPS against a style measure (FID, or CFSD per style where one run is
+    scored: one style's results against its one image are too few for FID) and LPIPS against CSD
+    (style similarity, higher is better), a point per run when several are compared, else per style."""
+    if len(runs) > 1:
+        first = PlotPanel("FID (style images vs results; lower is better)",
+                          tuple((name, scores["fid"], scores["lpips"]) for name, scores in runs.items()))
+        csd = tuple((name, scores["csd"], scores["lpips"]) for name, scores in runs.items())
+    else:
+        first = PlotPanel("CFSD (content structure; lower is better)",
+                          tuple((row["style"], row["cfsd"], row["lpips"]) for row in styles))
+        csd = tuple((row["style"], row["csd"], row["lpips"]) for row in styles)
+    return first, PlotPanel("CSD (style similarity; higher is better)", csd)
+
+
 def write_plot(path: Path, runs: dict[str, dict[str, float]], styles: list[dict[str, Any]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # no display; before pyplot is imported
     from matplotlib import pyplot
 
-    figure, axes = pyplot.subplots(figsize=(5, 4), dpi=100)
-    if len(runs) > 1:
-        points = [(name, scores["fid"], scores["lpips"]) for name, scores in runs.items()]
-        axes.set_xlabel("FID (style images vs results)")
-    else:
-        points = [(row["style"], row["cfsd"], row["lpips"]) for row in styles]
-        axes.set_xlabel("CFSD (content structure)")
-    axes.set_ylabel("LPIPS (content vs result)")
-    axes.scatter([x for _, x, _ in points], [y for _, _, y in points])
-    for label, x, y in points:
-        axes.annotate(Path(label).name, (x, y), fontsize=7)
-    axes.set_title("lower is better on both axes")
+    panels = plot_panels(runs, styles)
+    figure, all_axes = pyplot.subplots(1, len(panels), figsize=(5 * len(panels), 4), dpi=100)
+    for axes, panel in zip(all_axes, panels):
+        axes.set_xlabel(panel.x_label)
+        axes.set_ylabel("LPIPS (content vs result; lower is better)")
+        axes.scatter([x for _, x, _ in panel.points], [y for _, _, y in panel.points])
+        for label, x, y in panel.points:
+            axes.annotate(Path(label).name, (x, y), fontsize=7)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
