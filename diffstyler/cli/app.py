@@ -12,6 +12,7 @@ and `run_subcommand`, which runs it and turns its errors into one line and an ex
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import time
@@ -37,6 +38,7 @@ from diffstyler.cli.lora_per_image import fit_one_lora_per_image
 from diffstyler.cli.parsing import PARSER_SETTINGS, accept_single_values_as_lists, parse_error
 from diffstyler.cli.reporting import exit_for, failure_line, interrupted_line, lora_written_line
 from diffstyler.cli.status import JOBS_FAILED_STATUS, interrupted_status
+from diffstyler.console import get_verbosity
 from diffstyler.data import StyleDataModule, StylizeDataModule
 from diffstyler.evaluation.data import EvaluationDataModule
 from diffstyler.evaluation.evaluator import QualityEvaluator
@@ -156,6 +158,12 @@ class DiffStylerCLI(LightningCLI):
             exit_after_the_launcher(interrupted_status(stopped_by))
         if writer.summary.get(FAILED):
             exit_after_the_launcher(JOBS_FAILED_STATUS)
+
+    def test(self, **kwargs: Any) -> None:
+        """`trainer.test` without Lightning's table of the logged metrics: `after_test` says the
+        scores in one line (the table too with `--verbose`)."""
+        kwargs["verbose"] = get_verbosity() <= logging.INFO
+        self.trainer.test(**kwargs)
 
     def after_test(self) -> None:
         """The scores on rank zero: how many results were scored, and the metrics."""

@@ -129,6 +129,7 @@ def test_a_csv_row_with_a_missing_file_is_reported_and_the_rest_scored(predicted
     assert status == 0, output[-3000:]
     assert f"{tmp_path / 'gone.png'} is missing" in caplog.text
     assert "scored 6 of 7 results" in output
+    assert "test/lpips" not in output  # Lightning's table of the logged metrics: the scored line says them
     assert read_metrics(tmp_path)["count"] == 6 and read_metrics(tmp_path)["listed"] == 7
 
 
