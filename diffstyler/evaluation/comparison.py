@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from diffstyler.errors import MissingFileError, UserError
 from diffstyler.evaluation.data import ScoredTriple, triples_from_results
+from diffstyler.evaluation.report import write_csv
 from diffstyler.images import load_image
 from diffstyler.lora import read_lora_info
 from diffstyler.outputs import atomic_save, atomic_write
@@ -177,13 +178,9 @@ def markdown_table(columns: list[str], rows: list[dict[str, Any]]) -> str:
 
 def write_table(folder: str, columns: list[str], rows: list[dict[str, Any]], notes: list[str]) -> str:
     """comparison.csv (full precision) and comparison.md (the table and its notes); returns the table."""
-    text = io.StringIO()
     fields = ["method", "styles", "results", "scored", "listed", *columns, "seconds_per_image", "style_preparation_seconds",
               "style_count", "lora_count", "images", "total_seconds"]
-    writer = csv.DictWriter(text, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(Path(folder) / CSV_NAME, lambda handle: handle.write(text.getvalue().encode("utf-8")))
+    write_csv(Path(folder) / CSV_NAME, rows, fields)
     table = markdown_table(columns, rows)
     page = table + "\n" + "".join(f"- {note}\n" for note in notes)
     atomic_write(Path(folder) / TABLE_NAME, lambda handle: handle.write(page.encode("utf-8")))
